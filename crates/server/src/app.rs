@@ -1,0 +1,191 @@
+//! Start-up and shutdown: `Application::build` opens the store, applies migrations, wires
+//! hub, broker and committer, and binds its own listener (port 0 in tests);
+//! `Application::run` serves until the shutdown token is cancelled, then drains.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{self, Broker, BrokerError};
+use crate::commit::Committer;
+use crate::config::Settings;
+use crate::hub::Hub;
+use crate::store::{self, Store, StoreError, StoreKind};
+
+/// What every request handler and connection shares.
+pub struct Shared {
+    pub settings: Settings,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub committer: Committer,
+    /// Cancelled to stop the server.
+    pub shutdown: CancellationToken,
+    /// Every WebSocket connection holds a token of this tracker.
+    pub tracker: TaskTracker,
+    draining: AtomicBool,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire) || self.shutdown.is_cancelled()
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    commit_task: tokio::task::JoinHandle<()>,
+    demo_key: Option<String>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let store = store::open(&settings.database).await?;
+        if !settings.no_migrate {
+            store.migrate().await?;
+        }
+        let demo_key = if settings.demo_session && store.kind() == StoreKind::Sqlite {
+            create_demo_session(store.as_ref()).await?
+        } else {
+            None
+        };
+        let hub = Hub::new(store.clone());
+        let broker = broker::open(&settings.broker, hub.clone())?;
+        let (committer, commit_task) =
+            Committer::start(store.clone(), broker.clone(), settings.max_commit_batch);
+        let listener = listen(settings.listen).map_err(|source| StartError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+        crate::http::install_metrics();
+        let shared = Arc::new(Shared {
+            settings,
+            store,
+            hub,
+            broker,
+            committer,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+        });
+        Ok(Self {
+            listener,
+            shared,
+            commit_task,
+            demo_key,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Cancel this token to stop the server gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// The key of the demo session created at start, if one was.
+    pub fn demo_key(&self) -> Option<&str> {
+        self.demo_key.as_deref()
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Serve until the shutdown token is cancelled; then stop accepting, close every
+    /// WebSocket with 1012 once its in-flight sends are answered, drain the committer,
+    /// and return.
+    pub async fn run(self) -> std::io::Result<()> {
+        let Self {
+            listener,
+            shared,
+            commit_task,
+            demo_key: _,
+        } = self;
+        let router = crate::http::router(shared.clone());
+        let shutdown = shared.shutdown.clone();
+        use axum::serve::ListenerExt;
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.cancelled().await;
+        })
+        .await;
+        shared.draining.store(true, Ordering::Release);
+        tracing::info!("draining: closing WebSockets with 1012");
+        shared.tracker.close();
+        let grace = shared.settings.shutdown_grace() + Duration::from_secs(1);
+        if tokio::time::timeout(grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some connections outlived the grace period");
+        }
+        shared.committer.stop();
+        let _finished = tokio::time::timeout(grace, commit_task).await;
+        tracing::info!("stopped");
+        served
+    }
+}
+
+/// Bind with the listen backlog at the system maximum (tokio's default is 1024).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(4096);
+    socket.listen(backlog)
+}
+
+async fn create_demo_session(store: &dyn Store) -> Result<Option<String>, StoreError> {
+    if store.count_sessions().await? > 0 {
+        return Ok(None);
+    }
+    let key = store::generate_key();
+    store
+        .create_session(&store::hash_key(&key), "demo", None)
+        .await?;
+    Ok(Some(key))
+}

@@ -1,0 +1,189 @@
+//! Group commit: one task takes every send that queued up while the previous commit was
+//! in flight, commits them (across rooms) in one transaction, then acknowledges each
+//! sender and rings the broker, in commit order. An ack is only ever sent after commit.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use wschat_protocol::v1::{Ref, ServerFrame};
+use wschat_protocol::ErrorCode;
+
+use crate::broker::{Broker, BusEvent};
+use crate::hub::{frames, Conn, Item, Protocol};
+use crate::store::{format_time, CommitOutcome, NewMessage, Store, StoreError};
+
+/// Who waits for a send's outcome.
+pub enum Reply {
+    /// A connection: the ack or error goes into its outbox.
+    Conn {
+        conn: Arc<Conn>,
+        reference: Option<Ref>,
+    },
+    /// An in-process caller (admin API, tests).
+    Oneshot(oneshot::Sender<Result<CommitOutcome, CommitError>>),
+}
+
+pub struct SendRequest {
+    pub msg: NewMessage,
+    pub reply: Reply,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    #[error("the store could not commit: {0}")]
+    Unavailable(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// The handle connections use to send.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<SendRequest>,
+    stop: CancellationToken,
+}
+
+impl Committer {
+    /// Start the commit task. It ends after `stop`, once what was queued is committed.
+    pub fn start(
+        store: Arc<dyn Store>,
+        broker: Arc<dyn Broker>,
+        max_batch: usize,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(rx, store, broker, max_batch.max(1), stop.clone()));
+        (Self { tx, stop }, task)
+    }
+
+    /// Refuse new sends (`shutting_down`); commit those already queued, then end.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Queue a send. Waits while the queue is full (backpressure on the sender).
+    pub async fn submit(&self, request: SendRequest) {
+        if let Reply::Conn { conn, .. } = &request.reply {
+            conn.send_started();
+        }
+        if let Err(mpsc::error::SendError(request)) = self.tx.send(request).await {
+            answer_error(request.reply, CommitError::ShuttingDown);
+        }
+    }
+
+    /// Commit one message and wait for its outcome.
+    pub async fn send_and_wait(&self, msg: NewMessage) -> Result<CommitOutcome, CommitError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(SendRequest {
+            msg,
+            reply: Reply::Oneshot(tx),
+        })
+        .await;
+        rx.await.unwrap_or(Err(CommitError::ShuttingDown))
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<SendRequest>,
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    max_batch: usize,
+    stop: CancellationToken,
+) {
+    let mut batch: Vec<SendRequest> = Vec::with_capacity(max_batch);
+    let mut messages: Vec<NewMessage> = Vec::with_capacity(max_batch);
+    loop {
+        let received = tokio::select! {
+            n = rx.recv_many(&mut batch, max_batch) => n,
+            _ = stop.cancelled(), if !rx.is_closed() => {
+                // Later submits fail (and are answered shutting_down); drain the rest.
+                rx.close();
+                continue;
+            }
+        };
+        if received == 0 {
+            break;
+        }
+        messages.clear();
+        messages.extend(batch.iter().map(|r| r.msg.clone()));
+        let started = Instant::now();
+        let result = store.commit_batch(&messages).await;
+        metrics::histogram!("wschat_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("wschat_commit_batch_size").record(messages.len() as f64);
+        match result {
+            Ok(outcomes) => {
+                let mut committed = Vec::with_capacity(outcomes.len());
+                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    if let CommitOutcome::Stored(m) = &outcome {
+                        committed.push(m.clone());
+                    }
+                    answer(request.reply, outcome);
+                }
+                metrics::counter!("wschat_messages_acknowledged_total")
+                    .increment(committed.len() as u64);
+                if !committed.is_empty() {
+                    if let Err(e) = broker.publish(BusEvent::Committed(committed)).await {
+                        // Subscribers find the gap by seq and read the store.
+                        tracing::warn!(error = %e, "broker publish failed");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, batch = batch.len(), "commit failed; senders told to retry");
+                let reason = match e {
+                    StoreError::Unavailable(_) => "the store is unavailable".to_owned(),
+                    other => other.to_string(),
+                };
+                for request in batch.drain(..) {
+                    answer_error(request.reply, CommitError::Unavailable(reason.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn answer(reply: Reply, outcome: CommitOutcome) {
+    match reply {
+        Reply::Conn { conn, reference } => {
+            if conn.protocol == Protocol::V1 {
+                let m = outcome.message();
+                let ack = frames::v1(&ServerFrame::Ack {
+                    room: m.room.to_string(),
+                    seq: m.seq,
+                    id: m.id,
+                    client_msg_id: m.client_msg_id.clone(),
+                    time: format_time(m.time_ms),
+                    reference,
+                });
+                conn.outbox.push(Item::Frame(ack));
+            }
+            conn.send_settled();
+        }
+        Reply::Oneshot(tx) => {
+            let _ignored_if_caller_gone = tx.send(Ok(outcome));
+        }
+    }
+}
+
+fn answer_error(reply: Reply, error: CommitError) {
+    match reply {
+        Reply::Conn { conn, reference } => {
+            let code = match error {
+                CommitError::Unavailable(_) => ErrorCode::Unavailable,
+                CommitError::ShuttingDown => ErrorCode::ShuttingDown,
+            };
+            let message = format!("not stored: {error}; retry");
+            let frame = match conn.protocol {
+                Protocol::V1 => frames::v1_error(code, message, reference),
+                Protocol::Legacy => frames::legacy_error(code, &message),
+            };
+            conn.outbox.push(Item::Frame(frame));
+            conn.send_settled();
+        }
+        Reply::Oneshot(tx) => {
+            let _ignored_if_caller_gone = tx.send(Err(error));
+        }
+    }
+}

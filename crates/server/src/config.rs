@@ -1,0 +1,167 @@
+//! Typed settings: defaults, then a TOML file, then `WSCHAT_*` environment variables,
+//! then command-line flags, each overriding the one before (figment).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Every setting of `wschat serve`. The file's keys are the flags' names in snake_case.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address of the one listener (HTTP, the page, both WebSocket protocols).
+    pub listen: SocketAddr,
+    /// `sqlite://FILE` (the embedded default) or `postgres://…`.
+    pub database: String,
+    /// `local` (in-process, one node).
+    pub broker: String,
+    /// Skip applying migrations at start.
+    pub no_migrate: bool,
+    /// On SQLite, create a demo session at start when the database has none.
+    pub demo_session: bool,
+    /// Messages sent on join without `since` (and to legacy clients on connect).
+    pub history_limit: u32,
+    /// Largest page a `history` request gets.
+    pub max_history_page: u32,
+    /// Longest message text, in bytes.
+    pub max_message_bytes: usize,
+    /// Rooms one v1 connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Bytes that may wait in one connection's outbound queue before it is closed
+    /// with 4008 (slow consumer).
+    pub outbound_queue_bytes: usize,
+    /// WebSocket read buffer per connection, bytes.
+    pub ws_read_buffer_bytes: usize,
+    /// WebSocket write buffer threshold per connection, bytes.
+    pub ws_write_buffer_bytes: usize,
+    /// Time a v1 client has to send `auth` when the key was not in the handshake.
+    pub auth_timeout_secs: u64,
+    /// Interval of WebSocket pings sent by the server.
+    pub ping_interval_secs: u64,
+    /// A connection from which nothing (not even a pong) arrives for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Upper bound on a graceful stop, for stragglers.
+    pub shutdown_grace_secs: u64,
+    /// Most messages committed in one transaction.
+    pub max_commit_batch: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 56412)),
+            database: "sqlite://wschat.db".into(),
+            broker: "local".into(),
+            no_migrate: false,
+            demo_session: true,
+            history_limit: 100,
+            max_history_page: 500,
+            max_message_bytes: 16 * 1024,
+            max_rooms_per_connection: 100,
+            outbound_queue_bytes: 4 * 1024 * 1024,
+            ws_read_buffer_bytes: 4 * 1024,
+            ws_write_buffer_bytes: 32 * 1024,
+            auth_timeout_secs: 10,
+            ping_interval_secs: 30,
+            idle_timeout_secs: 90,
+            shutdown_grace_secs: 10,
+            max_commit_batch: 1000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+impl Settings {
+    /// Layer defaults, the file (when given), `WSCHAT_*` variables and `overrides`
+    /// (the flags that were given, as a serializable struct with `None` for the others).
+    pub fn load<O: Serialize>(file: Option<&Path>, overrides: &O) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment
+            .merge(Env::prefixed("WSCHAT_"))
+            .merge(Serialized::defaults(overrides));
+        figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+    }
+
+    pub fn auth_timeout(&self) -> Duration {
+        Duration::from_secs(self.auth_timeout_secs)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs.max(1))
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Flags {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        history_limit: Option<u32>,
+    }
+
+    #[test]
+    fn file_then_flags_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wschat.toml");
+        std::fs::write(&file, "history_limit = 7\nmax_message_bytes = 99\n").unwrap();
+        let s = Settings::load(
+            Some(&file),
+            &Flags {
+                history_limit: None,
+            },
+        )
+        .unwrap();
+        assert_eq!((s.history_limit, s.max_message_bytes), (7, 99));
+        let s = Settings::load(
+            Some(&file),
+            &Flags {
+                history_limit: Some(3),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.history_limit, 3);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "histroy_limit = 7\n").unwrap();
+        let err = Settings::load(
+            Some(&file),
+            &Flags {
+                history_limit: None,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("histroy_limit"), "{err}");
+        assert!(err.contains("bad.toml"), "{err}");
+    }
+}

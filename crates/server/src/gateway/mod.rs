@@ -1,0 +1,497 @@
+//! WebSocket connections, both protocols: the handshake settings, the per-connection
+//! writer task, the inbound driver (reads, pings, idle timeout, shutdown), room joins with
+//! backfill, and the connection's end.
+//!
+//! Each connection is two tasks: a reader that handles inbound frames (`legacy` or `v1`)
+//! and a writer that drains the connection's outbox into the socket, one write per batch.
+//! A room join subscribes to the hub first, then reads the store, and the writer merges
+//! the two by seq (live messages of a room are held until its backfill is written), so a
+//! join or resume has no gap and no duplicate.
+
+pub mod legacy;
+pub mod v1;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::time::{interval_at, Interval, MissedTickBehavior};
+use wschat_protocol::{close, ErrorCode, RoomName};
+
+use crate::app::Shared;
+use crate::config::Settings;
+use crate::hub::{frames, Conn, Item, Outbox, Protocol, SubId};
+use crate::store::{hash_key, RoomHead, Session, StoreError};
+
+/// Bad frames in a row after which a connection is closed (4009).
+pub(crate) const MAX_ERRORS_IN_A_ROW: u32 = 10;
+
+/// Look up the session a key names: 401 when the key is missing or unknown, 503 when the
+/// store cannot answer or the server is draining.
+pub(crate) async fn authenticate(shared: &Shared, key: Option<&str>) -> Result<Session, Response> {
+    if shared.is_draining() {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n").into_response());
+    }
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return Err((StatusCode::UNAUTHORIZED, "missing session_key\n").into_response());
+    };
+    match shared.store.session(&hash_key(key)).await {
+        Ok(Some(session)) => Ok(session),
+        Ok(None) => {
+            metrics::counter!("wschat_auth_failures_total").increment(1);
+            Err((StatusCode::UNAUTHORIZED, "unknown session key\n").into_response())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "session lookup failed");
+            Err((StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response())
+        }
+    }
+}
+
+/// The checks every message text passes before it is committed.
+pub(crate) fn check_text(settings: &Settings, text: &str) -> Result<(), (ErrorCode, String)> {
+    if text.trim().is_empty() {
+        return Err((ErrorCode::EmptyMessage, "message is empty".into()));
+    }
+    if text.len() > settings.max_message_bytes {
+        return Err((
+            ErrorCode::MessageTooLarge,
+            format!(
+                "message is {} bytes; the limit is {}",
+                text.len(),
+                settings.max_message_bytes
+            ),
+        ));
+    }
+    if text.contains('\0') {
+        return Err((ErrorCode::InvalidText, "message contains NUL".into()));
+    }
+    Ok(())
+}
+
+/// Apply the buffer and size limits to a handshake.
+pub(crate) fn configure(ws: WebSocketUpgrade, shared: &Shared) -> WebSocketUpgrade {
+    let s = &shared.settings;
+    // A frame carries the text JSON-escaped plus the envelope: allow for both, and let the
+    // text limit itself be enforced (with a specific error) after decoding.
+    let max_frame = s.max_message_bytes.saturating_mul(2).saturating_add(4096);
+    ws.read_buffer_size(s.ws_read_buffer_bytes)
+        .write_buffer_size(s.ws_write_buffer_bytes)
+        .max_write_buffer_size(s.ws_write_buffer_bytes.saturating_mul(4).max(1 << 20))
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
+}
+
+/// Open-connection bookkeeping: the gauge, and one log line when it ends.
+pub(crate) struct ConnGuard {
+    protocol: Protocol,
+    id: u64,
+    opened: Instant,
+    pub reason: &'static str,
+}
+
+impl ConnGuard {
+    pub fn open(protocol: Protocol, id: u64, peer: std::net::SocketAddr) -> Self {
+        metrics::gauge!("wschat_connections", "protocol" => protocol.label()).increment(1.0);
+        tracing::info!(conn = id, protocol = protocol.label(), %peer, "connection opened");
+        Self {
+            protocol,
+            id,
+            opened: Instant::now(),
+            reason: "unknown",
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        metrics::gauge!("wschat_connections", "protocol" => self.protocol.label()).decrement(1.0);
+        tracing::info!(
+            conn = self.id,
+            protocol = self.protocol.label(),
+            reason = self.reason,
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            "connection closed"
+        );
+    }
+}
+
+/// Why a connection's reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The client closed or went away.
+    ClientClosed,
+    /// The server is stopping: close with 1012 once in-flight sends are answered.
+    Shutdown,
+    /// The outbox overflowed (a 4008 close is queued) or the connection was killed.
+    Cancelled,
+    /// Close with this code.
+    Close(u16, &'static str),
+}
+
+impl End {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client closed",
+            Self::Shutdown => "server shutdown",
+            Self::Cancelled => "slow consumer or killed",
+            Self::Close(_, reason) => reason,
+        }
+    }
+}
+
+/// What the inbound driver hands to a protocol's reader.
+pub(crate) enum Inbound {
+    Text(Utf8Bytes),
+    End(End),
+}
+
+/// Reads frames, answers the keepalive, enforces the idle timeout, and watches for
+/// shutdown and cancellation.
+pub(crate) struct Driver {
+    stream: SplitStream<WebSocket>,
+    conn: Arc<Conn>,
+    shared: Arc<Shared>,
+    ping: Interval,
+    last_seen: Instant,
+}
+
+impl Driver {
+    pub fn new(stream: SplitStream<WebSocket>, conn: Arc<Conn>, shared: Arc<Shared>) -> Self {
+        let period = shared.settings.ping_interval();
+        let mut ping = interval_at(tokio::time::Instant::now() + period, period);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            stream,
+            conn,
+            shared,
+            ping,
+            last_seen: Instant::now(),
+        }
+    }
+
+    pub async fn next(&mut self) -> Inbound {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled() => return Inbound::End(End::Shutdown),
+                _ = self.conn.outbox.cancel.cancelled() => return Inbound::End(End::Cancelled),
+                frame = self.stream.next() => {
+                    self.last_seen = Instant::now();
+                    match frame {
+                        None => return Inbound::End(End::ClientClosed),
+                        Some(Ok(Message::Text(text))) => return Inbound::Text(text),
+                        Some(Ok(Message::Binary(_))) => {
+                            return Inbound::End(End::Close(
+                                close::UNSUPPORTED_DATA,
+                                "binary frames are not supported",
+                            ))
+                        }
+                        Some(Ok(Message::Close(_))) => return Inbound::End(End::ClientClosed),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                        Some(Err(e)) => return Inbound::End(classify_error(e)),
+                    }
+                }
+                _ = self.ping.tick() => {
+                    if self.last_seen.elapsed() > self.shared.settings.idle_timeout() {
+                        return Inbound::End(End::Close(close::GOING_AWAY, "idle timeout"));
+                    }
+                    self.conn.outbox.push(Item::Ping);
+                }
+            }
+        }
+    }
+}
+
+fn classify_error(e: axum::Error) -> End {
+    use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+    let Ok(inner) = e.into_inner().downcast::<WsError>() else {
+        return End::ClientClosed;
+    };
+    match *inner {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+            End::Close(close::MESSAGE_TOO_BIG, "frame over the size limit")
+        }
+        WsError::Capacity(_) => End::Close(close::MESSAGE_TOO_BIG, "frame over the size limit"),
+        WsError::Utf8(_) => End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+        | WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Io(_) => End::ClientClosed,
+        WsError::Protocol(_) => End::Close(close::PROTOCOL_ERROR, "protocol violation"),
+        _ => End::ClientClosed,
+    }
+}
+
+/// Per-room state in the writer: live messages are held while the backfill is written,
+/// then those not already written go out.
+struct SubState {
+    syncing: bool,
+    last: u64,
+    held: Vec<(u64, Utf8Bytes)>,
+    held_bytes: usize,
+}
+
+/// Drain the outbox into the socket until a close is written or the connection is
+/// cancelled.
+pub(crate) async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    conn: Arc<Conn>,
+    limit: usize,
+) {
+    let mut items = Vec::new();
+    let mut subs: HashMap<SubId, SubState> = HashMap::new();
+    loop {
+        items.clear();
+        tokio::select! {
+            biased;
+            _ = conn.outbox.take_all(&mut items) => {}
+            _ = conn.outbox.cancel.cancelled() => {
+                // Overflow or kill: the socket may be stuck; send what close is queued,
+                // briefly, and go.
+                conn.outbox.take_all_now(&mut items);
+                let close = items.iter().find_map(|i| match i {
+                    Item::Close(code, reason) => Some((*code, *reason)),
+                    _ => None,
+                });
+                if let Some((code, reason)) = close {
+                    let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+                    let _best_effort =
+                        tokio::time::timeout(Duration::from_secs(1), sink.send(frame)).await;
+                }
+                return;
+            }
+        }
+        let mut closing = None;
+        for item in items.drain(..) {
+            let result = match item {
+                Item::Frame(frame) => sink.feed(Message::Text(frame)).await,
+                Item::Live { sub, seq, frame } => match subs.get_mut(&sub) {
+                    Some(state) if state.syncing => {
+                        state.held_bytes += frame.len();
+                        state.held.push((seq, frame));
+                        if state.held_bytes > limit {
+                            closing = Some((close::SLOW_CONSUMER, "slow consumer: resume"));
+                            break;
+                        }
+                        Ok(())
+                    }
+                    Some(state) if seq > state.last => {
+                        state.last = seq;
+                        sink.feed(Message::Text(frame)).await
+                    }
+                    _ => Ok(()),
+                },
+                Item::Backfill { sub, seq, frame } => match subs.get_mut(&sub) {
+                    Some(state) => {
+                        state.last = state.last.max(seq);
+                        sink.feed(Message::Text(frame)).await
+                    }
+                    None => Ok(()),
+                },
+                Item::Track { sub } => {
+                    subs.insert(
+                        sub,
+                        SubState {
+                            syncing: true,
+                            last: 0,
+                            held: Vec::new(),
+                            held_bytes: 0,
+                        },
+                    );
+                    Ok(())
+                }
+                Item::Untrack { sub } => {
+                    subs.remove(&sub);
+                    Ok(())
+                }
+                Item::SyncDone { sub, through } => {
+                    let mut result = Ok(());
+                    if let Some(state) = subs.get_mut(&sub) {
+                        state.syncing = false;
+                        state.last = state.last.max(through);
+                        for (seq, frame) in std::mem::take(&mut state.held) {
+                            if seq > state.last {
+                                state.last = seq;
+                                result = sink.feed(Message::Text(frame)).await;
+                                if result.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        state.held_bytes = 0;
+                    }
+                    result
+                }
+                Item::RoomEvent { sub, frame } | Item::Droppable { sub, frame } => {
+                    match subs.get(&sub) {
+                        Some(state) if !state.syncing => sink.feed(Message::Text(frame)).await,
+                        _ => Ok(()),
+                    }
+                }
+                Item::Ping => sink.feed(Message::Ping(Default::default())).await,
+                Item::Close(code, reason) => {
+                    closing = Some((code, reason));
+                    break;
+                }
+            };
+            if result.is_err() {
+                conn.outbox.cancel.cancel();
+                return;
+            }
+        }
+        if let Some((code, reason)) = closing {
+            let frame = Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            }));
+            let _best_effort = tokio::time::timeout(Duration::from_secs(2), async {
+                sink.feed(frame).await?;
+                sink.flush().await
+            })
+            .await;
+            conn.outbox.cancel.cancel();
+            return;
+        }
+        tokio::select! {
+            result = sink.flush() => {
+                if result.is_err() {
+                    conn.outbox.cancel.cancel();
+                    return;
+                }
+            }
+            _ = conn.outbox.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// How much of a room to send on join.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Backfill {
+    /// Everything after this seq (a resume).
+    After(u64),
+    /// The last N messages.
+    Last(u32),
+}
+
+/// Queue a room's backfill for `sub` (already subscribed and tracked), paced by the
+/// writer, then `SyncDone`. Messages newer than `head` come live.
+pub(crate) async fn backfill(
+    shared: &Shared,
+    conn: &Conn,
+    room: &RoomName,
+    sub: SubId,
+    head: RoomHead,
+    from: Backfill,
+) -> Result<(), StoreError> {
+    const PAGE: u32 = 500;
+    let limit = shared.settings.outbound_queue_bytes;
+    // Paced by the writer: a backfill larger than the queue waits for the client to read
+    // rather than overflowing it.
+    let push = |m: &crate::store::StoredMessage| {
+        let frame = match conn.protocol {
+            Protocol::Legacy => frames::legacy_message(m),
+            Protocol::V1 => frames::v1_message(m),
+        };
+        conn.outbox.push(Item::Backfill {
+            sub,
+            seq: m.seq,
+            frame,
+        });
+        conn.outbox.queued_bytes() > limit / 2
+    };
+    match from {
+        Backfill::Last(n) => {
+            let messages = shared
+                .store
+                .messages_before(room, Some(head.last_seq + 1), n)
+                .await?;
+            for m in &messages {
+                if push(m) {
+                    conn.outbox.wait_below(limit / 4).await;
+                }
+            }
+        }
+        Backfill::After(mut cursor) => {
+            while cursor < head.last_seq {
+                let page = shared.store.messages_after(room, cursor, PAGE).await?;
+                for m in page.iter().take_while(|m| m.seq <= head.last_seq) {
+                    cursor = m.seq;
+                    if push(m) {
+                        conn.outbox.wait_below(limit / 4).await;
+                    }
+                }
+                if page.len() < PAGE as usize {
+                    break;
+                }
+            }
+        }
+    }
+    conn.outbox.push(Item::SyncDone {
+        sub,
+        through: head.last_seq,
+    });
+    Ok(())
+}
+
+/// End a connection: answer in-flight sends (on shutdown), queue the close, leave every
+/// room, and wait (bounded) for the writer to finish.
+pub(crate) async fn finish(
+    shared: &Shared,
+    conn: &Arc<Conn>,
+    end: End,
+    rooms: impl IntoIterator<Item = (RoomName, SubId)>,
+    writer: tokio::task::JoinHandle<()>,
+) {
+    for (room, sub) in rooms {
+        shared.hub.unsubscribe(&room, conn, sub);
+    }
+    let grace = shared.settings.shutdown_grace();
+    match end {
+        End::Shutdown => {
+            let _bounded = tokio::time::timeout(grace, conn.all_sends_settled()).await;
+            conn.outbox.close(
+                close::SERVICE_RESTART,
+                "server restart: reconnect and resume",
+            );
+        }
+        End::ClientClosed => conn.outbox.close(close::NORMAL, ""),
+        End::Close(code, reason) => conn.outbox.close(code, reason),
+        End::Cancelled => {}
+    }
+    if tokio::time::timeout(grace.max(Duration::from_secs(1)), writer)
+        .await
+        .is_err()
+    {
+        conn.outbox.cancel.cancel();
+    }
+}
+
+/// Make a connection's shared half and start its writer.
+pub(crate) fn start(
+    shared: &Shared,
+    socket: WebSocket,
+    user: &str,
+    protocol: Protocol,
+) -> (
+    Arc<Conn>,
+    SplitStream<WebSocket>,
+    tokio::task::JoinHandle<()>,
+) {
+    let limit = shared.settings.outbound_queue_bytes;
+    let outbox = Outbox::new(limit, tokio_util::sync::CancellationToken::new());
+    let conn = Arc::new(Conn::new(
+        shared.next_conn_id(),
+        user.into(),
+        protocol,
+        outbox,
+    ));
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(write_loop(sink, conn.clone(), limit));
+    (conn, stream, writer)
+}

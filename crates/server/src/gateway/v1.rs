@@ -1,0 +1,484 @@
+//! Protocol v1 at `/ws`: authentication (handshake or `auth` frame), `hello`, rooms with
+//! resume by `since`, sends acknowledged after commit, history pages, presence, typing,
+//! application pings, and an `error` frame for every bad request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use wschat_protocol::v1::{decode_client, ClientFrame, JoinRoom, Limits, Ref, ServerFrame};
+use wschat_protocol::{
+    close, ErrorCode, RoomName, PROTOCOL_VERSION, SUBPROTOCOL_KEY_PREFIX, SUBPROTOCOL_V1,
+};
+
+use super::{backfill, finish, start, Backfill, ConnGuard, Driver, End, Inbound};
+use crate::app::Shared;
+use crate::broker::BusEvent;
+use crate::commit::{Reply, SendRequest};
+use crate::hub::{frames, Conn, Item, Protocol, SubId};
+use crate::store::{NewMessage, Session};
+
+/// Longest `client_msg_id`, in bytes.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct KeyQuery {
+    session_key: Option<String>,
+}
+
+/// The `session_key` of a query string, if any.
+pub(crate) fn session_key_from_query(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(name, _)| name == "session_key")
+        .map(|(_, key)| key.into_owned())
+}
+
+/// The key offered as `Sec-WebSocket-Protocol: wschat.v1, wschat.key.<KEY>`.
+fn key_from_protocols(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix(SUBPROTOCOL_KEY_PREFIX))
+        .map(str::to_owned)
+}
+
+/// `GET /ws`.
+pub(crate) async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<KeyQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let key = key_from_protocols(&headers).or(query.session_key);
+    let session = match key {
+        Some(key) => match super::authenticate(&shared, Some(&key)).await {
+            Ok(session) => Some(session),
+            Err(response) => return response,
+        },
+        None if shared.is_draining() => {
+            return super::authenticate(&shared, None)
+                .await
+                .err()
+                .unwrap_or_default();
+        }
+        None => None,
+    };
+    let token = shared.tracker.token();
+    super::configure(ws, &shared)
+        .protocols([SUBPROTOCOL_V1])
+        .on_upgrade(move |socket| async move {
+            run(shared, socket, session, peer).await;
+            drop(token);
+        })
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut socket: WebSocket,
+    session: Option<Session>,
+    peer: SocketAddr,
+) {
+    let session = match session {
+        Some(session) => session,
+        None => match await_auth(&shared, &mut socket).await {
+            Some(authenticated) => authenticated,
+            None => return,
+        },
+    };
+    let (conn, stream, writer) = start(&shared, socket, &session.user, Protocol::V1);
+    let mut guard = ConnGuard::open(Protocol::V1, conn.id, peer);
+    let s = &shared.settings;
+    conn.outbox
+        .push(Item::Frame(frames::v1(&ServerFrame::Hello {
+            user: session.user.clone(),
+            protocol: PROTOCOL_VERSION,
+            server: concat!("wschat/", env!("CARGO_PKG_VERSION")).into(),
+            session_room: session.room.map(|r| r.to_string()),
+            limits: Limits {
+                max_message_bytes: s.max_message_bytes,
+                history_limit: s.history_limit,
+                max_history_page: s.max_history_page,
+                max_rooms_per_connection: s.max_rooms_per_connection,
+            },
+        })));
+    let mut client = Client {
+        shared: shared.clone(),
+        conn: conn.clone(),
+        session,
+        rooms: HashMap::new(),
+        next_sub: 0,
+        errors_in_a_row: 0,
+    };
+    let mut driver = Driver::new(stream, conn.clone(), shared.clone());
+    let end = loop {
+        match driver.next().await {
+            Inbound::Text(text) => {
+                if let Some(end) = client.on_text(&text).await {
+                    break end;
+                }
+            }
+            Inbound::End(end) => break end,
+        }
+    };
+    guard.reason = end.reason();
+    finish(&shared, &conn, end, client.rooms.drain(), writer).await;
+}
+
+/// Before authentication: only `auth` and `ping` are answered. Returns the session, or
+/// `None` when the connection was closed.
+async fn await_auth(shared: &Shared, socket: &mut WebSocket) -> Option<Session> {
+    let deadline = tokio::time::Instant::now() + shared.settings.auth_timeout();
+    let close_with = |code: u16, reason: &'static str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    loop {
+        let frame = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = socket.send(close_with(close::AUTH_TIMEOUT, "no auth frame in time")).await;
+                return None;
+            }
+            _ = shared.shutdown.cancelled() => {
+                let _ = socket.send(close_with(close::SERVICE_RESTART, "server restart")).await;
+                return None;
+            }
+            frame = socket.recv() => frame,
+        };
+        let text = match frame {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => {
+                let _ = socket
+                    .send(close_with(
+                        close::UNSUPPORTED_DATA,
+                        "binary frames are not supported",
+                    ))
+                    .await;
+                return None;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return None,
+        };
+        let reply = match decode_client(&text) {
+            Ok(ClientFrame::Auth { key, reference }) => {
+                match super::authenticate(shared, Some(&key)).await {
+                    Ok(session) => return Some(session),
+                    Err(_) => {
+                        let error = frames::v1_error(
+                            ErrorCode::AuthFailed,
+                            "unknown, revoked or expired session key",
+                            reference,
+                        );
+                        let _ = socket.send(Message::Text(error)).await;
+                        let _ = socket
+                            .send(close_with(close::AUTH_FAILED, "authentication failed"))
+                            .await;
+                        return None;
+                    }
+                }
+            }
+            Ok(ClientFrame::Ping { reference }) => frames::v1(&ServerFrame::Pong { reference }),
+            Ok(other) => frames::v1_error(
+                ErrorCode::NotAuthenticated,
+                "send {\"type\":\"auth\",\"key\":…} first",
+                other.reference().cloned(),
+            ),
+            Err(e) => frames::v1_error(e.code, e.message, e.reference),
+        };
+        if socket.send(Message::Text(reply)).await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// An authenticated v1 connection's reader state.
+struct Client {
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    session: Session,
+    rooms: HashMap<RoomName, SubId>,
+    next_sub: SubId,
+    errors_in_a_row: u32,
+}
+
+type Refusal = (ErrorCode, String);
+
+impl Client {
+    async fn on_text(&mut self, text: &str) -> Option<End> {
+        let frame = match decode_client(text) {
+            Ok(frame) => frame,
+            Err(e) => return self.refuse((e.code, e.message), e.reference),
+        };
+        let reference = frame.reference().cloned();
+        let result = match frame {
+            ClientFrame::Auth { .. } => Err((
+                ErrorCode::AlreadyAuthenticated,
+                "this connection is already authenticated".into(),
+            )),
+            ClientFrame::Ping { reference } => {
+                self.reply(&ServerFrame::Pong { reference });
+                Ok(())
+            }
+            ClientFrame::Join { rooms, reference } => {
+                self.join(rooms, reference).await;
+                Ok(())
+            }
+            ClientFrame::Leave { room, reference } => self.leave(&room, reference),
+            ClientFrame::Send {
+                room,
+                text,
+                client_msg_id,
+                reference,
+            } => self.send(&room, text, client_msg_id, reference).await,
+            ClientFrame::History {
+                room,
+                before_seq,
+                limit,
+                reference,
+            } => self.history(&room, before_seq, limit, reference).await,
+            ClientFrame::Typing { room } => self.typing(&room).await,
+        };
+        match result {
+            Ok(()) => {
+                self.errors_in_a_row = 0;
+                None
+            }
+            Err(refusal) => self.refuse(refusal, reference),
+        }
+    }
+
+    fn reply(&self, frame: &ServerFrame) {
+        self.conn.outbox.push(Item::Frame(frames::v1(frame)));
+    }
+
+    fn refuse(&mut self, (code, message): Refusal, reference: Option<Ref>) -> Option<End> {
+        self.conn
+            .outbox
+            .push(Item::Frame(frames::v1_error(code, message, reference)));
+        self.errors_in_a_row += 1;
+        (self.errors_in_a_row > super::MAX_ERRORS_IN_A_ROW)
+            .then_some(End::Close(close::TOO_MANY_ERRORS, "too many bad frames"))
+    }
+
+    /// The room, if its name is valid and this session may use it.
+    fn room(&self, name: &str) -> Result<RoomName, Refusal> {
+        let room = RoomName::new(name).map_err(|e| (ErrorCode::InvalidRoom, e.to_string()))?;
+        match self.session.room {
+            Some(only) if room != RoomName::legacy(only) => Err((
+                ErrorCode::ForbiddenRoom,
+                format!("this session may only use room {only}"),
+            )),
+            _ => Ok(room),
+        }
+    }
+
+    async fn join(&mut self, rooms: Vec<JoinRoom>, reference: Option<Ref>) {
+        for JoinRoom { room, since } in rooms {
+            if let Err(refusal) = self.join_one(&room, since, reference.clone()).await {
+                if self.refuse(refusal, reference.clone()).is_some() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn join_one(
+        &mut self,
+        name: &str,
+        since: Option<u64>,
+        reference: Option<Ref>,
+    ) -> Result<(), Refusal> {
+        let room = self.room(name)?;
+        if let Some(old) = self.rooms.remove(&room) {
+            // A join of a joined room re-syncs it from `since`.
+            self.shared.hub.unsubscribe(&room, &self.conn, old);
+            self.conn.outbox.push(Item::Untrack { sub: old });
+        }
+        if self.rooms.len() >= self.shared.settings.max_rooms_per_connection {
+            return Err((
+                ErrorCode::TooManyRooms,
+                format!(
+                    "a connection may be in {} rooms at once",
+                    self.shared.settings.max_rooms_per_connection
+                ),
+            ));
+        }
+        let sub = self.next_sub;
+        self.next_sub += 1;
+        let conn = &self.conn;
+        let shared = &self.shared;
+        conn.outbox.push(Item::Track { sub });
+        let unavailable = |e: crate::store::StoreError| {
+            tracing::warn!(error = %e, "join failed");
+            (
+                ErrorCode::Unavailable,
+                "the store is unavailable; retry".to_owned(),
+            )
+        };
+        let head = async {
+            shared.hub.subscribe(&room, conn, sub).await?;
+            shared.store.room_head(&room).await
+        }
+        .await;
+        let head = match head {
+            Ok(head) => head,
+            Err(e) => {
+                shared.hub.unsubscribe(&room, conn, sub);
+                conn.outbox.push(Item::Untrack { sub });
+                return Err(unavailable(e));
+            }
+        };
+        let leave = || {
+            shared.hub.unsubscribe(&room, conn, sub);
+            conn.outbox.push(Item::Untrack { sub });
+        };
+        if let Some(since) = since {
+            if since > head.last_seq {
+                leave();
+                return Err((
+                    ErrorCode::BadSince,
+                    format!(
+                        "since {since} is beyond the last seq {} of room {room}",
+                        head.last_seq
+                    ),
+                ));
+            }
+        }
+        self.reply(&ServerFrame::Joined {
+            room: room.to_string(),
+            last_seq: head.last_seq,
+            reference,
+        });
+        let history = shared.settings.history_limit;
+        let from = match since {
+            Some(since) if since + 1 >= head.first_seq => Backfill::After(since),
+            Some(since) => {
+                self.reply(&ServerFrame::Reset {
+                    room: room.to_string(),
+                    since,
+                    first_seq: head.first_seq,
+                });
+                Backfill::Last(history)
+            }
+            None => Backfill::Last(history),
+        };
+        if let Err(e) = backfill(shared, conn, &room, sub, head, from).await {
+            leave();
+            return Err(unavailable(e));
+        }
+        shared.hub.send_presence(&room, conn);
+        self.rooms.insert(room, sub);
+        Ok(())
+    }
+
+    fn leave(&mut self, name: &str, reference: Option<Ref>) -> Result<(), Refusal> {
+        let room = RoomName::new(name).map_err(|e| (ErrorCode::InvalidRoom, e.to_string()))?;
+        let Some(sub) = self.rooms.remove(&room) else {
+            return Err((ErrorCode::NotJoined, format!("not in room {room}")));
+        };
+        self.shared.hub.unsubscribe(&room, &self.conn, sub);
+        self.conn.outbox.push(Item::Untrack { sub });
+        self.reply(&ServerFrame::Left {
+            room: room.to_string(),
+            reference,
+        });
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        name: &str,
+        text: String,
+        client_msg_id: Option<String>,
+        reference: Option<Ref>,
+    ) -> Result<(), Refusal> {
+        let room = self.room(name)?;
+        super::check_text(&self.shared.settings, &text)?;
+        if let Some(id) = &client_msg_id {
+            if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES {
+                return Err((
+                    ErrorCode::InvalidClientMsgId,
+                    format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"),
+                ));
+            }
+        }
+        self.shared
+            .committer
+            .submit(SendRequest {
+                msg: NewMessage {
+                    room,
+                    user: self.session.user.clone(),
+                    text,
+                    client_msg_id,
+                },
+                reply: Reply::Conn {
+                    conn: self.conn.clone(),
+                    reference,
+                },
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn history(
+        &mut self,
+        name: &str,
+        before_seq: Option<u64>,
+        limit: Option<u32>,
+        reference: Option<Ref>,
+    ) -> Result<(), Refusal> {
+        let room = self.room(name)?;
+        let limit = limit
+            .unwrap_or(self.shared.settings.history_limit)
+            .clamp(1, self.shared.settings.max_history_page);
+        let mut messages = self
+            .shared
+            .store
+            .messages_before(&room, before_seq, limit + 1)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "history read failed");
+                (
+                    ErrorCode::Unavailable,
+                    "the store is unavailable; retry".to_owned(),
+                )
+            })?;
+        let has_more = messages.len() > limit as usize;
+        if has_more {
+            messages.remove(0);
+        }
+        self.reply(&ServerFrame::History {
+            room: room.to_string(),
+            messages: messages.iter().map(frames::message_body).collect(),
+            has_more,
+            reference,
+        });
+        Ok(())
+    }
+
+    async fn typing(&mut self, name: &str) -> Result<(), Refusal> {
+        let room = RoomName::new(name).map_err(|e| (ErrorCode::InvalidRoom, e.to_string()))?;
+        if !self.rooms.contains_key(&room) {
+            return Err((ErrorCode::NotJoined, format!("not in room {room}")));
+        }
+        let event = BusEvent::Typing {
+            room,
+            user: self.session.user.clone(),
+            origin: Some(self.conn.id),
+        };
+        if let Err(e) = self.shared.broker.publish(event).await {
+            tracing::debug!(error = %e, "typing notice not relayed");
+        }
+        Ok(())
+    }
+}

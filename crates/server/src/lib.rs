@@ -1,0 +1,23 @@
+//! wschat's server library.
+//!
+//! Layout (see ARCHITECTURE.md for the invariants):
+//! - `config`: typed settings (file, environment, flags).
+//! - `store`: the store of record (sessions, rooms, the message log); the only SQL.
+//! - `commit`: group commit; acks after commit.
+//! - `broker`: fan-out between nodes (a doorbell); `local` for one node.
+//! - `hub`: this node's rooms, subscribers, in-order fan-out, presence; outboxes.
+//! - `gateway`: WebSocket connections, legacy and v1.
+//! - `http`: the router: health, metrics, the page, upgrades.
+//! - `app`: start-up and graceful shutdown.
+
+pub mod app;
+pub mod broker;
+pub mod commit;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod hub;
+pub mod store;
+
+pub use app::{Application, StartError};
+pub use config::Settings;

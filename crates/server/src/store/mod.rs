@@ -1,0 +1,219 @@
+//! The store of record: sessions, rooms and the message log. Only this module holds SQL.
+//!
+//! `Store` is the one interface; `sqlite` is the embedded implementation. Each message's
+//! per-room `seq` is assigned inside the transaction that inserts it, by bumping the room's
+//! counter row, and `commit_batch` commits many messages (of many rooms) in one transaction,
+//! taking the rooms in a fixed (name) order.
+
+pub mod keys;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use wschat_protocol::RoomName;
+
+pub use keys::{generate_key, hash_key, KeyHash};
+
+/// Which engine a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+}
+
+/// A session row, as the embedding application wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub user: String,
+    /// The one room this session may use (nodejschat's `room` column).
+    pub room: Option<i64>,
+}
+
+/// A message to commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    pub room: RoomName,
+    pub user: String,
+    pub text: String,
+    pub client_msg_id: Option<String>,
+}
+
+/// A committed message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub room: RoomName,
+    pub seq: u64,
+    pub id: i64,
+    pub user: String,
+    pub text: String,
+    /// Unix milliseconds, UTC.
+    pub time_ms: i64,
+    pub client_msg_id: Option<String>,
+}
+
+/// What became of one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Newly stored.
+    Stored(Arc<StoredMessage>),
+    /// The same user already sent this `client_msg_id`: the first message, unchanged.
+    Duplicate(Arc<StoredMessage>),
+}
+
+impl CommitOutcome {
+    pub fn message(&self) -> &Arc<StoredMessage> {
+        match self {
+            Self::Stored(m) | Self::Duplicate(m) => m,
+        }
+    }
+}
+
+/// Where a room's log stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomHead {
+    /// The newest seq (0 for a room with no messages).
+    pub last_seq: u64,
+    /// The oldest seq still kept (`last_seq + 1` when none is kept).
+    pub first_seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("bad database URL: {0}")]
+    BadUrl(String),
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("i/o error preparing the database: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => Self::Unavailable(e),
+            other => Self::Query(other),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn kind(&self) -> StoreKind;
+
+    /// Apply the migrations this build carries.
+    async fn migrate(&self) -> Result<(), StoreError>;
+
+    /// Answers when the store can serve.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The session whose key hashes to `hash`, unless missing or expired.
+    async fn session(&self, hash: &KeyHash) -> Result<Option<Session>, StoreError>;
+
+    async fn create_session(
+        &self,
+        hash: &KeyHash,
+        user: &str,
+        room: Option<i64>,
+    ) -> Result<(), StoreError>;
+
+    async fn count_sessions(&self) -> Result<i64, StoreError>;
+
+    /// Commit `batch` in one transaction; the outcomes are in the batch's order.
+    async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError>;
+
+    async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError>;
+
+    /// Messages with `seq > after`, oldest first, at most `limit`.
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The newest `limit` messages with `seq < before` (all when `None`), oldest first.
+    async fn messages_before(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+}
+
+/// Open the store a URL names: `sqlite://…` (relative or absolute path; `sqlite::memory:`).
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("sqlite:") {
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else {
+        Err(StoreError::BadUrl(format!(
+            "unsupported database URL scheme in {:?}; use sqlite://FILE",
+            redact_url(url)
+        )))
+    }
+}
+
+/// A URL with any password replaced, fit for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// RFC 3339, UTC, milliseconds: `2016-08-08T17:20:32.421Z`.
+pub fn format_time(ms: i64) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(FORMAT).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_like_nodejschat() {
+        assert_eq!(format_time(1_470_676_832_421), "2016-08-08T17:20:32.421Z");
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,346 @@
+//! The embedded store: SQLite in WAL mode with `synchronous = FULL` (an acknowledged
+//! message survives a crash). One connection writes (SQLite has one writer anyway, and
+//! `BEGIN IMMEDIATE` takes the write lock up front); a small pool reads beside it, so
+//! history reads never wait for commits.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use wschat_protocol::RoomName;
+
+use super::{
+    now_ms, CommitOutcome, KeyHash, NewMessage, RoomHead, Session, Store, StoreError, StoreKind,
+    StoredMessage,
+};
+
+/// The table that records applied migrations (not sqlx's default name, so wschat's
+/// history never clashes with an embedding application's own sqlx migrations).
+pub const MIGRATIONS_TABLE: &str = "wschat_migrations";
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Open (creating the file and its folder when missing) the database at `url`.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        if !in_memory {
+            if let Some(parent) = options.get_filename().parent() {
+                if parent != Path::new("") && !parent.exists() {
+                    std::fs::create_dir_all(parent)?;
+                }
+            }
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(StoreError::Unavailable)?;
+        // An in-memory database is private to its connection: read through the writer.
+        let reader = if in_memory {
+            writer.clone()
+        } else {
+            SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options)
+                .await
+                .map_err(StoreError::Unavailable)?
+        };
+        Ok(Self { writer, reader })
+    }
+}
+
+fn migrator() -> Migrator {
+    let mut migrator = Migrator::with_migrations(vec![Migration::new(
+        1,
+        "init".into(),
+        MigrationType::Simple,
+        sqlx::SqlSafeStr::into_sql_str(include_str!("../../../../migrations/sqlite/0001_init.sql")),
+        false,
+    )]);
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
+}
+
+fn to_seq(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The columns `message_from_row` reads, in its order.
+macro_rules! message_columns {
+    () => {
+        r#"m.id, m.seq, m."user", m.text, m.created_at, m.client_msg_id"#
+    };
+}
+
+fn message_from_row(room: &RoomName, row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
+    Ok(StoredMessage {
+        room: room.clone(),
+        id: row.try_get(0)?,
+        seq: to_seq(row.try_get(1)?),
+        user: row.try_get(2)?,
+        text: row.try_get(3)?,
+        time_ms: row.try_get(4)?,
+        client_msg_id: row.try_get(5)?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Sqlite
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        migrator().run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn session(&self, hash: &KeyHash) -> Result<Option<Session>, StoreError> {
+        let row = sqlx::query(
+            r#"SELECT "user", room FROM sessions
+               WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)"#,
+        )
+        .bind(hash.as_str())
+        .bind(now_ms())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|r| -> Result<Session, StoreError> {
+            Ok(Session {
+                user: r.try_get(0)?,
+                room: r.try_get(1)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_session(
+        &self,
+        hash: &KeyHash,
+        user: &str,
+        room: Option<i64>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(r#"INSERT INTO sessions (key, "user", room) VALUES (?1, ?2, ?3)"#)
+            .bind(hash.as_str())
+            .bind(user)
+            .bind(room)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn count_sessions(&self) -> Result<i64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(n)
+    }
+
+    async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
+
+        // Retries: a (user, client_msg_id) already stored, or repeated within this batch.
+        let mut first_in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        for (i, msg) in batch.iter().enumerate() {
+            let Some(cmid) = msg.client_msg_id.as_deref() else {
+                continue;
+            };
+            if let Some(&first) = first_in_batch.get(&(msg.user.as_str(), cmid)) {
+                repeats.push((i, first));
+                continue;
+            }
+            first_in_batch.insert((msg.user.as_str(), cmid), i);
+            let existing = sqlx::query(concat!(
+                "SELECT ",
+                message_columns!(),
+                r#", r.name FROM wschat_messages m
+                   JOIN wschat_rooms r ON r.id = m.room_id
+                   WHERE m."user" = ?1 AND m.client_msg_id = ?2"#
+            ))
+            .bind(&msg.user)
+            .bind(cmid)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = existing {
+                let name: String = row.try_get(6)?;
+                let room = RoomName::new(name).unwrap_or_else(|_| msg.room.clone());
+                outcomes[i] = Some(CommitOutcome::Duplicate(Arc::new(message_from_row(
+                    &room, &row,
+                )?)));
+            }
+        }
+
+        // New messages, grouped by room in name order (the fixed lock order).
+        let mut by_room: BTreeMap<&RoomName, Vec<usize>> = BTreeMap::new();
+        let repeat_set: std::collections::HashSet<usize> = repeats.iter().map(|r| r.0).collect();
+        for (i, msg) in batch.iter().enumerate() {
+            if outcomes[i].is_none() && !repeat_set.contains(&i) {
+                by_room.entry(&msg.room).or_default().push(i);
+            }
+        }
+        let time_ms = now_ms();
+        for (room, indices) in by_room {
+            sqlx::query(
+                "INSERT INTO wschat_rooms (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(room.as_str())
+            .execute(&mut *tx)
+            .await?;
+            let count = i64::try_from(indices.len()).unwrap_or(i64::MAX);
+            let row = sqlx::query(
+                "UPDATE wschat_rooms SET last_seq = last_seq + ?1 WHERE name = ?2 RETURNING id, last_seq",
+            )
+            .bind(count)
+            .bind(room.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            let room_id: i64 = row.try_get(0)?;
+            let last_seq = to_seq(row.try_get(1)?);
+            let first_seq = last_seq + 1 - indices.len() as u64;
+            for (seq, i) in (first_seq..).zip(indices) {
+                let msg = &batch[i];
+                let id: i64 = sqlx::query_scalar(
+                    r#"INSERT INTO wschat_messages
+                         (room_id, seq, "user", text, created_at, client_msg_id)
+                       VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id"#,
+                )
+                .bind(room_id)
+                .bind(to_db(seq))
+                .bind(&msg.user)
+                .bind(&msg.text)
+                .bind(time_ms)
+                .bind(&msg.client_msg_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                outcomes[i] = Some(CommitOutcome::Stored(Arc::new(StoredMessage {
+                    room: msg.room.clone(),
+                    seq,
+                    id,
+                    user: msg.user.clone(),
+                    text: msg.text.clone(),
+                    time_ms,
+                    client_msg_id: msg.client_msg_id.clone(),
+                })));
+            }
+        }
+        tx.commit().await?;
+
+        for (i, first) in repeats {
+            let first = outcomes[first].as_ref().map(|o| o.message().clone());
+            outcomes[i] = first.map(CommitOutcome::Duplicate);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.ok_or_else(|| {
+                    StoreError::Query(sqlx::Error::Protocol(
+                        "a batch message got no outcome".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError> {
+        let row = sqlx::query(
+            r#"SELECT r.last_seq,
+                      (SELECT min(seq) FROM wschat_messages m WHERE m.room_id = r.id)
+               FROM wschat_rooms r WHERE r.name = ?1"#,
+        )
+        .bind(room.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(match row {
+            None => RoomHead {
+                last_seq: 0,
+                first_seq: 1,
+            },
+            Some(row) => {
+                let last_seq = to_seq(row.try_get(0)?);
+                let first: Option<i64> = row.try_get(1)?;
+                RoomHead {
+                    last_seq,
+                    first_seq: first.map(to_seq).unwrap_or(last_seq + 1),
+                }
+            }
+        })
+    }
+
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+              WHERE r.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"
+        ))
+        .bind(room.as_str())
+        .bind(to_db(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| message_from_row(room, r).map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn messages_before(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+              WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"
+        ))
+        .bind(room.as_str())
+        .bind(before.map(to_db).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut messages = rows
+            .iter()
+            .map(|r| message_from_row(room, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+}

@@ -1,0 +1,437 @@
+//! End-to-end behaviour of both protocols against a real server on port 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::{spawn_app, spawn_with, Client};
+use serde_json::{json, Value};
+use wschat_protocol::close;
+
+#[tokio::test]
+async fn legacy_and_v1_clients_in_one_room_see_each_other() {
+    let app = spawn_app().await;
+    let legacy_key = app.session("Michael Redman", Some(3)).await;
+    let v1_key = app.session("ada", None).await;
+    let mut legacy = Client::legacy(&app, &legacy_key).await;
+    let mut v1 = Client::v1(&app, &v1_key).await;
+    assert_eq!(v1.join("3", None).await, 0);
+
+    legacy.send(json!({"message": "hello from 2016"})).await;
+    // The legacy sender gets its own message back, as nodejschat did.
+    let echo = legacy.recv().await;
+    assert_eq!(echo["user"], "Michael Redman");
+    assert_eq!(echo["message"], "hello from 2016");
+    let time = echo["time"].as_str().unwrap();
+    assert_eq!(time.len(), 24, "RFC 3339 with milliseconds: {time}");
+    assert!(time.ends_with('Z'));
+    let seen = v1.recv_until("message").await;
+    assert_eq!(
+        (
+            seen["room"].as_str(),
+            seen["seq"].as_u64(),
+            seen["text"].as_str()
+        ),
+        (Some("3"), Some(1), Some("hello from 2016"))
+    );
+
+    let ack = v1.say("3", "hello from v1", "c-1").await;
+    assert_eq!(ack["seq"], 2);
+    let got = legacy.recv().await;
+    assert_eq!(
+        (got["user"].as_str(), got["message"].as_str()),
+        (Some("ada"), Some("hello from v1"))
+    );
+    // Old clients send numbers: stored as their text.
+    legacy.send(json!({"message": 0.123})).await;
+    assert_eq!(legacy.recv().await["message"], "0.123");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_order() {
+    let app = spawn_app().await;
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let key = app.session(&format!("user{i}"), None).await;
+        if i % 2 == 0 {
+            clients.push((true, Client::legacy(&app, &key).await));
+        } else {
+            let mut c = Client::v1(&app, &key).await;
+            c.join("0", None).await;
+            c.recv_until("presence").await;
+            clients.push((false, c));
+        }
+    }
+    let mut tasks = Vec::new();
+    for (i, (is_legacy, mut client)) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut received: Vec<(Option<u64>, String)> = Vec::new();
+            for n in 0..100 {
+                let text = format!("m-{i}-{n}");
+                if is_legacy {
+                    client.send(json!({"message": text})).await;
+                } else {
+                    client
+                        .send(json!({"type": "send", "room": "0", "text": text, "client_msg_id": text}))
+                        .await;
+                }
+            }
+            while received.len() < 2000 {
+                let v = client.recv().await;
+                if is_legacy {
+                    received.push((None, v["message"].as_str().unwrap().to_owned()));
+                } else if v["type"] == "message" {
+                    received.push((v["seq"].as_u64(), v["text"].as_str().unwrap().to_owned()));
+                }
+            }
+            received
+        }));
+    }
+    let mut orders = Vec::new();
+    for task in tasks {
+        let received = task.await.unwrap();
+        let texts: HashSet<&String> = received.iter().map(|(_, t)| t).collect();
+        assert_eq!(texts.len(), 2000, "no duplicate, none lost");
+        if let Some(Some(_)) = received.first().map(|r| r.0) {
+            let seqs: Vec<u64> = received.iter().map(|r| r.0.unwrap()).collect();
+            assert_eq!(seqs, (1..=2000).collect::<Vec<u64>>(), "gap-free seq order");
+        }
+        orders.push(received.into_iter().map(|r| r.1).collect::<Vec<_>>());
+    }
+    // Every client, legacy or v1, saw the room in the same order.
+    for order in &orders {
+        assert_eq!(order, &orders[0]);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_sent_in_the_first_millisecond_is_delivered() {
+    let app = spawn_app().await;
+    let key = app.session("early", None).await;
+    let mut legacy = Client::connect(&app.legacy_url(&key)).await;
+    legacy.send(json!({"message": "first!"})).await;
+    assert_eq!(legacy.recv().await, json!({"authenticated": true}));
+    assert_eq!(legacy.recv().await["message"], "first!");
+
+    // v1: auth and send in the same breath.
+    let mut v1 = Client::connect(&app.v1_url()).await;
+    v1.send(json!({"type": "auth", "key": key})).await;
+    v1.send(json!({"type": "send", "room": "0", "text": "me too", "client_msg_id": "x"}))
+        .await;
+    assert_eq!(v1.recv().await["type"], "hello");
+    let ack = v1.recv_until("ack").await;
+    assert_eq!(ack["seq"], 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn history_survives_a_restart_and_legacy_gets_the_last_hundred() {
+    let app = spawn_app().await;
+    let key = app.session("keeper", Some(5)).await;
+    let mut v1 = Client::v1(&app, &key).await;
+    for n in 1..=120 {
+        v1.say("5", &format!("msg {n}"), &format!("k{n}")).await;
+    }
+    let settings = common::settings_in(&app.dir);
+    let dir = app.stop().await;
+
+    let app = spawn_with(settings, dir).await;
+    let mut legacy = Client::legacy(&app, &key).await;
+    let mut history = Vec::new();
+    for _ in 0..100 {
+        history.push(legacy.recv().await["message"].as_str().unwrap().to_owned());
+    }
+    let expected: Vec<String> = (21..=120).map(|n| format!("msg {n}")).collect();
+    assert_eq!(history, expected, "the last 100, oldest first");
+    // Then live.
+    legacy.send(json!({"message": "after restart"})).await;
+    assert_eq!(legacy.recv().await["message"], "after restart");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_with_since_gets_exactly_the_missed_messages() {
+    let app = spawn_app().await;
+    let reader_key = app.session("reader", None).await;
+    let writer_key = app.session("writer", None).await;
+    let mut writer = Client::v1(&app, &writer_key).await;
+    let mut reader = Client::v1(&app, &reader_key).await;
+    reader.join("lobby", None).await;
+    writer.say("lobby", "one", "1").await;
+    writer.say("lobby", "two", "2").await;
+    let mut last = 0;
+    while last < 2 {
+        let m = reader.recv_until("message").await;
+        last = m["seq"].as_u64().unwrap();
+    }
+    drop(reader);
+    for n in 3..=7 {
+        writer
+            .say("lobby", &format!("missed {n}"), &n.to_string())
+            .await;
+    }
+    let mut reader = Client::v1(&app, &reader_key).await;
+    assert_eq!(reader.join("lobby", Some(2)).await, 7);
+    let mut seqs = Vec::new();
+    while seqs.len() < 5 {
+        let m = reader.recv_until("message").await;
+        assert_eq!(m["text"], format!("missed {}", m["seq"]));
+        seqs.push(m["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, vec![3, 4, 5, 6, 7]);
+    // Nothing more (no duplicate), then live continues at 8.
+    writer.say("lobby", "live", "8").await;
+    let next = reader.recv_until("message").await;
+    assert_eq!(
+        (next["seq"].as_u64(), next["text"].as_str()),
+        (Some(8), Some("live"))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_client_msg_id_returns_the_first_ack_and_stores_one_row() {
+    let app = spawn_app().await;
+    let key = app.session("retrier", None).await;
+    let mut c = Client::v1(&app, &key).await;
+    let first = c.say("r", "only once", "same-id").await;
+    let again = c.say("r", "only once", "same-id").await;
+    assert_eq!(first, again);
+    // Two in one breath (same batch) too.
+    c.send(json!({"type": "send", "room": "r", "text": "twice", "client_msg_id": "b"}))
+        .await;
+    c.send(json!({"type": "send", "room": "r", "text": "twice", "client_msg_id": "b"}))
+        .await;
+    let a = c.recv_until("ack").await;
+    let b = c.recv_until("ack").await;
+    assert_eq!(a, b);
+    let room = wschat_protocol::RoomName::new("r").unwrap();
+    let stored = app
+        .shared
+        .store
+        .messages_after(&room, 0, 100)
+        .await
+        .unwrap();
+    let texts: Vec<&str> = stored.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, vec!["only once", "twice"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_or_missing_key_is_refused_with_401() {
+    let app = spawn_app().await;
+    for url in [
+        format!("ws://{}/?session_key=nope", app.addr),
+        format!("ws://{}/some/path", app.addr),
+        format!("ws://{}/ws?session_key=nope", app.addr),
+    ] {
+        match tokio_tungstenite::connect_async(&url).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401, "{url}")
+            }
+            other => panic!("{url}: expected 401, got {other:?}"),
+        }
+    }
+    // A wrong key in the auth frame: an error, then close 4001.
+    let mut c = Client::connect(&app.v1_url()).await;
+    c.send(json!({"type": "auth", "key": "wrong", "ref": 1}))
+        .await;
+    let err = c.recv().await;
+    assert_eq!(
+        (err["code"].as_str(), err["ref"].as_u64()),
+        (Some("auth_failed"), Some(1))
+    );
+    assert_eq!(c.close_code().await, Some(close::AUTH_FAILED));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_the_connection_goes_on() {
+    let app = spawn_app().await;
+    let key = app.session("clumsy", None).await;
+    let mut c = Client::v1(&app, &key).await;
+    let cases: Vec<(&str, &str)> = vec![
+        ("{not json", "bad_json"),
+        (r#"{"type":"dance","ref":"d"}"#, "unknown_type"),
+        (r#"{"type":"send","room":"a"}"#, "invalid_frame"),
+        (r#"{"type":"send","room":"","text":"x"}"#, "invalid_room"),
+        (
+            r#"{"type":"send","room":"a","text":"   "}"#,
+            "empty_message",
+        ),
+        (r#"{"type":"leave","room":"never"}"#, "not_joined"),
+        (
+            r#"{"type":"join","rooms":[{"room":"a","since":99}]}"#,
+            "bad_since",
+        ),
+        (r#"{"type":"auth","key":"x"}"#, "already_authenticated"),
+    ];
+    for (frame, code) in cases {
+        c.send_raw(frame).await;
+        let err = c.recv_until("error").await;
+        assert_eq!(err["code"], code, "{frame}");
+    }
+    c.send(json!({"type": "ping", "ref": 5})).await;
+    assert_eq!(c.recv().await, json!({"type": "pong", "ref": 5}));
+    let ack = c.say("a", "still here", "1").await;
+    assert_eq!(ack["seq"], 1);
+
+    // Legacy: an error frame in nodejschat's shape, and the connection goes on.
+    let mut legacy = Client::legacy(&app, &key).await;
+    legacy.send_raw("nope").await;
+    let err = legacy.recv().await;
+    assert_eq!(err["error"], "bad_json");
+    legacy.send(json!({"message": "fine"})).await;
+    assert_eq!(legacy.recv().await["message"], "fine");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_with_a_room_may_use_only_that_room() {
+    let app = spawn_app().await;
+    let key = app.session("guest", Some(3)).await;
+    let mut c = Client::v1(&app, &key).await;
+    c.send(json!({"type": "join", "rooms": [{"room": "4"}], "ref": 1}))
+        .await;
+    let err = c.recv_until("error").await;
+    assert_eq!(err["code"], "forbidden_room");
+    c.send(json!({"type": "send", "room": "general", "text": "x"}))
+        .await;
+    assert_eq!(c.recv_until("error").await["code"], "forbidden_room");
+    assert_eq!(c.join("3", None).await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn history_pages_presence_and_typing() {
+    let app = spawn_app().await;
+    let a_key = app.session("alice", None).await;
+    let b_key = app.session("bob", None).await;
+    let mut alice = Client::v1(&app, &a_key).await;
+    for n in 1..=30 {
+        alice.say("h", &format!("{n}"), &format!("{n}")).await;
+    }
+    alice
+        .send(json!({"type": "history", "room": "h", "before_seq": 11, "limit": 5, "ref": "p"}))
+        .await;
+    let page = alice.recv_until("history").await;
+    let seqs: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![6, 7, 8, 9, 10]);
+    assert_eq!(page["has_more"], true);
+    alice
+        .send(json!({"type": "history", "room": "h", "before_seq": 3, "limit": 5}))
+        .await;
+    let page = alice.recv_until("history").await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(page["has_more"], false);
+
+    alice.join("h", Some(30)).await;
+    let presence = alice.recv_until("presence").await;
+    assert_eq!(presence["users"], json!(["alice"]));
+    let mut bob = Client::v1(&app, &b_key).await;
+    bob.join("h", Some(30)).await;
+    let presence = bob.recv_until("presence").await;
+    assert_eq!(presence["users"], json!(["alice", "bob"]));
+    let diff = alice.recv_until("presence_diff").await;
+    assert_eq!(diff["joined"], json!(["bob"]));
+    bob.send(json!({"type": "typing", "room": "h"})).await;
+    let typing = alice.recv_until("typing").await;
+    assert_eq!(typing["user"], "bob");
+    bob.send(json!({"type": "leave", "room": "h"})).await;
+    assert_eq!(bob.recv_until("left").await["room"], "h");
+    let diff = alice.recv_until("presence_diff").await;
+    assert_eq!(diff["left"], json!(["bob"]));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_stop_closes_every_websocket_with_1012() {
+    let app = spawn_app().await;
+    let key = app.session("stayer", None).await;
+    let mut v1 = Client::v1(&app, &key).await;
+    v1.join("z", None).await;
+    let mut legacy = Client::legacy(&app, &key).await;
+    // A send in flight when the stop begins is committed and acknowledged.
+    v1.send(json!({"type": "send", "room": "z", "text": "last words", "client_msg_id": "lw"}))
+        .await;
+    let _ack = v1.recv_until("ack").await;
+    let shutdown = app.shutdown.clone();
+    let stopping = tokio::spawn(app.stop());
+    shutdown.cancel();
+    assert_eq!(v1.close_code().await, Some(close::SERVICE_RESTART));
+    assert_eq!(legacy.close_code().await, Some(close::SERVICE_RESTART));
+    stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let mut settings = common::settings_in(&dir);
+    settings.outbound_queue_bytes = 64 * 1024;
+    let app = spawn_with(settings, dir).await;
+    let slow_key = app.session("slow", None).await;
+    let fast_key = app.session("fast", None).await;
+    let mut slow = Client::v1(&app, &slow_key).await;
+    slow.join("flood", None).await;
+    slow.recv_until("presence").await;
+    let mut fast = Client::v1(&app, &fast_key).await;
+    let big = "x".repeat(8000);
+    // The slow client never reads while this goes on; its socket and queue fill up.
+    for chunk in 0..30 {
+        for n in 0..50 {
+            let id = (chunk * 50 + n).to_string();
+            fast.send(json!({"type": "send", "room": "flood", "text": big, "client_msg_id": id}))
+                .await;
+        }
+        for _ in 0..50 {
+            fast.recv_until("ack").await;
+        }
+    }
+    // The slow client finds the close (after what it had been sent) ...
+    let mut last_seq = 0;
+    let code = loop {
+        match tokio::time::timeout(common::WAIT, futures_util::StreamExt::next(&mut slow.ws))
+            .await
+            .expect("frame or close in time")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "message" {
+                    let seq = v["seq"].as_u64().unwrap();
+                    assert_eq!(seq, last_seq + 1);
+                    last_seq = seq;
+                }
+            }
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => {
+                break f.map(|f| u16::from(f.code))
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert!(
+        code == Some(close::SLOW_CONSUMER) || code.is_none(),
+        "closed as slow consumer, got {code:?}"
+    );
+    assert!(last_seq < 1500, "the slow client was cut off early");
+    // ... and resumes from its last seq with nothing lost.
+    let mut slow = Client::v1(&app, &slow_key).await;
+    slow.join("flood", Some(last_seq)).await;
+    let mut seen: HashMap<u64, ()> = HashMap::new();
+    while last_seq < 1500 {
+        let m = slow.recv_until("message").await;
+        let seq = m["seq"].as_u64().unwrap();
+        assert_eq!(seq, last_seq + 1);
+        assert!(seen.insert(seq, ()).is_none());
+        last_seq = seq;
+    }
+    app.stop().await;
+}

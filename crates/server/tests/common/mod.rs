@@ -1,0 +1,199 @@
+//! Test harness: a real server on port 0 over a fresh SQLite file, and WebSocket clients
+//! for both protocols.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wschat_protocol::v1::ServerFrame;
+use wschat_server::app::Shared;
+use wschat_server::store::{generate_key, hash_key};
+use wschat_server::{Application, Settings};
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub database: String,
+    pub shared: Arc<Shared>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub dir: Arc<tempfile::TempDir>,
+}
+
+pub fn settings_in(dir: &tempfile::TempDir) -> Settings {
+    Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database: format!("sqlite://{}", dir.path().join("chat.db").display()),
+        demo_session: false,
+        ..Settings::default()
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let settings = settings_in(&dir);
+    spawn_with(settings, dir).await
+}
+
+pub async fn spawn_with(settings: Settings, dir: Arc<tempfile::TempDir>) -> TestApp {
+    let database = settings.database.clone();
+    let app = Application::build(settings).await.expect("server starts");
+    let addr = app.local_addr().unwrap();
+    let shared = app.shared();
+    let shutdown = app.shutdown_token();
+    let task = tokio::spawn(app.run());
+    TestApp {
+        addr,
+        database,
+        shared,
+        shutdown,
+        task,
+        dir,
+    }
+}
+
+impl TestApp {
+    /// Create a session and return its key.
+    pub async fn session(&self, user: &str, room: Option<i64>) -> String {
+        let key = generate_key();
+        self.shared
+            .store
+            .create_session(&hash_key(&key), user, room)
+            .await
+            .unwrap();
+        key
+    }
+
+    pub fn legacy_url(&self, key: &str) -> String {
+        format!("ws://{}/?session_key={key}", self.addr)
+    }
+
+    pub fn v1_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Stop gracefully and wait.
+    pub async fn stop(self) -> Arc<tempfile::TempDir> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("server stops in time")
+            .unwrap()
+            .unwrap();
+        self.dir
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("connects");
+        Self { ws }
+    }
+
+    /// A v1 client, authenticated by an `auth` frame, past its `hello`.
+    pub async fn v1(app: &TestApp, key: &str) -> Self {
+        let mut c = Self::connect(&app.v1_url()).await;
+        c.send(serde_json::json!({"type": "auth", "key": key}))
+            .await;
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "hello", "{hello}");
+        c
+    }
+
+    /// A legacy client past `{"authenticated":true}`.
+    pub async fn legacy(app: &TestApp, key: &str) -> Self {
+        let mut c = Self::connect(&app.legacy_url(key)).await;
+        assert_eq!(c.recv().await, serde_json::json!({"authenticated": true}));
+        c
+    }
+
+    pub async fn send(&mut self, value: Value) {
+        self.ws
+            .send(Message::text(value.to_string()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text.to_owned())).await.unwrap();
+    }
+
+    /// The next text frame as JSON (pings skipped); panics after `WAIT`.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("stream open")
+                .expect("frame ok");
+            match msg {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+
+    pub async fn recv_typed(&mut self) -> ServerFrame {
+        serde_json::from_value(self.recv().await).unwrap()
+    }
+
+    /// Frames until one whose `type` is `kind`; returns it.
+    pub async fn recv_until(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// The close code the server ends with (frames before it skipped).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Join one room; returns `last_seq` of its `joined`.
+    pub async fn join(&mut self, room: &str, since: Option<u64>) -> u64 {
+        let mut spec = serde_json::json!({"room": room});
+        if let Some(since) = since {
+            spec["since"] = since.into();
+        }
+        self.send(serde_json::json!({"type": "join", "rooms": [spec]}))
+            .await;
+        let joined = self.recv_until("joined").await;
+        joined["last_seq"].as_u64().unwrap()
+    }
+
+    /// Send and wait for the ack (other frames skipped).
+    pub async fn say(&mut self, room: &str, text: &str, cmid: &str) -> Value {
+        self.send(
+            serde_json::json!({"type": "send", "room": room, "text": text, "client_msg_id": cmid}),
+        )
+        .await;
+        self.recv_until("ack").await
+    }
+}

@@ -75,6 +75,13 @@ impl Application {
         };
         let hub = Hub::new(store.clone());
         let broker = broker::open(&settings.broker, hub.clone())?;
+        if settings.retention_per_room > 0 {
+            tokio::spawn(apply_retention(
+                store.clone(),
+                settings.retention_per_room,
+                Duration::from_secs(settings.retention_interval_secs.max(1)),
+            ));
+        }
         let (committer, commit_task) =
             Committer::start(store.clone(), broker.clone(), settings.max_commit_batch);
         let listener = listen(settings.listen).map_err(|source| StartError::Listen {
@@ -177,6 +184,19 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(4096);
     socket.listen(backlog)
+}
+
+/// Keep the newest `keep` messages per room, checked every `every`.
+async fn apply_retention(store: Arc<dyn Store>, keep: u64, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        match store.prune(keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "retention applied"),
+            Err(e) => tracing::warn!(error = %e, "retention failed; will retry"),
+        }
+    }
 }
 
 async fn create_demo_session(store: &dyn Store) -> Result<Option<String>, StoreError> {

@@ -48,6 +48,11 @@ pub struct Settings {
     pub shutdown_grace_secs: u64,
     /// Most messages committed in one transaction.
     pub max_commit_batch: usize,
+    /// Messages kept per room (older ones are deleted); 0 keeps everything. A `since`
+    /// older than what is kept gets a `reset`.
+    pub retention_per_room: u64,
+    /// How often retention is applied.
+    pub retention_interval_secs: u64,
 }
 
 impl Default for Settings {
@@ -70,6 +75,8 @@ impl Default for Settings {
             idle_timeout_secs: 90,
             shutdown_grace_secs: 10,
             max_commit_batch: 1000,
+            retention_per_room: 0,
+            retention_interval_secs: 60,
         }
     }
 }

@@ -435,3 +435,64 @@ async fn a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_los
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let mut settings = common::settings_in(&dir);
+    settings.history_limit = 3;
+    let app = spawn_with(settings, dir).await;
+    let key = app.session("old-timer", None).await;
+    let mut c = Client::v1(&app, &key).await;
+    for n in 1..=10 {
+        c.say("kept", &n.to_string(), &n.to_string()).await;
+    }
+    assert_eq!(app.shared.store.prune(4).await.unwrap(), 6);
+    // since 6: seq 7 onwards is all kept: an ordinary resume.
+    let mut fresh = Client::v1(&app, &key).await;
+    fresh.join("kept", Some(6)).await;
+    assert_eq!(fresh.recv_until("message").await["seq"], 7);
+    // since 2: seqs 3..=6 are gone: reset, then the last history_limit messages.
+    let mut stale = Client::v1(&app, &key).await;
+    stale.join("kept", Some(2)).await;
+    let reset = stale.recv().await;
+    assert_eq!(
+        reset,
+        json!({"type": "reset", "room": "kept", "since": 2, "first_seq": 7})
+    );
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        seqs.push(stale.recv_until("message").await["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, vec![8, 9, 10]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_key_can_travel_in_the_subprotocol_header_or_the_query() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let app = spawn_app().await;
+    let key = app.session("header", None).await;
+    let mut request = app.v1_url().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        format!("wschat.v1, wschat.key.{key}").parse().unwrap(),
+    );
+    let (ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"]
+            .to_str()
+            .unwrap(),
+        "wschat.v1",
+        "the key is never echoed"
+    );
+    let mut c = Client { ws };
+    let hello = c.recv().await;
+    assert_eq!(
+        (hello["type"].as_str(), hello["user"].as_str()),
+        (Some("hello"), Some("header"))
+    );
+    let mut q = Client::connect(&format!("{}?session_key={key}", app.v1_url())).await;
+    assert_eq!(q.recv().await["type"], "hello");
+    app.stop().await;
+}

@@ -139,6 +139,9 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError>;
 
+    /// Delete all but the newest `keep` messages of every room; returns how many went.
+    async fn prune(&self, keep: u64) -> Result<u64, StoreError>;
+
     /// The newest `limit` messages with `seq < before` (all when `None`), oldest first.
     async fn messages_before(
         &self,

@@ -319,6 +319,18 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn prune(&self, keep: u64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM wschat_messages WHERE id IN (
+               SELECT m.id FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+               WHERE m.seq <= r.last_seq - ?1)",
+        )
+        .bind(to_db(keep))
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn messages_before(
         &self,
         room: &RoomName,

@@ -5,13 +5,47 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use common::{spawn_app, spawn_with, Client};
+use common::{spawn_app, spawn_with, Backend, Client};
 use serde_json::{json, Value};
 use wschat_protocol::close;
 
-#[tokio::test]
-async fn legacy_and_v1_clients_in_one_room_see_each_other() {
-    let app = spawn_app().await;
+/// Every test runs on both stores, with the same assertions.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
+suite!(
+    legacy_and_v1_clients_in_one_room_see_each_other,
+    twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_order,
+    a_message_sent_in_the_first_millisecond_is_delivered,
+    history_survives_a_restart_and_legacy_gets_the_last_hundred,
+    reconnect_with_since_gets_exactly_the_missed_messages,
+    a_retried_client_msg_id_returns_the_first_ack_and_stores_one_row,
+    unknown_or_missing_key_is_refused_with_401,
+    bad_frames_get_errors_and_the_connection_goes_on,
+    a_session_with_a_room_may_use_only_that_room,
+    history_pages_presence_and_typing,
+    graceful_stop_closes_every_websocket_with_1012,
+    a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss,
+    a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages,
+    the_key_can_travel_in_the_subprotocol_header_or_the_query,
+);
+
+async fn legacy_and_v1_clients_in_one_room_see_each_other(backend: Backend) {
+    let app = spawn_app(backend).await;
     let legacy_key = app.session("Michael Redman", Some(3)).await;
     let v1_key = app.session("ada", None).await;
     let mut legacy = Client::legacy(&app, &legacy_key).await;
@@ -49,9 +83,10 @@ async fn legacy_and_v1_clients_in_one_room_see_each_other() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_order() {
-    let app = spawn_app().await;
+async fn twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_order(
+    backend: Backend,
+) {
+    let app = spawn_app(backend).await;
     let mut clients = Vec::new();
     for i in 0..20 {
         let key = app.session(&format!("user{i}"), None).await;
@@ -107,9 +142,8 @@ async fn twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_ord
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_message_sent_in_the_first_millisecond_is_delivered() {
-    let app = spawn_app().await;
+async fn a_message_sent_in_the_first_millisecond_is_delivered(backend: Backend) {
+    let app = spawn_app(backend).await;
     let key = app.session("early", None).await;
     let mut legacy = Client::connect(&app.legacy_url(&key)).await;
     legacy.send(json!({"message": "first!"})).await;
@@ -127,16 +161,15 @@ async fn a_message_sent_in_the_first_millisecond_is_delivered() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn history_survives_a_restart_and_legacy_gets_the_last_hundred() {
-    let app = spawn_app().await;
+async fn history_survives_a_restart_and_legacy_gets_the_last_hundred(backend: Backend) {
+    let app = spawn_app(backend).await;
     let key = app.session("keeper", Some(5)).await;
     let mut v1 = Client::v1(&app, &key).await;
     for n in 1..=120 {
         v1.say("5", &format!("msg {n}"), &format!("k{n}")).await;
     }
-    let settings = common::settings_in(&app.dir);
-    let dir = app.stop().await;
+    let settings = app.settings.clone();
+    let dir = app.stop_keeping_data().await;
 
     let app = spawn_with(settings, dir).await;
     let mut legacy = Client::legacy(&app, &key).await;
@@ -152,9 +185,8 @@ async fn history_survives_a_restart_and_legacy_gets_the_last_hundred() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn reconnect_with_since_gets_exactly_the_missed_messages() {
-    let app = spawn_app().await;
+async fn reconnect_with_since_gets_exactly_the_missed_messages(backend: Backend) {
+    let app = spawn_app(backend).await;
     let reader_key = app.session("reader", None).await;
     let writer_key = app.session("writer", None).await;
     let mut writer = Client::v1(&app, &writer_key).await;
@@ -192,9 +224,8 @@ async fn reconnect_with_since_gets_exactly_the_missed_messages() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_retried_client_msg_id_returns_the_first_ack_and_stores_one_row() {
-    let app = spawn_app().await;
+async fn a_retried_client_msg_id_returns_the_first_ack_and_stores_one_row(backend: Backend) {
+    let app = spawn_app(backend).await;
     let key = app.session("retrier", None).await;
     let mut c = Client::v1(&app, &key).await;
     let first = c.say("r", "only once", "same-id").await;
@@ -220,9 +251,8 @@ async fn a_retried_client_msg_id_returns_the_first_ack_and_stores_one_row() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_or_missing_key_is_refused_with_401() {
-    let app = spawn_app().await;
+async fn unknown_or_missing_key_is_refused_with_401(backend: Backend) {
+    let app = spawn_app(backend).await;
     for url in [
         format!("ws://{}/?session_key=nope", app.addr),
         format!("ws://{}/some/path", app.addr),
@@ -248,9 +278,8 @@ async fn unknown_or_missing_key_is_refused_with_401() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn bad_frames_get_errors_and_the_connection_goes_on() {
-    let app = spawn_app().await;
+async fn bad_frames_get_errors_and_the_connection_goes_on(backend: Backend) {
+    let app = spawn_app(backend).await;
     let key = app.session("clumsy", None).await;
     let mut c = Client::v1(&app, &key).await;
     let cases: Vec<(&str, &str)> = vec![
@@ -289,9 +318,8 @@ async fn bad_frames_get_errors_and_the_connection_goes_on() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_session_with_a_room_may_use_only_that_room() {
-    let app = spawn_app().await;
+async fn a_session_with_a_room_may_use_only_that_room(backend: Backend) {
+    let app = spawn_app(backend).await;
     let key = app.session("guest", Some(3)).await;
     let mut c = Client::v1(&app, &key).await;
     c.send(json!({"type": "join", "rooms": [{"room": "4"}], "ref": 1}))
@@ -305,9 +333,8 @@ async fn a_session_with_a_room_may_use_only_that_room() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn history_pages_presence_and_typing() {
-    let app = spawn_app().await;
+async fn history_pages_presence_and_typing(backend: Backend) {
+    let app = spawn_app(backend).await;
     let a_key = app.session("alice", None).await;
     let b_key = app.session("bob", None).await;
     let mut alice = Client::v1(&app, &a_key).await;
@@ -352,9 +379,8 @@ async fn history_pages_presence_and_typing() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn graceful_stop_closes_every_websocket_with_1012() {
-    let app = spawn_app().await;
+async fn graceful_stop_closes_every_websocket_with_1012(backend: Backend) {
+    let app = spawn_app(backend).await;
     let key = app.session("stayer", None).await;
     let mut v1 = Client::v1(&app, &key).await;
     v1.join("z", None).await;
@@ -371,10 +397,10 @@ async fn graceful_stop_closes_every_websocket_with_1012() {
     stopping.await.unwrap();
 }
 
-#[tokio::test]
-async fn a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss() {
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let mut settings = common::settings_in(&dir);
+async fn a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss(
+    backend: Backend,
+) {
+    let (mut settings, dir) = common::fresh(backend).await;
     settings.outbound_queue_bytes = 64 * 1024;
     let app = spawn_with(settings, dir).await;
     let slow_key = app.session("slow", None).await;
@@ -436,10 +462,8 @@ async fn a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_los
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages() {
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let mut settings = common::settings_in(&dir);
+async fn a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages(backend: Backend) {
+    let (mut settings, dir) = common::fresh(backend).await;
     settings.history_limit = 3;
     let app = spawn_with(settings, dir).await;
     let key = app.session("old-timer", None).await;
@@ -468,10 +492,9 @@ async fn a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn the_key_can_travel_in_the_subprotocol_header_or_the_query() {
+async fn the_key_can_travel_in_the_subprotocol_header_or_the_query(backend: Backend) {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let app = spawn_app().await;
+    let app = spawn_app(backend).await;
     let key = app.session("header", None).await;
     let mut request = app.v1_url().into_client_request().unwrap();
     request.headers_mut().insert(

@@ -6,6 +6,7 @@
 //! taking the rooms in a fixed (name) order.
 
 pub mod keys;
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub use keys::{generate_key, hash_key, KeyHash};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Sqlite,
+    Postgres,
 }
 
 /// A session row, as the embedding application wrote it.
@@ -151,13 +153,89 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<StoredMessage>, StoreError>;
 }
 
+/// How a batch splits into retries and new messages; shared by the stores so both apply
+/// the same idempotency rules.
+pub(crate) struct BatchPlan {
+    /// Messages whose `(user, client_msg_id)` may already be stored: look them up.
+    pub lookups: Vec<usize>,
+    /// `(i, first)`: message `i` repeats message `first` of the same batch.
+    pub repeats: Vec<(usize, usize)>,
+}
+
+impl BatchPlan {
+    pub fn new(batch: &[NewMessage]) -> Self {
+        let mut first_in_batch: std::collections::HashMap<(&str, &str), usize> =
+            std::collections::HashMap::new();
+        let mut plan = Self {
+            lookups: Vec::new(),
+            repeats: Vec::new(),
+        };
+        for (i, msg) in batch.iter().enumerate() {
+            let Some(cmid) = msg.client_msg_id.as_deref() else {
+                continue;
+            };
+            match first_in_batch.entry((msg.user.as_str(), cmid)) {
+                std::collections::hash_map::Entry::Occupied(first) => {
+                    plan.repeats.push((i, *first.get()))
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(i);
+                    plan.lookups.push(i);
+                }
+            }
+        }
+        plan
+    }
+
+    /// The messages to insert (no outcome yet, not a repeat), by room in name order: the
+    /// fixed order in which rooms are locked.
+    pub fn new_by_room<'a>(
+        &self,
+        batch: &'a [NewMessage],
+        outcomes: &[Option<CommitOutcome>],
+    ) -> std::collections::BTreeMap<&'a RoomName, Vec<usize>> {
+        let repeats: std::collections::HashSet<usize> = self.repeats.iter().map(|r| r.0).collect();
+        let mut by_room: std::collections::BTreeMap<&RoomName, Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (i, msg) in batch.iter().enumerate() {
+            if outcomes[i].is_none() && !repeats.contains(&i) {
+                by_room.entry(&msg.room).or_default().push(i);
+            }
+        }
+        by_room
+    }
+
+    /// Give repeats their first's outcome and check every message has one.
+    pub fn finish(
+        self,
+        mut outcomes: Vec<Option<CommitOutcome>>,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        for (i, first) in self.repeats {
+            let first = outcomes[first].as_ref().map(|o| o.message().clone());
+            outcomes[i] = first.map(CommitOutcome::Duplicate);
+        }
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.ok_or_else(|| {
+                    StoreError::Query(sqlx::Error::Protocol(
+                        "a batch message got no outcome".into(),
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
 /// Open the store a URL names: `sqlite://…` (relative or absolute path; `sqlite::memory:`).
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(postgres::PgStore::open(url).await?))
     } else {
         Err(StoreError::BadUrl(format!(
-            "unsupported database URL scheme in {:?}; use sqlite://FILE",
+            "unsupported database URL scheme in {:?}; use sqlite://FILE or postgres://…",
             redact_url(url)
         )))
     }

@@ -3,7 +3,6 @@
 //! `BEGIN IMMEDIATE` takes the write lock up front); a small pool reads beside it, so
 //! history reads never wait for commits.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -19,8 +18,8 @@ use sqlx::Row;
 use wschat_protocol::RoomName;
 
 use super::{
-    now_ms, CommitOutcome, KeyHash, NewMessage, RoomHead, Session, Store, StoreError, StoreKind,
-    StoredMessage,
+    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, RoomHead, Session, Store, StoreError,
+    StoreKind, StoredMessage,
 };
 
 /// The table that records applied migrations (not sqlx's default name, so wschat's
@@ -168,19 +167,9 @@ impl Store for SqliteStore {
     async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
-
-        // Retries: a (user, client_msg_id) already stored, or repeated within this batch.
-        let mut first_in_batch: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut repeats: Vec<(usize, usize)> = Vec::new();
-        for (i, msg) in batch.iter().enumerate() {
-            let Some(cmid) = msg.client_msg_id.as_deref() else {
-                continue;
-            };
-            if let Some(&first) = first_in_batch.get(&(msg.user.as_str(), cmid)) {
-                repeats.push((i, first));
-                continue;
-            }
-            first_in_batch.insert((msg.user.as_str(), cmid), i);
+        let plan = BatchPlan::new(batch);
+        for &i in &plan.lookups {
+            let msg = &batch[i];
             let existing = sqlx::query(concat!(
                 "SELECT ",
                 message_columns!(),
@@ -189,7 +178,7 @@ impl Store for SqliteStore {
                    WHERE m."user" = ?1 AND m.client_msg_id = ?2"#
             ))
             .bind(&msg.user)
-            .bind(cmid)
+            .bind(&msg.client_msg_id)
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(row) = existing {
@@ -200,15 +189,7 @@ impl Store for SqliteStore {
                 )?)));
             }
         }
-
-        // New messages, grouped by room in name order (the fixed lock order).
-        let mut by_room: BTreeMap<&RoomName, Vec<usize>> = BTreeMap::new();
-        let repeat_set: std::collections::HashSet<usize> = repeats.iter().map(|r| r.0).collect();
-        for (i, msg) in batch.iter().enumerate() {
-            if outcomes[i].is_none() && !repeat_set.contains(&i) {
-                by_room.entry(&msg.room).or_default().push(i);
-            }
-        }
+        let by_room = plan.new_by_room(batch, &outcomes);
         let time_ms = now_ms();
         for (room, indices) in by_room {
             sqlx::query(
@@ -255,21 +236,7 @@ impl Store for SqliteStore {
             }
         }
         tx.commit().await?;
-
-        for (i, first) in repeats {
-            let first = outcomes[first].as_ref().map(|o| o.message().clone());
-            outcomes[i] = first.map(CommitOutcome::Duplicate);
-        }
-        outcomes
-            .into_iter()
-            .map(|o| {
-                o.ok_or_else(|| {
-                    StoreError::Query(sqlx::Error::Protocol(
-                        "a batch message got no outcome".into(),
-                    ))
-                })
-            })
-            .collect()
+        plan.finish(outcomes)
     }
 
     async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError> {

@@ -19,7 +19,65 @@ use wschat_server::{Application, Settings};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Which store a test runs on. Every suite runs on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server tests create their databases on.
+pub fn pg_admin_url() -> String {
+    std::env::var("WSCHAT_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// Settings for a fresh database on `backend` (a new file, or a new PostgreSQL database).
+/// Without PostgreSQL the PostgreSQL tests fail, loudly; they never skip.
+pub async fn fresh(backend: Backend) -> (Settings, Arc<tempfile::TempDir>) {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut settings = settings_in(&dir);
+    if backend == Backend::Postgres {
+        use sqlx::Connection;
+        let admin = pg_admin_url();
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL is required for the PostgreSQL suite and is not reachable at {admin}: {e}")
+        });
+        let name = format!(
+            "wschat_t_{}",
+            wschat_server::store::generate_key()
+                .to_lowercase()
+                .replace(['-', '_'], "")[..16]
+                .to_owned()
+        );
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').unwrap().0;
+        settings.database = format!("{base}/{name}");
+    }
+    (settings, dir)
+}
+
+/// Drop a test's PostgreSQL database (no-op for SQLite).
+pub async fn drop_database(url: &str) {
+    if !url.starts_with("postgres") {
+        return;
+    }
+    use sqlx::Connection;
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
+
 pub struct TestApp {
+    pub settings: Settings,
     pub addr: SocketAddr,
     pub database: String,
     pub shared: Arc<Shared>,
@@ -37,20 +95,22 @@ pub fn settings_in(dir: &tempfile::TempDir) -> Settings {
     }
 }
 
-pub async fn spawn_app() -> TestApp {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let settings = settings_in(&dir);
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    let (settings, dir) = fresh(backend).await;
     spawn_with(settings, dir).await
 }
 
 pub async fn spawn_with(settings: Settings, dir: Arc<tempfile::TempDir>) -> TestApp {
     let database = settings.database.clone();
-    let app = Application::build(settings).await.expect("server starts");
+    let app = Application::build(settings.clone())
+        .await
+        .expect("server starts");
     let addr = app.local_addr().unwrap();
     let shared = app.shared();
     let shutdown = app.shutdown_token();
     let task = tokio::spawn(app.run());
     TestApp {
+        settings,
         addr,
         database,
         shared,
@@ -80,8 +140,15 @@ impl TestApp {
         format!("ws://{}/ws", self.addr)
     }
 
-    /// Stop gracefully and wait.
-    pub async fn stop(self) -> Arc<tempfile::TempDir> {
+    /// Stop gracefully, wait, and drop the test's database.
+    pub async fn stop(self) {
+        let database = self.database.clone();
+        self.stop_keeping_data().await;
+        drop_database(&database).await;
+    }
+
+    /// Stop gracefully and wait; the data stays for a restart.
+    pub async fn stop_keeping_data(self) -> Arc<tempfile::TempDir> {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.task)
             .await

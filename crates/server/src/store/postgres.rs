@@ -1,0 +1,381 @@
+//! PostgreSQL, the store of record for one node or many. Durable defaults are kept
+//! (fsync, synchronous_commit, logged tables). A batch is one transaction of a few
+//! round trips whatever its size: rooms are locked in name order (`FOR UPDATE`), their
+//! counters bumped, and every message inserted by one `INSERT … SELECT FROM UNNEST`.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+use wschat_protocol::RoomName;
+
+use super::{
+    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, RoomHead, Session, Store, StoreError,
+    StoreKind, StoredMessage,
+};
+
+/// The table that records applied migrations (beside the application's own).
+pub const MIGRATIONS_TABLE: &str = "wschat_migrations";
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::BadUrl(format!("{}: {e}", super::redact_url(url))))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        Ok(Self { pool })
+    }
+}
+
+fn migrator() -> Migrator {
+    let mut migrator = Migrator::with_migrations(vec![Migration::new(
+        1,
+        "init".into(),
+        MigrationType::Simple,
+        sqlx::SqlSafeStr::into_sql_str(include_str!(
+            "../../../../migrations/postgres/0001_init.sql"
+        )),
+        false,
+    )]);
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
+}
+
+fn to_seq(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The columns `message_from_row` reads, in its order.
+macro_rules! message_columns {
+    () => {
+        r#"m.id, m.seq, m."user", m.text,
+           (extract(epoch FROM m.created_at) * 1000)::bigint, m.client_msg_id"#
+    };
+}
+
+fn message_from_row(room: &RoomName, row: &PgRow) -> Result<StoredMessage, sqlx::Error> {
+    Ok(StoredMessage {
+        room: room.clone(),
+        id: row.try_get(0)?,
+        seq: to_seq(row.try_get(1)?),
+        user: row.try_get(2)?,
+        text: row.try_get(3)?,
+        time_ms: row.try_get(4)?,
+        client_msg_id: row.try_get(5)?,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Postgres
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        // sqlx holds an advisory lock while migrating: servers starting at once take turns.
+        migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn session(&self, hash: &KeyHash) -> Result<Option<Session>, StoreError> {
+        let row = sqlx::query(
+            r#"SELECT "user", room FROM sessions
+               WHERE key = $1 AND (expires_at IS NULL OR expires_at > now())"#,
+        )
+        .bind(hash.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| -> Result<Session, StoreError> {
+            let room: Option<i32> = r.try_get(1)?;
+            Ok(Session {
+                user: r.try_get(0)?,
+                room: room.map(i64::from),
+            })
+        })
+        .transpose()
+    }
+
+    async fn create_session(
+        &self,
+        hash: &KeyHash,
+        user: &str,
+        room: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let room = room
+            .map(i32::try_from)
+            .transpose()
+            .map_err(|_| StoreError::BadUrl("room number out of range".into()))?;
+        sqlx::query(r#"INSERT INTO sessions (key, "user", room) VALUES ($1, $2, $3)"#)
+            .bind(hash.as_str())
+            .bind(user)
+            .bind(room)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn count_sessions(&self) -> Result<i64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n)
+    }
+
+    async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
+        let plan = BatchPlan::new(batch);
+
+        if !plan.lookups.is_empty() {
+            let users: Vec<&str> = plan
+                .lookups
+                .iter()
+                .map(|&i| batch[i].user.as_str())
+                .collect();
+            let ids: Vec<&str> = plan
+                .lookups
+                .iter()
+                .map(|&i| batch[i].client_msg_id.as_deref().unwrap_or_default())
+                .collect();
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                message_columns!(),
+                r#", r.name FROM wschat_messages m
+                   JOIN wschat_rooms r ON r.id = m.room_id
+                   JOIN UNNEST($1::text[], $2::text[]) AS k(u, c)
+                     ON m."user" = k.u AND m.client_msg_id = k.c"#
+            ))
+            .bind(&users)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut found: HashMap<(String, String), Arc<StoredMessage>> = HashMap::new();
+            for row in &rows {
+                let name: String = row.try_get(6)?;
+                let Ok(room) = RoomName::new(name) else {
+                    continue;
+                };
+                let m = message_from_row(&room, row)?;
+                if let Some(cmid) = m.client_msg_id.clone() {
+                    found.insert((m.user.clone(), cmid), Arc::new(m));
+                }
+            }
+            for &i in &plan.lookups {
+                let key = (
+                    batch[i].user.clone(),
+                    batch[i].client_msg_id.clone().unwrap_or_default(),
+                );
+                if let Some(m) = found.get(&key) {
+                    outcomes[i] = Some(CommitOutcome::Duplicate(m.clone()));
+                }
+            }
+        }
+
+        let by_room = plan.new_by_room(batch, &outcomes);
+        if !by_room.is_empty() {
+            let names: Vec<&str> = by_room.keys().map(|r| r.as_str()).collect();
+            let counts: Vec<i64> = by_room.values().map(|v| v.len() as i64).collect();
+            sqlx::query(
+                "INSERT INTO wschat_rooms (name)
+                 SELECT n FROM UNNEST($1::text[]) AS n ORDER BY n
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+            // Lock the rooms' counter rows in name order: nodes never deadlock.
+            sqlx::query(
+                "SELECT id FROM wschat_rooms WHERE name = ANY($1::text[])
+                 ORDER BY name FOR UPDATE",
+            )
+            .bind(&names)
+            .execute(&mut *tx)
+            .await?;
+            let rows = sqlx::query(
+                "UPDATE wschat_rooms r SET last_seq = r.last_seq + c.n
+                 FROM UNNEST($1::text[], $2::bigint[]) AS c(name, n)
+                 WHERE r.name = c.name
+                 RETURNING r.name, r.id, r.last_seq",
+            )
+            .bind(&names)
+            .bind(&counts)
+            .fetch_all(&mut *tx)
+            .await?;
+            let heads: HashMap<String, (i64, u64)> = rows
+                .iter()
+                .map(|r| -> Result<_, sqlx::Error> {
+                    Ok((r.try_get(0)?, (r.try_get(1)?, to_seq(r.try_get(2)?))))
+                })
+                .collect::<Result<_, _>>()?;
+
+            let time_ms = now_ms();
+            let total: usize = by_room.values().map(Vec::len).sum();
+            let mut order = Vec::with_capacity(total);
+            let (mut room_ids, mut seqs, mut users, mut texts, mut cmids) = (
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+                Vec::with_capacity(total),
+            );
+            for (room, indices) in &by_room {
+                let Some(&(room_id, last_seq)) = heads.get(room.as_str()) else {
+                    return Err(StoreError::Query(sqlx::Error::RowNotFound));
+                };
+                let first_seq = last_seq + 1 - indices.len() as u64;
+                for (seq, &i) in (first_seq..).zip(indices) {
+                    order.push((i, seq));
+                    room_ids.push(room_id);
+                    seqs.push(to_db(seq));
+                    users.push(batch[i].user.as_str());
+                    texts.push(batch[i].text.as_str());
+                    cmids.push(batch[i].client_msg_id.as_deref());
+                }
+            }
+            let inserted = sqlx::query(
+                r#"INSERT INTO wschat_messages
+                     (room_id, seq, "user", text, created_at, client_msg_id)
+                   SELECT r, s, u, t, to_timestamp($6::double precision / 1000), c
+                   FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+                        WITH ORDINALITY AS x(r, s, u, t, c, o)
+                   ORDER BY o
+                   RETURNING room_id, seq, id"#,
+            )
+            .bind(&room_ids)
+            .bind(&seqs)
+            .bind(&users)
+            .bind(&texts)
+            .bind(&cmids)
+            .bind(time_ms as f64)
+            .fetch_all(&mut *tx)
+            .await?;
+            // RETURNING's row order is not promised: match ids by (room_id, seq).
+            let mut ids: HashMap<(i64, i64), i64> = HashMap::with_capacity(inserted.len());
+            for row in &inserted {
+                ids.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
+            }
+            for (n, (i, seq)) in order.into_iter().enumerate() {
+                let msg = &batch[i];
+                let Some(&id) = ids.get(&(room_ids[n], to_db(seq))) else {
+                    return Err(StoreError::Query(sqlx::Error::RowNotFound));
+                };
+                outcomes[i] = Some(CommitOutcome::Stored(Arc::new(StoredMessage {
+                    room: msg.room.clone(),
+                    seq,
+                    id,
+                    user: msg.user.clone(),
+                    text: msg.text.clone(),
+                    time_ms,
+                    client_msg_id: msg.client_msg_id.clone(),
+                })));
+            }
+        }
+        tx.commit().await?;
+        plan.finish(outcomes)
+    }
+
+    async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError> {
+        let row = sqlx::query(
+            "SELECT r.last_seq,
+                    (SELECT min(seq) FROM wschat_messages m WHERE m.room_id = r.id)
+             FROM wschat_rooms r WHERE r.name = $1",
+        )
+        .bind(room.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => RoomHead {
+                last_seq: 0,
+                first_seq: 1,
+            },
+            Some(row) => {
+                let last_seq = to_seq(row.try_get(0)?);
+                let first: Option<i64> = row.try_get(1)?;
+                RoomHead {
+                    last_seq,
+                    first_seq: first.map(to_seq).unwrap_or(last_seq + 1),
+                }
+            }
+        })
+    }
+
+    async fn messages_after(
+        &self,
+        room: &RoomName,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+              WHERE r.name = $1 AND m.seq > $2 ORDER BY m.seq LIMIT $3"
+        ))
+        .bind(room.as_str())
+        .bind(to_db(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| message_from_row(room, r).map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn prune(&self, keep: u64) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "DELETE FROM wschat_messages m USING wschat_rooms r
+             WHERE r.id = m.room_id AND m.seq <= r.last_seq - $1",
+        )
+        .bind(to_db(keep))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn messages_before(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+              WHERE r.name = $1 AND m.seq < $2 ORDER BY m.seq DESC LIMIT $3"
+        ))
+        .bind(room.as_str())
+        .bind(before.map(to_db).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut messages = rows
+            .iter()
+            .map(|r| message_from_row(room, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+}

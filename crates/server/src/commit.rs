@@ -112,6 +112,11 @@ async fn run(
         let result = store.commit_batch(&messages).await;
         metrics::histogram!("wschat_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("wschat_commit_batch_size").record(messages.len() as f64);
+        tracing::trace!(
+            batch = messages.len(),
+            ok = result.is_ok(),
+            "commit finished"
+        );
         match result {
             Ok(outcomes) => {
                 let mut committed = Vec::with_capacity(outcomes.len());

@@ -36,7 +36,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
         .and_then(super::v1::session_key_from_query);
     let session = match super::authenticate(&shared, key.as_deref()).await {
         Ok(session) => session,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let token = shared.tracker.token();
     super::configure(ws, &shared).on_upgrade(move |socket| async move {

@@ -31,24 +31,44 @@ use crate::store::{hash_key, RoomHead, Session, StoreError};
 /// Bad frames in a row after which a connection is closed (4009).
 pub(crate) const MAX_ERRORS_IN_A_ROW: u32 = 10;
 
-/// Look up the session a key names: 401 when the key is missing or unknown, 503 when the
-/// store cannot answer or the server is draining.
-pub(crate) async fn authenticate(shared: &Shared, key: Option<&str>) -> Result<Session, Response> {
+/// Why a key did not authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuthError {
+    Draining,
+    Missing,
+    Unknown,
+    Unavailable,
+}
+
+impl IntoResponse for AuthError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Draining => (StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n"),
+            Self::Missing => (StatusCode::UNAUTHORIZED, "missing session_key\n"),
+            Self::Unknown => (StatusCode::UNAUTHORIZED, "unknown session key\n"),
+            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+        }
+        .into_response()
+    }
+}
+
+/// Look up the session a key names.
+pub(crate) async fn authenticate(shared: &Shared, key: Option<&str>) -> Result<Session, AuthError> {
     if shared.is_draining() {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n").into_response());
+        return Err(AuthError::Draining);
     }
     let Some(key) = key.filter(|k| !k.is_empty()) else {
-        return Err((StatusCode::UNAUTHORIZED, "missing session_key\n").into_response());
+        return Err(AuthError::Missing);
     };
     match shared.store.session(&hash_key(key)).await {
         Ok(Some(session)) => Ok(session),
         Ok(None) => {
             metrics::counter!("wschat_auth_failures_total").increment(1);
-            Err((StatusCode::UNAUTHORIZED, "unknown session key\n").into_response())
+            Err(AuthError::Unknown)
         }
         Err(e) => {
             tracing::warn!(error = %e, "session lookup failed");
-            Err((StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response())
+            Err(AuthError::Unavailable)
         }
     }
 }
@@ -185,7 +205,11 @@ impl Driver {
                     self.last_seen = Instant::now();
                     match frame {
                         None => return Inbound::End(End::ClientClosed),
-                        Some(Ok(Message::Text(text))) => return Inbound::Text(text),
+                        Some(Ok(Message::Text(text))) => {
+                            // Sizes only: frames carry keys and message bodies.
+                            tracing::trace!(conn = self.conn.id, bytes = text.len(), "frame received");
+                            return Inbound::Text(text);
+                        }
                         Some(Ok(Message::Binary(_))) => {
                             return Inbound::End(End::Close(
                                 close::UNSUPPORTED_DATA,

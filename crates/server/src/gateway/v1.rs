@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use wschat_protocol::v1::{decode_client, ClientFrame, JoinRoom, Limits, Ref, ServerFrame};
 use wschat_protocol::{
@@ -62,14 +62,9 @@ pub(crate) async fn handle(
     let session = match key {
         Some(key) => match super::authenticate(&shared, Some(&key)).await {
             Ok(session) => Some(session),
-            Err(response) => return response,
+            Err(refused) => return refused.into_response(),
         },
-        None if shared.is_draining() => {
-            return super::authenticate(&shared, None)
-                .await
-                .err()
-                .unwrap_or_default();
-        }
+        None if shared.is_draining() => return super::AuthError::Draining.into_response(),
         None => None,
     };
     let token = shared.tracker.token();
@@ -173,7 +168,18 @@ async fn await_auth(shared: &Shared, socket: &mut WebSocket) -> Option<Session> 
             Ok(ClientFrame::Auth { key, reference }) => {
                 match super::authenticate(shared, Some(&key)).await {
                     Ok(session) => return Some(session),
-                    Err(_) => {
+                    Err(super::AuthError::Unavailable) => frames::v1_error(
+                        ErrorCode::Unavailable,
+                        "sessions cannot be checked right now; send auth again",
+                        reference,
+                    ),
+                    Err(super::AuthError::Draining) => {
+                        let _ = socket
+                            .send(close_with(close::SERVICE_RESTART, "server restart"))
+                            .await;
+                        return None;
+                    }
+                    Err(super::AuthError::Missing | super::AuthError::Unknown) => {
                         let error = frames::v1_error(
                             ErrorCode::AuthFailed,
                             "unknown, revoked or expired session key",
@@ -230,7 +236,9 @@ impl Client {
                 Ok(())
             }
             ClientFrame::Join { rooms, reference } => {
-                self.join(rooms, reference).await;
+                if let Some(end) = self.join(rooms, reference).await {
+                    return Some(end);
+                }
                 Ok(())
             }
             ClientFrame::Leave { room, reference } => self.leave(&room, reference),
@@ -282,14 +290,16 @@ impl Client {
         }
     }
 
-    async fn join(&mut self, rooms: Vec<JoinRoom>, reference: Option<Ref>) {
+    /// Join each room; a refused one gets its own error and the others go on.
+    async fn join(&mut self, rooms: Vec<JoinRoom>, reference: Option<Ref>) -> Option<End> {
         for JoinRoom { room, since } in rooms {
             if let Err(refusal) = self.join_one(&room, since, reference.clone()).await {
-                if self.refuse(refusal, reference.clone()).is_some() {
-                    return;
+                if let Some(end) = self.refuse(refusal, reference.clone()) {
+                    return Some(end);
                 }
             }
         }
+        None
     }
 
     async fn join_one(

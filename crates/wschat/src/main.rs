@@ -1,0 +1,221 @@
+//! The `wschat` binary: `serve`, `migrate`, `session create`, `load`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use wschat_server::store;
+use wschat_server::{Application, Settings};
+
+#[derive(Parser)]
+#[command(
+    name = "wschat",
+    version,
+    about = "A real-time chat server (nodejschat-compatible)"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "WSCHAT_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Apply the database migrations.
+    Migrate {
+        #[arg(long, default_value = "sqlite://wschat.db", env = "WSCHAT_DATABASE")]
+        database: String,
+    },
+    /// Manage sessions.
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+    },
+    /// Load, latency and loss client.
+    Load(wschat_load::LoadArgs),
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Create a session; prints its key, and nothing else, on stdout.
+    Create {
+        #[arg(long, default_value = "sqlite://wschat.db", env = "WSCHAT_DATABASE")]
+        database: String,
+        /// The name shown with the session's messages.
+        #[arg(long)]
+        user: String,
+        /// The one room the session may use (nodejschat's `room` column).
+        #[arg(long)]
+        room: Option<i64>,
+        /// Use this key instead of a random one.
+        #[arg(long)]
+        key: Option<String>,
+    },
+}
+
+/// The flags of `serve`; each given one overrides the file and the environment.
+#[derive(clap::Args, Serialize)]
+struct ServeArgs {
+    /// A TOML file with settings (keys are these flags' names in snake_case).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:56412].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// Database URL [default: sqlite://wschat.db].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<String>,
+    /// Broker: `local` [default: local].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<String>,
+    /// Do not apply migrations at start.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_migrate: bool,
+    /// Messages sent on join without `since` [default: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    history_limit: Option<u32>,
+    /// Longest message text in bytes [default: 16384].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_message_bytes: Option<usize>,
+}
+
+/// Libraries that would log frame payloads or request lines (session keys, message
+/// bodies) at debug or trace level are capped at info, whatever `RUST_LOG` says.
+const CAPPED: &[&str] = &[
+    "tungstenite=info",
+    "tokio_tungstenite=info",
+    "hyper=info",
+    "hyper_util=info",
+    "h2=info",
+    "axum=info",
+    "tower_http=info",
+    "sqlx=warn",
+];
+
+fn init_logging(format: LogFormat) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for directive in CAPPED {
+        if let Ok(directive) = directive.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Migrate { database } => {
+                let store = store::open(&database).await?;
+                store.migrate().await?;
+                eprintln!("migrations applied to {}", store::redact_url(&database));
+                Ok(())
+            }
+            Command::Session {
+                command:
+                    SessionCommand::Create {
+                        database,
+                        user,
+                        room,
+                        key,
+                    },
+            } => {
+                let store = store::open(&database).await?;
+                store.migrate().await?;
+                let key = key.unwrap_or_else(store::generate_key);
+                store
+                    .create_session(&store::hash_key(&key), &user, room)
+                    .await?;
+                println!("{key}");
+                Ok(())
+            }
+            Command::Load(args) => {
+                let report = wschat_load::run(args).await?;
+                if report.lost > 0 {
+                    std::process::exit(3);
+                }
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(args.config.as_deref(), &args)?;
+    let app = Application::build(settings).await?;
+    let addr = app.local_addr()?;
+    tracing::info!(%addr, "listening");
+    if let Some(key) = app.demo_key() {
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            addr.ip().to_string()
+        };
+        let port = addr.port();
+        println!();
+        println!("  wschat is running. A demo session was created; open the chat page:");
+        println!("    http://{host}:{port}/chat?session_key={key}");
+        println!("  WebSocket (protocol v1): ws://{host}:{port}/ws?session_key={key}");
+        println!();
+    }
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: shutting down");
+        token.cancel();
+    });
+    app.run().await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The binary as an operator uses it: subcommands, SQLite paths, the demo session, keys
+//! kept out of the database in clear and out of logs at trace level, and a clean stop.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wschat");
+
+fn wschat(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("runs")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn wait_healthy(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server not healthy in time");
+}
+
+fn serve(dir: &Path, db: &str, port: u16, rust_log: &str) -> Child {
+    Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database",
+            db,
+        ])
+        .current_dir(dir)
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts")
+}
+
+fn terminate(child: &mut Child) -> (std::process::ExitStatus, String) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (status, out)
+}
+
+fn file_bytes(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            all.extend(std::fs::read(path).unwrap());
+        }
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn session_create_prints_only_a_strong_key_and_stores_only_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wschat(
+        dir.path(),
+        &[
+            "session",
+            "create",
+            "--database",
+            "sqlite://chat.db",
+            "--user",
+            "ada",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let key = stdout.trim_end_matches('\n');
+    assert_eq!(stdout.lines().count(), 1, "only the key: {stdout:?}");
+    assert!(key.len() >= 22, "at least 128 bits: {key}");
+    assert!(key
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    let bytes = file_bytes(dir.path());
+    assert!(
+        !contains(&bytes, key),
+        "the key is not in the database in clear"
+    );
+    let hash = {
+        use std::fmt::Write;
+        let digest = sha256_hex(key);
+        let mut s = String::new();
+        write!(s, "sha256:{digest}").unwrap();
+        s
+    };
+    assert!(contains(&bytes, &hash), "the hash is stored");
+    // A chosen key (nodejschat's '1') works too, and is hashed as well.
+    let out = wschat(
+        dir.path(),
+        &[
+            "session",
+            "create",
+            "--database",
+            "sqlite://chat.db",
+            "--user",
+            "Michael Redman",
+            "--room",
+            "3",
+            "--key",
+            "my-chosen-key-1",
+        ],
+    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "my-chosen-key-1\n");
+    assert!(!contains(&file_bytes(dir.path()), "my-chosen-key-1"));
+}
+
+fn sha256_hex(s: &str) -> String {
+    // The test computes the hash independently of the server's code, with the system tool.
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[test]
+fn sqlite_urls_relative_and_absolute_create_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wschat(dir.path(), &["migrate", "--database", "sqlite://rel.db"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(dir.path().join("rel.db").exists());
+    let abs = dir.path().join("nested/deeper/chat.db");
+    let url = format!("sqlite://{}", abs.display());
+    assert!(url.starts_with("sqlite:///"));
+    let out = wschat(
+        dir.path(),
+        &["session", "create", "--database", &url, "--user", "x"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(abs.exists());
+    let wal_mode = std::fs::read(&abs).unwrap();
+    // The SQLite header's file format bytes 18/19 are 2 in WAL mode.
+    assert_eq!((wal_mode[18], wal_mode[19]), (2, 2), "WAL mode");
+}
+
+#[test]
+fn serve_prints_a_demo_url_once_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = serve(dir.path(), "sqlite://demo.db", port, "info");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut page = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if line.contains("/chat?session_key=") {
+            page = Some(line.trim().to_owned());
+            break;
+        }
+    }
+    let page = page.expect("a ready-to-open page URL");
+    assert!(
+        page.starts_with(&format!("http://127.0.0.1:{port}/chat?session_key=")),
+        "{page}"
+    );
+    wait_healthy(port);
+    let key = page.rsplit('=').next().unwrap().to_owned();
+    // The demo key works.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("ws://127.0.0.1:{port}/?session_key={key}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let first = ws.next().await.unwrap().unwrap();
+        assert_eq!(
+            first.into_text().unwrap().as_str(),
+            r#"{"authenticated":true}"#
+        );
+    });
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
+
+    // Second start: the database has a session, so no demo line.
+    let mut child = serve(dir.path(), "sqlite://demo.db", port, "info");
+    wait_healthy(port);
+    let (status, out) = terminate(&mut child);
+    assert!(status.success());
+    assert!(!out.contains("session_key="), "{out}");
+}
+
+#[test]
+fn no_session_key_reaches_the_log_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wschat(
+        dir.path(),
+        &[
+            "session",
+            "create",
+            "--database",
+            "sqlite://chat.db",
+            "--user",
+            "secretive",
+        ],
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let port = free_port();
+    let mut child = serve(dir.path(), "sqlite://chat.db", port, "trace");
+    wait_healthy(port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Legacy: key in the URL.
+        let url = format!("ws://127.0.0.1:{port}/?session_key={key}");
+        let (mut legacy, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        legacy.next().await.unwrap().unwrap();
+        legacy
+            .send(Message::text(
+                json!({"message": "body stays out of logs"}).to_string(),
+            ))
+            .await
+            .unwrap();
+        legacy.next().await.unwrap().unwrap();
+        // v1: key in the auth frame.
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let (mut v1, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        v1.send(Message::text(
+            json!({"type": "auth", "key": key}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let hello = v1.next().await.unwrap().unwrap().into_text().unwrap();
+        assert!(hello.contains("\"hello\""), "{hello}");
+        // A wrong key, too.
+        let url = format!("ws://127.0.0.1:{port}/?session_key=wrong-{key}");
+        assert!(tokio_tungstenite::connect_async(url).await.is_err());
+    });
+    let (status, out) = terminate(&mut child);
+    assert!(status.success());
+    assert!(
+        out.contains("connection opened"),
+        "logs were written: {}",
+        out.len()
+    );
+    assert!(out.contains("TRACE"), "logging ran at trace level");
+    assert!(!out.contains(&key), "a session key is in the log");
+    assert!(
+        !out.contains("body stays out of logs"),
+        "a message body is in the log"
+    );
+}

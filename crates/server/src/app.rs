@@ -15,7 +15,12 @@ use crate::broker::{self, Broker, BrokerError};
 use crate::commit::Committer;
 use crate::config::Settings;
 use crate::hub::Hub;
-use crate::store::{self, Store, StoreError, StoreKind};
+use crate::store::{self, NodeInfo, Store, StoreError, StoreKind};
+
+/// A node whose heartbeat is older than this is gone.
+pub const NODE_TTL: Duration = Duration::from_secs(15);
+/// How often a node refreshes its heartbeat and its presence on the other nodes.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// What every request handler and connection shares.
 pub struct Shared {
@@ -24,6 +29,8 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub committer: Committer,
+    /// This node, as registered in the store.
+    pub node: NodeInfo,
     /// Cancelled to stop the server.
     pub shutdown: CancellationToken,
     /// Every WebSocket connection holds a token of this tracker.
@@ -48,6 +55,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Topology(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -59,6 +68,8 @@ pub struct Application {
     listener: TcpListener,
     shared: Arc<Shared>,
     commit_task: tokio::task::JoinHandle<()>,
+    /// Stops the broker's tasks and the periodic ones once the server has drained.
+    background: CancellationToken,
     demo_key: Option<String>,
 }
 
@@ -73,8 +84,31 @@ impl Application {
         } else {
             None
         };
-        let hub = Hub::new(store.clone());
-        let broker = broker::open(&settings.broker, hub.clone())?;
+        let node = NodeInfo {
+            id: hex::encode(rand::random::<[u8; 8]>()),
+            broker: broker::kind(&settings.broker, &settings.database).to_owned(),
+        };
+        check_topology(store.as_ref(), &settings, &node).await?;
+        store.heartbeat_node(&node).await?;
+        let (outgoing, to_broker) = tokio::sync::mpsc::unbounded_channel();
+        let hub = Hub::new(store.clone(), outgoing);
+        let background = CancellationToken::new();
+        let broker = broker::open(
+            &settings.broker,
+            &settings.database,
+            &settings.nats_subject,
+            &node.id,
+            hub.clone(),
+            background.clone(),
+        )
+        .await?;
+        broker::forward(broker.clone(), to_broker, background.clone());
+        tokio::spawn(node_upkeep(
+            store.clone(),
+            hub.clone(),
+            node.clone(),
+            background.clone(),
+        ));
         if settings.retention_per_room > 0 {
             tokio::spawn(apply_retention(
                 store.clone(),
@@ -83,7 +117,7 @@ impl Application {
             ));
         }
         let (committer, commit_task) =
-            Committer::start(store.clone(), broker.clone(), settings.max_commit_batch);
+            Committer::start(store.clone(), hub.clone(), settings.max_commit_batch);
         let listener = listen(settings.listen).map_err(|source| StartError::Listen {
             addr: settings.listen,
             source,
@@ -95,6 +129,7 @@ impl Application {
             hub,
             broker,
             committer,
+            node,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
@@ -104,6 +139,7 @@ impl Application {
             listener,
             shared,
             commit_task,
+            background,
             demo_key,
         })
     }
@@ -134,6 +170,7 @@ impl Application {
             listener,
             shared,
             commit_task,
+            background,
             demo_key: _,
         } = self;
         let router = crate::http::router(shared.clone());
@@ -164,6 +201,10 @@ impl Application {
         }
         shared.committer.stop();
         let _finished = tokio::time::timeout(grace, commit_task).await;
+        background.cancel();
+        if let Err(e) = shared.store.remove_node(&shared.node.id).await {
+            tracing::warn!(error = %e, "could not deregister this node");
+        }
         tracing::info!("stopped");
         served
     }
@@ -184,6 +225,68 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .unwrap_or(4096);
     socket.listen(backlog)
+}
+
+/// Refuse set-ups that would lose messages: SQLite with a multi-node broker, or a local
+/// broker on a database another live node serves (neither would see the other's
+/// messages).
+async fn check_topology(
+    store: &dyn Store,
+    settings: &Settings,
+    node: &NodeInfo,
+) -> Result<(), StartError> {
+    if node.broker == "unknown" {
+        return Err(BrokerError::Unsupported(settings.broker.clone()).into());
+    }
+    if store.kind() == StoreKind::Sqlite && node.broker != "local" {
+        return Err(StartError::Topology(format!(
+            "the SQLite store serves one node only; --broker {} needs a PostgreSQL database (or use --broker local)",
+            settings.broker
+        )));
+    }
+    let others = store.live_nodes(NODE_TTL).await?;
+    let conflict = others
+        .iter()
+        .find(|other| other.id != node.id && (node.broker == "local" || other.broker == "local"));
+    if let Some(other) = conflict {
+        return Err(StartError::Topology(format!(
+            "node {} (broker {}) is serving this database; a local broker on either side cannot see the other's messages: \
+             run every node with --broker postgres or --broker nats://…. If that node is gone, its registration expires {} s after its last heartbeat",
+            other.id,
+            other.broker,
+            NODE_TTL.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+/// The node's periodic work: heartbeat; and with a multi-node broker, refresh presence on
+/// the other nodes, forget theirs when they stop refreshing, and read the store for any
+/// bell that was lost.
+async fn node_upkeep(
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    node: NodeInfo,
+    stop: CancellationToken,
+) {
+    let multi_node = node.broker != "local";
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = heartbeat.tick() => {
+                if let Err(e) = store.heartbeat_node(&node).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+                if multi_node {
+                    hub.refresh_presence();
+                    tokio::spawn(hub.clone().resync());
+                }
+            }
+            _ = expiry.tick(), if multi_node => hub.expire_presence(NODE_TTL),
+        }
+    }
 }
 
 /// Keep the newest `keep` messages per room, checked every `every`.

@@ -1,6 +1,6 @@
 //! Group commit: one task takes every send that queued up while the previous commit was
 //! in flight, commits them (across rooms) in one transaction, then acknowledges each
-//! sender and rings the broker, in commit order. An ack is only ever sent after commit.
+//! sender, delivers to this node's hub and rings the other nodes, in commit order. An ack is only ever sent after commit.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,8 +10,7 @@ use tokio_util::sync::CancellationToken;
 use wschat_protocol::v1::{Ref, ServerFrame};
 use wschat_protocol::ErrorCode;
 
-use crate::broker::{Broker, BusEvent};
-use crate::hub::{frames, Conn, Item, Protocol};
+use crate::hub::{frames, Conn, Hub, Item, Protocol};
 use crate::store::{format_time, CommitOutcome, NewMessage, Store, StoreError};
 
 /// Who waits for a send's outcome.
@@ -49,12 +48,12 @@ impl Committer {
     /// Start the commit task. It ends after `stop`, once what was queued is committed.
     pub fn start(
         store: Arc<dyn Store>,
-        broker: Arc<dyn Broker>,
+        hub: Arc<Hub>,
         max_batch: usize,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(rx, store, broker, max_batch.max(1), stop.clone()));
+        let task = tokio::spawn(run(rx, store, hub, max_batch.max(1), stop.clone()));
         (Self { tx, stop }, task)
     }
 
@@ -88,7 +87,7 @@ impl Committer {
 async fn run(
     mut rx: mpsc::Receiver<SendRequest>,
     store: Arc<dyn Store>,
-    broker: Arc<dyn Broker>,
+    hub: Arc<Hub>,
     max_batch: usize,
     stop: CancellationToken,
 ) {
@@ -129,10 +128,7 @@ async fn run(
                 metrics::counter!("wschat_messages_acknowledged_total")
                     .increment(committed.len() as u64);
                 if !committed.is_empty() {
-                    if let Err(e) = broker.publish(BusEvent::Committed(committed)).await {
-                        // Subscribers find the gap by seq and read the store.
-                        tracing::warn!(error = %e, "broker publish failed");
-                    }
+                    hub.committed(committed);
                 }
             }
             Err(e) => {

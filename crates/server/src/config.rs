@@ -17,8 +17,11 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// `sqlite://FILE` (the embedded default) or `postgres://…`.
     pub database: String,
-    /// `local` (in-process, one node).
+    /// `auto` (local on SQLite, postgres on PostgreSQL), `local` (one node, in-process),
+    /// `postgres` (LISTEN/NOTIFY) or `nats://HOST:PORT`.
     pub broker: String,
+    /// The NATS subject the nodes of one deployment share.
+    pub nats_subject: String,
     /// Skip applying migrations at start.
     pub no_migrate: bool,
     /// On SQLite, create a demo session at start when the database has none.
@@ -60,7 +63,8 @@ impl Default for Settings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 56412)),
             database: "sqlite://wschat.db".into(),
-            broker: "local".into(),
+            broker: "auto".into(),
+            nats_subject: "wschat.events".into(),
             no_migrate: false,
             demo_session: true,
             history_limit: 100,

@@ -1,54 +1,65 @@
-//! Fan-out between nodes: the broker carries "these messages were committed" (and typing
-//! notices) to every node's hub. It is a doorbell, not the log: a node that misses a bell
-//! finds the gap by seq and reads the store.
+//! Fan-out between nodes. The broker is a doorbell, not the log: it carries "these
+//! messages were committed" (with their payload when small, else only room and seq),
+//! typing notices and presence snapshots to the other nodes. A node that misses a bell
+//! finds out by seq (or by its periodic check, or because its broker connection came
+//! back) and reads the store.
 //!
-//! `local` is the in-process broker of a single node.
+//! - `local`: one node; nothing leaves the process.
+//! - `nats://…`: core NATS (at-most-once is all a doorbell needs).
+//! - `postgres`: LISTEN/NOTIFY on the store's own database.
+
+mod nats;
+mod pg;
+pub mod wire;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use wschat_protocol::RoomName;
 
 use crate::hub::Hub;
 use crate::store::StoredMessage;
 
-/// What travels between nodes.
+/// What this node tells the others.
 #[derive(Debug, Clone)]
 pub enum BusEvent {
-    /// Messages committed, each room's in seq order.
+    /// Messages committed by this node, each room's in seq order.
     Committed(Vec<Arc<StoredMessage>>),
-    /// Someone is typing; `origin` is the connection it came from (not echoed to it).
-    Typing {
-        room: RoomName,
-        user: String,
-        origin: Option<u64>,
-    },
+    /// Someone on this node is typing in a room.
+    Typing { room: RoomName, user: String },
+    /// The users connected to this node who are in a room (a full snapshot).
+    Presence { room: RoomName, users: Vec<String> },
+    /// "Tell me who you have in this room" (sent when a room first gets a local member).
+    PresenceQuery { room: RoomName },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("unsupported broker {0:?}; use \"local\"")]
+    #[error("unknown broker {0:?}: use local, postgres, or nats://HOST:PORT")]
     Unsupported(String),
+    #[error("the postgres broker needs a PostgreSQL database")]
+    NeedsPostgres,
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Nats { url: String, reason: String },
+    #[error("NATS publish failed: {0}")]
+    NatsPublish(String),
+    #[error("PostgreSQL broker: {0}")]
+    Postgres(#[from] sqlx::Error),
 }
 
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
+    /// `local`, `nats` or `postgres`.
     fn name(&self) -> &'static str;
 
-    /// Ring the bell on every node, this one included.
-    async fn publish(&self, event: BusEvent) -> Result<(), BrokerError>;
+    /// Ring the bell on the other nodes.
+    async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError>;
 }
 
-/// One node: events go straight to this node's hub.
-pub struct LocalBroker {
-    hub: Arc<Hub>,
-}
-
-impl LocalBroker {
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
-    }
-}
+/// One node: nothing to tell anyone.
+pub struct LocalBroker;
 
 #[async_trait]
 impl Broker for LocalBroker {
@@ -56,19 +67,76 @@ impl Broker for LocalBroker {
         "local"
     }
 
-    async fn publish(&self, event: BusEvent) -> Result<(), BrokerError> {
-        match event {
-            BusEvent::Committed(messages) => self.hub.deliver(&messages),
-            BusEvent::Typing { room, user, origin } => self.hub.typing(&room, &user, origin),
-        }
+    async fn publish(&self, _event: &BusEvent) -> Result<(), BrokerError> {
         Ok(())
     }
 }
 
-/// The broker a `--broker` value names.
-pub fn open(url: &str, hub: Arc<Hub>) -> Result<Arc<dyn Broker>, BrokerError> {
-    match url {
-        "local" => Ok(Arc::new(LocalBroker::new(hub))),
-        other => Err(BrokerError::Unsupported(other.to_owned())),
+/// Which broker a `--broker` value names, given the database URL (`auto` is `local` on
+/// SQLite and `postgres` on PostgreSQL).
+pub fn kind(broker: &str, database: &str) -> &'static str {
+    let on_postgres = database.starts_with("postgres");
+    match broker {
+        "auto" if on_postgres => "postgres",
+        "auto" | "local" => "local",
+        "postgres" => "postgres",
+        url if url.starts_with("nats://") || url.starts_with("tls://") => "nats",
+        _ => "unknown",
     }
+}
+
+/// Connect the broker, and start the task that hands other nodes' events to the hub.
+pub async fn open(
+    broker: &str,
+    database: &str,
+    nats_subject: &str,
+    node: &str,
+    hub: Arc<Hub>,
+    stop: CancellationToken,
+) -> Result<Arc<dyn Broker>, BrokerError> {
+    match kind(broker, database) {
+        "local" => Ok(Arc::new(LocalBroker)),
+        "postgres" if database.starts_with("postgres") => Ok(Arc::new(
+            pg::PgBroker::start(database, node, hub, stop).await?,
+        )),
+        "postgres" => Err(BrokerError::NeedsPostgres),
+        "nats" => Ok(Arc::new(
+            nats::NatsBroker::start(broker, nats_subject, node, hub, stop).await?,
+        )),
+        _ => Err(BrokerError::Unsupported(broker.to_owned())),
+    }
+}
+
+/// Publish what the hub and the committer queue, in order, until `stop`.
+pub fn forward(
+    broker: Arc<dyn Broker>,
+    mut outgoing: mpsc::UnboundedReceiver<BusEvent>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                event = outgoing.recv() => event,
+                _ = stop.cancelled() => None,
+            };
+            let Some(event) = event else { break };
+            if let Err(e) = broker.publish(&event).await {
+                // Other nodes find the gap by seq or by their periodic check.
+                metrics::counter!("wschat_broker_publish_errors_total").increment(1);
+                tracing::warn!(error = %e, "broker publish failed");
+            }
+        }
+    })
+}
+
+/// Hand one envelope from another node to the hub; answer presence queries.
+pub(crate) fn receive(hub: &Arc<Hub>, own_node: &str, payload: &[u8]) {
+    let Ok(envelope) = serde_json::from_slice::<wire::Envelope>(payload) else {
+        tracing::warn!(bytes = payload.len(), "undecodable broker message ignored");
+        return;
+    };
+    if envelope.node == own_node {
+        return;
+    }
+    hub.on_remote(&envelope.node, envelope.body);
 }

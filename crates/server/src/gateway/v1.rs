@@ -18,7 +18,6 @@ use wschat_protocol::{
 
 use super::{backfill, finish, start, Backfill, ConnGuard, Driver, End, Inbound};
 use crate::app::Shared;
-use crate::broker::BusEvent;
 use crate::commit::{Reply, SendRequest};
 use crate::hub::{frames, Conn, Item, Protocol, SubId};
 use crate::store::{NewMessage, Session};
@@ -481,14 +480,9 @@ impl Client {
         if !self.rooms.contains_key(&room) {
             return Err((ErrorCode::NotJoined, format!("not in room {room}")));
         }
-        let event = BusEvent::Typing {
-            room,
-            user: self.session.user.clone(),
-            origin: Some(self.conn.id),
-        };
-        if let Err(e) = self.shared.broker.publish(event).await {
-            tracing::debug!(error = %e, "typing notice not relayed");
-        }
+        self.shared
+            .hub
+            .typing_from(&room, &self.session.user, self.conn.id);
         Ok(())
     }
 }

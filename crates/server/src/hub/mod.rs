@@ -11,16 +11,18 @@
 pub mod frames;
 pub mod outbox;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use wschat_protocol::v1::ServerFrame;
 use wschat_protocol::RoomName;
 
+use crate::broker::wire::Body;
+use crate::broker::BusEvent;
 use crate::store::{Store, StoreError, StoredMessage};
 pub use outbox::{Item, Outbox, Pushed, SubId};
 
@@ -99,9 +101,43 @@ struct RoomState {
     subs: Vec<Subscriber>,
     /// Users present on this node, with how many of their connections are subscribed.
     presence: BTreeMap<Arc<str>, usize>,
+    /// Users present on other nodes, by node, with when that node last said so.
+    remote: HashMap<String, (Vec<String>, Instant)>,
     /// Messages beyond a gap, waiting for the gap to be read from the store.
     pending: BTreeMap<u64, Arc<StoredMessage>>,
+    /// The store has messages up to at least this seq (from a bell without payload, or
+    /// a periodic check): read them.
+    catch_up_to: u64,
     catching_up: bool,
+}
+
+impl RoomState {
+    /// Who is in the room, on any node.
+    fn users(&self) -> BTreeSet<String> {
+        let mut users: BTreeSet<String> = self.presence.keys().map(|u| u.to_string()).collect();
+        for (names, _) in self.remote.values() {
+            users.extend(names.iter().cloned());
+        }
+        users
+    }
+
+    fn local_users(&self) -> Vec<String> {
+        self.presence.keys().map(|u| u.to_string()).collect()
+    }
+
+    /// Tell this node's v1 subscribers how the room's users changed.
+    fn announce(&self, room: &RoomName, before: &BTreeSet<String>, except: Option<u64>) {
+        let after = self.users();
+        if &after == before {
+            return;
+        }
+        let diff = frames::v1(&ServerFrame::PresenceDiff {
+            room: room.to_string(),
+            joined: after.difference(before).cloned().collect(),
+            left: before.difference(&after).cloned().collect(),
+        });
+        push_room_event(self, except, &diff, false);
+    }
 }
 
 struct Room {
@@ -119,14 +155,27 @@ impl Room {
 pub struct Hub {
     rooms: Mutex<HashMap<RoomName, Arc<Room>>>,
     store: Arc<dyn Store>,
+    /// Events for the other nodes (drained by the broker's forwarder).
+    outgoing: mpsc::UnboundedSender<BusEvent>,
+    /// Test builds can switch off reading the store to fill gaps, to prove that the
+    /// fault suite detects the loss that follows.
+    catch_up_enabled: bool,
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, outgoing: mpsc::UnboundedSender<BusEvent>) -> Arc<Self> {
         Arc::new(Self {
             rooms: Mutex::new(HashMap::new()),
             store,
+            outgoing,
+            catch_up_enabled: catch_up_enabled(),
         })
+    }
+
+    fn tell_others(&self, event: BusEvent) {
+        // The forwarder only stops at shutdown; an event for other nodes then has no
+        // one to go to.
+        let _ignored_at_shutdown = self.outgoing.send(event);
     }
 
     fn rooms(&self) -> MutexGuard<'_, HashMap<RoomName, Arc<Room>>> {
@@ -154,10 +203,12 @@ impl Hub {
             Some(room) => room,
             None => {
                 let head = self.store.room_head(name).await?;
-                let mut rooms = self.rooms();
-                rooms
+                let mut created = false;
+                let room = self
+                    .rooms()
                     .entry(name.clone())
                     .or_insert_with(|| {
+                        created = true;
                         Arc::new(Room {
                             name: name.clone(),
                             state: Mutex::new(RoomState {
@@ -166,7 +217,11 @@ impl Hub {
                             }),
                         })
                     })
-                    .clone()
+                    .clone();
+                if created {
+                    self.tell_others(BusEvent::PresenceQuery { room: name.clone() });
+                }
+                room
             }
         };
         let mut state = room.lock();
@@ -174,15 +229,15 @@ impl Hub {
             conn: conn.clone(),
             sub,
         });
+        let before = state.users();
         let count = state.presence.entry(conn.user.clone()).or_insert(0);
         *count += 1;
         if *count == 1 {
-            let diff = frames::v1(&ServerFrame::PresenceDiff {
-                room: name.to_string(),
-                joined: vec![conn.user.to_string()],
-                left: vec![],
+            state.announce(name, &before, Some(conn.id));
+            self.tell_others(BusEvent::Presence {
+                room: name.clone(),
+                users: state.local_users(),
             });
-            push_room_event(&state, Some(conn.id), &diff, false);
         }
         Ok(())
     }
@@ -199,16 +254,16 @@ impl Hub {
                 .subs
                 .retain(|s| !(s.conn.id == conn.id && s.sub == sub));
             if state.subs.len() < before {
+                let users_before = state.users();
                 if let Some(count) = state.presence.get_mut(&conn.user) {
                     *count -= 1;
                     if *count == 0 {
                         state.presence.remove(&conn.user);
-                        let diff = frames::v1(&ServerFrame::PresenceDiff {
-                            room: name.to_string(),
-                            joined: vec![],
-                            left: vec![conn.user.to_string()],
+                        state.announce(name, &users_before, None);
+                        self.tell_others(BusEvent::Presence {
+                            room: name.clone(),
+                            users: state.local_users(),
                         });
-                        push_room_event(&state, None, &diff, false);
                     }
                 }
             }
@@ -232,13 +287,23 @@ impl Hub {
         let state = room.lock();
         let frame = frames::v1(&ServerFrame::Presence {
             room: name.to_string(),
-            users: state.presence.keys().map(|u| u.to_string()).collect(),
+            users: state.users().into_iter().collect(),
         });
         conn.outbox.push(Item::Frame(frame));
     }
 
-    /// Relay a typing notice to the room's v1 subscribers but the sender's connection.
-    pub fn typing(&self, name: &RoomName, user: &str, origin: Option<u64>) {
+    /// Relay a typing notice from a connection of this node: to this node's v1
+    /// subscribers but the sender's connection, and to the other nodes.
+    pub fn typing_from(&self, name: &RoomName, user: &str, origin: u64) {
+        self.typing(name, user, Some(origin));
+        self.tell_others(BusEvent::Typing {
+            room: name.clone(),
+            user: user.to_owned(),
+        });
+    }
+
+    /// Relay a typing notice to the room's v1 subscribers but the `origin` connection.
+    fn typing(&self, name: &RoomName, user: &str, origin: Option<u64>) {
         let Some(room) = self.room(name) else {
             return;
         };
@@ -265,14 +330,180 @@ impl Hub {
                 continue;
             }
             state.pending.insert(msg.seq, msg.clone());
-            if !state.catching_up {
-                state.catching_up = true;
-                metrics::counter!("wschat_store_catchups_total").increment(1);
-                let hub = self.clone();
-                let room = room.clone();
-                tokio::spawn(async move { hub.catch_up(room).await });
+            self.start_catch_up(&room, &mut state);
+        }
+    }
+
+    /// Messages this node committed: deliver here, and ring the other nodes.
+    pub fn committed(self: &Arc<Self>, messages: Vec<Arc<StoredMessage>>) {
+        self.deliver(&messages);
+        self.tell_others(BusEvent::Committed(messages));
+    }
+
+    /// The store holds the room's messages up to `seq`: deliver what this node has not.
+    pub fn poke(self: &Arc<Self>, name: &RoomName, seq: u64) {
+        let Some(room) = self.room(name) else {
+            return;
+        };
+        let mut state = room.lock();
+        if seq <= state.last_delivered {
+            return;
+        }
+        state.catch_up_to = state.catch_up_to.max(seq);
+        self.start_catch_up(&room, &mut state);
+    }
+
+    fn start_catch_up(self: &Arc<Self>, room: &Arc<Room>, state: &mut RoomState) {
+        if state.catching_up {
+            return;
+        }
+        if !self.catch_up_enabled {
+            // Test builds only: deliver past the gap, as a broker-trusting server would.
+            state.last_delivered = state.catch_up_to.max(state.last_delivered);
+            if let Some((&first, _)) = state.pending.first_key_value() {
+                state.last_delivered = state.last_delivered.max(first - 1);
+            }
+            drain_pending(state);
+            return;
+        }
+        state.catching_up = true;
+        metrics::counter!("wschat_store_catchups_total").increment(1);
+        let hub = self.clone();
+        let room = room.clone();
+        tokio::spawn(async move { hub.catch_up(room).await });
+    }
+
+    /// Read every served room's head from the store and catch up where behind (after a
+    /// broker reconnect, and periodically, in case a bell was lost).
+    pub async fn resync(self: Arc<Self>) {
+        let names: Vec<RoomName> = self.rooms().keys().cloned().collect();
+        if names.is_empty() {
+            return;
+        }
+        match self.store.room_heads(&names).await {
+            Ok(heads) => {
+                for (room, head) in heads {
+                    self.poke(&room, head);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "resync: cannot read room heads"),
+        }
+    }
+
+    /// An event from another node.
+    pub fn on_remote(self: &Arc<Self>, node: &str, body: Body) {
+        match body {
+            Body::Messages { msgs } => {
+                let mut full = Vec::with_capacity(msgs.len());
+                for m in msgs {
+                    let Ok(room) = RoomName::new(m.room) else {
+                        continue;
+                    };
+                    match m.payload {
+                        Some(p) => full.push(Arc::new(StoredMessage {
+                            room,
+                            seq: m.seq,
+                            id: p.id,
+                            user: p.user,
+                            text: p.text,
+                            time_ms: p.time_ms,
+                            client_msg_id: p.cmid,
+                        })),
+                        None => {
+                            self.deliver(&full);
+                            full.clear();
+                            self.poke(&room, m.seq);
+                        }
+                    }
+                }
+                self.deliver(&full);
+            }
+            Body::Typing { room, user } => {
+                if let Ok(room) = RoomName::new(room) {
+                    self.typing(&room, &user, None);
+                }
+            }
+            Body::Presence { room, users } => {
+                let Some(room) = RoomName::new(room).ok().and_then(|r| self.room(&r)) else {
+                    return;
+                };
+                let mut state = room.lock();
+                let before = state.users();
+                if users.is_empty() {
+                    state.remote.remove(node);
+                } else {
+                    state
+                        .remote
+                        .insert(node.to_owned(), (users, Instant::now()));
+                }
+                state.announce(&room.name, &before, None);
+            }
+            Body::PresenceQuery { room } => {
+                let Some(room) = RoomName::new(room).ok().and_then(|r| self.room(&r)) else {
+                    return;
+                };
+                let users = room.lock().local_users();
+                if !users.is_empty() {
+                    self.tell_others(BusEvent::Presence {
+                        room: room.name.clone(),
+                        users,
+                    });
+                }
             }
         }
+    }
+
+    /// Tell the other nodes who is here, for every room (refreshes their expiry).
+    pub fn refresh_presence(&self) {
+        let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
+        for room in rooms {
+            let users = room.lock().local_users();
+            if !users.is_empty() {
+                self.tell_others(BusEvent::Presence {
+                    room: room.name.clone(),
+                    users,
+                });
+            }
+        }
+    }
+
+    /// Forget other nodes' presence not refreshed within `max_age` (a node that died
+    /// without saying goodbye).
+    pub fn expire_presence(&self, max_age: Duration) {
+        let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
+        for room in rooms {
+            let mut state = room.lock();
+            if state
+                .remote
+                .values()
+                .all(|(_, seen)| seen.elapsed() <= max_age)
+            {
+                continue;
+            }
+            let before = state.users();
+            state
+                .remote
+                .retain(|_, (_, seen)| seen.elapsed() <= max_age);
+            state.announce(&room.name, &before, None);
+        }
+    }
+
+    /// Rooms served here, with their member counts and users (on any node).
+    pub fn room_summaries(&self) -> Vec<(RoomName, usize, Vec<String>)> {
+        let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
+        let mut out: Vec<_> = rooms
+            .iter()
+            .map(|room| {
+                let state = room.lock();
+                (
+                    room.name.clone(),
+                    state.subs.len(),
+                    state.users().into_iter().collect(),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Read the store from the room's last delivered seq until the gap before the first
@@ -280,19 +511,34 @@ impl Hub {
     async fn catch_up(self: Arc<Self>, room: Arc<Room>) {
         let mut delay = Duration::from_millis(10);
         const PAGE: u32 = 500;
+        const EMPTY_READS_BEFORE_GIVING_UP: u32 = 20;
+        let mut empty_reads = 0;
         loop {
             let from = room.lock().last_delivered;
             match self.store.messages_after(&room.name, from, PAGE).await {
                 Ok(read) => {
                     let full_page = read.len() == PAGE as usize;
                     let mut state = room.lock();
+                    if read.is_empty() {
+                        empty_reads += 1;
+                    }
                     for msg in read {
                         if msg.seq == state.last_delivered + 1 {
                             fan_out(&mut state, &Arc::new(msg));
                         }
                     }
                     drain_pending(&mut state);
-                    if state.pending.is_empty() {
+                    let behind = state.catch_up_to > state.last_delivered;
+                    if state.pending.is_empty() && !behind {
+                        state.catching_up = false;
+                        return;
+                    }
+                    if empty_reads >= EMPTY_READS_BEFORE_GIVING_UP {
+                        // The store does not have what the bell announced (another
+                        // database on the same broker subject?): do not spin forever.
+                        tracing::error!(room = %room.name, "catch-up found nothing in the store; giving up");
+                        state.catch_up_to = state.last_delivered;
+                        state.pending.clear();
                         state.catching_up = false;
                         return;
                     }
@@ -308,6 +554,16 @@ impl Hub {
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+#[cfg(feature = "fault-injection")]
+fn catch_up_enabled() -> bool {
+    std::env::var_os("WSCHAT_FAULT_NO_CATCHUP").is_none()
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn catch_up_enabled() -> bool {
+    true
 }
 
 fn drain_pending(state: &mut RoomState) {

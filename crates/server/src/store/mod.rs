@@ -70,6 +70,14 @@ impl CommitOutcome {
     }
 }
 
+/// A node serving the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    /// The broker it fans out with (`local`, `postgres`, `nats`).
+    pub broker: String,
+}
+
 /// Where a room's log stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomHead {
@@ -140,6 +148,18 @@ pub trait Store: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// The newest seq of each of `rooms` that has messages.
+    async fn room_heads(&self, rooms: &[RoomName]) -> Result<Vec<(RoomName, u64)>, StoreError>;
+
+    /// Record (or refresh) this node's heartbeat.
+    async fn heartbeat_node(&self, node: &NodeInfo) -> Result<(), StoreError>;
+
+    /// Nodes whose heartbeat is at most `max_age` old.
+    async fn live_nodes(&self, max_age: std::time::Duration) -> Result<Vec<NodeInfo>, StoreError>;
+
+    /// This node is stopping.
+    async fn remove_node(&self, id: &str) -> Result<(), StoreError>;
 
     /// Delete all but the newest `keep` messages of every room; returns how many went.
     async fn prune(&self, keep: u64) -> Result<u64, StoreError>;
@@ -225,6 +245,33 @@ impl BatchPlan {
             })
             .collect()
     }
+}
+
+/// The table that records applied migrations: not sqlx's default name, so that wschat's
+/// history never clashes with an embedding application's own sqlx migrations.
+pub const MIGRATIONS_TABLE: &str = "wschat_migrations";
+
+/// A migrator over embedded `(version, name, sql)` migrations, recorded in
+/// [`MIGRATIONS_TABLE`].
+pub(crate) fn migrator(
+    migrations: &[(i64, &'static str, &'static str)],
+) -> sqlx::migrate::Migrator {
+    let mut migrator = sqlx::migrate::Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|&(version, name, sql)| {
+                sqlx::migrate::Migration::new(
+                    version,
+                    name.into(),
+                    sqlx::migrate::MigrationType::Simple,
+                    sqlx::SqlSafeStr::into_sql_str(sql),
+                    false,
+                )
+            })
+            .collect(),
+    );
+    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
+    migrator
 }
 
 /// Open the store a URL names: `sqlite://…` (relative or absolute path; `sqlite::memory:`).

@@ -9,18 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use wschat_protocol::RoomName;
 
 use super::{
-    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, RoomHead, Session, Store, StoreError,
-    StoreKind, StoredMessage,
+    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, NodeInfo, RoomHead, Session, Store,
+    StoreError, StoreKind, StoredMessage,
 };
-
-/// The table that records applied migrations (beside the application's own).
-pub const MIGRATIONS_TABLE: &str = "wschat_migrations";
 
 pub struct PgStore {
     pool: PgPool,
@@ -40,19 +36,19 @@ impl PgStore {
     }
 }
 
-fn migrator() -> Migrator {
-    let mut migrator = Migrator::with_migrations(vec![Migration::new(
+/// The migrations this build carries.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
         1,
-        "init".into(),
-        MigrationType::Simple,
-        sqlx::SqlSafeStr::into_sql_str(include_str!(
-            "../../../../migrations/postgres/0001_init.sql"
-        )),
-        false,
-    )]);
-    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
-}
+        "init",
+        include_str!("../../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        3,
+        "nodes",
+        include_str!("../../../../migrations/postgres/0003_nodes.sql"),
+    ),
+];
 
 fn to_seq(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -90,7 +86,7 @@ impl Store for PgStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         // sqlx holds an advisory lock while migrating: servers starting at once take turns.
-        migrator().run(&self.pool).await?;
+        super::migrator(MIGRATIONS).run(&self.pool).await?;
         Ok(())
     }
 
@@ -341,6 +337,61 @@ impl Store for PgStore {
         rows.iter()
             .map(|r| message_from_row(room, r).map_err(StoreError::from))
             .collect()
+    }
+
+    async fn room_heads(&self, rooms: &[RoomName]) -> Result<Vec<(RoomName, u64)>, StoreError> {
+        let names: Vec<&str> = rooms.iter().map(RoomName::as_str).collect();
+        let rows =
+            sqlx::query("SELECT name, last_seq FROM wschat_rooms WHERE name = ANY($1::text[])")
+                .bind(&names)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut heads = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let name: String = row.try_get(0)?;
+            if let Ok(room) = RoomName::new(name) {
+                heads.push((room, to_seq(row.try_get(1)?)));
+            }
+        }
+        Ok(heads)
+    }
+
+    async fn heartbeat_node(&self, node: &NodeInfo) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO wschat_nodes (id, broker) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+        )
+        .bind(&node.id)
+        .bind(&node.broker)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn live_nodes(&self, max_age: Duration) -> Result<Vec<NodeInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, broker FROM wschat_nodes
+             WHERE heartbeat_at >= now() - make_interval(secs => $1)",
+        )
+        .bind(max_age.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeInfo {
+                    id: r.try_get(0)?,
+                    broker: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_node(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM wschat_nodes WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn prune(&self, keep: u64) -> Result<u64, StoreError> {

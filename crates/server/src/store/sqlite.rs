@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -18,13 +17,9 @@ use sqlx::Row;
 use wschat_protocol::RoomName;
 
 use super::{
-    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, RoomHead, Session, Store, StoreError,
-    StoreKind, StoredMessage,
+    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, NodeInfo, RoomHead, Session, Store,
+    StoreError, StoreKind, StoredMessage,
 };
-
-/// The table that records applied migrations (not sqlx's default name, so wschat's
-/// history never clashes with an embedding application's own sqlx migrations).
-pub const MIGRATIONS_TABLE: &str = "wschat_migrations";
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -69,17 +64,19 @@ impl SqliteStore {
     }
 }
 
-fn migrator() -> Migrator {
-    let mut migrator = Migrator::with_migrations(vec![Migration::new(
+/// The migrations this build carries.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
         1,
-        "init".into(),
-        MigrationType::Simple,
-        sqlx::SqlSafeStr::into_sql_str(include_str!("../../../../migrations/sqlite/0001_init.sql")),
-        false,
-    )]);
-    migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
-    migrator
-}
+        "init",
+        include_str!("../../../../migrations/sqlite/0001_init.sql"),
+    ),
+    (
+        3,
+        "nodes",
+        include_str!("../../../../migrations/sqlite/0003_nodes.sql"),
+    ),
+];
 
 fn to_seq(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -115,7 +112,7 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        migrator().run(&self.writer).await?;
+        super::migrator(MIGRATIONS).run(&self.writer).await?;
         Ok(())
     }
 
@@ -284,6 +281,58 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|r| message_from_row(room, r).map_err(StoreError::from))
             .collect()
+    }
+
+    async fn room_heads(&self, rooms: &[RoomName]) -> Result<Vec<(RoomName, u64)>, StoreError> {
+        let mut heads = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            let last: Option<i64> =
+                sqlx::query_scalar("SELECT last_seq FROM wschat_rooms WHERE name = ?1")
+                    .bind(room.as_str())
+                    .fetch_optional(&self.reader)
+                    .await?;
+            if let Some(last) = last {
+                heads.push((room.clone(), to_seq(last)));
+            }
+        }
+        Ok(heads)
+    }
+
+    async fn heartbeat_node(&self, node: &NodeInfo) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO wschat_nodes (id, broker, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(&node.id)
+        .bind(&node.broker)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn live_nodes(&self, max_age: Duration) -> Result<Vec<NodeInfo>, StoreError> {
+        let oldest = now_ms() - i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+        let rows = sqlx::query("SELECT id, broker FROM wschat_nodes WHERE heartbeat_at >= ?1")
+            .bind(oldest)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeInfo {
+                    id: r.try_get(0)?,
+                    broker: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_node(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM wschat_nodes WHERE id = ?1")
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     async fn prune(&self, keep: u64) -> Result<u64, StoreError> {

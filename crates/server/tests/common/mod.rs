@@ -32,6 +32,14 @@ pub fn pg_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// A short random name part.
+pub fn unique() -> String {
+    wschat_server::store::generate_key()
+        .to_lowercase()
+        .replace(['-', '_'], "")[..16]
+        .to_owned()
+}
+
 /// Settings for a fresh database on `backend` (a new file, or a new PostgreSQL database).
 /// Without PostgreSQL the PostgreSQL tests fail, loudly; they never skip.
 pub async fn fresh(backend: Backend) -> (Settings, Arc<tempfile::TempDir>) {

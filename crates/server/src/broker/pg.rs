@@ -1,0 +1,106 @@
+//! The PostgreSQL broker: NOTIFY on the store's database, one LISTEN connection per node.
+//! Notifications are lost while the listening connection is down; when it comes back
+//! (sqlx's `PgListener` reconnects by itself and says so with `Ok(None)`), the hub
+//! re-reads the store for every room it serves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::{wire, Broker, BrokerError, BusEvent};
+use crate::hub::Hub;
+
+/// The NOTIFY channel.
+pub const CHANNEL: &str = "wschat_events";
+
+/// NOTIFY payloads must stay under 8000 bytes.
+const MAX_PAYLOAD: usize = 7900;
+
+pub struct PgBroker {
+    pool: PgPool,
+    node: String,
+}
+
+impl PgBroker {
+    pub async fn start(
+        url: &str,
+        node: &str,
+        hub: Arc<Hub>,
+        stop: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(CHANNEL).await?;
+        let own = node.to_owned();
+        tokio::spawn(async move {
+            let mut resync_after_error = false;
+            loop {
+                let received = tokio::select! {
+                    r = listener.try_recv() => r,
+                    _ = stop.cancelled() => break,
+                };
+                match received {
+                    Ok(Some(notification)) => {
+                        if resync_after_error {
+                            resync_after_error = false;
+                            spawn_resync(&hub);
+                        }
+                        super::receive(&hub, &own, notification.payload().as_bytes());
+                    }
+                    Ok(None) => {
+                        // The LISTEN connection was lost and is being re-established:
+                        // whatever was notified meanwhile is read from the store.
+                        tracing::warn!(
+                            "LISTEN connection lost; reconnecting and reading the store"
+                        );
+                        resync_after_error = true;
+                        spawn_resync(&hub);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN failed; retrying");
+                        resync_after_error = true;
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.cancelled() => break,
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            pool,
+            node: node.to_owned(),
+        })
+    }
+}
+
+fn spawn_resync(hub: &Arc<Hub>) {
+    metrics::counter!("wschat_broker_reconnects_total").increment(1);
+    let hub = hub.clone();
+    tokio::spawn(async move { hub.resync().await });
+}
+
+#[async_trait]
+impl Broker for PgBroker {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError> {
+        for payload in wire::encode(&self.node, event, MAX_PAYLOAD) {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(payload)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+}

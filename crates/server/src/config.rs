@@ -104,8 +104,14 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
+        // Only `WSCHAT_<SETTING>` variables are settings: others of that prefix (the CLI's
+        // `WSCHAT_LOG_FORMAT`, test switches) belong to someone else.
+        let known: Vec<String> = match serde_json::to_value(Settings::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         figment = figment
-            .merge(Env::prefixed("WSCHAT_"))
+            .merge(Env::prefixed("WSCHAT_").filter(move |key| known.iter().any(|k| key == k.as_str())))
             .merge(Serialized::defaults(overrides));
         figment
             .extract()
@@ -157,6 +163,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.history_limit, 3);
+    }
+
+    #[test]
+    fn environment_variables_override_the_file_and_others_are_ignored() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("w.toml", "history_limit = 7")?;
+            jail.set_env("WSCHAT_HISTORY_LIMIT", "9");
+            jail.set_env("WSCHAT_LOG_FORMAT", "json");
+            let s = Settings::load(Some(Path::new("w.toml")), &Flags { history_limit: None })
+                .map_err(|e| e.to_string())?;
+            assert_eq!(s.history_limit, 9);
+            Ok(())
+        });
     }
 
     #[test]

@@ -111,7 +111,9 @@ impl Settings {
             _ => Vec::new(),
         };
         figment = figment
-            .merge(Env::prefixed("WSCHAT_").filter(move |key| known.iter().any(|k| key == k.as_str())))
+            .merge(
+                Env::prefixed("WSCHAT_").filter(move |key| known.iter().any(|k| key == k.as_str())),
+            )
             .merge(Serialized::defaults(overrides));
         figment
             .extract()
@@ -171,8 +173,13 @@ mod tests {
             jail.create_file("w.toml", "history_limit = 7")?;
             jail.set_env("WSCHAT_HISTORY_LIMIT", "9");
             jail.set_env("WSCHAT_LOG_FORMAT", "json");
-            let s = Settings::load(Some(Path::new("w.toml")), &Flags { history_limit: None })
-                .map_err(|e| e.to_string())?;
+            let s = Settings::load(
+                Some(Path::new("w.toml")),
+                &Flags {
+                    history_limit: None,
+                },
+            )
+            .map_err(|e| e.to_string())?;
             assert_eq!(s.history_limit, 9);
             Ok(())
         });

@@ -63,7 +63,14 @@ impl Cluster {
             None => "postgres".to_owned(),
         };
         support::wschat(&["migrate", "--database", &database]);
-        let key = support::wschat(&["session", "create", "--database", &database, "--user", "load"]);
+        let key = support::wschat(&[
+            "session",
+            "create",
+            "--database",
+            &database,
+            "--user",
+            "load",
+        ]);
         let nodes = (0..3)
             .map(|_| Node::start(free_port(), &database, &broker_arg, env))
             .collect::<Vec<_>>();
@@ -166,9 +173,12 @@ impl Cluster {
                 let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
                 use futures_util::SinkExt;
                 use tokio_tungstenite::tungstenite::Message;
-                ws.send(Message::text(format!(r#"{{"type":"auth","key":"{}"}}"#, self.key)))
-                    .await
-                    .unwrap();
+                ws.send(Message::text(format!(
+                    r#"{{"type":"auth","key":"{}"}}"#,
+                    self.key
+                )))
+                .await
+                .unwrap();
                 ws.send(Message::text(
                     r#"{"type":"join","rooms":[{"room":"r0","since":0}]}"#.to_owned(),
                 ))
@@ -255,7 +265,10 @@ fn rand_seed() -> u64 {
 async fn must_hold(broker: BrokerKind, fault: Fault) {
     let (report, during) = run_case(broker, fault, &[]).await;
     assert!(report.connected > 0);
-    assert_eq!(report.lost, 0, "{fault:?}/{broker:?}: acknowledged messages lost");
+    assert_eq!(
+        report.lost, 0,
+        "{fault:?}/{broker:?}: acknowledged messages lost"
+    );
     assert_eq!(report.duplicated, 0, "{fault:?}/{broker:?}: shown twice");
     assert_eq!(report.out_of_order, 0, "{fault:?}/{broker:?}: order broken");
     assert!(
@@ -301,7 +314,13 @@ async fn the_suite_detects_loss_without_catch_up() {
     let _serial = support::serial().await;
     let off = [("WSCHAT_FAULT_NO_CATCHUP", "1")];
     let (nats, _) = run_case(BrokerKind::Nats, Fault::RestartNats, &off).await;
-    assert!(nats.lost > 0, "NATS restart without catch-up must lose messages");
+    assert!(
+        nats.lost > 0,
+        "NATS restart without catch-up must lose messages"
+    );
     let (listen, _) = run_case(BrokerKind::Postgres, Fault::KillListen, &off).await;
-    assert!(listen.lost > 0, "LISTEN kill without catch-up must lose messages");
+    assert!(
+        listen.lost > 0,
+        "LISTEN kill without catch-up must lose messages"
+    );
 }

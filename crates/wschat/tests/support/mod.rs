@@ -64,8 +64,13 @@ fn as_postgres(program: &Path) -> Command {
 
 impl PrivatePg {
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("wschat-pg").tempdir().unwrap();
-        run(Command::new("chown").args(["postgres:postgres"]).arg(dir.path()));
+        let dir = tempfile::Builder::new()
+            .prefix("wschat-pg")
+            .tempdir()
+            .unwrap();
+        run(Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path()));
         let data = dir.path().join("data");
         run(as_postgres(&pg_bin("initdb"))
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
@@ -116,7 +121,16 @@ impl PrivatePg {
             database.to_owned()
         };
         run(Command::new(pg_bin("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", &db])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                &db,
+            ])
             .args(["-tAc", sql]))
     }
 }
@@ -232,7 +246,11 @@ impl Node {
             if http_status(self.port, "/healthz") == Some(200) {
                 return;
             }
-            assert!(Instant::now() < deadline, "node on {} not healthy", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "node on {} not healthy",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -279,7 +297,11 @@ pub fn http_status(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_whitespace().nth(1)?.parse().ok()

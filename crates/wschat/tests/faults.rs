@@ -4,8 +4,10 @@
 //! Each case must end with 0 acknowledged messages lost, 0 shown twice, order kept, and at
 //! least `MIN_ACKED_DURING_FAULT` messages acknowledged while the fault was active.
 //!
-//! Short by default (CI). The long version: `WSCHAT_FAULT_SECS=60 cargo test --release -p
-//! wschat --features fault-injection --test faults -- --test-threads 1 --nocapture`.
+//! CI runs each fault once (6 s faults, brokers alternating). The long version, every
+//! fault on both brokers with minute-long faults:
+//! `WSCHAT_FAULT_SECS=60 cargo test --release -p wschat --features fault-injection --test
+//! faults -- --include-ignored --nocapture`.
 //! Build with `--features fault-injection` to run `the_suite_detects_loss_without_catch_up`,
 //! which switches the store catch-up off and must see messages lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -194,8 +196,9 @@ impl Cluster {
 
 fn load_args(cluster: &Cluster, fault: Fault, secs_total: f64, seed: u64) -> LoadArgs {
     let (connections, rooms, interval, send_only) = match fault {
-        // 50 senders into one room, spread over the nodes, at full speed; 30 receivers.
-        Fault::HotRoom => ("80", "1", "0.01", "50"),
+        // 50 senders into one room, spread over the nodes (2,500 msgs/s offered, all
+        // contending for the room's counter row), and 10 receivers.
+        Fault::HotRoom => ("60", "1", "0.02", "50"),
         _ => ("200", "4", "0.4", "0"),
     };
     let mut args = vec![
@@ -278,8 +281,9 @@ async fn must_hold(broker: BrokerKind, fault: Fault) {
 }
 
 macro_rules! cases {
-    ($($name:ident: $broker:ident, $fault:ident;)*) => {
+    ($($(#[$attr:meta])* $name:ident: $broker:ident, $fault:ident;)*) => {
         $(
+            $(#[$attr])*
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let _serial = support::serial().await;
@@ -289,21 +293,23 @@ macro_rules! cases {
     };
 }
 
+// CI runs every fault once, alternating brokers; the long version runs all of them on
+// both brokers: add `-- --include-ignored`.
 cases! {
     nats_kill_9_a_node: Nats, KillNode;
-    nats_sigstop_a_node: Nats, PauseNode;
+    #[ignore = "long version"] nats_sigstop_a_node: Nats, PauseNode;
     nats_restart_nats: Nats, RestartNats;
-    nats_restart_postgres: Nats, RestartPostgres;
+    #[ignore = "long version"] nats_restart_postgres: Nats, RestartPostgres;
     nats_rolling_restart: Nats, RollingRestart;
-    nats_a_client_stops_reading: Nats, StalledReader;
+    #[ignore = "long version"] nats_a_client_stops_reading: Nats, StalledReader;
     nats_fifty_senders_one_room: Nats, HotRoom;
-    listen_kill_9_a_node: Postgres, KillNode;
+    #[ignore = "long version"] listen_kill_9_a_node: Postgres, KillNode;
     listen_sigstop_a_node: Postgres, PauseNode;
     listen_terminate_the_listen_connection: Postgres, KillListen;
     listen_restart_postgres: Postgres, RestartPostgres;
-    listen_rolling_restart: Postgres, RollingRestart;
+    #[ignore = "long version"] listen_rolling_restart: Postgres, RollingRestart;
     listen_a_client_stops_reading: Postgres, StalledReader;
-    listen_fifty_senders_one_room: Postgres, HotRoom;
+    #[ignore = "long version"] listen_fifty_senders_one_room: Postgres, HotRoom;
 }
 
 /// With the store catch-up switched off (test builds only), lost bells become lost

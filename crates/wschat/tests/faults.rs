@@ -330,3 +330,92 @@ async fn the_suite_detects_loss_without_catch_up() {
         "LISTEN kill without catch-up must lose messages"
     );
 }
+
+/// A node killed without a goodbye leaves the other nodes' presence lists within 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_converges_after_a_node_is_killed() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let _serial = support::serial().await;
+    let mut cluster = Cluster::start(BrokerKind::Postgres, &[]);
+    let bob_key = support::wschat(&[
+        "session",
+        "create",
+        "--database",
+        &cluster.database,
+        "--user",
+        "bob",
+    ]);
+    let connect = |port: u16, key: String| async move {
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.send(Message::text(format!(r#"{{"type":"auth","key":"{key}"}}"#)))
+            .await
+            .unwrap();
+        ws.send(Message::text(
+            r#"{"type":"join","rooms":[{"room":"lobby"}]}"#.to_owned(),
+        ))
+        .await
+        .unwrap();
+        ws
+    };
+    let mut alice = connect(cluster.nodes[0].port, cluster.key.clone()).await;
+    let _bob = connect(cluster.nodes[1].port, bob_key).await;
+    // Wait until alice (the session of cluster.key) sees bob.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut users: std::collections::BTreeSet<String> = Default::default();
+    while !users.contains("bob") {
+        assert!(Instant::now() < deadline, "bob never appeared: {users:?}");
+        apply_presence(&mut alice, &mut users).await;
+    }
+    cluster.nodes[1].kill9();
+    let killed = Instant::now();
+    while users.contains("bob") {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "bob still present: {users:?}"
+        );
+        apply_presence(&mut alice, &mut users).await;
+    }
+    let took = killed.elapsed();
+    eprintln!("presence converged {took:?} after kill -9");
+    assert!(took <= Duration::from_secs(15), "converged in {took:?}");
+}
+
+/// Read one frame and apply it if it is presence.
+async fn apply_presence<S>(ws: &mut S, users: &mut std::collections::BTreeSet<String>)
+where
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
+{
+    use futures_util::StreamExt;
+    let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(1), ws.next()).await else {
+        return;
+    };
+    let Ok(text) = msg.into_text() else { return };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let names = |key: &str| -> Vec<String> {
+        v[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    match v["type"].as_str() {
+        Some("presence") => *users = names("users").into_iter().collect(),
+        Some("presence_diff") => {
+            users.extend(names("joined"));
+            for gone in names("left") {
+                users.remove(&gone);
+            }
+        }
+        _ => {}
+    }
+}

@@ -168,6 +168,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns figment::Error
     fn environment_variables_override_the_file_and_others_are_ignored() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("w.toml", "history_limit = 7")?;

@@ -1,0 +1,479 @@
+//! Loss, duplicate and order accounting: what one receiver records as messages arrive,
+//! and how the run's expected deliveries are computed from all records at the end.
+//! The definitions are in the crate documentation ([`crate`]).
+
+use crate::bits::{ChunkSet, IntMap, SortedSet, UnionFind};
+
+/// What a receipt was, for the caller's counters and latency histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipt {
+    /// The first copy of one of our messages at this receiver.
+    New,
+    /// A copy this receiver already had (in the same connection, or any in v1).
+    Duplicate,
+    /// Legacy: a copy this receiver had in an earlier connection, sent again after a
+    /// reconnect (nodejschat's history replay).
+    Replayed,
+    /// Not counted: another run's message, or v1 history from before the first join.
+    Ignored,
+    /// v1: arrived before the room's first `joined`; kept until it comes.
+    Held,
+}
+
+/// Most messages kept for a room before its first `joined` arrives.
+const MAX_HELD: usize = 100_000;
+
+/// v1: one receiver's record of one room.
+#[derive(Debug, Default)]
+pub struct V1Room {
+    pub name: String,
+    /// `last_seq` of the first `joined`: the receiver is a member for every seq above it.
+    pub base: Option<u64>,
+    /// Highest seq received, ours or not: the `since` of a resume.
+    pub max_any: u64,
+    /// Highest seq of ours received.
+    pub max_ours: u64,
+    /// Seqs of our messages received (all above `base`).
+    pub ours: ChunkSet,
+    pub duplicated: u64,
+    pub out_of_order: u64,
+    pub resets: u64,
+    /// The first join was refused: not a member.
+    pub refused: bool,
+    /// Set when the receiver gave up: the last seq it is expected to have.
+    pub upper: Option<u64>,
+    /// Messages that came before the first `joined`: (seq, intended unix µs if ours,
+    /// receive time µs).
+    held: Vec<(u64, Option<u64>, u64)>,
+}
+
+impl V1Room {
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            ..Self::default()
+        }
+    }
+
+    /// The `since` to resume with, once joined.
+    pub fn since(&self) -> Option<u64> {
+        self.base.map(|b| b.max(self.max_any))
+    }
+
+    /// A message of this room arrived; `intended` (unix µs) is set when it is ours.
+    pub fn on_message(&mut self, seq: u64, intended: Option<u64>, now_us: u64) -> Receipt {
+        self.max_any = self.max_any.max(seq);
+        let Some(base) = self.base else {
+            if self.held.len() < MAX_HELD {
+                self.held.push((seq, intended, now_us));
+            }
+            return Receipt::Held;
+        };
+        if seq <= base || intended.is_none() {
+            return Receipt::Ignored;
+        }
+        if !self.ours.insert(seq) {
+            self.duplicated += 1;
+            return Receipt::Duplicate;
+        }
+        if seq < self.max_ours {
+            self.out_of_order += 1;
+        }
+        self.max_ours = self.max_ours.max(seq);
+        Receipt::New
+    }
+
+    /// The room was joined with `last_seq`. The first time, fixes `base`, and returns the
+    /// held messages (seq, intended, receive time) for the caller to count again.
+    pub fn on_joined(&mut self, last_seq: u64) -> Vec<(u64, Option<u64>, u64)> {
+        if self.base.is_some() {
+            return Vec::new();
+        }
+        self.base = Some(last_seq);
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// Legacy: one receiver's record of what it got, across its connections.
+#[derive(Debug, Default)]
+pub struct LegacyRecv {
+    /// Global indices of our messages received, over all connections.
+    pub seen: ChunkSet,
+    /// Those received in the current connection, from the second connection on.
+    current: Option<ChunkSet>,
+    /// Per sender, the highest counter received in the current connection.
+    max_counter: IntMap<u32, u32>,
+    pub duplicated: u64,
+    pub replayed: u64,
+    pub out_of_order: u64,
+}
+
+impl LegacyRecv {
+    /// A new connection of this receiver begins (after a reconnect).
+    pub fn new_connection(&mut self) {
+        match &mut self.current {
+            Some(c) => c.clear(),
+            None if self.seen.is_empty() => {}
+            None => self.current = Some(ChunkSet::new()),
+        }
+        self.max_counter.clear();
+    }
+
+    /// Message `g` (global index), the `counter`-th of `sender`, arrived.
+    pub fn on_message(&mut self, g: u64, sender: u32, counter: u32) -> Receipt {
+        if self.seen.insert(g) {
+            if let Some(c) = &mut self.current {
+                c.insert(g);
+            }
+            let max = self.max_counter.entry(sender).or_insert(counter);
+            if counter < *max {
+                self.out_of_order += 1;
+            } else {
+                *max = counter;
+            }
+            return Receipt::New;
+        }
+        let again_here = match &mut self.current {
+            Some(c) => !c.insert(g),
+            None => true,
+        };
+        if again_here {
+            self.duplicated += 1;
+            Receipt::Duplicate
+        } else {
+            self.replayed += 1;
+            Receipt::Replayed
+        }
+    }
+}
+
+/// v1: what one receiver's room contributes to the end-of-run count.
+#[derive(Debug)]
+pub struct V1RoomOut {
+    pub name: String,
+    pub base: u64,
+    /// Last seq the receiver is expected to have: `u64::MAX` unless it gave up.
+    pub upper: u64,
+    pub ours: ChunkSet,
+}
+
+/// Totals of expected and delivered (message, receiver) pairs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expectation {
+    pub expected: u64,
+    pub delivered: u64,
+    /// Received but not expected (legacy: history of before the connection, or copies
+    /// that came after the receiver's own churn close began).
+    pub unexpected: u64,
+}
+
+/// v1: the universe of our messages in each room is every acked (room, seq) plus every
+/// (room, seq) of ours that anybody received; each member is expected to receive those
+/// with seq in `(base, upper]`.
+pub fn v1_expectation(acked: &[(String, u64)], rooms: &[V1RoomOut]) -> Expectation {
+    let mut universe: std::collections::HashMap<&str, ChunkSet> = Default::default();
+    for (room, seq) in acked {
+        universe.entry(room.as_str()).or_default().insert(*seq);
+    }
+    for r in rooms {
+        universe
+            .entry(r.name.as_str())
+            .or_default()
+            .union_with(&r.ours);
+    }
+    let frozen: std::collections::HashMap<&str, SortedSet> =
+        universe.iter().map(|(k, v)| (*k, v.freeze())).collect();
+    let mut out = Expectation::default();
+    for r in rooms {
+        let Some(u) = frozen.get(r.name.as_str()) else {
+            continue;
+        };
+        out.expected += u.count_in(r.base, r.upper);
+        let got = r
+            .ours
+            .iter()
+            .filter(|&s| s > r.base && s <= r.upper)
+            .count() as u64;
+        out.delivered += got;
+        out.unexpected += r.ours.len() - got;
+    }
+    out
+}
+
+/// Legacy: one sender's schedule position and the moments it actually sent.
+#[derive(Debug, Clone)]
+pub struct LegacySender {
+    /// Global index of this sender's message 0.
+    pub base_g: u64,
+    /// Send time (µs since the run's anchor) of each scheduled message; `u64::MAX` if it
+    /// was never sent.
+    pub sent_at: Vec<u64>,
+}
+
+/// Legacy: when one connection of a receiver could receive, in µs since the anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The connection attempt began.
+    pub start: u64,
+    /// Authenticated: what was sent in `[firm_start, firm_end)` is expected; what was sent
+    /// in `[start, firm_start)` counts only if it came (the server may or may not have had
+    /// the connection in the room yet).
+    pub firm_start: u64,
+    pub firm_end: u64,
+    /// What was sent in `[firm_end, end)` may still have been in flight when we closed
+    /// the connection on purpose: it counts (as expected and delivered) only if it came.
+    pub end: u64,
+}
+
+impl Window {
+    fn contains(&self, t: u64) -> bool {
+        t >= self.start && t < self.end
+    }
+}
+
+/// Legacy: one receiver's record and the windows in which it could receive.
+#[derive(Debug)]
+pub struct LegacyReceiver {
+    pub conn: u32,
+    pub seen: ChunkSet,
+    pub windows: Vec<Window>,
+}
+
+/// Legacy: receiver `c` is expected to receive message `m` of sender `s` when `c` and `s`
+/// are in the same room and `m` was sent inside one of `c`'s windows (in its firm part,
+/// or in its grace part if `m` arrived). With one session key for all, everyone is in one
+/// room; otherwise rooms are inferred (a receiver that got anything from a sender shares
+/// its room, transitively).
+pub fn legacy_expectation(
+    senders: &[LegacySender],
+    receivers: &[LegacyReceiver],
+    one_room: bool,
+) -> Expectation {
+    let n = senders.len();
+    let bases: Vec<u64> = senders.iter().map(|s| s.base_g).collect();
+    let locate = |g: u64| -> Option<(usize, usize)> {
+        let s = bases.partition_point(|&b| b <= g).checked_sub(1)?;
+        let k = (g - bases[s]) as usize;
+        (k < senders[s].sent_at.len()).then_some((s, k))
+    };
+    let mut groups = UnionFind::new(n);
+    if one_room {
+        for i in 1..n {
+            groups.union(0, i as u32);
+        }
+    } else {
+        for r in receivers {
+            for g in r.seen.iter() {
+                if let Some((s, _)) = locate(g) {
+                    groups.union(r.conn, s as u32);
+                }
+            }
+        }
+    }
+    // The sorted send times of every message of each room.
+    let mut times: IntMap<u32, Vec<u64>> = IntMap::default();
+    for (i, s) in senders.iter().enumerate() {
+        let root = groups.find(i as u32);
+        times
+            .entry(root)
+            .or_default()
+            .extend(s.sent_at.iter().copied().filter(|&t| t != u64::MAX));
+    }
+    for v in times.values_mut() {
+        v.sort_unstable();
+    }
+    let mut out = Expectation::default();
+    for r in receivers {
+        let root = groups.find(r.conn);
+        if let Some(t) = times.get(&root) {
+            for w in &r.windows {
+                let lo = t.partition_point(|&x| x < w.firm_start);
+                let hi = t.partition_point(|&x| x < w.firm_end.min(w.end));
+                out.expected += hi.saturating_sub(lo) as u64;
+            }
+        }
+        for g in r.seen.iter() {
+            let window = locate(g).and_then(|(s, k)| {
+                let at = senders[s].sent_at[k];
+                if at == u64::MAX || groups.find(s as u32) != root {
+                    return None;
+                }
+                r.windows.iter().find(|w| w.contains(at)).map(|w| (w, at))
+            });
+            match window {
+                Some((w, at)) => {
+                    out.delivered += 1;
+                    if at < w.firm_start || at >= w.firm_end {
+                        out.expected += 1;
+                    }
+                }
+                None => out.unexpected += 1,
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v1_detects_duplicates_and_out_of_order() {
+        let mut r = V1Room::new("a".into());
+        let ours = Some(1);
+        assert_eq!(r.on_message(5, ours, 7), Receipt::Held);
+        assert_eq!(r.on_joined(4), vec![(5, ours, 7)]);
+        assert_eq!(r.on_message(5, ours, 7), Receipt::New);
+        assert_eq!(r.on_message(3, ours, 0), Receipt::Ignored, "history");
+        assert_eq!(r.on_message(8, ours, 0), Receipt::New);
+        assert_eq!(r.on_message(6, ours, 0), Receipt::New);
+        assert_eq!(r.out_of_order, 1);
+        assert_eq!(r.on_message(8, ours, 0), Receipt::Duplicate);
+        assert_eq!(r.on_message(9, None, 0), Receipt::Ignored, "not ours");
+        assert_eq!(r.duplicated, 1);
+        assert_eq!(r.since(), Some(9));
+        assert!(r.on_joined(100).is_empty(), "a resume keeps the base");
+        assert_eq!(r.base, Some(4));
+    }
+
+    #[test]
+    fn v1_expectation_counts_gaps_as_lost() {
+        let mut a = ChunkSet::new();
+        for s in [11, 12, 14] {
+            a.insert(s);
+        }
+        let mut b = ChunkSet::new();
+        for s in [12, 13, 14] {
+            b.insert(s);
+        }
+        let rooms = vec![
+            V1RoomOut {
+                name: "r".into(),
+                base: 10,
+                upper: u64::MAX,
+                ours: a,
+            },
+            // Joined later: not expected to get 11 and 12.
+            V1RoomOut {
+                name: "r".into(),
+                base: 12,
+                upper: u64::MAX,
+                ours: b,
+            },
+        ];
+        // 15 was acked but nobody got it; 13 nobody acked (sender cut off) but b got it.
+        let acked = vec![
+            ("r".to_string(), 11),
+            ("r".to_string(), 12),
+            ("r".to_string(), 14),
+            ("r".to_string(), 15),
+        ];
+        let e = v1_expectation(&acked, &rooms);
+        // a: 11..=15 expected (5), got 3; b: 13..=15 (3), got 13, 14 and 12 is unexpected.
+        assert_eq!(e.expected, 8);
+        assert_eq!(e.delivered, 5);
+        assert_eq!(e.unexpected, 1);
+    }
+
+    #[test]
+    fn legacy_tells_duplicates_replays_and_order_apart() {
+        let mut r = LegacyRecv::default();
+        assert_eq!(r.on_message(0, 0, 0), Receipt::New);
+        assert_eq!(r.on_message(2, 0, 2), Receipt::New);
+        assert_eq!(r.on_message(1, 0, 1), Receipt::New);
+        assert_eq!(r.out_of_order, 1);
+        assert_eq!(r.on_message(2, 0, 2), Receipt::Duplicate);
+        r.new_connection();
+        // History replay after the reconnect: seen before, first time in this connection.
+        assert_eq!(r.on_message(0, 0, 0), Receipt::Replayed);
+        assert_eq!(r.on_message(0, 0, 0), Receipt::Duplicate);
+        assert_eq!(r.on_message(3, 0, 3), Receipt::New);
+        assert_eq!((r.duplicated, r.replayed, r.out_of_order), (2, 1, 1));
+    }
+
+    #[test]
+    fn legacy_expectation_uses_windows_and_rooms() {
+        // Two senders with two messages each; 0 and 1 share a room, 2 is alone.
+        let senders = vec![
+            LegacySender {
+                base_g: 0,
+                sent_at: vec![100, 300],
+            },
+            LegacySender {
+                base_g: 2,
+                sent_at: vec![150, u64::MAX],
+            },
+            LegacySender {
+                base_g: 4,
+                sent_at: vec![120],
+            },
+        ];
+        let set = |v: &[u64]| {
+            let mut s = ChunkSet::new();
+            for &g in v {
+                s.insert(g);
+            }
+            s
+        };
+        let w = |start, end| Window {
+            start,
+            firm_start: start,
+            firm_end: end,
+            end,
+        };
+        let receivers = vec![
+            // Connected throughout; got 0, 2 but not 1 (lost).
+            LegacyReceiver {
+                conn: 0,
+                seen: set(&[0, 2]),
+                windows: vec![w(0, u64::MAX)],
+            },
+            // Connected from 200 on: expected only message 1 (sent at 300); got 0 from
+            // history (unexpected) and 1.
+            LegacyReceiver {
+                conn: 1,
+                seen: set(&[0, 1]),
+                windows: vec![w(200, u64::MAX)],
+            },
+            LegacyReceiver {
+                conn: 2,
+                seen: set(&[4]),
+                windows: vec![w(0, u64::MAX)],
+            },
+        ];
+        let e = legacy_expectation(&senders, &receivers, false);
+        assert_eq!(e.expected, 3 + 1 + 1);
+        assert_eq!(e.delivered, 2 + 1 + 1);
+        assert_eq!(e.unexpected, 1);
+        // One room for all: receiver 2 now expects 0, 1, 2 (own room's 3 sent + own).
+        let e = legacy_expectation(&senders, &receivers, true);
+        assert_eq!(e.expected, 4 + 1 + 4);
+    }
+
+    #[test]
+    fn legacy_grace_counts_only_what_came() {
+        let senders = vec![LegacySender {
+            base_g: 0,
+            sent_at: vec![100, 200, 300, 400],
+        }];
+        let mut seen = ChunkSet::new();
+        for g in [0, 2] {
+            seen.insert(g);
+        }
+        // Closed on purpose at 450 with a grace of 300: 100 is firm (got it), 200 and 300
+        // are in the grace part (300 came, 200 did not), 400 too but it did not come.
+        let receivers = vec![LegacyReceiver {
+            conn: 0,
+            seen,
+            windows: vec![Window {
+                start: 0,
+                firm_start: 50,
+                firm_end: 150,
+                end: 450,
+            }],
+        }];
+        let e = legacy_expectation(&senders, &receivers, true);
+        assert_eq!((e.expected, e.delivered, e.unexpected), (2, 2, 0));
+    }
+}

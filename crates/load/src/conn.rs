@@ -1,0 +1,1099 @@
+//! One connection's task: connect (with backoff), authenticate, join, follow the fixed send
+//! schedule, record every receipt, reconnect and resume after faults, and hand back its
+//! record when the run stops. One tokio task per connection; nothing here blocks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufWriter, Stdout, Write as _};
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wschat_protocol::close;
+use wschat_protocol::v1::{ClientFrame, JoinRoom, Ref, ServerFrame};
+use wschat_protocol::ErrorCode;
+
+use crate::account::{LegacyRecv, Receipt, V1Room, V1RoomOut, Window};
+use crate::stats::{Clock, Live, Sharded};
+use crate::text::{self, Tag};
+use crate::Protocol;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Legacy: a connection we close on purpose (`--churn`) is expected to have received what
+/// was sent in its last second only if it came (it may still have been in flight).
+pub(crate) const CHURN_GRACE_US: u64 = 1_000_000;
+/// v1: how often one message is retried after a retryable error frame.
+const MAX_ERROR_RETRIES: u32 = 5;
+/// Most distinct reasons kept in `connect_errors`.
+const MAX_REASONS: usize = 20;
+/// The `ref` of our join frames (sends use their counter).
+const JOIN_REF: &str = "join";
+
+/// Most frames handled per wake-up before timers and phase changes get a look.
+const FRAME_BATCH: usize = 64;
+
+/// The phases of a run, broadcast to every task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Connecting; nothing is sent yet.
+    Connect,
+    /// Sending on schedule; `t0_us` is the schedule's zero (µs since the clock's anchor).
+    Send { t0_us: u64 },
+    /// Past the schedule's end: late (backlogged) sends still go, deliveries still count.
+    Drain { t0_us: u64 },
+    /// Close and report.
+    Stop,
+}
+
+impl Phase {
+    fn t0(self) -> Option<u64> {
+        match self {
+            Phase::Send { t0_us } | Phase::Drain { t0_us } => Some(t0_us),
+            _ => None,
+        }
+    }
+}
+
+/// Sends phase changes to every task, each on its own channel: polling a per-task
+/// channel is lock-free, where 10,000 tasks polling one `watch` would contend on its lock
+/// at every wake-up.
+#[derive(Default)]
+pub(crate) struct PhaseBus {
+    txs: Vec<mpsc::UnboundedSender<Phase>>,
+}
+
+impl PhaseBus {
+    pub fn subscribe(&mut self) -> mpsc::UnboundedReceiver<Phase> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.txs.push(tx);
+        rx
+    }
+
+    pub fn send(&self, phase: Phase) {
+        for tx in &self.txs {
+            // A task that already ended has dropped its receiver: nothing to tell it.
+            let _ = tx.send(phase);
+        }
+    }
+}
+
+/// Settings every task reads.
+pub(crate) struct Config {
+    pub run_id: String,
+    pub protocol: Protocol,
+    pub urls: Vec<String>,
+    pub ws: WebSocketConfig,
+    pub connect_timeout: Duration,
+    /// Deliberate closes per connection per second.
+    pub churn_per_s: f64,
+    pub size: usize,
+    /// Legacy: each connection's schedule length and the global index of its message 0.
+    pub sched_len: Vec<u32>,
+    pub base_g: Vec<u64>,
+}
+
+/// What all tasks share.
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub clock: Clock,
+    pub live: Live,
+    pub latency: Sharded,
+    pub ack_latency: Sharded,
+    pub printer: Option<Mutex<BufWriter<Stdout>>>,
+    /// Tasks whose first connection attempt is over (either way).
+    pub settled: AtomicUsize,
+}
+
+/// One connection's part of the run.
+pub(crate) struct Plan {
+    pub idx: u32,
+    pub key: String,
+    /// v1: the room it sends to and (unless send-only) joins.
+    pub room: String,
+    /// Receives (joins) rather than only sending.
+    pub receives: bool,
+    /// Send times, µs after the schedule's zero, ascending.
+    pub schedule: Vec<u64>,
+    pub start_delay: Duration,
+}
+
+/// What a task hands back.
+#[derive(Default)]
+pub(crate) struct Output {
+    pub connected_once: bool,
+    pub up_at_end: bool,
+    pub failed_connects: u64,
+    pub disconnects: u64,
+    pub churned: u64,
+    pub gave_up: bool,
+    pub close_codes: BTreeMap<u16, u64>,
+    pub connect_errors: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    pub bad_frames: u64,
+    pub scheduled: u64,
+    pub sent: u64,
+    pub resent: u64,
+    pub acked: u64,
+    pub unacked: u64,
+    pub refused: u64,
+    pub ack_conflicts: u64,
+    pub resets: u64,
+    pub duplicated: u64,
+    pub replayed: u64,
+    pub out_of_order: u64,
+    /// v1: this receiver's rooms, and the (room, seq) of each of its acked messages.
+    pub rooms: Vec<V1RoomOut>,
+    pub acked_seqs: Vec<(String, u64)>,
+    /// Legacy: when each scheduled message was sent, what it received, and when it was
+    /// expected to receive.
+    pub sent_at: Vec<u64>,
+    pub legacy_seen: Option<crate::bits::ChunkSet>,
+    pub windows: Vec<Window>,
+}
+
+/// How a session (one WebSocket connection) ended.
+enum End {
+    /// The run stopped.
+    Stop,
+    /// We closed it on purpose (`--churn`): reconnect at once.
+    Churn,
+    /// Lost or failed: reconnect with backoff.
+    Lost,
+    /// Refused for good (bad key, policy): stop trying.
+    Fatal,
+}
+
+struct Unacked {
+    intended_us: u64,
+    error_retries: u32,
+}
+
+/// The state of one connection across its sessions.
+pub(crate) struct Conn {
+    plan: Plan,
+    shared: Arc<Shared>,
+    phase_rx: mpsc::UnboundedReceiver<Phase>,
+    phase: Phase,
+    urls: Vec<String>,
+    out: Output,
+    settled: bool,
+    /// The last session got as far as authentication.
+    last_session_up: bool,
+    next_idx: usize,
+    // v1
+    rooms: Vec<V1Room>,
+    unacked: BTreeMap<u32, Unacked>,
+    retry: VecDeque<u32>,
+    retry_at_us: Option<u64>,
+    ack_seq: Vec<u64>,
+    acked_seqs: Vec<(u16, u64)>,
+    room_names: Vec<String>,
+    // legacy
+    recv: LegacyRecv,
+    sent_at: Vec<u64>,
+    // first receipts not yet added to the shared counters and histogram
+    new_deliveries: u64,
+    new_latencies: Vec<u64>,
+    last_delivery_us: u64,
+}
+
+/// Per-session flags.
+#[derive(Default)]
+struct Session {
+    /// Authenticated: v1 `hello`, legacy `{"authenticated":true}`.
+    up: bool,
+    /// Ready for the run: v1 joins answered; legacy authenticated.
+    established: bool,
+    joins_waiting: usize,
+    /// Legacy: when the connection attempt began and when it was authenticated (µs).
+    opened_at: u64,
+    window_start: u64,
+}
+
+/// Only the fields the hot path needs of a v1 server frame, borrowed from the text.
+#[derive(Deserialize)]
+struct FastV1<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(default, borrow)]
+    room: Option<&'a str>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default, borrow)]
+    text: Option<&'a str>,
+}
+
+/// Only the fields of a legacy frame, borrowed from the text.
+#[derive(Deserialize)]
+struct FastLegacy<'a> {
+    #[serde(default)]
+    authenticated: Option<bool>,
+    #[serde(default, borrow)]
+    message: Option<&'a str>,
+    #[serde(default, borrow)]
+    error: Option<&'a str>,
+}
+
+/// The legacy client frame, `{"message": TEXT}`.
+#[derive(Serialize)]
+struct LegacySay<'a> {
+    message: &'a str,
+}
+
+impl Conn {
+    pub fn new(plan: Plan, shared: Arc<Shared>, phase_rx: mpsc::UnboundedReceiver<Phase>) -> Self {
+        let urls = shared
+            .cfg
+            .urls
+            .iter()
+            .map(|u| match shared.cfg.protocol {
+                Protocol::V1 => u.clone(),
+                Protocol::Legacy => legacy_url(u, &plan.key),
+            })
+            .collect();
+        let n = plan.schedule.len();
+        let (ack_seq, sent_at) = match shared.cfg.protocol {
+            Protocol::V1 => (vec![0; n], Vec::new()),
+            Protocol::Legacy => (Vec::new(), vec![u64::MAX; n]),
+        };
+        let rooms = if plan.receives && shared.cfg.protocol == Protocol::V1 {
+            vec![V1Room::new(plan.room.clone())]
+        } else {
+            Vec::new()
+        };
+        let room_names = vec![plan.room.clone()];
+        Self {
+            out: Output {
+                scheduled: n as u64,
+                ..Output::default()
+            },
+            plan,
+            phase: Phase::Connect,
+            phase_rx,
+            shared,
+            urls,
+            settled: false,
+            last_session_up: false,
+            next_idx: 0,
+            rooms,
+            unacked: BTreeMap::new(),
+            retry: VecDeque::new(),
+            retry_at_us: None,
+            ack_seq,
+            acked_seqs: Vec::new(),
+            room_names,
+            recv: LegacyRecv::default(),
+            sent_at,
+            new_deliveries: 0,
+            new_latencies: Vec::new(),
+            last_delivery_us: 0,
+        }
+    }
+
+    fn v1(&self) -> bool {
+        self.shared.cfg.protocol == Protocol::V1
+    }
+
+    /// Runs the connection until the run stops (or it gives up) and returns its record.
+    pub async fn run(mut self) -> Output {
+        let delay = self.plan.start_delay;
+        if !self.wait(delay).await {
+            self.settle();
+            return self.finish();
+        }
+        let mut attempt: u32 = 0;
+        let mut tries: usize = 0;
+        loop {
+            if self.phase == Phase::Stop {
+                break;
+            }
+            let url = self.urls[(self.plan.idx as usize + tries) % self.urls.len()].clone();
+            tries += 1;
+            self.last_session_up = false;
+            let end = self.attempt(&url).await;
+            self.settle();
+            match end {
+                End::Stop => break,
+                End::Fatal => {
+                    self.give_up();
+                    break;
+                }
+                End::Churn => attempt = 0,
+                End::Lost => {
+                    // Back off from the start after a connection that worked.
+                    attempt = if self.last_session_up {
+                        1
+                    } else {
+                        attempt.saturating_add(1)
+                    };
+                    if !self.wait(backoff(attempt)).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.settle();
+        self.finish()
+    }
+
+    /// Sleeps for `d`, following phase changes; false if the run stopped.
+    async fn wait(&mut self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        loop {
+            if self.phase == Phase::Stop {
+                return false;
+            }
+            tokio::select! {
+                _ = sleep_until(deadline) => return true,
+                p = self.phase_rx.recv() => self.phase = p.unwrap_or(Phase::Stop),
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            self.shared.settled.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.out.gave_up = true;
+        let live = &self.shared.live;
+        let remaining = self.plan.schedule.len() - self.next_idx;
+        live.pending_sends.fetch_sub(remaining as i64, Relaxed);
+        live.in_flight.fetch_sub(self.unacked.len() as i64, Relaxed);
+        // It can no longer receive: expect of it only what it could have resumed from.
+        for r in &mut self.rooms {
+            r.upper = r.since();
+        }
+    }
+
+    fn connect_failed(&mut self, reason: String) {
+        self.out.failed_connects += 1;
+        let n = self.out.connect_errors.len();
+        let key = if n < MAX_REASONS || self.out.connect_errors.contains_key(&reason) {
+            reason
+        } else {
+            "other".to_string()
+        };
+        *self.out.connect_errors.entry(key).or_insert(0) += 1;
+    }
+
+    /// One connection attempt and, if it succeeds, the session on it.
+    async fn attempt(&mut self, url: &str) -> End {
+        let cfg = &self.shared.cfg;
+        let attempt_at = self.shared.clock.now_us();
+        let connect = tokio_tungstenite::connect_async_with_config(url, Some(cfg.ws), true);
+        let connect = timeout(cfg.connect_timeout, connect);
+        let mut connect = pin!(connect);
+        let result = loop {
+            tokio::select! {
+                r = &mut connect => break r,
+                p = self.phase_rx.recv() => {
+                    self.phase = p.unwrap_or(Phase::Stop);
+                    if self.phase == Phase::Stop {
+                        return End::Stop;
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(Ok((ws, _response))) => self.session(ws, attempt_at).await,
+            Ok(Err(e)) => {
+                let fatal = matches!(&e, tungstenite::Error::Http(r)
+                    if r.status().is_client_error() && r.status().as_u16() != 408 && r.status().as_u16() != 429);
+                self.connect_failed(describe(&e));
+                if fatal {
+                    End::Fatal
+                } else {
+                    End::Lost
+                }
+            }
+            Err(_) => {
+                self.connect_failed("connect timeout".into());
+                End::Lost
+            }
+        }
+    }
+
+    /// Runs one WebSocket session (whose attempt began at `attempt_at`) until it ends.
+    async fn session(&mut self, mut ws: Ws, attempt_at: u64) -> End {
+        let clock = self.shared.clock;
+        let mut s = Session {
+            opened_at: attempt_at,
+            ..Session::default()
+        };
+        if self.v1() {
+            let auth = ClientFrame::Auth {
+                key: self.plan.key.clone(),
+                reference: None,
+            };
+            if let Err(e) = send_frame(&mut ws, &auth).await {
+                self.connect_failed(describe(&e));
+                return End::Lost;
+            }
+        } else {
+            self.recv.new_connection();
+        }
+        let deadline = Instant::now() + self.shared.cfg.connect_timeout;
+        let mut deadline_timer = pin!(sleep_until(deadline));
+        let mut send_timer = pin!(sleep_until(deadline));
+        let mut send_target: Option<Instant> = None;
+        let mut churn_timer = pin!(sleep_until(deadline));
+        let mut churn_target: Option<Instant> = None;
+        let end = loop {
+            if s.established && !self.settled {
+                self.settle();
+            }
+            // Arm the send timer for the next due message, if sending.
+            let target = if s.up { self.next_send_instant() } else { None };
+            if target != send_target {
+                if let Some(t) = target {
+                    send_timer.as_mut().reset(t);
+                }
+                send_target = target;
+            }
+            if churn_target.is_none()
+                && s.established
+                && self.shared.cfg.churn_per_s > 0.0
+                && matches!(self.phase, Phase::Send { .. })
+            {
+                let t = Instant::now() + exponential(1.0 / self.shared.cfg.churn_per_s);
+                churn_timer.as_mut().reset(t);
+                churn_target = Some(t);
+            }
+            tokio::select! {
+                biased;
+                p = self.phase_rx.recv() => {
+                    self.phase = p.unwrap_or(Phase::Stop);
+                    if self.phase == Phase::Stop {
+                        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                        break End::Stop;
+                    }
+                }
+                _ = &mut send_timer, if send_target.is_some() => {
+                    send_target = None;
+                    if self.send_due(&mut ws).await.is_err() {
+                        break self.lost(&s, 1006);
+                    }
+                }
+                msg = ws.next() => {
+                    // Handle what is ready now, up to a batch, before looking at timers.
+                    let mut msg = msg;
+                    let mut handled = 1;
+                    let end = loop {
+                        if let Some(end) = self.on_ws_message(&mut ws, msg, &mut s).await {
+                            break Some(end);
+                        }
+                        if handled >= FRAME_BATCH {
+                            break None;
+                        }
+                        match ws.next().now_or_never() {
+                            Some(m) => msg = m,
+                            None => break None,
+                        }
+                        handled += 1;
+                    };
+                    self.flush_deliveries();
+                    if let Some(end) = end {
+                        break end;
+                    }
+                }
+                _ = &mut deadline_timer, if !s.established => {
+                    self.connect_failed(if s.up { "join timeout" } else { "auth timeout" }.into());
+                    break End::Lost;
+                }
+                _ = &mut churn_timer, if churn_target.is_some() => {
+                    let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                    self.out.churned += 1;
+                    break End::Churn;
+                }
+            }
+        };
+        if s.up {
+            self.shared.live.connected.fetch_sub(1, Relaxed);
+            if matches!(end, End::Lost | End::Fatal) {
+                self.out.disconnects += 1;
+            }
+            if !self.v1() {
+                let now = clock.now_us();
+                let (firm_end, end_us) = match end {
+                    End::Stop => (u64::MAX, u64::MAX),
+                    End::Churn => (now.saturating_sub(CHURN_GRACE_US), now),
+                    End::Lost | End::Fatal => (now, now),
+                };
+                if end_us > s.opened_at {
+                    self.out.windows.push(Window {
+                        start: s.opened_at,
+                        firm_start: s.window_start,
+                        firm_end: firm_end.max(s.window_start),
+                        end: end_us,
+                    });
+                }
+            }
+        }
+        if matches!(end, End::Stop) {
+            self.out.up_at_end = s.up;
+        }
+        self.last_session_up = s.up;
+        end
+    }
+
+    /// One frame (or the end of the stream); `Some` when it ends the session.
+    async fn on_ws_message(
+        &mut self,
+        ws: &mut Ws,
+        msg: Option<Result<Message, tungstenite::Error>>,
+        s: &mut Session,
+    ) -> Option<End> {
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                let r = if self.v1() {
+                    self.on_v1_text(ws, t.as_str(), s).await
+                } else {
+                    Ok(self.on_legacy_text(t.as_str(), s))
+                };
+                match r {
+                    Ok(end) => end,
+                    Err(_) => Some(self.lost(s, 1006)),
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                let _ = timeout(Duration::from_millis(100), ws.close(None)).await;
+                Some(self.lost(s, code))
+            }
+            Some(Ok(_)) => None,
+            Some(Err(_)) | None => Some(self.lost(s, 1006)),
+        }
+    }
+
+    /// The session was closed by the server (with `code`) or broke.
+    fn lost(&mut self, s: &Session, code: u16) -> End {
+        *self.out.close_codes.entry(code).or_insert(0) += 1;
+        let fatal = matches!(
+            code,
+            close::POLICY_VIOLATION
+                | close::AUTH_FAILED
+                | close::AUTH_TIMEOUT
+                | close::PROTOCOL_ERROR
+                | close::UNSUPPORTED_DATA
+                | close::INVALID_PAYLOAD
+                | close::MESSAGE_TOO_BIG
+                | close::TOO_MANY_ERRORS
+        );
+        if !s.up {
+            self.connect_failed(format!("closed before auth ({code})"));
+        }
+        if fatal {
+            End::Fatal
+        } else {
+            End::Lost
+        }
+    }
+
+    /// When the next message (or v1 retry) is due, if the run is sending.
+    fn next_send_instant(&self) -> Option<Instant> {
+        let t0 = self.phase.t0()?;
+        let clock = &self.shared.clock;
+        let next = self.plan.schedule.get(self.next_idx).map(|&off| t0 + off);
+        let retry = if self.retry.is_empty() {
+            None
+        } else {
+            self.retry_at_us
+        };
+        let at = match (next, retry) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(clock.instant(at))
+    }
+
+    /// Sends every message that is due (and v1 retries), then flushes.
+    async fn send_due(&mut self, ws: &mut Ws) -> Result<(), tungstenite::Error> {
+        let Some(t0) = self.phase.t0() else {
+            return Ok(());
+        };
+        let shared = Arc::clone(&self.shared);
+        let clock = shared.clock;
+        let live = &shared.live;
+        let now = clock.now_us();
+        if self.retry_at_us.is_some_and(|t| t <= now) {
+            self.retry_at_us = None;
+            while let Some(counter) = self.retry.pop_front() {
+                let Some(u) = self.unacked.get(&counter) else {
+                    continue;
+                };
+                let frame = self.v1_send_frame(counter, u.intended_us);
+                ws.feed(Message::text(frame)).await?;
+                self.out.resent += 1;
+            }
+        }
+        let mut batch = 0;
+        while let Some(&off) = self.plan.schedule.get(self.next_idx) {
+            let intended_us = t0 + off;
+            if intended_us > now || batch >= 256 {
+                break;
+            }
+            let counter = self.next_idx as u32;
+            let frame = match shared.cfg.protocol {
+                Protocol::V1 => self.v1_send_frame(counter, intended_us),
+                Protocol::Legacy => {
+                    let text = self.text(counter, intended_us);
+                    serde_json::to_string(&LegacySay { message: &text })
+                        .map_err(|e| tungstenite::Error::Io(e.into()))?
+                }
+            };
+            ws.feed(Message::text(frame)).await?;
+            if let Some(p) = &shared.printer {
+                let text = self.text(counter, intended_us);
+                let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = writeln!(p, "{text}");
+            }
+            self.next_idx += 1;
+            batch += 1;
+            self.out.sent += 1;
+            live.sent.fetch_add(1, Relaxed);
+            live.pending_sends.fetch_sub(1, Relaxed);
+            match shared.cfg.protocol {
+                Protocol::V1 => {
+                    self.unacked.insert(
+                        counter,
+                        Unacked {
+                            intended_us,
+                            error_retries: 0,
+                        },
+                    );
+                    live.in_flight.fetch_add(1, Relaxed);
+                }
+                Protocol::Legacy => self.sent_at[counter as usize] = clock.now_us(),
+            }
+        }
+        ws.flush().await
+    }
+
+    fn text(&self, counter: u32, intended_us: u64) -> String {
+        let cfg = &self.shared.cfg;
+        let tag = Tag {
+            conn: self.plan.idx,
+            counter,
+            intended_unix_us: self.shared.clock.unix_us(intended_us),
+        };
+        text::encode(&cfg.run_id, tag, cfg.size)
+    }
+
+    fn v1_send_frame(&self, counter: u32, intended_us: u64) -> String {
+        let frame = ClientFrame::Send {
+            room: self.room_names[0].clone(),
+            text: self.text(counter, intended_us),
+            client_msg_id: Some(format!(
+                "{}:{}:{}",
+                self.shared.cfg.run_id, self.plan.idx, counter
+            )),
+            reference: Some(Ref::Num(u64::from(counter))),
+        };
+        serde_json::to_string(&frame).unwrap_or_default()
+    }
+
+    /// The first copy of one of our messages arrived at `now_us`; timed from its intended
+    /// send time when `timed`.
+    fn count_delivery(&mut self, intended_unix_us: u64, now_us: u64, timed: bool) {
+        self.new_deliveries += 1;
+        self.last_delivery_us = self.last_delivery_us.max(now_us);
+        if timed {
+            let intended = self.shared.clock.since_anchor_us(intended_unix_us);
+            self.new_latencies.push(now_us.saturating_sub(intended));
+        }
+    }
+
+    /// Adds the batch's first receipts to the shared counters and histogram.
+    fn flush_deliveries(&mut self) {
+        if self.new_deliveries == 0 {
+            return;
+        }
+        let shared = &self.shared;
+        shared
+            .live
+            .delivered_at(self.new_deliveries, self.last_delivery_us);
+        shared
+            .latency
+            .record_all(self.plan.idx, &self.new_latencies);
+        self.new_deliveries = 0;
+        self.new_latencies.clear();
+    }
+
+    // ---- v1 ----
+
+    async fn on_v1_text(
+        &mut self,
+        ws: &mut Ws,
+        text: &str,
+        s: &mut Session,
+    ) -> Result<Option<End>, tungstenite::Error> {
+        if let Ok(FastV1 {
+            kind: "message",
+            room: Some(room),
+            seq: Some(seq),
+            text: Some(body),
+        }) = serde_json::from_str::<FastV1>(text)
+        {
+            self.on_v1_message(room, seq, body);
+            return Ok(None);
+        }
+        match serde_json::from_str::<ServerFrame>(text) {
+            Ok(frame) => self.on_v1_frame(ws, frame, s).await,
+            Err(_) => {
+                self.out.bad_frames += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    fn on_v1_message(&mut self, room: &str, seq: u64, body: &str) {
+        let now = self.shared.clock.now_us();
+        let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) else {
+            return;
+        };
+        let intended = text::parse(body, &self.shared.cfg.run_id).map(|t| t.intended_unix_us);
+        if r.on_message(seq, intended, now) == Receipt::New {
+            if let Some(i) = intended {
+                self.count_delivery(i, now, true);
+            }
+        }
+    }
+
+    async fn on_v1_frame(
+        &mut self,
+        ws: &mut Ws,
+        frame: ServerFrame,
+        s: &mut Session,
+    ) -> Result<Option<End>, tungstenite::Error> {
+        match frame {
+            ServerFrame::Message(m) => self.on_v1_message(&m.room, m.seq, &m.text),
+            ServerFrame::Hello { session_room, .. } => {
+                if s.up {
+                    return Ok(None);
+                }
+                s.up = true;
+                self.out.connected_once = true;
+                self.shared.live.connected.fetch_add(1, Relaxed);
+                // A session tied to one room can only use that room.
+                if let Some(sr) = session_room {
+                    if sr != self.room_names[0] && self.rooms.iter().all(|r| r.base.is_none()) {
+                        self.room_names[0] = sr.clone();
+                        for r in &mut self.rooms {
+                            *r = V1Room::new(sr.clone());
+                        }
+                    }
+                }
+                // Resend whatever was not acknowledged, with the same client_msg_id.
+                if !self.unacked.is_empty() {
+                    self.retry = self.unacked.keys().copied().collect();
+                    self.retry_at_us = Some(0);
+                }
+                let rooms: Vec<JoinRoom> = self
+                    .rooms
+                    .iter()
+                    .filter(|r| !r.refused)
+                    .map(|r| JoinRoom {
+                        room: r.name.clone(),
+                        since: r.since(),
+                    })
+                    .collect();
+                s.joins_waiting = rooms.len();
+                if rooms.is_empty() {
+                    s.established = true;
+                } else {
+                    let join = ClientFrame::Join {
+                        rooms,
+                        reference: Some(Ref::Str(JOIN_REF.into())),
+                    };
+                    send_frame(ws, &join).await?;
+                }
+            }
+            ServerFrame::Joined { room, last_seq, .. } => {
+                if let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) {
+                    let held = r.on_joined(last_seq);
+                    let mut new = Vec::new();
+                    for (seq, intended, at) in held {
+                        if r.on_message(seq, intended, at) == Receipt::New {
+                            new.extend(intended.map(|i| (i, at)));
+                        }
+                    }
+                    for (i, at) in new {
+                        self.count_delivery(i, at, true);
+                    }
+                }
+                s.joins_waiting = s.joins_waiting.saturating_sub(1);
+                if s.joins_waiting == 0 {
+                    s.established = true;
+                }
+            }
+            ServerFrame::Reset { room, .. } => {
+                if let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) {
+                    r.resets += 1;
+                }
+            }
+            ServerFrame::Ack {
+                room,
+                seq,
+                client_msg_id,
+                reference,
+                ..
+            } => {
+                let counter = match reference {
+                    Some(Ref::Num(n)) => u32::try_from(n).ok(),
+                    _ => client_msg_id
+                        .as_deref()
+                        .and_then(|c| c.rsplit(':').next())
+                        .and_then(|c| c.parse().ok()),
+                };
+                if let Some(counter) = counter {
+                    self.on_ack(counter, &room, seq);
+                }
+            }
+            ServerFrame::Error {
+                code, reference, ..
+            } => {
+                *self.out.errors.entry(code.to_string()).or_insert(0) += 1;
+                match reference {
+                    Some(Ref::Num(n)) => {
+                        if let Ok(counter) = u32::try_from(n) {
+                            self.on_send_error(counter, code);
+                        }
+                    }
+                    Some(Ref::Str(r)) if r == JOIN_REF && !s.established => {
+                        for r in &mut self.rooms {
+                            if r.base.is_none() {
+                                r.refused = true;
+                            }
+                        }
+                        s.joins_waiting = 0;
+                        s.established = true;
+                    }
+                    _ if code == ErrorCode::AuthFailed => {
+                        self.connect_failed("auth_failed".into());
+                        return Ok(Some(End::Fatal));
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    fn on_ack(&mut self, counter: u32, room: &str, seq: u64) {
+        let prev = self.ack_seq.get(counter as usize).copied().unwrap_or(0);
+        if prev != 0 && prev != seq {
+            self.out.ack_conflicts += 1;
+        }
+        let Some(u) = self.unacked.remove(&counter) else {
+            return;
+        };
+        if let Some(slot) = self.ack_seq.get_mut(counter as usize) {
+            *slot = seq;
+        }
+        let shared = &self.shared;
+        let now = shared.clock.now_us();
+        self.out.acked += 1;
+        shared.live.acked.fetch_add(1, Relaxed);
+        shared.live.in_flight.fetch_sub(1, Relaxed);
+        shared
+            .ack_latency
+            .record(self.plan.idx, now.saturating_sub(u.intended_us));
+        let room_idx = match self.room_names.iter().position(|r| r == room) {
+            Some(i) => i,
+            None => {
+                self.room_names.push(room.to_string());
+                self.room_names.len() - 1
+            }
+        };
+        self.acked_seqs
+            .push((u16::try_from(room_idx).unwrap_or(u16::MAX), seq));
+    }
+
+    fn on_send_error(&mut self, counter: u32, code: ErrorCode) {
+        let retry_in_us = match code {
+            ErrorCode::RateLimited => Some(1_000_000),
+            ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal => Some(200_000),
+            _ => None,
+        };
+        let Some(u) = self.unacked.get_mut(&counter) else {
+            return;
+        };
+        match retry_in_us {
+            Some(d) if u.error_retries < MAX_ERROR_RETRIES => {
+                u.error_retries += 1;
+                self.retry.push_back(counter);
+                let at = self.shared.clock.now_us() + d;
+                self.retry_at_us = Some(self.retry_at_us.map_or(at, |t| t.min(at)));
+            }
+            _ => {
+                self.unacked.remove(&counter);
+                self.out.refused += 1;
+                self.shared.live.in_flight.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    // ---- legacy ----
+
+    fn on_legacy_text(&mut self, text: &str, s: &mut Session) -> Option<End> {
+        let (authenticated, message, error) = match serde_json::from_str::<FastLegacy>(text) {
+            Ok(f) => (
+                f.authenticated,
+                f.message.map(Into::into),
+                f.error.map(str::to_string),
+            ),
+            // Escaped text, a numeric message, or not JSON at all.
+            Err(_) => match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(v) => (
+                    v.get("authenticated").and_then(|a| a.as_bool()),
+                    v.get("message")
+                        .and_then(|m| m.as_str())
+                        .map(|m| std::borrow::Cow::Owned(m.to_string())),
+                    v.get("error").and_then(|e| e.as_str()).map(str::to_string),
+                ),
+                Err(_) => {
+                    self.out.bad_frames += 1;
+                    return None;
+                }
+            },
+        };
+        if authenticated == Some(true) && !s.up {
+            s.up = true;
+            s.established = true;
+            s.window_start = self.shared.clock.now_us();
+            self.out.connected_once = true;
+            self.shared.live.connected.fetch_add(1, Relaxed);
+        }
+        if let Some(code) = error {
+            *self.out.errors.entry(code.clone()).or_insert(0) += 1;
+            if !s.up {
+                self.connect_failed(code);
+                return Some(End::Fatal);
+            }
+        }
+        if let Some(body) = message {
+            self.on_legacy_message(&body, s);
+        }
+        None
+    }
+
+    fn on_legacy_message(&mut self, body: &str, s: &Session) {
+        if !self.plan.receives {
+            return;
+        }
+        let cfg = &self.shared.cfg;
+        let Some(tag) = text::parse(body, &cfg.run_id) else {
+            return;
+        };
+        let Some(&len) = cfg.sched_len.get(tag.conn as usize) else {
+            return;
+        };
+        if tag.counter >= len {
+            return;
+        }
+        let g = cfg.base_g[tag.conn as usize] + u64::from(tag.counter);
+        if self.recv.on_message(g, tag.conn, tag.counter) == Receipt::New {
+            let now = self.shared.clock.now_us();
+            let intended = self.shared.clock.since_anchor_us(tag.intended_unix_us);
+            // History of before this connection is not timed.
+            let timed = intended >= s.opened_at;
+            self.count_delivery(tag.intended_unix_us, now, timed);
+        }
+    }
+
+    fn finish(mut self) -> Output {
+        let mut out = std::mem::take(&mut self.out);
+        out.unacked = self.unacked.len() as u64;
+        for r in &self.rooms {
+            out.duplicated += r.duplicated;
+            out.out_of_order += r.out_of_order;
+            out.resets += r.resets;
+        }
+        for r in self.rooms.drain(..) {
+            if let (Some(base), false) = (r.base, r.refused) {
+                out.rooms.push(V1RoomOut {
+                    name: r.name,
+                    base,
+                    upper: r.upper.unwrap_or(u64::MAX),
+                    ours: r.ours,
+                });
+            }
+        }
+        out.acked_seqs = self
+            .acked_seqs
+            .iter()
+            .filter_map(|&(i, seq)| Some((self.room_names.get(i as usize)?.clone(), seq)))
+            .collect();
+        if !self.v1() {
+            out.duplicated += self.recv.duplicated;
+            out.replayed += self.recv.replayed;
+            out.out_of_order += self.recv.out_of_order;
+            out.sent_at = std::mem::take(&mut self.sent_at);
+            if self.plan.receives {
+                out.legacy_seen = Some(std::mem::take(&mut self.recv.seen));
+            }
+        }
+        out
+    }
+}
+
+async fn send_frame(ws: &mut Ws, frame: &ClientFrame) -> Result<(), tungstenite::Error> {
+    let text = serde_json::to_string(frame).map_err(|e| tungstenite::Error::Io(e.into()))?;
+    ws.send(Message::text(text)).await
+}
+
+/// `URL?session_key=KEY` (or `&session_key=` if the URL has a query already).
+pub(crate) fn legacy_url(base: &str, key: &str) -> String {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut url = format!("{base}{sep}session_key=");
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            url.push(char::from(b));
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url
+}
+
+/// A short reason for a failed attempt, fit to be counted.
+fn describe(e: &tungstenite::Error) -> String {
+    match e {
+        tungstenite::Error::Http(r) => format!("http {}", r.status().as_u16()),
+        tungstenite::Error::Io(io) => format!("io: {}", io.kind()),
+        other => {
+            let mut s = other.to_string();
+            s.truncate(80);
+            s
+        }
+    }
+}
+
+/// Reconnect delay after `attempt` failures in a row: 50 ms doubling to 5 s, with jitter
+/// (half to all of it), so that 10,000 clients do not come back in one instant.
+fn backoff(attempt: u32) -> Duration {
+    let full = (50u64 << attempt.min(7).saturating_sub(1)).min(5_000);
+    let ms = rand::rng().random_range(full / 2..=full);
+    Duration::from_millis(ms)
+}
+
+/// An exponentially distributed duration with this mean (seconds).
+pub(crate) fn exponential(mean_s: f64) -> Duration {
+    let u: f64 = rand::rng().random();
+    Duration::from_secs_f64(-(1.0 - u).ln() * mean_s)
+}

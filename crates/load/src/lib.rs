@@ -1,0 +1,567 @@
+//! `wschat load`: a load, latency and loss client for wschat (protocol v1) and for
+//! nodejschat-compatible servers (the legacy protocol).
+//!
+//! N connections each send on a **fixed, open-loop schedule** (Poisson: exponential gaps
+//! with mean `--interval`, drawn before the run starts) for `--duration` seconds, then the
+//! client waits up to `--drain` seconds for what is still in flight and reports. A message
+//! that is due while its connection is down, or blocked, is sent as soon as it can be,
+//! still carrying its intended time, so slow or absent service shows up as latency
+//! (coordinated omission is not hidden).
+//!
+//! # What a message says
+//!
+//! Every text is `L|<run_id>|<conn>|<counter>|<intended_unix_micros>|<padding>` (see
+//! [`text`]). Receivers ignore anything else, including other runs' messages.
+//! Latency = time of first receipt − intended send time, in an hdrhistogram.
+//!
+//! # What is expected of whom
+//!
+//! Deliveries are counted as distinct (message, receiving connection) pairs; the sender's
+//! own copy counts when the sender also receives. `lost = expected − delivered`, and it is
+//! never negative: a pair is delivered only if it was expected.
+//!
+//! **v1.** A message is identified by (room, seq). The room's messages of this run are
+//! every (room, seq) that was acked to one of our senders, plus every (room, seq) of ours
+//! that any receiver got (a message can be stored and delivered while its sender was cut
+//! off before the ack). A receiving connection becomes a member of its room at its first
+//! `joined`, whose `last_seq` is its base; from then on it is expected to receive every
+//! one of the room's messages of this run with seq above its base, whether it is
+//! connected at the time or not: it reconnects with backoff (close codes 1012 and 4008,
+//! and any broken connection) and resumes each room with `since` = the last seq it
+//! received, so what it gets on resume counts as delivered and what never comes counts as
+//! lost. A connection that gives up for good (bad key, policy close) is expected to have
+//! only up to what it had received. Messages sent and never acked nor seen by anyone
+//! (`unacked`) were not stored, as far as anyone knows, and are expected of no one; error
+//! frames that refuse a send for good count as `refused`. Retryable errors (`unavailable`,
+//! `shutting_down`, `internal`, `rate_limited`) and sends that were not acked before a
+//! reconnect are sent again with the same `client_msg_id`; two acks with different seqs
+//! for one message count as `ack_conflicts`. `duplicated`: a (room, seq) of ours a
+//! receiver got more than once; `out_of_order`: one that came after a higher seq of ours
+//! in the same room at the same receiver.
+//!
+//! **legacy.** A message is identified by (sender, counter). The legacy protocol has no
+//! ids, acks or resume, so a receiving connection is expected to receive a message when
+//! it is in the sender's room and the message was sent while it was authenticated (from
+//! its `{"authenticated":true}` to the moment it was lost; when we closed it on purpose
+//! with `--churn`, what was sent in its last second counts, as expected and delivered,
+//! only if it came, since it may still have been in flight; so does what was sent between
+//! the upgrade and the `authenticated` frame). With one `--session-key` for all,
+//! everyone is in one room; with `--keys` the rooms come from the session rows, which the
+//! client cannot see, so they are inferred: a receiver that got any message of a sender
+//! shares its room (transitively). Legacy connections reconnect too (with backoff, no
+//! resume): what was sent while a connection was down is not expected of it; what the
+//! server replays on reconnect counts as `replayed` if it was received before, and as
+//! `unexpected` if it predates the connection. `duplicated`: a message received twice on
+//! one connection; `out_of_order`: a sender's counter going back at one receiver within
+//! one connection.
+//!
+//! # Efficiency
+//!
+//! One tokio task per connection, 8 KiB WebSocket buffers, TCP_NODELAY, frames decoded
+//! into borrowed views on the hot path (the typed [`wschat_protocol`] frames otherwise),
+//! live counters in atomics, latencies in 16 shared histogram shards (a histogram per
+//! task would cost ~100 KB × 10,000), and per-receiver records of about one bit per
+//! delivery (`bits.rs`), merged when the run ends.
+
+mod account;
+mod bits;
+mod conn;
+mod progress;
+mod report;
+mod stats;
+pub mod text;
+
+use std::io::{BufWriter, Write as _};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::account::{LegacyReceiver, LegacySender};
+use crate::conn::{Config, Conn, Phase, PhaseBus, Plan, Shared};
+use crate::stats::{new_histogram, Clock, Live, Sharded};
+
+pub use crate::report::{LatencyMs, Report};
+
+/// Which protocol to speak.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// wschat protocol v1 (`/ws`): auth, join, send with acks, resume with `since`.
+    V1,
+    /// nodejschat's protocol: `?session_key=KEY`, `{"message": TEXT}`.
+    Legacy,
+}
+
+impl Protocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::V1 => "v1",
+            Protocol::Legacy => "legacy",
+        }
+    }
+}
+
+/// Options of `wschat load URL [options]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Server URL; several, comma-separated, spread connections round-robin over nodes.
+    /// v1: ws://HOST:56412/ws; legacy: ws://HOST:56412/ (any path; `?session_key=` is added).
+    pub url: String,
+
+    /// Protocol to speak.
+    #[arg(long, value_enum, default_value_t = Protocol::V1)]
+    pub protocol: Protocol,
+
+    /// Number of connections.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub connections: u32,
+
+    /// One session key for every connection (like nodejschat's test client).
+    #[arg(long, conflicts_with = "keys", required_unless_present = "keys")]
+    pub session_key: Option<String>,
+
+    /// A session key per connection: `{i}` is replaced by 1, 2, … (e.g. `k{i}`).
+    #[arg(long)]
+    pub keys: Option<String>,
+
+    /// Mean seconds between messages of one connection (Poisson arrivals); 0: never send.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+
+    /// Seconds of the sending phase.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Most seconds to wait after the sending phase for in-flight deliveries.
+    #[arg(long, default_value_t = 10.0)]
+    pub drain: f64,
+
+    /// v1 rooms: a number N (connection i joins `r{i % N}`) or comma-separated names
+    /// (connection i joins name i % count). Legacy: the session row decides.
+    #[arg(long, default_value = "1")]
+    pub rooms: String,
+
+    /// New connections per second while connecting (0: all at once).
+    #[arg(long, default_value_t = 1000.0)]
+    pub ramp: f64,
+
+    /// Print every sent text on stdout, one per line (nodejschat's test client output).
+    #[arg(long)]
+    pub print_sent: bool,
+
+    /// Print the report as one JSON object on the last stdout line.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Close and reopen this fraction of the connections per second (v1 resumes).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
+
+    /// The first N connections only send: they do not join, nor count as receivers.
+    #[arg(long, default_value_t = 0)]
+    pub send_only: u32,
+
+    /// The connections after the `--send-only` ones only receive (do not send).
+    #[arg(long)]
+    pub receive_only: bool,
+
+    /// Pad each message text to at least this many bytes.
+    #[arg(long, default_value_t = 0)]
+    pub size: usize,
+
+    /// Seconds allowed for one connection attempt (TCP, upgrade, auth and join).
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub no_progress: bool,
+
+    /// Seed for the send schedules (the run id stays random).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl LoadArgs {
+    /// Parses `wschat load`'s arguments (without the program name), for tests and tools.
+    pub fn parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: LoadArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("load"))
+            .chain(args.into_iter().map(Into::into));
+        Ok(Cli::try_parse_from(argv)?.args)
+    }
+}
+
+fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
+    if !v.is_finite() || v < 0.0 {
+        bail!("--{name} must be a non-negative number of seconds, not {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn room_names(spec: &str) -> anyhow::Result<Vec<String>> {
+    let spec = spec.trim();
+    if let Ok(n) = spec.parse::<u32>() {
+        if n == 0 {
+            bail!("--rooms must be at least 1");
+        }
+        return Ok((0..n).map(|i| format!("r{i}")).collect());
+    }
+    let names: Vec<String> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if names.is_empty() {
+        bail!("--rooms: no room names in {spec:?}");
+    }
+    Ok(names)
+}
+
+/// Runs the load, prints the report (a summary for a person; with `--json`, one JSON line
+/// last on stdout) and returns it.
+pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
+    let duration = seconds("duration", args.duration)?;
+    let drain = seconds("drain", args.drain)?;
+    let connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
+    if !args.interval.is_finite() || args.interval < 0.0 {
+        bail!("--interval must be a non-negative number of seconds");
+    }
+    if !args.ramp.is_finite() || args.ramp < 0.0 {
+        bail!("--ramp must be a non-negative rate");
+    }
+    if !args.churn.is_finite() || !(0.0..=1000.0).contains(&args.churn) {
+        bail!("--churn must be a fraction per second");
+    }
+    let n = args.connections as usize;
+    if n == 0 {
+        bail!("--connections must be at least 1");
+    }
+    let key_for = |i: usize| -> anyhow::Result<String> {
+        match (&args.session_key, &args.keys) {
+            (Some(k), None) => Ok(k.clone()),
+            (None, Some(p)) => Ok(p.replace("{i}", &(i + 1).to_string())),
+            _ => bail!("give exactly one of --session-key and --keys"),
+        }
+    };
+    key_for(0)?;
+    let urls: Vec<String> = args
+        .url
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if urls.is_empty() {
+        bail!("no URL given");
+    }
+    for u in &urls {
+        let probe = match args.protocol {
+            Protocol::V1 => u.clone(),
+            Protocol::Legacy => conn::legacy_url(u, "k"),
+        };
+        probe
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("bad URL {u:?}"))?;
+        if u.starts_with("wss:") {
+            bail!("{u}: wss:// is not supported by the load client (use ws://)");
+        }
+    }
+    let rooms = room_names(&args.rooms)?;
+
+    // Raise the soft open-files limit to the hard one; fine to fail (small runs work).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("could not raise RLIMIT_NOFILE: {e}");
+    }
+
+    let run_id = format!("{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff);
+    let mut rng = match args.seed {
+        Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+        None => rand::rngs::StdRng::from_rng(&mut rand::rng()),
+    };
+    let duration_us = duration.as_micros() as f64;
+    let mean_us = args.interval * 1e6;
+    let send_only = (args.send_only as usize).min(n);
+    let schedules: Vec<Vec<u64>> = (0..n)
+        .map(|i| {
+            let mut s = Vec::new();
+            if mean_us <= 0.0 || (args.receive_only && i >= send_only) {
+                return s;
+            }
+            let mut t = 0.0f64;
+            loop {
+                let u: f64 = rng.random();
+                t += -(1.0 - u).ln() * mean_us;
+                if t >= duration_us {
+                    break;
+                }
+                s.push(t as u64);
+            }
+            s
+        })
+        .collect();
+    let sched_len: Vec<u32> = schedules.iter().map(|s| s.len() as u32).collect();
+    let mut base_g = Vec::with_capacity(n);
+    let mut scheduled = 0u64;
+    for &l in &sched_len {
+        base_g.push(scheduled);
+        scheduled += u64::from(l);
+    }
+
+    let clock = Clock::new();
+    let shared = Arc::new(Shared {
+        cfg: Config {
+            run_id: run_id.clone(),
+            protocol: args.protocol,
+            urls: urls.clone(),
+            ws: WebSocketConfig::default()
+                .read_buffer_size(8 * 1024)
+                .write_buffer_size(8 * 1024),
+            connect_timeout,
+            churn_per_s: args.churn,
+            size: args.size,
+            sched_len,
+            base_g: base_g.clone(),
+        },
+        clock,
+        live: Live::default(),
+        latency: Sharded::new()?,
+        ack_latency: Sharded::new()?,
+        printer: args
+            .print_sent
+            .then(|| Mutex::new(BufWriter::with_capacity(64 * 1024, std::io::stdout()))),
+        settled: AtomicUsize::new(0),
+    });
+    shared.live.pending_sends.store(scheduled as i64, Relaxed);
+
+    let mut phase_bus = PhaseBus::default();
+    let started = Instant::now();
+    let mut handles = Vec::with_capacity(n);
+    for (i, schedule) in schedules.into_iter().enumerate() {
+        let plan = Plan {
+            idx: i as u32,
+            key: key_for(i)?,
+            room: rooms[i % rooms.len()].clone(),
+            receives: i >= send_only,
+            schedule,
+            start_delay: if args.ramp > 0.0 {
+                Duration::from_secs_f64(i as f64 / args.ramp)
+            } else {
+                Duration::ZERO
+            },
+        };
+        let task = Conn::new(plan, Arc::clone(&shared), phase_bus.subscribe());
+        handles.push(tokio::spawn(task.run()));
+    }
+    let progress = (!args.no_progress)
+        .then(|| tokio::spawn(progress::run(Arc::clone(&shared), phase_bus.subscribe(), n)));
+
+    // Connect: until every connection's first attempt is over.
+    while shared.settled.load(Relaxed) < n && !handles.iter().all(|h| h.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+
+    // Send on schedule.
+    let t0_us = clock.now_us() + 10_000;
+    phase_bus.send(Phase::Send { t0_us });
+    tokio::time::sleep_until(clock.instant(t0_us) + duration).await;
+
+    // Drain: until nothing is due or unacknowledged and deliveries have stopped for a
+    // second, or `--drain` is over.
+    phase_bus.send(Phase::Drain { t0_us });
+    let drain_started = Instant::now();
+    let quiet_us = Duration::from_secs(1).min(drain).as_micros() as u64;
+    let drain_start_us = clock.now_us();
+    loop {
+        let live = &shared.live;
+        let last = live.last_delivery_us.load(Relaxed).max(drain_start_us);
+        let quiet = clock.now_us().saturating_sub(last) >= quiet_us;
+        let idle = live.pending_sends.load(Relaxed) <= 0 && live.in_flight.load(Relaxed) <= 0;
+        if (quiet && idle) || drain_started.elapsed() >= drain {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drain_s = drain_started.elapsed().as_secs_f64();
+    phase_bus.send(Phase::Stop);
+
+    let mut outputs = Vec::with_capacity(n);
+    let mut lost_tasks = 0u64;
+    let join_deadline = Instant::now() + Duration::from_secs(10);
+    for h in handles {
+        match tokio::time::timeout_at(join_deadline, h).await {
+            Ok(Ok(o)) => outputs.push(o),
+            Ok(Err(e)) => {
+                lost_tasks += 1;
+                tracing::error!("a connection task failed: {e}");
+            }
+            Err(_) => lost_tasks += 1,
+        }
+    }
+    if lost_tasks > 0 {
+        tracing::error!("{lost_tasks} connection tasks did not report; their figures are missing");
+    }
+    if let Some(p) = progress {
+        let _ = p.await;
+    }
+    if let Some(p) = &shared.printer {
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        p.flush()?;
+    }
+
+    let report = build_report(
+        &args,
+        &shared,
+        outputs,
+        &base_g,
+        ReportTimes {
+            run_id,
+            urls,
+            scheduled,
+            connect_s,
+            duration_s: duration.as_secs_f64(),
+            drain_s,
+        },
+    )?;
+    let human = report.human();
+    let mut stdout = std::io::stdout().lock();
+    if args.json || args.print_sent {
+        eprint!("{human}");
+    } else {
+        write!(stdout, "{human}")?;
+    }
+    if args.json {
+        writeln!(stdout, "{}", serde_json::to_string(&report)?)?;
+    }
+    stdout.flush()?;
+    Ok(report)
+}
+
+struct ReportTimes {
+    run_id: String,
+    urls: Vec<String>,
+    scheduled: u64,
+    connect_s: f64,
+    duration_s: f64,
+    drain_s: f64,
+}
+
+fn build_report(
+    args: &LoadArgs,
+    shared: &Shared,
+    outputs: Vec<conn::Output>,
+    base_g: &[u64],
+    t: ReportTimes,
+) -> anyhow::Result<Report> {
+    let v1 = args.protocol == Protocol::V1;
+    let mut r = Report {
+        run_id: t.run_id,
+        protocol: args.protocol.as_str().into(),
+        urls: t.urls,
+        connections: u64::from(args.connections),
+        scheduled: t.scheduled,
+        connect_s: t.connect_s,
+        duration_s: t.duration_s,
+        drain_s: t.drain_s,
+        ..Report::default()
+    };
+    let (mut acked, mut unacked, mut refused, mut conflicts) = (0, 0, 0, 0);
+    let mut v1_rooms = Vec::new();
+    let mut acked_seqs = Vec::new();
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for (i, o) in outputs.into_iter().enumerate() {
+        r.connected += u64::from(o.connected_once);
+        r.connected_at_end += u64::from(o.up_at_end);
+        r.failed_connects += o.failed_connects;
+        r.disconnects += o.disconnects;
+        r.churned += o.churned;
+        r.gave_up += u64::from(o.gave_up);
+        for (k, v) in o.close_codes {
+            *r.close_codes.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in o.connect_errors {
+            *r.connect_errors.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in o.errors {
+            *r.errors.entry(k).or_insert(0) += v;
+        }
+        r.bad_frames += o.bad_frames;
+        r.sent += o.sent;
+        r.unsent += o.scheduled - o.sent;
+        r.resent += o.resent;
+        acked += o.acked;
+        unacked += o.unacked;
+        refused += o.refused;
+        conflicts += o.ack_conflicts;
+        r.resets += o.resets;
+        r.duplicated += o.duplicated;
+        r.replayed += o.replayed;
+        r.out_of_order += o.out_of_order;
+        if v1 {
+            v1_rooms.extend(o.rooms);
+            acked_seqs.extend(o.acked_seqs);
+        } else {
+            senders.push(LegacySender {
+                base_g: base_g.get(i).copied().unwrap_or(0),
+                sent_at: o.sent_at,
+            });
+            if let Some(seen) = o.legacy_seen {
+                receivers.push(LegacyReceiver {
+                    conn: i as u32,
+                    seen,
+                    windows: o.windows,
+                });
+            }
+        }
+    }
+    let e = if v1 {
+        r.acked = Some(acked);
+        r.unacked = Some(unacked);
+        r.refused = Some(refused);
+        r.ack_conflicts = Some(conflicts);
+        account::v1_expectation(&acked_seqs, &v1_rooms)
+    } else {
+        account::legacy_expectation(&senders, &receivers, args.session_key.is_some())
+    };
+    r.expected = e.expected;
+    r.delivered = e.delivered;
+    r.unexpected = e.unexpected;
+    r.lost = e.expected - e.delivered;
+    r.loss_ratio = if e.expected > 0 {
+        r.lost as f64 / e.expected as f64
+    } else {
+        0.0
+    };
+    let mut h = new_histogram()?;
+    shared.latency.merge_into(&mut h);
+    r.latency_ms = LatencyMs::from_histogram(&h);
+    if v1 {
+        shared.ack_latency.merge_into(&mut h);
+        r.ack_latency_ms = Some(LatencyMs::from_histogram(&h));
+    }
+    if t.duration_s > 0.0 {
+        r.send_rate = r.sent as f64 / t.duration_s;
+    }
+    if t.duration_s + t.drain_s > 0.0 {
+        r.delivery_rate = r.delivered as f64 / (t.duration_s + t.drain_s);
+    }
+    Ok(r)
+}

@@ -1,0 +1,209 @@
+//! The end-of-run report: what `run` returns, prints for a person, and prints as one JSON
+//! line with `--json`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LatencyMs {
+    /// Samples recorded.
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl LatencyMs {
+    pub(crate) fn from_histogram(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+/// Everything a run measured. Counts of deliveries are (message, receiving connection)
+/// pairs; see the crate documentation for what is expected of whom.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Identifies this run's messages (`L|<run_id>|…`).
+    pub run_id: String,
+    /// `v1` or `legacy`.
+    pub protocol: String,
+    pub urls: Vec<String>,
+    /// Connections asked for.
+    pub connections: u64,
+    /// Connections that were up (authenticated) at least once.
+    pub connected: u64,
+    /// Connections up when the run stopped.
+    pub connected_at_end: u64,
+    /// Connection attempts that failed (refused, timed out, bad key, closed before auth).
+    pub failed_connects: u64,
+    /// Connections lost after they were up, not by our choice.
+    pub disconnects: u64,
+    /// Connections closed on purpose by `--churn`.
+    pub churned: u64,
+    /// Connections that stopped trying (bad key, policy close).
+    pub gave_up: u64,
+    /// Close codes received from servers, by code.
+    pub close_codes: BTreeMap<u16, u64>,
+    /// Why connection attempts failed, by reason (at most 20 reasons).
+    pub connect_errors: BTreeMap<String, u64>,
+
+    /// Messages in the fixed send schedules.
+    pub scheduled: u64,
+    /// Messages sent (each counted once, however often retried).
+    pub sent: u64,
+    /// Scheduled messages never sent (their connection was down until the end).
+    pub unsent: u64,
+    /// v1: sends repeated with the same `client_msg_id` after a reconnect or an error.
+    pub resent: u64,
+    /// v1: messages acknowledged (`null` in legacy).
+    pub acked: Option<u64>,
+    /// v1: messages sent and never acknowledged nor refused.
+    pub unacked: Option<u64>,
+    /// v1: messages the server finally refused (error frames), never stored.
+    pub refused: Option<u64>,
+    /// v1: acks for one message with two different seqs (stored twice).
+    pub ack_conflicts: Option<u64>,
+    /// Error frames received, by code.
+    pub errors: BTreeMap<String, u64>,
+
+    /// (message, receiver) pairs that should have been delivered.
+    pub expected: u64,
+    /// Expected pairs that were delivered (each once, whatever the copies).
+    pub delivered: u64,
+    /// `expected - delivered`.
+    pub lost: u64,
+    /// `lost / expected` (0 when nothing was expected).
+    pub loss_ratio: f64,
+    /// Extra copies of a pair (v1: any; legacy: within one connection).
+    pub duplicated: u64,
+    /// Legacy: copies received again after a reconnect (history replay).
+    pub replayed: u64,
+    /// Pairs delivered after a later one (v1: seq going back per room and receiver;
+    /// legacy: a sender's counter going back per receiver connection).
+    pub out_of_order: u64,
+    /// Our messages received but not expected (legacy history from before a connection).
+    pub unexpected: u64,
+    /// v1: `reset` frames (a resume position older than the server keeps).
+    pub resets: u64,
+    /// Frames that could not be decoded.
+    pub bad_frames: u64,
+
+    /// Intended send time to first receipt.
+    pub latency_ms: LatencyMs,
+    /// v1: intended send time to ack.
+    pub ack_latency_ms: Option<LatencyMs>,
+
+    /// Seconds spent connecting before the send phase.
+    pub connect_s: f64,
+    /// Length of the send phase (`--duration`).
+    pub duration_s: f64,
+    /// Seconds spent waiting for in-flight deliveries after it.
+    pub drain_s: f64,
+    /// `sent / duration_s`.
+    pub send_rate: f64,
+    /// Deliveries per second over the send phase and the drain.
+    pub delivery_rate: f64,
+}
+
+impl Report {
+    /// A few lines for a person.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "wschat load {} run {}: {} connections to {}",
+            self.protocol,
+            self.run_id,
+            self.connections,
+            self.urls.join(",")
+        );
+        let _ = writeln!(
+            s,
+            "  connections: connected {} (at end {}), failed attempts {}, disconnects {}, churned {}, gave up {}",
+            self.connected,
+            self.connected_at_end,
+            self.failed_connects,
+            self.disconnects,
+            self.churned,
+            self.gave_up
+        );
+        let mut sends = format!(
+            "  sends: scheduled {}, sent {} ({:.0}/s), unsent {}",
+            self.scheduled, self.sent, self.send_rate, self.unsent
+        );
+        if let (Some(acked), Some(unacked), Some(refused)) =
+            (self.acked, self.unacked, self.refused)
+        {
+            let _ = write!(
+                sends,
+                ", acked {acked}, unacked {unacked}, refused {refused}, resent {}",
+                self.resent
+            );
+        }
+        let _ = writeln!(s, "{sends}");
+        let _ = writeln!(
+            s,
+            "  deliveries: expected {}, delivered {} ({:.0}/s), lost {} ({:.3} %), duplicated {}, replayed {}, out of order {}, unexpected {}",
+            self.expected,
+            self.delivered,
+            self.delivery_rate,
+            self.lost,
+            self.loss_ratio * 100.0,
+            self.duplicated,
+            self.replayed,
+            self.out_of_order,
+            self.unexpected
+        );
+        let l = &self.latency_ms;
+        let _ = writeln!(
+            s,
+            "  latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2} ({} samples)",
+            l.p50, l.p90, l.p99, l.p999, l.max, l.count
+        );
+        if let Some(a) = &self.ack_latency_ms {
+            let _ = writeln!(
+                s,
+                "  ack latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
+                a.p50, a.p90, a.p99, a.p999, a.max
+            );
+        }
+        if !self.close_codes.is_empty() {
+            let _ = writeln!(s, "  close codes: {:?}", self.close_codes);
+        }
+        if !self.errors.is_empty() {
+            let _ = writeln!(s, "  error frames: {:?}", self.errors);
+        }
+        if !self.connect_errors.is_empty() {
+            let _ = writeln!(s, "  connect errors: {:?}", self.connect_errors);
+        }
+        if self.resets + self.bad_frames + self.ack_conflicts.unwrap_or(0) > 0 {
+            let _ = writeln!(
+                s,
+                "  resets {}, bad frames {}, ack conflicts {}",
+                self.resets,
+                self.bad_frames,
+                self.ack_conflicts.unwrap_or(0)
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,124 @@
+//! State shared by every connection task while the run goes on: the clock, live counters
+//! (atomics, read by the progress line and the drain), and the latency histograms
+//! (sharded behind mutexes, so that 10,000 tasks need not each hold a histogram).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use tokio::time::Instant;
+
+/// One monotonic clock for the run, anchored to the wall clock once, so that intended
+/// send times can travel as unix microseconds and still be compared without clock jumps.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    anchor: Instant,
+    anchor_unix_us: u64,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let anchor_unix_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        Self {
+            anchor: Instant::now(),
+            anchor_unix_us,
+        }
+    }
+
+    /// Microseconds since the anchor.
+    pub fn now_us(&self) -> u64 {
+        self.anchor.elapsed().as_micros() as u64
+    }
+
+    /// The instant `us` microseconds after the anchor.
+    pub fn instant(&self, us: u64) -> Instant {
+        self.anchor + Duration::from_micros(us)
+    }
+
+    /// Unix microseconds of `us` after the anchor.
+    pub fn unix_us(&self, us: u64) -> u64 {
+        self.anchor_unix_us + us
+    }
+
+    /// Microseconds after the anchor of a unix time (0 if before the anchor).
+    pub fn since_anchor_us(&self, unix_us: u64) -> u64 {
+        unix_us.saturating_sub(self.anchor_unix_us)
+    }
+}
+
+/// Counters every task adds to as it goes.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Connections up now.
+    pub connected: AtomicI64,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// First receipts of our messages.
+    pub delivered: AtomicU64,
+    /// When the last first receipt happened (µs since the anchor).
+    pub last_delivery_us: AtomicU64,
+    /// Scheduled messages not yet sent, of connections that still try.
+    pub pending_sends: AtomicI64,
+    /// v1: sent and neither acked nor finally refused.
+    pub in_flight: AtomicI64,
+}
+
+impl Live {
+    /// `n` first receipts, the last at `last_us`.
+    pub fn delivered_at(&self, n: u64, last_us: u64) {
+        self.delivered.fetch_add(n, Relaxed);
+        self.last_delivery_us.fetch_max(last_us, Relaxed);
+    }
+}
+
+/// Latencies recorded in microseconds, up to one hour, three significant digits.
+pub const HIST_MAX_US: u64 = 3_600_000_000;
+const SHARDS: usize = 16;
+
+/// A histogram split into shards that tasks lock briefly, by task index.
+pub struct Sharded {
+    shards: Vec<Mutex<Histogram<u64>>>,
+}
+
+impl Sharded {
+    pub fn new() -> anyhow::Result<Self> {
+        let mut shards = Vec::with_capacity(SHARDS);
+        for _ in 0..SHARDS {
+            shards.push(Mutex::new(new_histogram()?));
+        }
+        Ok(Self { shards })
+    }
+
+    pub fn record(&self, task: u32, us: u64) {
+        self.record_all(task, &[us]);
+    }
+
+    pub fn record_all(&self, task: u32, us: &[u64]) {
+        if us.is_empty() {
+            return;
+        }
+        let shard = &self.shards[task as usize % SHARDS];
+        let mut h = shard.lock().unwrap_or_else(|e| e.into_inner());
+        for &v in us {
+            h.saturating_record(v.clamp(1, HIST_MAX_US));
+        }
+    }
+
+    /// All shards added into `into` (which is reset first).
+    pub fn merge_into(&self, into: &mut Histogram<u64>) {
+        into.reset();
+        for shard in &self.shards {
+            let h = shard.lock().unwrap_or_else(|e| e.into_inner());
+            // Same bounds on both sides: adding cannot fail.
+            let _ = into.add(&*h);
+        }
+    }
+}
+
+pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, HIST_MAX_US, 3)?)
+}

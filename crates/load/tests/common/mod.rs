@@ -1,0 +1,271 @@
+//! Tiny fake servers for the load client's tests: a legacy (nodejschat-like) broadcaster
+//! and a v1 server with an in-memory log, both able to drop every Nth delivery on purpose;
+//! the v1 one can also close every connection with 1012 once, to exercise resume.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use wschat_protocol::legacy;
+use wschat_protocol::v1::{ClientFrame, Limits, MessageBody, ServerFrame};
+
+const TIME: &str = "2016-08-08T17:20:32.421Z";
+
+type Tx = mpsc::UnboundedSender<Message>;
+
+/// Accepts WebSocket connections on 127.0.0.1:0 and runs `handle` for each.
+async fn serve<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(u64, tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = Arc::new(handle);
+    tokio::spawn(async move {
+        let mut next_id = 0u64;
+        while let Ok((tcp, _)) = listener.accept().await {
+            next_id += 1;
+            let id = next_id;
+            let handle = Arc::clone(&handle);
+            let _ = tcp.set_nodelay(true);
+            tokio::spawn(async move {
+                if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                    handle(id, ws).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Splits a socket into a writer task fed by a channel, and returns the channel and the
+/// reading half.
+fn writer(
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> (
+    Tx,
+    futures_util::stream::SplitStream<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>>,
+) {
+    let (mut sink, stream) = ws.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let is_close = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || is_close {
+                break;
+            }
+        }
+    });
+    (tx, stream)
+}
+
+/// A legacy server: `{"authenticated":true}`, then every inbound `{"message"}` goes to
+/// every client as `{"time","user","message"}`, except that, with `drop_every = Some(n)`,
+/// every n-th delivery (counted over all clients) is silently dropped.
+pub async fn legacy_fake(drop_every: Option<u64>) -> SocketAddr {
+    let clients: Arc<Mutex<HashMap<u64, Tx>>> = Arc::default();
+    let deliveries = Arc::new(AtomicU64::new(0));
+    serve(move |id, ws| {
+        let clients = Arc::clone(&clients);
+        let deliveries = Arc::clone(&deliveries);
+        async move {
+            let (tx, mut stream) = writer(ws);
+            let _ = tx.send(Message::text(legacy::AUTHENTICATED));
+            clients.lock().unwrap().insert(id, tx);
+            while let Some(Ok(msg)) = stream.next().await {
+                let Message::Text(t) = msg else { continue };
+                let Ok(legacy::LegacyInbound::Say(text)) = legacy::decode_inbound(t.as_str())
+                else {
+                    continue;
+                };
+                let out = legacy::encode_message(TIME, "fake", &text);
+                let clients = clients.lock().unwrap();
+                for tx in clients.values() {
+                    let n = deliveries.fetch_add(1, Ordering::Relaxed) + 1;
+                    if drop_every.is_some_and(|d| n.is_multiple_of(d)) {
+                        continue;
+                    }
+                    let _ = tx.send(Message::text(out.clone()));
+                }
+            }
+            clients.lock().unwrap().remove(&id);
+        }
+    })
+    .await
+}
+
+/// Options of the v1 fake.
+#[derive(Clone, Copy, Default)]
+pub struct V1Fake {
+    /// Drop every n-th live delivery (not acks, not backfill).
+    pub drop_every: Option<u64>,
+    /// After this many stored messages, close every connection once with 1012.
+    pub kick_after: Option<u64>,
+}
+
+#[derive(Default)]
+struct Room {
+    log: Vec<MessageBody>,
+    members: HashMap<u64, Tx>,
+}
+
+#[derive(Default)]
+struct Hub {
+    rooms: HashMap<String, Room>,
+    by_client_id: HashMap<String, (String, u64, i64)>,
+    next_id: i64,
+    stored: u64,
+    kicked: bool,
+    conns: HashMap<u64, Tx>,
+    delivered: u64,
+}
+
+fn frame(f: &ServerFrame) -> Message {
+    Message::text(wschat_protocol::v1::encode_server(f))
+}
+
+/// A v1 server with an in-memory log per room: auth → hello, join (with `since`
+/// backfill, or the last 3 messages) → joined, send → ack (idempotent by
+/// `client_msg_id`) and a message to every member.
+pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
+    let hub: Arc<Mutex<Hub>> = Arc::default();
+    serve(move |id, ws| {
+        let hub = Arc::clone(&hub);
+        async move {
+            let (tx, mut stream) = writer(ws);
+            hub.lock().unwrap().conns.insert(id, tx.clone());
+            let mut authed = false;
+            while let Some(Ok(msg)) = stream.next().await {
+                let Message::Text(t) = msg else { continue };
+                let Ok(cmd) = wschat_protocol::v1::decode_client(t.as_str()) else {
+                    continue;
+                };
+                match cmd {
+                    ClientFrame::Auth { key, .. } => {
+                        authed = true;
+                        let _ = tx.send(frame(&ServerFrame::Hello {
+                            user: key,
+                            protocol: 1,
+                            server: "fake".into(),
+                            session_room: None,
+                            limits: Limits {
+                                max_message_bytes: 4096,
+                                history_limit: 3,
+                                max_history_page: 100,
+                                max_rooms_per_connection: 10,
+                            },
+                        }));
+                    }
+                    _ if !authed => {}
+                    ClientFrame::Join { rooms, reference } => {
+                        let mut hub = hub.lock().unwrap();
+                        for jr in rooms {
+                            let room = hub.rooms.entry(jr.room.clone()).or_default();
+                            room.members.insert(id, tx.clone());
+                            let last_seq = room.log.len() as u64;
+                            let _ = tx.send(frame(&ServerFrame::Joined {
+                                room: jr.room.clone(),
+                                last_seq,
+                                reference: reference.clone(),
+                            }));
+                            let from = match jr.since {
+                                Some(s) => s as usize,
+                                None => room.log.len().saturating_sub(3),
+                            };
+                            for m in &room.log[from.min(room.log.len())..] {
+                                let _ = tx.send(frame(&ServerFrame::Message(m.clone())));
+                            }
+                        }
+                    }
+                    ClientFrame::Send {
+                        room,
+                        text,
+                        client_msg_id,
+                        reference,
+                    } => {
+                        let mut hub = hub.lock().unwrap();
+                        if let Some((r, seq, mid)) =
+                            client_msg_id.as_ref().and_then(|c| hub.by_client_id.get(c))
+                        {
+                            let _ = tx.send(frame(&ServerFrame::Ack {
+                                room: r.clone(),
+                                seq: *seq,
+                                id: *mid,
+                                client_msg_id: client_msg_id.clone(),
+                                time: TIME.into(),
+                                reference,
+                            }));
+                            continue;
+                        }
+                        hub.next_id += 1;
+                        let mid = hub.next_id;
+                        let r = hub.rooms.entry(room.clone()).or_default();
+                        let seq = r.log.len() as u64 + 1;
+                        let body = MessageBody {
+                            room: room.clone(),
+                            seq,
+                            id: mid,
+                            user: "u".into(),
+                            text,
+                            time: TIME.into(),
+                        };
+                        r.log.push(body.clone());
+                        let out = frame(&ServerFrame::Message(body));
+                        let members: Vec<Tx> = r.members.values().cloned().collect();
+                        if let Some(c) = client_msg_id.clone() {
+                            hub.by_client_id.insert(c, (room.clone(), seq, mid));
+                        }
+                        let _ = tx.send(frame(&ServerFrame::Ack {
+                            room,
+                            seq,
+                            id: mid,
+                            client_msg_id,
+                            time: TIME.into(),
+                            reference,
+                        }));
+                        for m in members {
+                            hub.delivered += 1;
+                            if opts
+                                .drop_every
+                                .is_some_and(|d| hub.delivered.is_multiple_of(d))
+                            {
+                                continue;
+                            }
+                            let _ = m.send(out.clone());
+                        }
+                        hub.stored += 1;
+                        if opts.kick_after.is_some_and(|k| hub.stored >= k) && !hub.kicked {
+                            hub.kicked = true;
+                            for c in hub.conns.values() {
+                                let _ = c.send(Message::Close(Some(CloseFrame {
+                                    code: CloseCode::from(1012),
+                                    reason: "restart".into(),
+                                })));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let mut hub = hub.lock().unwrap();
+            hub.conns.remove(&id);
+            for r in hub.rooms.values_mut() {
+                r.members.remove(&id);
+            }
+        }
+    })
+    .await
+}

@@ -1,0 +1,269 @@
+//! The load client against fake servers whose losses are known in advance.
+
+// Test helpers outside #[test] functions may unwrap too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{legacy_fake, v1_fake, V1Fake};
+use wschat_load::{run, LoadArgs, Report};
+
+async fn load(args: &[&str]) -> Report {
+    let args = LoadArgs::parse_from(args.iter().copied()).unwrap();
+    run(args).await.unwrap()
+}
+
+fn assert_counts_add_up(r: &Report) {
+    assert_eq!(r.lost, r.expected - r.delivered, "{r:#?}");
+    assert_eq!(r.unsent, 0, "{r:#?}");
+    assert!(r.sent > 0, "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_everything_delivered_means_no_loss() {
+    let addr = legacy_fake(None).await;
+    let url = format!("ws://{addr}/");
+    let r = load(&[
+        &url,
+        "--protocol=legacy",
+        "--session-key=k",
+        "--connections=10",
+        "--interval=0.05",
+        "--duration=1.5",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.connected, 10);
+    // Every message goes to all 10 connections, the sender's own copy included.
+    assert_eq!(r.expected, r.sent * 10, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(r.duplicated, 0);
+    assert_eq!(r.out_of_order, 0);
+    assert_eq!(r.latency_ms.count, r.delivered);
+    assert!(r.acked.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_dropping_every_tenth_delivery_is_ten_percent_loss() {
+    let addr = legacy_fake(Some(10)).await;
+    let url = format!("ws://{addr}/chat");
+    let r = load(&[
+        &url,
+        "--protocol=legacy",
+        "--session-key=k",
+        "--connections=10",
+        "--interval=0.05",
+        "--duration=1.5",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert!(r.expected > 1000, "{r:#?}");
+    assert!(
+        (0.07..=0.13).contains(&r.loss_ratio),
+        "loss {} of {r:#?}",
+        r.loss_ratio
+    );
+    assert_eq!(r.duplicated, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_rooms_are_inferred_with_per_connection_keys() {
+    let addr = legacy_fake(None).await;
+    let url = format!("ws://{addr}/");
+    let r = load(&[
+        &url,
+        "--protocol=legacy",
+        "--keys=k{i}",
+        "--connections=6",
+        "--send-only=2",
+        "--interval=0.05",
+        "--duration=1",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    // The 4 receivers hear every message (the fake has one room), the 2 send-only
+    // connections count for nothing.
+    assert_eq!(r.expected, r.sent * 4, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_everything_acked_and_delivered() {
+    let addr = v1_fake(V1Fake::default()).await;
+    let url = format!("ws://{addr}/ws");
+    let r = load(&[
+        &url,
+        "--session-key=k",
+        "--connections=12",
+        "--rooms=3",
+        "--interval=0.05",
+        "--duration=1.5",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.connected, 12);
+    assert_eq!(r.acked, Some(r.sent), "{r:#?}");
+    assert_eq!(r.unacked, Some(0));
+    // Each message goes to the 4 members of its room.
+    assert_eq!(r.expected, r.sent * 4, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(r.duplicated, 0);
+    assert_eq!(r.out_of_order, 0);
+    let ack = r.ack_latency_ms.as_ref().unwrap();
+    assert_eq!(ack.count, r.sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_dropped_deliveries_are_lost() {
+    let addr = v1_fake(V1Fake {
+        drop_every: Some(10),
+        ..V1Fake::default()
+    })
+    .await;
+    let url = format!("ws://{addr}/ws");
+    let r = load(&[
+        &url,
+        "--session-key=k",
+        "--connections=10",
+        "--rooms=2",
+        "--interval=0.05",
+        "--duration=1.5",
+        "--drain=3",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.acked, Some(r.sent));
+    assert!((0.07..=0.13).contains(&r.loss_ratio), "{r:#?}");
+    assert_eq!(r.duplicated, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_resume_after_restart_loses_nothing() {
+    let addr = v1_fake(V1Fake {
+        kick_after: Some(60),
+        ..V1Fake::default()
+    })
+    .await;
+    let url = format!("ws://{addr}/ws");
+    let r = load(&[
+        &url,
+        "--session-key=k",
+        "--connections=10",
+        "--rooms=2",
+        "--interval=0.05",
+        "--duration=2",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.close_codes.get(&1012), Some(&10), "{r:#?}");
+    assert_eq!(r.disconnects, 10);
+    assert_eq!(r.connected_at_end, 10);
+    assert_eq!(r.acked, Some(r.sent), "{r:#?}");
+    assert_eq!(r.expected, r.sent * 5, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(r.duplicated, 0, "{r:#?}");
+    assert_eq!(r.ack_conflicts, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_churn_resumes_without_loss() {
+    let addr = v1_fake(V1Fake::default()).await;
+    let url = format!("ws://{addr}/ws");
+    let r = load(&[
+        &url,
+        "--session-key=k",
+        "--connections=10",
+        "--interval=0.05",
+        "--duration=2",
+        "--churn=0.5",
+        "--drain=5",
+        "--no-progress",
+        "--json",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert!(r.churned > 0, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(r.duplicated, 0, "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_are_counted() {
+    // Nothing listens on this port (bound, then dropped).
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let r = load(&[
+        &url,
+        "--session-key=k",
+        "--connections=3",
+        "--duration=0.3",
+        "--drain=0.3",
+        "--no-progress",
+    ])
+    .await;
+    assert_eq!(r.connected, 0);
+    assert!(r.failed_connects >= 3, "{r:#?}");
+    assert_eq!(r.sent, 0);
+    assert!(r.unsent > 0 || r.scheduled == 0);
+}
+
+#[test]
+fn json_report_has_the_promised_fields() {
+    let v = serde_json::to_value(Report::default()).unwrap();
+    for f in [
+        "connected",
+        "sent",
+        "delivered",
+        "lost",
+        "duplicated",
+        "out_of_order",
+    ] {
+        assert!(v.get(f).is_some(), "{f}");
+    }
+    for p in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(v["latency_ms"].get(p).is_some(), "{p}");
+    }
+}
+
+#[test]
+fn args_parse_like_the_spec() {
+    let a = LoadArgs::parse_from([
+        "ws://a/ws,ws://b/ws",
+        "--protocol",
+        "legacy",
+        "--connections",
+        "5",
+        "--keys",
+        "k{i}",
+        "--interval",
+        "0.25",
+        "--rooms",
+        "lobby,dev",
+        "--send-only",
+        "2",
+        "--print-sent",
+    ])
+    .unwrap();
+    assert_eq!(a.connections, 5);
+    assert_eq!(a.keys.as_deref(), Some("k{i}"));
+    assert!(a.print_sent);
+    assert!(
+        LoadArgs::parse_from(["ws://a/"]).is_err(),
+        "a key is required"
+    );
+    assert!(LoadArgs::parse_from(["ws://a/", "--session-key=a", "--keys=b"]).is_err());
+}

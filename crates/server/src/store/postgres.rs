@@ -41,15 +41,27 @@ impl PgStore {
 }
 
 fn migrator() -> Migrator {
-    let mut migrator = Migrator::with_migrations(vec![Migration::new(
-        1,
-        "init".into(),
-        MigrationType::Simple,
-        sqlx::SqlSafeStr::into_sql_str(include_str!(
-            "../../../../migrations/postgres/0001_init.sql"
-        )),
-        false,
-    )]);
+    let migration = |version: i64, name: &str, sql: &'static str| {
+        Migration::new(
+            version,
+            name.to_owned().into(),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(sql),
+            false,
+        )
+    };
+    let mut migrator = Migrator::with_migrations(vec![
+        migration(
+            1,
+            "init",
+            include_str!("../../../../migrations/postgres/0001_init.sql"),
+        ),
+        migration(
+            2,
+            "import nodejschat log",
+            include_str!("../../../../migrations/postgres/0002_import_nodejschat_log.sql"),
+        ),
+    ]);
     migrator.dangerous_set_table_name(MIGRATIONS_TABLE);
     migrator
 }

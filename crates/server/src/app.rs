@@ -24,6 +24,8 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub committer: Committer,
+    /// Open connections by session, checked against the store.
+    pub sessions: Arc<crate::sessions::Sessions>,
     /// Cancelled to stop the server.
     pub shutdown: CancellationToken,
     /// Every WebSocket connection holds a token of this tracker.
@@ -95,11 +97,17 @@ impl Application {
             hub,
             broker,
             committer,
+            sessions: crate::sessions::Sessions::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         });
+        tokio::spawn(shared.sessions.clone().run(
+            shared.store.clone(),
+            shared.settings.session_check_interval(),
+            shared.shutdown.clone(),
+        ));
         Ok(Self {
             listener,
             shared,

@@ -122,6 +122,7 @@ impl Store for PgStore {
         row.map(|r| -> Result<Session, StoreError> {
             let room: Option<i32> = r.try_get(1)?;
             Ok(Session {
+                key: hash.clone(),
                 user: r.try_get(0)?,
                 room: room.map(i64::from),
             })
@@ -146,6 +147,21 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn valid_sessions(
+        &self,
+        keys: &[KeyHash],
+    ) -> Result<std::collections::HashSet<KeyHash>, StoreError> {
+        let wanted: Vec<&str> = keys.iter().map(KeyHash::as_str).collect();
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT key FROM sessions
+             WHERE key = ANY($1::text[]) AND (expires_at IS NULL OR expires_at > now())",
+        )
+        .bind(&wanted)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(crate::sessions::valid_set(rows, keys))
     }
 
     async fn count_sessions(&self) -> Result<i64, StoreError> {

@@ -35,6 +35,8 @@ pub struct Shared {
     pub committer: Committer,
     /// This node, as registered in the store.
     pub node: NodeInfo,
+    /// Open connections by session, checked against the store.
+    pub sessions: Arc<crate::sessions::Sessions>,
     /// Cancelled to stop the server.
     pub shutdown: CancellationToken,
     /// Every WebSocket connection holds a token of this tracker.
@@ -134,11 +136,17 @@ impl Application {
             broker,
             committer,
             node,
+            sessions: crate::sessions::Sessions::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         });
+        tokio::spawn(shared.sessions.clone().run(
+            shared.store.clone(),
+            shared.settings.session_check_interval(),
+            shared.shutdown.clone(),
+        ));
         Ok(Self {
             listener,
             shared,

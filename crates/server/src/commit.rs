@@ -119,14 +119,24 @@ async fn run(
         match result {
             Ok(outcomes) => {
                 let mut committed = Vec::with_capacity(outcomes.len());
+                let mut repeats = false;
                 for (request, outcome) in batch.drain(..).zip(outcomes) {
-                    if let CommitOutcome::Stored(m) = &outcome {
-                        committed.push(m.clone());
-                    }
+                    // A retry's first message is rung again: when a commit failed in a way
+                    // that left it committed (the connection died during COMMIT), its
+                    // senders were told `unavailable` and no member was told of it. Hubs
+                    // skip seqs they already delivered.
+                    repeats |= matches!(outcome, CommitOutcome::Duplicate(_));
+                    committed.push(outcome.message().clone());
                     answer(request.reply, outcome);
                 }
                 metrics::counter!("wschat_messages_acknowledged_total")
                     .increment(committed.len() as u64);
+                if repeats {
+                    // Each room's messages in seq order, once (a repeat may be older than
+                    // the batch's new messages, or repeated within it).
+                    committed.sort_by(|a, b| a.room.cmp(&b.room).then(a.seq.cmp(&b.seq)));
+                    committed.dedup_by(|a, b| a.room == b.room && a.seq == b.seq);
+                }
                 if !committed.is_empty() {
                     hub.committed(committed);
                 }

@@ -56,6 +56,9 @@ pub struct Settings {
     pub retention_per_room: u64,
     /// How often retention is applied.
     pub retention_interval_secs: u64,
+    /// How often open connections' sessions are checked: a session row deleted or
+    /// expired closes its connections (1008) within this interval.
+    pub session_check_secs: u64,
 }
 
 impl Default for Settings {
@@ -81,6 +84,7 @@ impl Default for Settings {
             max_commit_batch: 1000,
             retention_per_room: 0,
             retention_interval_secs: 60,
+            session_check_secs: 10,
         }
     }
 }
@@ -128,6 +132,9 @@ impl Settings {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+    pub fn session_check_interval(&self) -> Duration {
+        Duration::from_secs(self.session_check_secs.max(1))
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)

@@ -6,6 +6,7 @@
 //! - `commit`: group commit; acks after commit.
 //! - `broker`: fan-out between nodes (a doorbell); `local` for one node.
 //! - `hub`: this node's rooms, subscribers, in-order fan-out, presence; outboxes.
+//! - `sessions`: open connections by session; revoked or expired sessions are closed.
 //! - `gateway`: WebSocket connections, legacy and v1.
 //! - `http`: the router: health, metrics, the page, upgrades.
 //! - `app`: start-up and graceful shutdown.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod hub;
+pub mod sessions;
 pub mod store;
 
 pub use app::{Application, StartError};

@@ -42,6 +42,7 @@ suite!(
     a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss,
     a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages,
     the_key_can_travel_in_the_subprotocol_header_or_the_query,
+    a_deleted_or_expired_session_closes_its_connections_with_1008,
 );
 
 async fn legacy_and_v1_clients_in_one_room_see_each_other(backend: Backend) {
@@ -517,5 +518,77 @@ async fn the_key_can_travel_in_the_subprotocol_header_or_the_query(backend: Back
     );
     let mut q = Client::connect(&format!("{}?session_key={key}", app.v1_url())).await;
     assert_eq!(q.recv().await["type"], "hello");
+    app.stop().await;
+}
+
+/// Run one statement on the test's database, as the embedding application would.
+async fn app_sql(app: &common::TestApp, sql: &str) {
+    use sqlx::Connection;
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    if app.database.starts_with("sqlite") {
+        let mut db = sqlx::SqliteConnection::connect(&app.database)
+            .await
+            .unwrap();
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    } else {
+        let mut db = sqlx::PgConnection::connect(&app.database).await.unwrap();
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    }
+}
+
+async fn a_deleted_or_expired_session_closes_its_connections_with_1008(backend: Backend) {
+    let (mut settings, dir) = common::fresh(backend).await;
+    settings.session_check_secs = 1;
+    let app = spawn_with(settings, dir).await;
+    let revoked = app.session("revoked", None).await;
+    let expiring = app.session("expiring", None).await;
+    let kept = app.session("kept", None).await;
+    let hash = |key: &str| wschat_server::store::hash_key(key).as_str().to_owned();
+
+    let mut revoked_v1 = Client::v1(&app, &revoked).await;
+    let mut revoked_legacy = Client::legacy(&app, &revoked).await;
+    let mut expiring_v1 = Client::v1(&app, &expiring).await;
+    let mut kept_v1 = Client::v1(&app, &kept).await;
+    let mut kept_legacy = Client::legacy(&app, &kept).await;
+    kept_v1.join("0", None).await;
+
+    // The application deletes one session row and gives another an expiry 1.5 s away.
+    app_sql(
+        &app,
+        &format!("DELETE FROM sessions WHERE key = '{}'", hash(&revoked)),
+    )
+    .await;
+    let expiry = match backend {
+        Backend::Sqlite => format!("{}", wschat_server::store::now_ms() + 1500),
+        Backend::Postgres => "now() + interval '1.5 seconds'".to_owned(),
+    };
+    app_sql(
+        &app,
+        &format!(
+            "UPDATE sessions SET expires_at = {expiry} WHERE key = '{}'",
+            hash(&expiring)
+        ),
+    )
+    .await;
+
+    assert_eq!(revoked_v1.close_code().await, Some(close::POLICY_VIOLATION));
+    assert_eq!(
+        revoked_legacy.close_code().await,
+        Some(close::POLICY_VIOLATION)
+    );
+    assert_eq!(
+        expiring_v1.close_code().await,
+        Some(close::POLICY_VIOLATION)
+    );
+    // A revoked key cannot come back.
+    let url = app.legacy_url(&revoked);
+    assert!(tokio_tungstenite::connect_async(url).await.is_err());
+
+    // The other session's connections go on, through further checks.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let ack = kept_v1.say("0", "still here", "k-1").await;
+    assert_eq!(ack["seq"], 1);
+    assert_eq!(kept_legacy.recv().await["message"], "still here");
+    assert_eq!(app.shared.sessions.connection_count(), 2);
     app.stop().await;
 }

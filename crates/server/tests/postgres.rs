@@ -75,9 +75,227 @@ async fn three_servers_migrating_at_once_is_safe() {
             .fetch_one(&mut db)
             .await
             .unwrap();
-    assert!(applied >= 2, "every migration applied: {applied}");
+    assert!(applied >= 3, "every migration applied: {applied}");
     assert_eq!(applied, distinct, "each migration applied once");
     drop(db);
     drop(apps);
     common::drop_database(&settings.database).await;
+}
+
+/// nodejschat's published schema (github.com/michael-redman/nodejschat, `schema.psql`):
+/// sessions with clear keys and a mandatory room, and the history in `log`.
+const NODEJSCHAT_SCHEMA: &str = r#"
+    create table sessions (
+        key text not null unique,
+        "user" text not null,
+        room integer not null);
+    create sequence message_id_sequence;
+    create table log (
+        message_id integer default nextval('message_id_sequence'::text) not null unique,
+        room integer not null,
+        "time" timestamp not null,
+        "user" text not null,
+        message text not null);
+"#;
+
+/// `2016-08-08T17:20:32.421Z`, the first log row's time.
+const LOG_BASE_MS: i64 = 1_470_676_832_421;
+
+/// The rooms, users and texts of the generated log: message `i` (1-based).
+fn log_row(i: i64) -> (i64, String, String) {
+    let room = match i % 5 {
+        1 | 2 => 3,
+        0 => 7,
+        _ => 0,
+    };
+    (
+        room,
+        format!("user{}", i % 4),
+        format!("line {i} of the log"),
+    )
+}
+
+/// A digest of every row of `log` and of the sequence, to show the upgrade left them be.
+async fn log_fingerprint(db: &mut sqlx::PgConnection) -> (i64, String, i64) {
+    sqlx::query_as(
+        r#"select count(*),
+                  md5(coalesce(string_agg(concat_ws('|', message_id, room, "time", "user", message),
+                                           ',' order by message_id), '')),
+                  (select last_value from message_id_sequence)
+           from log"#,
+    )
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_nodejschat_database_is_upgraded_in_place() {
+    let (mut settings, dir) = common::fresh(Backend::Postgres).await;
+    settings.history_limit = 1000;
+    let mut db = sqlx::PgConnection::connect(&settings.database)
+        .await
+        .unwrap();
+    sqlx::raw_sql(NODEJSCHAT_SCHEMA)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // The application's own table, which the upgrade must not touch.
+    sqlx::raw_sql(
+        "create table app_users (id serial primary key, name text);
+         insert into app_users (name) values ('Michael Redman'), ('ada');",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::query("insert into sessions values ('1', 'Michael Redman', 3), ('old-key', 'ada', 7)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // 300 messages across rooms 0, 3 and 7, interleaved, 1.5 s apart. message_id has
+    // gaps (as a sequence leaves after rollbacks): seq must not.
+    let n: i64 = 300;
+    let (mut ids, mut rooms, mut times, mut users, mut texts) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for i in 1..=n {
+        let (room, user, text) = log_row(i);
+        ids.push(i32::try_from(i * 2).unwrap());
+        rooms.push(i32::try_from(room).unwrap());
+        times.push((LOG_BASE_MS + (i - 1) * 1500) as f64 / 1000.0);
+        users.push(user);
+        texts.push(text);
+    }
+    sqlx::query(
+        r#"insert into log (message_id, room, "time", "user", message)
+           select m, r, to_timestamp(t) at time zone 'UTC', u, x
+           from unnest($1::int[], $2::int[], $3::float8[], $4::text[], $5::text[]) as v(m, r, t, u, x)"#,
+    )
+    .bind(&ids)
+    .bind(&rooms)
+    .bind(&times)
+    .bind(&users)
+    .bind(&texts)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::query("select setval('message_id_sequence', 600)")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let before = log_fingerprint(&mut db).await;
+    assert_eq!(before.0, n);
+
+    // The upgrade: `Application::build` applies the migrations.
+    let app = spawn_with(settings.clone(), dir).await;
+
+    // Keys hashed in place.
+    let keys: Vec<String> = sqlx::query_scalar("select key from sessions order by \"user\"")
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    let mut want_keys = vec![
+        wschat_server::store::hash_key("1").as_str().to_owned(),
+        wschat_server::store::hash_key("old-key")
+            .as_str()
+            .to_owned(),
+    ];
+    let mut keys = keys;
+    keys.sort();
+    want_keys.sort();
+    assert_eq!(keys, want_keys);
+
+    let expected = |room: i64| -> Vec<(String, String, String)> {
+        (1..=n)
+            .filter(|&i| log_row(i).0 == room)
+            .map(|i| {
+                let (_, user, text) = log_row(i);
+                let time = wschat_server::store::format_time(LOG_BASE_MS + (i - 1) * 1500);
+                (time, user, text)
+            })
+            .collect()
+    };
+
+    // A legacy client with its old clear key gets room 3's history, in order, with the
+    // original times.
+    let mut legacy = Client::legacy(&app, "1").await;
+    let want = expected(3);
+    assert_eq!(want.len(), 120);
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        let f = legacy.recv().await;
+        got.push((
+            f["time"].as_str().unwrap().to_owned(),
+            f["user"].as_str().unwrap().to_owned(),
+            f["message"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(got, want);
+    assert_eq!(got[0].0, "2016-08-08T17:20:32.421Z");
+
+    // v1 sees each room as seq 1..n, in the original order.
+    let mut v1 = Client::v1(&app, "old-key").await;
+    assert_eq!(v1.join("7", Some(0)).await, 60);
+    let want = expected(7);
+    for (k, (time, user, text)) in want.iter().enumerate() {
+        let m = v1.recv_until("message").await;
+        assert_eq!(m["seq"].as_u64(), Some(k as u64 + 1));
+        assert_eq!(
+            (m["time"].as_str(), m["user"].as_str(), m["text"].as_str()),
+            (
+                Some(time.as_str()),
+                Some(user.as_str()),
+                Some(text.as_str())
+            )
+        );
+    }
+    let heads: Vec<(String, i64, i64)> = sqlx::query_as(
+        "select r.name, r.last_seq, count(m.id) from wschat_rooms r
+         left join wschat_messages m on m.room_id = r.id group by r.name, r.last_seq order by r.name",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        heads,
+        vec![
+            ("0".into(), 120, 120),
+            ("3".into(), 120, 120),
+            ("7".into(), 60, 60)
+        ]
+    );
+
+    // New messages follow the imported ones.
+    legacy.send(json!({"message": "hello again"})).await;
+    let echo = legacy.recv().await;
+    assert_eq!(echo["message"], "hello again");
+    let seq: i64 = sqlx::query_scalar(
+        "select m.seq from wschat_messages m join wschat_rooms r on r.id = m.room_id
+         where r.name = '3' and m.text = 'hello again'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(seq, 121);
+
+    // Running the import again stores nothing twice.
+    sqlx::query("delete from wschat_migrations where version = 2")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    app.shared.store.migrate().await.unwrap();
+    let total: i64 = sqlx::query_scalar("select count(*) from wschat_messages")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(total, n + 1);
+
+    // The application's tables are untouched.
+    assert_eq!(log_fingerprint(&mut db).await, before);
+    let app_users: Vec<String> = sqlx::query_scalar("select name from app_users order by id")
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(app_users, vec!["Michael Redman", "ada"]);
+    drop(db);
+    app.stop().await;
 }

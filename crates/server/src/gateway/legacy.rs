@@ -47,7 +47,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
 
 async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: SocketAddr) {
     let room = RoomName::legacy(session.room.unwrap_or(0));
-    let (conn, stream, writer) = start(&shared, socket, &session.user, Protocol::Legacy);
+    let (conn, stream, writer) = start(&shared, socket, &session, Protocol::Legacy);
     let mut guard = ConnGuard::open(Protocol::Legacy, conn.id, peer);
     conn.outbox
         .push(Item::Frame(Utf8Bytes::from_static(legacy::AUTHENTICATED)));

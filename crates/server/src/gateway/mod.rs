@@ -496,11 +496,11 @@ pub(crate) async fn finish(
     }
 }
 
-/// Make a connection's shared half and start its writer.
+/// Make a connection's shared half, register it under its session, and start its writer.
 pub(crate) fn start(
     shared: &Shared,
     socket: WebSocket,
-    user: &str,
+    session: &Session,
     protocol: Protocol,
 ) -> (
     Arc<Conn>,
@@ -511,10 +511,12 @@ pub(crate) fn start(
     let outbox = Outbox::new(limit, tokio_util::sync::CancellationToken::new());
     let conn = Arc::new(Conn::new(
         shared.next_conn_id(),
-        user.into(),
+        session.user.as_str().into(),
         protocol,
         outbox,
     ));
+    // A revoked or expired session closes this connection (1008).
+    shared.sessions.register(&session.key, &conn);
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(write_loop(sink, conn.clone(), limit));
     (conn, stream, writer)

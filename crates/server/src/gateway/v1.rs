@@ -88,7 +88,7 @@ async fn run(
             None => return,
         },
     };
-    let (conn, stream, writer) = start(&shared, socket, &session.user, Protocol::V1);
+    let (conn, stream, writer) = start(&shared, socket, &session, Protocol::V1);
     let mut guard = ConnGuard::open(Protocol::V1, conn.id, peer);
     let s = &shared.settings;
     conn.outbox

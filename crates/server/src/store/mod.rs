@@ -26,6 +26,8 @@ pub enum StoreKind {
 /// A session row, as the embedding application wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
+    /// The key's hash, as stored (what the session checker asks about).
+    pub key: KeyHash,
     pub user: String,
     /// The one room this session may use (nodejschat's `room` column).
     pub room: Option<i64>,
@@ -133,6 +135,12 @@ pub trait Store: Send + Sync + 'static {
         user: &str,
         room: Option<i64>,
     ) -> Result<(), StoreError>;
+
+    /// Those of `keys` whose session row exists and has not expired (one query).
+    async fn valid_sessions(
+        &self,
+        keys: &[KeyHash],
+    ) -> Result<std::collections::HashSet<KeyHash>, StoreError>;
 
     async fn count_sessions(&self) -> Result<i64, StoreError>;
 

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::Connection;
 use sqlx::Row;
 use wschat_protocol::RoomName;
 
@@ -19,20 +20,70 @@ use super::{
 };
 
 pub struct PgStore {
+    /// Reads, sessions, migrations, retention.
     pool: PgPool,
+    /// The committer's own connection, outside the pool: history reads, however many or
+    /// slow, never make a commit wait for a connection, and a commit costs no pool
+    /// health-check round trips. Taken out while a batch runs and put back only after a
+    /// clean commit, so a failed or abandoned batch never leaves it half-used: the next
+    /// batch connects afresh (this is also how the store recovers after a restart).
+    writer: tokio::sync::Mutex<Option<PgConnection>>,
+    writer_options: PgConnectOptions,
 }
+
+/// Longest a connection attempt (pool or writer) waits.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A statement of a commit that runs longer (a locked table, a stuck disk) is cancelled by
+/// the server: the batch is answered `unavailable` and retried, never left hanging.
+const COMMIT_STATEMENT_TIMEOUT: &str = "5s";
+/// Reads: history pages are small; anything this slow is stuck.
+const READ_STATEMENT_TIMEOUT: &str = "30s";
 
 impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::BadUrl(format!("{}: {e}", super::redact_url(url))))?;
+        let writer_options = options
+            .clone()
+            .application_name("wschat-commit")
+            .options([("statement_timeout", COMMIT_STATEMENT_TIMEOUT)]);
+        // Reads beyond what the database's cores can run at once only queue inside it and
+        // slow the commits down: about two connections per core (at least 4).
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options)
+            .max_connections(u32::try_from(cores * 2).unwrap_or(16).clamp(4, 32))
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(
+                options
+                    .application_name("wschat")
+                    .options([("statement_timeout", READ_STATEMENT_TIMEOUT)]),
+            )
             .await
             .map_err(StoreError::Unavailable)?;
-        Ok(Self { pool })
+        let store = Self {
+            pool,
+            writer: tokio::sync::Mutex::new(None),
+            writer_options,
+        };
+        // Connect the committer now rather than on the first send (a failure here is
+        // retried then).
+        if let Ok(conn) = store.connect_writer().await {
+            *store.writer.lock().await = Some(conn);
+        }
+        Ok(store)
+    }
+
+    async fn connect_writer(&self) -> Result<PgConnection, StoreError> {
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            PgConnection::connect_with(&self.writer_options),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(StoreError::Unavailable(e)),
+            Err(_elapsed) => Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)),
+        }
     }
 }
 
@@ -42,6 +93,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         1,
         "init",
         include_str!("../../../../migrations/postgres/0001_init.sql"),
+    ),
+    (
+        2,
+        "import nodejschat log",
+        include_str!("../../../../migrations/postgres/0002_import_nodejschat_log.sql"),
     ),
     (
         3,
@@ -106,6 +162,7 @@ impl Store for PgStore {
         row.map(|r| -> Result<Session, StoreError> {
             let room: Option<i32> = r.try_get(1)?;
             Ok(Session {
+                key: hash.clone(),
                 user: r.try_get(0)?,
                 room: room.map(i64::from),
             })
@@ -132,6 +189,21 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn valid_sessions(
+        &self,
+        keys: &[KeyHash],
+    ) -> Result<std::collections::HashSet<KeyHash>, StoreError> {
+        let wanted: Vec<&str> = keys.iter().map(KeyHash::as_str).collect();
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT key FROM sessions
+             WHERE key = ANY($1::text[]) AND (expires_at IS NULL OR expires_at > now())",
+        )
+        .bind(&wanted)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(crate::sessions::valid_set(rows, keys))
+    }
+
     async fn count_sessions(&self) -> Result<i64, StoreError> {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
             .fetch_one(&self.pool)
@@ -140,156 +212,14 @@ impl Store for PgStore {
     }
 
     async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
-        let plan = BatchPlan::new(batch);
-
-        if !plan.lookups.is_empty() {
-            let users: Vec<&str> = plan
-                .lookups
-                .iter()
-                .map(|&i| batch[i].user.as_str())
-                .collect();
-            let ids: Vec<&str> = plan
-                .lookups
-                .iter()
-                .map(|&i| batch[i].client_msg_id.as_deref().unwrap_or_default())
-                .collect();
-            let rows = sqlx::query(concat!(
-                "SELECT ",
-                message_columns!(),
-                r#", r.name FROM wschat_messages m
-                   JOIN wschat_rooms r ON r.id = m.room_id
-                   JOIN UNNEST($1::text[], $2::text[]) AS k(u, c)
-                     ON m."user" = k.u AND m.client_msg_id = k.c"#
-            ))
-            .bind(&users)
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut found: HashMap<(String, String), Arc<StoredMessage>> = HashMap::new();
-            for row in &rows {
-                let name: String = row.try_get(6)?;
-                let Ok(room) = RoomName::new(name) else {
-                    continue;
-                };
-                let m = message_from_row(&room, row)?;
-                if let Some(cmid) = m.client_msg_id.clone() {
-                    found.insert((m.user.clone(), cmid), Arc::new(m));
-                }
-            }
-            for &i in &plan.lookups {
-                let key = (
-                    batch[i].user.clone(),
-                    batch[i].client_msg_id.clone().unwrap_or_default(),
-                );
-                if let Some(m) = found.get(&key) {
-                    outcomes[i] = Some(CommitOutcome::Duplicate(m.clone()));
-                }
-            }
-        }
-
-        let by_room = plan.new_by_room(batch, &outcomes);
-        if !by_room.is_empty() {
-            let names: Vec<&str> = by_room.keys().map(|r| r.as_str()).collect();
-            let counts: Vec<i64> = by_room.values().map(|v| v.len() as i64).collect();
-            sqlx::query(
-                "INSERT INTO wschat_rooms (name)
-                 SELECT n FROM UNNEST($1::text[]) AS n ORDER BY n
-                 ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(&names)
-            .execute(&mut *tx)
-            .await?;
-            // Lock the rooms' counter rows in name order: nodes never deadlock.
-            sqlx::query(
-                "SELECT id FROM wschat_rooms WHERE name = ANY($1::text[])
-                 ORDER BY name FOR UPDATE",
-            )
-            .bind(&names)
-            .execute(&mut *tx)
-            .await?;
-            let rows = sqlx::query(
-                "UPDATE wschat_rooms r SET last_seq = r.last_seq + c.n
-                 FROM UNNEST($1::text[], $2::bigint[]) AS c(name, n)
-                 WHERE r.name = c.name
-                 RETURNING r.name, r.id, r.last_seq",
-            )
-            .bind(&names)
-            .bind(&counts)
-            .fetch_all(&mut *tx)
-            .await?;
-            let heads: HashMap<String, (i64, u64)> = rows
-                .iter()
-                .map(|r| -> Result<_, sqlx::Error> {
-                    Ok((r.try_get(0)?, (r.try_get(1)?, to_seq(r.try_get(2)?))))
-                })
-                .collect::<Result<_, _>>()?;
-
-            let time_ms = now_ms();
-            let total: usize = by_room.values().map(Vec::len).sum();
-            let mut order = Vec::with_capacity(total);
-            let (mut room_ids, mut seqs, mut users, mut texts, mut cmids) = (
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-                Vec::with_capacity(total),
-            );
-            for (room, indices) in &by_room {
-                let Some(&(room_id, last_seq)) = heads.get(room.as_str()) else {
-                    return Err(StoreError::Query(sqlx::Error::RowNotFound));
-                };
-                let first_seq = last_seq + 1 - indices.len() as u64;
-                for (seq, &i) in (first_seq..).zip(indices) {
-                    order.push((i, seq));
-                    room_ids.push(room_id);
-                    seqs.push(to_db(seq));
-                    users.push(batch[i].user.as_str());
-                    texts.push(batch[i].text.as_str());
-                    cmids.push(batch[i].client_msg_id.as_deref());
-                }
-            }
-            let inserted = sqlx::query(
-                r#"INSERT INTO wschat_messages
-                     (room_id, seq, "user", text, created_at, client_msg_id)
-                   SELECT r, s, u, t, to_timestamp($6::double precision / 1000), c
-                   FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-                        WITH ORDINALITY AS x(r, s, u, t, c, o)
-                   ORDER BY o
-                   RETURNING room_id, seq, id"#,
-            )
-            .bind(&room_ids)
-            .bind(&seqs)
-            .bind(&users)
-            .bind(&texts)
-            .bind(&cmids)
-            .bind(time_ms as f64)
-            .fetch_all(&mut *tx)
-            .await?;
-            // RETURNING's row order is not promised: match ids by (room_id, seq).
-            let mut ids: HashMap<(i64, i64), i64> = HashMap::with_capacity(inserted.len());
-            for row in &inserted {
-                ids.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
-            }
-            for (n, (i, seq)) in order.into_iter().enumerate() {
-                let msg = &batch[i];
-                let Some(&id) = ids.get(&(room_ids[n], to_db(seq))) else {
-                    return Err(StoreError::Query(sqlx::Error::RowNotFound));
-                };
-                outcomes[i] = Some(CommitOutcome::Stored(Arc::new(StoredMessage {
-                    room: msg.room.clone(),
-                    seq,
-                    id,
-                    user: msg.user.clone(),
-                    text: msg.text.clone(),
-                    time_ms,
-                    client_msg_id: msg.client_msg_id.clone(),
-                })));
-            }
-        }
-        tx.commit().await?;
-        plan.finish(outcomes)
+        let mut slot = self.writer.lock().await;
+        let mut conn = match slot.take() {
+            Some(conn) => conn,
+            None => self.connect_writer().await?,
+        };
+        let outcomes = commit_on(&mut conn, batch).await?;
+        *slot = Some(conn);
+        Ok(outcomes)
     }
 
     async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError> {
@@ -429,4 +359,161 @@ impl Store for PgStore {
         messages.reverse();
         Ok(messages)
     }
+}
+
+/// One batch in one transaction on `conn`.
+async fn commit_on(
+    conn: &mut PgConnection,
+    batch: &[NewMessage],
+) -> Result<Vec<CommitOutcome>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
+    let plan = BatchPlan::new(batch);
+
+    if !plan.lookups.is_empty() {
+        let users: Vec<&str> = plan
+            .lookups
+            .iter()
+            .map(|&i| batch[i].user.as_str())
+            .collect();
+        let ids: Vec<&str> = plan
+            .lookups
+            .iter()
+            .map(|&i| batch[i].client_msg_id.as_deref().unwrap_or_default())
+            .collect();
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            r#", r.name FROM wschat_messages m
+                   JOIN wschat_rooms r ON r.id = m.room_id
+                   JOIN UNNEST($1::text[], $2::text[]) AS k(u, c)
+                     ON m."user" = k.u AND m.client_msg_id = k.c"#
+        ))
+        .bind(&users)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut found: HashMap<(String, String), Arc<StoredMessage>> = HashMap::new();
+        for row in &rows {
+            let name: String = row.try_get(6)?;
+            let Ok(room) = RoomName::new(name) else {
+                continue;
+            };
+            let m = message_from_row(&room, row)?;
+            if let Some(cmid) = m.client_msg_id.clone() {
+                found.insert((m.user.clone(), cmid), Arc::new(m));
+            }
+        }
+        for &i in &plan.lookups {
+            let key = (
+                batch[i].user.clone(),
+                batch[i].client_msg_id.clone().unwrap_or_default(),
+            );
+            if let Some(m) = found.get(&key) {
+                outcomes[i] = Some(CommitOutcome::Duplicate(m.clone()));
+            }
+        }
+    }
+
+    let by_room = plan.new_by_room(batch, &outcomes);
+    if !by_room.is_empty() {
+        let names: Vec<&str> = by_room.keys().map(|r| r.as_str()).collect();
+        let counts: Vec<i64> = by_room.values().map(|v| v.len() as i64).collect();
+        sqlx::query(
+            "INSERT INTO wschat_rooms (name)
+                 SELECT n FROM UNNEST($1::text[]) AS n ORDER BY n
+                 ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+        // Lock the rooms' counter rows in name order: nodes never deadlock.
+        sqlx::query(
+            "SELECT id FROM wschat_rooms WHERE name = ANY($1::text[])
+                 ORDER BY name FOR UPDATE",
+        )
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+        let rows = sqlx::query(
+            "UPDATE wschat_rooms r SET last_seq = r.last_seq + c.n
+                 FROM UNNEST($1::text[], $2::bigint[]) AS c(name, n)
+                 WHERE r.name = c.name
+                 RETURNING r.name, r.id, r.last_seq",
+        )
+        .bind(&names)
+        .bind(&counts)
+        .fetch_all(&mut *tx)
+        .await?;
+        let heads: HashMap<String, (i64, u64)> = rows
+            .iter()
+            .map(|r| -> Result<_, sqlx::Error> {
+                Ok((r.try_get(0)?, (r.try_get(1)?, to_seq(r.try_get(2)?))))
+            })
+            .collect::<Result<_, _>>()?;
+
+        let time_ms = now_ms();
+        let total: usize = by_room.values().map(Vec::len).sum();
+        let mut order = Vec::with_capacity(total);
+        let (mut room_ids, mut seqs, mut users, mut texts, mut cmids) = (
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+        );
+        for (room, indices) in &by_room {
+            let Some(&(room_id, last_seq)) = heads.get(room.as_str()) else {
+                return Err(StoreError::Query(sqlx::Error::RowNotFound));
+            };
+            let first_seq = last_seq + 1 - indices.len() as u64;
+            for (seq, &i) in (first_seq..).zip(indices) {
+                order.push((i, seq));
+                room_ids.push(room_id);
+                seqs.push(to_db(seq));
+                users.push(batch[i].user.as_str());
+                texts.push(batch[i].text.as_str());
+                cmids.push(batch[i].client_msg_id.as_deref());
+            }
+        }
+        let inserted = sqlx::query(
+            r#"INSERT INTO wschat_messages
+                     (room_id, seq, "user", text, created_at, client_msg_id)
+                   SELECT r, s, u, t, to_timestamp($6::double precision / 1000), c
+                   FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+                        WITH ORDINALITY AS x(r, s, u, t, c, o)
+                   ORDER BY o
+                   RETURNING room_id, seq, id"#,
+        )
+        .bind(&room_ids)
+        .bind(&seqs)
+        .bind(&users)
+        .bind(&texts)
+        .bind(&cmids)
+        .bind(time_ms as f64)
+        .fetch_all(&mut *tx)
+        .await?;
+        // RETURNING's row order is not promised: match ids by (room_id, seq).
+        let mut ids: HashMap<(i64, i64), i64> = HashMap::with_capacity(inserted.len());
+        for row in &inserted {
+            ids.insert((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?);
+        }
+        for (n, (i, seq)) in order.into_iter().enumerate() {
+            let msg = &batch[i];
+            let Some(&id) = ids.get(&(room_ids[n], to_db(seq))) else {
+                return Err(StoreError::Query(sqlx::Error::RowNotFound));
+            };
+            outcomes[i] = Some(CommitOutcome::Stored(Arc::new(StoredMessage {
+                room: msg.room.clone(),
+                seq,
+                id,
+                user: msg.user.clone(),
+                text: msg.text.clone(),
+                time_ms,
+                client_msg_id: msg.client_msg_id.clone(),
+            })));
+        }
+    }
+    tx.commit().await?;
+    plan.finish(outcomes)
 }

@@ -132,6 +132,7 @@ impl Store for SqliteStore {
         .await?;
         row.map(|r| -> Result<Session, StoreError> {
             Ok(Session {
+                key: hash.clone(),
                 user: r.try_get(0)?,
                 room: r.try_get(1)?,
             })
@@ -152,6 +153,24 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    async fn valid_sessions(
+        &self,
+        keys: &[KeyHash],
+    ) -> Result<std::collections::HashSet<KeyHash>, StoreError> {
+        let wanted = serde_json::to_string(&keys.iter().map(KeyHash::as_str).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e.to_string())))?;
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT key FROM sessions
+             WHERE key IN (SELECT value FROM json_each(?1))
+               AND (expires_at IS NULL OR expires_at > ?2)",
+        )
+        .bind(wanted)
+        .bind(now_ms())
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(crate::sessions::valid_set(rows, keys))
     }
 
     async fn count_sessions(&self) -> Result<i64, StoreError> {

@@ -2,6 +2,7 @@
 //! `/ws` (protocol v1), and every other WebSocket upgrade routed to the legacy protocol.
 
 pub mod assets;
+pub mod origin;
 
 use std::sync::{Arc, OnceLock};
 

@@ -88,6 +88,9 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: IpA
     };
     guard.reason = end.reason();
     finish(&shared, &conn, end, [(room, SUB)], writer).await;
+    if let End::Close(..) = end {
+        driver.linger().await;
+    }
 }
 
 async fn read_loop(shared: &Shared, conn: &Arc<Conn>, room: &RoomName, driver: &mut Driver) -> End {

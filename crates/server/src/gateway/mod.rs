@@ -270,6 +270,23 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// After a close the server chose (a limit, a bad frame) went out: read (and drop)
+    /// what the client still sends, until its close reply, the end of the stream, or 2 s. Dropping a socket with unread input
+    /// makes the kernel reset the connection, and a reset can destroy the close frame
+    /// before the client reads it (a flooder would see 1006 instead of 1008).
+    pub async fn linger(mut self) {
+        let _bounded = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(frame)) = self.stream.next().await {
+                if matches!(frame, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
 fn classify_error(e: axum::Error) -> End {
     use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
     let Ok(inner) = e.into_inner().downcast::<WsError>() else {

@@ -138,6 +138,9 @@ async fn run(
     };
     guard.reason = end.reason();
     finish(&shared, &conn, end, client.rooms.drain(), writer).await;
+    if let End::Close(..) = end {
+        driver.linger().await;
+    }
 }
 
 /// The `rate_limited` error for `text`, with its `ref` when one can be read.

@@ -43,6 +43,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
             shared.clone(),
             route_legacy_upgrades,
         ))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            crate::limits::limit_head_size,
+        ))
         .with_state(shared)
 }
 

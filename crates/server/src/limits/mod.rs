@@ -84,6 +84,44 @@ impl IntoResponse for Refusal {
     }
 }
 
+/// The size of a request head as it was on the wire (request line, headers, line ends),
+/// to within the whitespace around header values.
+pub fn head_size(request: &axum::extract::Request) -> usize {
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n".len()
+        + 1;
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    line + headers + 2
+}
+
+/// Middleware: 431 for a request head over `max_header_bytes`. hyper's read buffer
+/// (`serve.rs`) bounds the memory a head can take, but only to within one read; this
+/// makes the limit exact.
+pub async fn limit_head_size(
+    axum::extract::State(shared): axum::extract::State<Arc<crate::app::Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let max = shared.settings.max_header_bytes;
+    if head_size(&request) > max {
+        metrics::counter!("wschat_refused_total", "reason" => "header_size").increment(1);
+        return (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header fields too large\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
 /// Counts of open connections by key; a [`Slot`] holds one until dropped.
 struct Counter<K: Hash + Eq> {
     max: usize,

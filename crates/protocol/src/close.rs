@@ -18,6 +18,9 @@ pub const MESSAGE_TOO_BIG: u16 = 1009;
 pub const INTERNAL_ERROR: u16 = 1011;
 /// The server is restarting or draining: reconnect (to any node) and resume with `since`.
 pub const SERVICE_RESTART: u16 = 1012;
+/// A connection limit refused an `auth` frame (too many connections for the session, or
+/// too many unknown keys from the address): reconnect after a backoff.
+pub const TRY_AGAIN_LATER: u16 = 1013;
 
 /// v1 authentication failed (unknown key in the `auth` frame).
 pub const AUTH_FAILED: u16 = 4001;

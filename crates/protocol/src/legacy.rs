@@ -46,6 +46,21 @@ pub fn decode_inbound(text: &str) -> Result<LegacyInbound, LegacyDecodeError> {
     struct Raw {
         message: Option<serde_json::Value>,
     }
+    // serde would also read the struct from an array (`["hi"]`): a frame is an object.
+    if !crate::starts_as_object(text) {
+        let valid = serde_json::from_str::<serde_json::Value>(text);
+        return Err(LegacyDecodeError {
+            code: if valid.is_ok() {
+                ErrorCode::InvalidFrame
+            } else {
+                ErrorCode::BadJson
+            },
+            message: match valid {
+                Ok(_) => "expected {\"message\": …}: not a JSON object".into(),
+                Err(e) => format!("expected {{\"message\": …}}: {e}"),
+            },
+        });
+    }
     let raw: Raw = serde_json::from_str(text).map_err(|e| LegacyDecodeError {
         code: if serde_json::from_str::<serde_json::Value>(text).is_ok() {
             ErrorCode::InvalidFrame
@@ -128,6 +143,15 @@ mod tests {
             decode_inbound("[]").unwrap_err().code,
             ErrorCode::InvalidFrame
         );
+        // Found by fuzzing: serde reads structs from arrays too.
+        for array in [r#"["hi"]"#, r#"["leave"]"#, r#"[7]"#, "\"hi\""] {
+            assert_eq!(
+                decode_inbound(array).unwrap_err().code,
+                ErrorCode::InvalidFrame,
+                "{array}"
+            );
+        }
+        assert_eq!(decode_inbound("[1,").unwrap_err().code, ErrorCode::BadJson);
     }
 
     #[test]

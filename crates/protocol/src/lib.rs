@@ -6,6 +6,8 @@
 
 pub mod close;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod legacy;
 pub mod room;
 pub mod v1;
@@ -22,3 +24,11 @@ pub const SUBPROTOCOL_V1: &str = "wschat.v1";
 /// Prefix of the subprotocol entry that carries a session key outside the URL:
 /// `Sec-WebSocket-Protocol: wschat.v1, wschat.key.<KEY>`.
 pub const SUBPROTOCOL_KEY_PREFIX: &str = "wschat.key.";
+
+/// Whether `text` can only be a JSON object: its first character after JSON whitespace
+/// is `{`. serde reads structs and tagged enums from JSON arrays as well; frames of both
+/// protocols are objects, and this is checked first.
+pub(crate) fn starts_as_object(text: &str) -> bool {
+    text.trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+}

@@ -216,6 +216,23 @@ const CLIENT_TYPES: &[&str] = &["auth", "join", "leave", "send", "history", "typ
 /// (no known `type`) and `invalid_frame` (a known type with bad fields) apart, and keeps
 /// the frame's `ref` when it can be read.
 pub fn decode_client(text: &str) -> Result<ClientFrame, DecodeError> {
+    // serde would also read a struct or tagged enum from a JSON array (`["ping",3]` is a
+    // `ping` with ref 3): a frame is an object, nothing else.
+    if !crate::starts_as_object(text) {
+        let err = serde_json::from_str::<serde_json::Value>(text).err();
+        return Err(match err {
+            None => DecodeError {
+                code: ErrorCode::UnknownType,
+                message: "a frame must be a JSON object with a \"type\"".into(),
+                reference: None,
+            },
+            Some(err) => DecodeError {
+                code: ErrorCode::BadJson,
+                message: format!("not valid JSON: {err}"),
+                reference: None,
+            },
+        });
+    }
     match serde_json::from_str::<ClientFrame>(text) {
         Ok(frame) => Ok(frame),
         Err(err) => Err(classify(text, err)),
@@ -310,6 +327,18 @@ mod tests {
         assert_eq!(
             decode_client("{}").unwrap_err().code,
             ErrorCode::UnknownType
+        );
+        // Found by fuzzing: serde reads tagged enums from arrays too.
+        for array in [r#"["ping",3]"#, r#"["send","a","b"]"#, r#" ["join",[]]"#] {
+            assert_eq!(
+                decode_client(array).unwrap_err().code,
+                ErrorCode::UnknownType,
+                "{array}"
+            );
+        }
+        assert_eq!(
+            decode_client(" \n\t{\"type\":\"ping\"}"),
+            Ok(ClientFrame::Ping { reference: None })
         );
         let e = decode_client(r#"{"type":"dance","ref":7}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownType);

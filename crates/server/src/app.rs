@@ -41,6 +41,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every WebSocket connection holds a token of this tracker.
     pub tracker: TaskTracker,
+    /// Handshake admission: Origin, connections per address and session, failed keys.
+    pub limits: crate::limits::Limits,
     draining: AtomicBool,
     next_conn: AtomicU64,
 }
@@ -63,6 +65,10 @@ pub enum StartError {
     Broker(#[from] BrokerError),
     #[error("{0}")]
     Topology(String),
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -77,10 +83,16 @@ pub struct Application {
     /// Stops the broker's tasks and the periodic ones once the server has drained.
     background: CancellationToken,
     demo_key: Option<String>,
+    tls: Option<crate::tls::Tls>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let limits = crate::limits::Limits::new(&settings).map_err(StartError::Settings)?;
+        let tls = crate::tls::Tls::from_settings(
+            settings.tls_cert.as_deref(),
+            settings.tls_key.as_deref(),
+        )?;
         let store = store::open(&settings.database).await?;
         if !settings.no_migrate {
             store.migrate().await?;
@@ -139,6 +151,7 @@ impl Application {
             sessions: crate::sessions::Sessions::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            limits,
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         });
@@ -147,12 +160,16 @@ impl Application {
             shared.settings.session_check_interval(),
             shared.shutdown.clone(),
         ));
+        if let Some(tls) = &tls {
+            tls.reload_on_sighup(shared.shutdown.clone())?;
+        }
         Ok(Self {
             listener,
             shared,
             commit_task,
             background,
             demo_key,
+            tls,
         })
     }
 
@@ -174,6 +191,11 @@ impl Application {
         self.shared.clone()
     }
 
+    /// The server's TLS (to reload it without a signal), when it serves TLS.
+    pub fn tls(&self) -> Option<crate::tls::Tls> {
+        self.tls.clone()
+    }
+
     /// Serve until the shutdown token is cancelled; then stop accepting, close every
     /// WebSocket with 1012 once its in-flight sends are answered, drain the committer,
     /// and return.
@@ -184,23 +206,11 @@ impl Application {
             commit_task,
             background,
             demo_key: _,
+            tls,
         } = self;
         let router = crate::http::router(shared.clone());
-        let shutdown = shared.shutdown.clone();
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
-        let served = axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.cancelled().await;
-        })
-        .await;
+        // TLS, TCP_NODELAY, the header size and handshake time limits: `serve.rs`.
+        let served = crate::serve::serve(listener, router, &shared, tls).await;
         shared.draining.store(true, Ordering::Release);
         tracing::info!("draining: closing WebSockets with 1012");
         shared.tracker.close();

@@ -59,6 +59,43 @@ pub struct Settings {
     /// How often open connections' sessions are checked: a session row deleted or
     /// expired closes its connections (1008) within this interval.
     pub session_check_secs: u64,
+
+    // Security and limits (docs/security.md).
+    /// PEM certificate chain: with `tls_key`, serve https/wss on the listener. Reloaded on
+    /// SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Origins (`scheme://host[:port]`) whose pages may open WebSockets. When the list is
+    /// not empty, a handshake with any other Origin (or `null`) gets 403.
+    pub allowed_origins: Vec<String>,
+    /// Refuse (403) handshakes that carry no Origin header (needs `allowed_origins`).
+    pub require_origin: bool,
+    /// Peers (CIDR, or one address) whose `Forwarded` / `X-Forwarded-For` headers are
+    /// believed for the client address (limits and logs).
+    pub trusted_proxies: Vec<String>,
+    /// Largest HTTP request head (request line and headers), bytes; over it: 431.
+    pub max_header_bytes: usize,
+    /// Time a client has for the TLS handshake, and then for its request head; then the
+    /// connection is closed.
+    pub handshake_timeout_secs: u64,
+    /// Frames a connection may send per second (token bucket); 0 = unlimited.
+    pub rate_per_sec: u32,
+    /// Frames a connection may send at once above the rate.
+    pub rate_burst: u32,
+    /// Frames refused for the rate within 10 s after which the connection is closed (1008);
+    /// 0 = never close.
+    pub rate_max_refusals: u32,
+    /// Open WebSockets per session key; 0 = unlimited. Over it: 429.
+    pub max_connections_per_session: usize,
+    /// Open WebSockets per client address (IPv6: per /64); 0 = unlimited (the default:
+    /// behind a proxy without `trusted_proxies` every client shares one address).
+    pub max_connections_per_ip: usize,
+    /// Unknown session keys per client address in a minute after which the address gets
+    /// 429 for `failed_key_block_secs`; 0 = no limit.
+    pub max_failed_keys_per_minute: u32,
+    /// How long an address that tried too many unknown keys is refused.
+    pub failed_key_block_secs: u64,
 }
 
 impl Default for Settings {
@@ -85,6 +122,20 @@ impl Default for Settings {
             retention_per_room: 0,
             retention_interval_secs: 60,
             session_check_secs: 10,
+            tls_cert: None,
+            tls_key: None,
+            allowed_origins: Vec::new(),
+            require_origin: false,
+            trusted_proxies: Vec::new(),
+            max_header_bytes: 16 * 1024,
+            handshake_timeout_secs: 10,
+            rate_per_sec: 10,
+            rate_burst: 20,
+            rate_max_refusals: 50,
+            max_connections_per_session: 1000,
+            max_connections_per_ip: 0,
+            max_failed_keys_per_minute: 20,
+            failed_key_block_secs: 60,
         }
     }
 }
@@ -139,6 +190,9 @@ impl Settings {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +245,26 @@ mod tests {
             assert_eq!(s.history_limit, 9);
             Ok(())
         });
+    }
+
+    #[test]
+    fn security_keys_load_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wschat.toml");
+        std::fs::write(
+            &file,
+            "allowed_origins = [\"https://chat.example\"]\ntls_cert = \"c.pem\"\nrate_per_sec = 0\n",
+        )
+        .unwrap();
+        let none = Flags {
+            history_limit: None,
+        };
+        let s = Settings::load(Some(&file), &none).unwrap();
+        assert_eq!(s.allowed_origins, vec!["https://chat.example".to_owned()]);
+        assert_eq!(s.tls_cert.as_deref(), Some(Path::new("c.pem")));
+        assert_eq!((s.tls_key, s.rate_per_sec), (None, 0));
+        let s = Settings::load(None, &none).unwrap();
+        assert_eq!(s, Settings::default());
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! - `gateway`: WebSocket connections, legacy and v1.
 //! - `http`: the router: health, metrics, the page, upgrades.
 //! - `app`: start-up and graceful shutdown.
+//! - `serve`: the accept loop (TLS, handshake limits); `tls`: certificates and reload.
+//! - `limits`: handshake admission (Origin, connection counts, failed keys), the frame
+//!   rate, the client address behind trusted proxies.
 
 pub mod app;
 pub mod broker;
@@ -19,7 +22,10 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod sessions;
+pub mod limits;
+pub mod serve;
 pub mod store;
+pub mod tls;
 
 pub use app::{Application, StartError};
 pub use config::Settings;

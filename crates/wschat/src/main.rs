@@ -101,6 +101,59 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_message_bytes: Option<usize>,
+    /// PEM certificate chain: serve https/wss (with --tls-key); reloaded on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    /// An origin (scheme://host[:port]) whose pages may open WebSockets; repeatable. When
+    /// given, handshakes from any other Origin get 403.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    #[serde(rename = "allowed_origins", skip_serializing_if = "Vec::is_empty")]
+    allowed_origin: Vec<String>,
+    /// Refuse handshakes without an Origin header (403).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    require_origin: bool,
+    /// A proxy (CIDR or address) whose Forwarded / X-Forwarded-For is believed; repeatable.
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    #[serde(rename = "trusted_proxies", skip_serializing_if = "Vec::is_empty")]
+    trusted_proxy: Vec<String>,
+    /// Frames per second per connection; 0 = unlimited [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_per_sec: Option<u32>,
+    /// Burst above the rate [default: 20].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_burst: Option<u32>,
+    /// Rate refusals in 10 s before close 1008; 0 = never close [default: 50].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_max_refusals: Option<u32>,
+    /// Open WebSockets per session key; 0 = unlimited [default: 1000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_session: Option<usize>,
+    /// Open WebSockets per client address; 0 = unlimited [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connections_per_ip: Option<usize>,
+    /// Unknown session keys per address per minute before 429; 0 = no limit [default: 20].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_failed_keys_per_minute: Option<u32>,
+    /// Largest HTTP request head in bytes (at least 8192) [default: 16384].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_header_bytes: Option<usize>,
+    /// Seconds for the TLS handshake and for each request head [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    handshake_timeout_secs: Option<u64>,
 }
 
 /// Libraries that would log frame payloads or request lines (session keys, message

@@ -305,3 +305,91 @@ fn no_session_key_reaches_the_log_even_at_trace_level() {
         "a message body is in the log"
     );
 }
+
+fn serve_with(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "serve",
+        "--listen",
+        &listen,
+        "--database",
+        "sqlite://sec.db",
+    ];
+    args.extend_from_slice(extra);
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts")
+}
+
+/// The status line of a WebSocket handshake on `path` with extra header lines.
+fn upgrade_status(port: u16, path: &str, extra: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line.trim().to_owned()
+}
+
+#[test]
+fn security_flags_reach_the_server_and_bad_ones_stop_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = serve_with(
+        dir.path(),
+        port,
+        &[
+            "--allowed-origin",
+            "https://good.example",
+            "--allowed-origin",
+            "https://other.example",
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--rate-per-sec",
+            "0",
+            "--max-header-bytes",
+            "9000",
+        ],
+    );
+    wait_healthy(port);
+    let status = |extra: &str| upgrade_status(port, "/?session_key=nope", extra);
+    assert!(status("Origin: https://evil.example\r\n").contains(" 403 "));
+    assert!(status("Origin: https://good.example.evil.com\r\n").contains(" 403 "));
+    // Allowed (both flags count): then the unknown key.
+    assert!(status("Origin: https://other.example\r\n").contains(" 401 "));
+    assert!(status("Origin: https://good.example\r\n").contains(" 401 "));
+    let padding = format!("X-Pad: {}\r\n", "p".repeat(10_000));
+    assert!(status(&padding).contains(" 431 "), "{}", status(&padding));
+    let (exit, _) = terminate(&mut child);
+    assert!(exit.success());
+
+    // A proxy range that is not one stops the start, naming it.
+    let out = wschat(
+        dir.path(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            "sqlite://sec.db",
+            "--trusted-proxy",
+            "proxy.example",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("proxy.example"), "{stderr}");
+    // So does half a TLS configuration (clap refuses it).
+    let out = wschat(dir.path(), &["serve", "--tls-cert", "c.pem"]);
+    assert!(!out.status.success());
+}

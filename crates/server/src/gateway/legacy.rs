@@ -3,7 +3,7 @@
 //! `{"authenticated":true}`, the room's last messages, and live messages, the sender's
 //! own included. Inbound `{"message": …}` frames are committed through the committer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::ws::{Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -16,6 +16,7 @@ use super::{backfill, finish, start, Backfill, ConnGuard, Driver, End, Inbound};
 use crate::app::Shared;
 use crate::commit::{Reply, SendRequest};
 use crate::hub::{frames, Conn, Item, Protocol};
+use crate::limits::rate::{RateGate, Verdict};
 use crate::store::{NewMessage, Session};
 
 /// Handle a legacy upgrade request (the caller has seen `Upgrade: websocket`).
@@ -30,22 +31,26 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
+    let admission = match shared.limits.admit(peer, &parts.headers) {
+        Ok(admission) => admission,
+        Err(refused) => return refused.into_response(),
+    };
     let key = parts
         .uri
         .query()
         .and_then(super::v1::session_key_from_query);
-    let session = match super::authenticate(&shared, key.as_deref()).await {
-        Ok(session) => session,
+    let auth = match super::authenticate(&shared, admission.client, key.as_deref()).await {
+        Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };
     let token = shared.tracker.token();
     super::configure(ws, &shared).on_upgrade(move |socket| async move {
-        run(shared, socket, session, peer).await;
-        drop(token);
+        run(shared, socket, auth.session, admission.client).await;
+        drop((token, auth.slot, admission));
     })
 }
 
-async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: SocketAddr) {
+async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: IpAddr) {
     let room = RoomName::legacy(session.room.unwrap_or(0));
     let (conn, stream, writer) = start(&shared, socket, &session, Protocol::Legacy);
     let mut guard = ConnGuard::open(Protocol::Legacy, conn.id, peer);
@@ -83,15 +88,31 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: Soc
     };
     guard.reason = end.reason();
     finish(&shared, &conn, end, [(room, SUB)], writer).await;
+    if let End::Close(..) = end {
+        driver.linger().await;
+    }
 }
 
 async fn read_loop(shared: &Shared, conn: &Arc<Conn>, room: &RoomName, driver: &mut Driver) -> End {
     let mut errors_in_a_row = 0u32;
+    let gate = RateGate::new(&shared.settings);
     loop {
         let text = match driver.next().await {
             Inbound::Text(text) => text,
             Inbound::End(end) => return end,
         };
+        let verdict = gate.check();
+        if verdict != Verdict::Pass {
+            let text = super::rate_limited_text(&shared.settings);
+            conn.outbox.push(Item::Frame(frames::legacy_error(
+                ErrorCode::RateLimited,
+                &text,
+            )));
+            if verdict == Verdict::Close {
+                return super::RATE_CLOSE;
+            }
+            continue;
+        }
         let outcome = legacy::decode_inbound(&text)
             .map_err(|e| (e.code, e.message))
             .and_then(|LegacyInbound::Say(message)| {

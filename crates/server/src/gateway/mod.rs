@@ -26,18 +26,21 @@ use wschat_protocol::{close, ErrorCode, RoomName};
 use crate::app::Shared;
 use crate::config::Settings;
 use crate::hub::{frames, Conn, Item, Outbox, Protocol, SubId};
+use crate::limits::{Refusal, Slot};
 use crate::store::{hash_key, RoomHead, Session, StoreError};
 
 /// Bad frames in a row after which a connection is closed (4009).
 pub(crate) const MAX_ERRORS_IN_A_ROW: u32 = 10;
 
 /// Why a key did not authenticate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum AuthError {
     Draining,
     Missing,
     Unknown,
     Unavailable,
+    /// A limit (failed keys from the address, connections of the session): 429.
+    Limited(Refusal),
 }
 
 impl IntoResponse for AuthError {
@@ -47,23 +50,47 @@ impl IntoResponse for AuthError {
             Self::Missing => (StatusCode::UNAUTHORIZED, "missing session_key\n"),
             Self::Unknown => (StatusCode::UNAUTHORIZED, "unknown session key\n"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+            Self::Limited(refusal) => return refusal.into_response(),
         }
         .into_response()
     }
 }
 
-/// Look up the session a key names.
-pub(crate) async fn authenticate(shared: &Shared, key: Option<&str>) -> Result<Session, AuthError> {
+/// An authenticated session, and its place in the session's connection count.
+pub(crate) struct Authenticated {
+    pub session: Session,
+    pub slot: Slot,
+}
+
+/// Look up the session a key names, from `client`: refused while the address is blocked
+/// for unknown keys (an unknown key counts towards that), or when the session has as many
+/// connections as it may.
+pub(crate) async fn authenticate(
+    shared: &Shared,
+    client: std::net::IpAddr,
+    key: Option<&str>,
+) -> Result<Authenticated, AuthError> {
     if shared.is_draining() {
         return Err(AuthError::Draining);
     }
     let Some(key) = key.filter(|k| !k.is_empty()) else {
         return Err(AuthError::Missing);
     };
-    match shared.store.session(&hash_key(key)).await {
-        Ok(Some(session)) => Ok(session),
+    if let Some(left) = shared.limits.blocked(client) {
+        return Err(AuthError::Limited(Refusal::Blocked(left)));
+    }
+    let hash = hash_key(key);
+    match shared.store.session(&hash).await {
+        Ok(Some(session)) => {
+            let slot = shared
+                .limits
+                .session_slot(&hash)
+                .map_err(AuthError::Limited)?;
+            Ok(Authenticated { session, slot })
+        }
         Ok(None) => {
             metrics::counter!("wschat_auth_failures_total").increment(1);
+            shared.limits.note_failed_key(client);
             Err(AuthError::Unknown)
         }
         Err(e) => {
@@ -72,6 +99,17 @@ pub(crate) async fn authenticate(shared: &Shared, key: Option<&str>) -> Result<S
         }
     }
 }
+
+/// The text of a `rate_limited` answer.
+pub(crate) fn rate_limited_text(settings: &Settings) -> String {
+    format!(
+        "over {} frames per second (bursts of {}): this frame was not handled; wait, then send it again",
+        settings.rate_per_sec, settings.rate_burst
+    )
+}
+
+/// The close for a connection that kept going over the rate.
+pub(crate) const RATE_CLOSE: End = End::Close(close::POLICY_VIOLATION, "rate limit exceeded");
 
 /// The checks every message text passes before it is committed.
 pub(crate) fn check_text(settings: &Settings, text: &str) -> Result<(), (ErrorCode, String)> {
@@ -116,9 +154,9 @@ pub(crate) struct ConnGuard {
 }
 
 impl ConnGuard {
-    pub fn open(protocol: Protocol, id: u64, peer: std::net::SocketAddr) -> Self {
+    pub fn open(protocol: Protocol, id: u64, client: std::net::IpAddr) -> Self {
         metrics::gauge!("wschat_connections", "protocol" => protocol.label()).increment(1.0);
-        tracing::info!(conn = id, protocol = protocol.label(), %peer, "connection opened");
+        tracing::info!(conn = id, protocol = protocol.label(), %client, "connection opened");
         Self {
             protocol,
             id,
@@ -229,6 +267,23 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+impl Driver {
+    /// After a close the server chose (a limit, a bad frame) went out: read (and drop)
+    /// what the client still sends, until its close reply, the end of the stream, or 2 s. Dropping a socket with unread input
+    /// makes the kernel reset the connection, and a reset can destroy the close frame
+    /// before the client reads it (a flooder would see 1006 instead of 1008).
+    pub async fn linger(mut self) {
+        let _bounded = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(frame)) = self.stream.next().await {
+                if matches!(frame, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 

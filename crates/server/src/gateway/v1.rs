@@ -3,7 +3,7 @@
 //! application pings, and an `error` frame for every bad request.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -20,6 +20,8 @@ use super::{backfill, finish, start, Backfill, ConnGuard, Driver, End, Inbound};
 use crate::app::Shared;
 use crate::commit::{Reply, SendRequest};
 use crate::hub::{frames, Conn, Item, Protocol, SubId};
+use crate::limits::rate::{RateGate, Verdict};
+use crate::limits::{self, Admission};
 use crate::store::{NewMessage, Session};
 
 /// Longest `client_msg_id`, in bytes.
@@ -57,10 +59,14 @@ pub(crate) async fn handle(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let admission = match shared.limits.admit(peer, &headers) {
+        Ok(admission) => admission,
+        Err(refused) => return refused.into_response(),
+    };
     let key = key_from_protocols(&headers).or(query.session_key);
-    let session = match key {
-        Some(key) => match super::authenticate(&shared, Some(&key)).await {
-            Ok(session) => Some(session),
+    let auth = match key {
+        Some(key) => match super::authenticate(&shared, admission.client, Some(&key)).await {
+            Ok(auth) => Some(auth),
             Err(refused) => return refused.into_response(),
         },
         None if shared.is_draining() => return super::AuthError::Draining.into_response(),
@@ -70,7 +76,7 @@ pub(crate) async fn handle(
     super::configure(ws, &shared)
         .protocols([SUBPROTOCOL_V1])
         .on_upgrade(move |socket| async move {
-            run(shared, socket, session, peer).await;
+            run(shared, socket, auth, admission).await;
             drop(token);
         })
 }
@@ -78,16 +84,21 @@ pub(crate) async fn handle(
 async fn run(
     shared: Arc<Shared>,
     mut socket: WebSocket,
-    session: Option<Session>,
-    peer: SocketAddr,
+    auth: Option<super::Authenticated>,
+    admission: Admission,
 ) {
-    let session = match session {
-        Some(session) => session,
-        None => match await_auth(&shared, &mut socket).await {
+    let peer = admission.client;
+    let gate = RateGate::new(&shared.settings);
+    let auth = match auth {
+        Some(auth) => auth,
+        None => match await_auth(&shared, &mut socket, peer, &gate).await {
             Some(authenticated) => authenticated,
             None => return,
         },
     };
+    // Held while the connection is open: the session's and the address's counts.
+    let _slots = (auth.slot, admission);
+    let session = auth.session;
     let (conn, stream, writer) = start(&shared, socket, &session, Protocol::V1);
     let mut guard = ConnGuard::open(Protocol::V1, conn.id, peer);
     let s = &shared.settings;
@@ -111,6 +122,7 @@ async fn run(
         rooms: HashMap::new(),
         next_sub: 0,
         errors_in_a_row: 0,
+        gate,
     };
     let mut driver = Driver::new(stream, conn.clone(), shared.clone());
     let end = loop {
@@ -125,11 +137,32 @@ async fn run(
     };
     guard.reason = end.reason();
     finish(&shared, &conn, end, client.rooms.drain(), writer).await;
+    if let End::Close(..) = end {
+        driver.linger().await;
+    }
+}
+
+/// The `rate_limited` error for `text`, with its `ref` when one can be read.
+fn rate_limited(shared: &Shared, text: &str) -> axum::extract::ws::Utf8Bytes {
+    let reference = match decode_client(text) {
+        Ok(frame) => frame.reference().cloned(),
+        Err(e) => e.reference,
+    };
+    frames::v1_error(
+        ErrorCode::RateLimited,
+        super::rate_limited_text(&shared.settings),
+        reference,
+    )
 }
 
 /// Before authentication: only `auth` and `ping` are answered. Returns the session, or
 /// `None` when the connection was closed.
-async fn await_auth(shared: &Shared, socket: &mut WebSocket) -> Option<Session> {
+async fn await_auth(
+    shared: &Shared,
+    socket: &mut WebSocket,
+    client: IpAddr,
+    gate: &RateGate,
+) -> Option<super::Authenticated> {
     let deadline = tokio::time::Instant::now() + shared.settings.auth_timeout();
     let close_with = |code: u16, reason: &'static str| {
         Message::Close(Some(CloseFrame {
@@ -163,10 +196,44 @@ async fn await_auth(shared: &Shared, socket: &mut WebSocket) -> Option<Session> 
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             _ => return None,
         };
+        let verdict = gate.check();
+        if verdict != Verdict::Pass {
+            let _ = socket
+                .send(Message::Text(rate_limited(shared, &text)))
+                .await;
+            if verdict == Verdict::Close {
+                let _ = socket
+                    .send(close_with(close::POLICY_VIOLATION, "rate limit exceeded"))
+                    .await;
+                return None;
+            }
+            continue;
+        }
         let reply = match decode_client(&text) {
             Ok(ClientFrame::Auth { key, reference }) => {
-                match super::authenticate(shared, Some(&key)).await {
-                    Ok(session) => return Some(session),
+                match super::authenticate(shared, client, Some(&key)).await {
+                    Ok(auth) => return Some(auth),
+                    Err(super::AuthError::Limited(refusal)) => {
+                        let reason = match refusal {
+                            limits::Refusal::Blocked(left) => {
+                                let error = frames::v1_error(
+                                    ErrorCode::RateLimited,
+                                    format!(
+                                        "too many unknown session keys from this address; retry in {} s",
+                                        left.as_secs().max(1)
+                                    ),
+                                    reference,
+                                );
+                                let _ = socket.send(Message::Text(error)).await;
+                                "too many unknown session keys"
+                            }
+                            _ => "too many connections for this session",
+                        };
+                        let _ = socket
+                            .send(close_with(close::TRY_AGAIN_LATER, reason))
+                            .await;
+                        return None;
+                    }
                     Err(super::AuthError::Unavailable) => frames::v1_error(
                         ErrorCode::Unavailable,
                         "sessions cannot be checked right now; send auth again",
@@ -214,12 +281,21 @@ struct Client {
     rooms: HashMap<RoomName, SubId>,
     next_sub: SubId,
     errors_in_a_row: u32,
+    gate: RateGate,
 }
 
 type Refusal = (ErrorCode, String);
 
 impl Client {
     async fn on_text(&mut self, text: &str) -> Option<End> {
+        // Over the rate: answered, not handled, and not one of the bad frames in a row.
+        let verdict = self.gate.check();
+        if verdict != Verdict::Pass {
+            self.conn
+                .outbox
+                .push(Item::Frame(rate_limited(&self.shared, text)));
+            return (verdict == Verdict::Close).then_some(super::RATE_CLOSE);
+        }
         let frame = match decode_client(text) {
             Ok(frame) => frame,
             Err(e) => return self.refuse((e.code, e.message), e.reference),

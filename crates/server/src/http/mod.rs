@@ -2,6 +2,7 @@
 //! `/ws` (protocol v1), and every other WebSocket upgrade routed to the legacy protocol.
 
 pub mod assets;
+pub mod origin;
 
 use std::sync::{Arc, OnceLock};
 
@@ -41,6 +42,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             route_legacy_upgrades,
+        ))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            crate::limits::limit_head_size,
         ))
         .with_state(shared)
 }

@@ -99,6 +99,9 @@ pub fn settings_in(dir: &tempfile::TempDir) -> Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         database: format!("sqlite://{}", dir.path().join("chat.db").display()),
         demo_session: false,
+        // These suites send as fast as they can (20 clients × 100 messages, floods of
+        // acks): no per-connection frame rate. tests/security.rs sets its own.
+        rate_per_sec: 0,
         ..Settings::default()
     }
 }

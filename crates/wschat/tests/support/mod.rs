@@ -233,6 +233,8 @@ impl Node {
             .args(["--database", &self.database, "--broker", &self.broker])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn")
+            // The suite offers full-speed senders; the per-connection limit is not under test.
+            .env("WSCHAT_RATE_PER_SEC", "0")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -1,0 +1,6 @@
+//! The legacy (nodejschat) client-frame decoder on arbitrary input.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    wschat_protocol::fuzzing::legacy_decode(data);
+});

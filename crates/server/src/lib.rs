@@ -21,9 +21,9 @@ pub mod config;
 pub mod gateway;
 pub mod http;
 pub mod hub;
-pub mod sessions;
 pub mod limits;
 pub mod serve;
+pub mod sessions;
 pub mod store;
 pub mod tls;
 

@@ -431,6 +431,18 @@ async fn websocket_violations_get_their_close_codes() {
             close::PROTOCOL_ERROR,
         ),
         (
+            // Two fragments, each within the frame limit, together over the message limit:
+            // refused when the second arrives, before it is appended.
+            "fragmented message over the limit",
+            {
+                let mut f = frame(TEXT, &vec![b'a'; max_frame / 2 + 10], true, 0);
+                f[0] &= 0x7f;
+                f.extend(frame(0, &vec![b'b'; max_frame / 2 + 10], true, 0));
+                f
+            },
+            close::MESSAGE_TOO_BIG,
+        ),
+        (
             "fragmented control frame",
             {
                 let mut f = frame(9, b"x", true, 0);

@@ -56,6 +56,8 @@ pub struct Settings {
     pub retention_per_room: u64,
     /// How often retention is applied.
     pub retention_interval_secs: u64,
+    /// Bearer token of the admin API (`/admin/v1/…`); unset: the admin API is off (404).
+    pub admin_token: Option<Secret>,
 }
 
 impl Default for Settings {
@@ -81,6 +83,7 @@ impl Default for Settings {
             max_commit_batch: 1000,
             retention_per_room: 0,
             retention_interval_secs: 60,
+            admin_token: None,
         }
     }
 }
@@ -89,8 +92,14 @@ impl Default for Settings {
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
-    #[error("invalid configuration: {0}")]
-    Invalid(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {}", crate::config_doc::describe(.0))]
+    Invalid(Box<figment::Error>),
+    #[error("invalid configuration: {key}: {problem} (set in {origin})")]
+    Value {
+        key: &'static str,
+        problem: String,
+        origin: String,
+    },
 }
 
 impl Settings {
@@ -104,12 +113,16 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
+        crate::config_doc::warn_unknown_env();
         figment = figment
-            .merge(Env::prefixed("WSCHAT_"))
+            .merge(Env::prefixed("WSCHAT_").only(&crate::config_doc::parsed_env_keys()))
+            .merge(crate::config_doc::RawEnv)
             .merge(Serialized::defaults(overrides));
-        figment
+        let settings: Self = figment
             .extract()
-            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        crate::config_doc::validate(&settings, &figment)?;
+        Ok(settings)
     }
 
     pub fn auth_timeout(&self) -> Duration {
@@ -123,6 +136,27 @@ impl Settings {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// A setting that must stay out of logs and `Debug` output (the admin token).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
     }
 }
 

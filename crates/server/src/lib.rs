@@ -1,7 +1,7 @@
 //! wschat's server library.
 //!
 //! Layout (see ARCHITECTURE.md for the invariants):
-//! - `config`: typed settings (file, environment, flags).
+//! - `config`: typed settings (file, environment, flags); `config_doc`: their documentation.
 //! - `store`: the store of record (sessions, rooms, the message log); the only SQL.
 //! - `commit`: group commit; acks after commit.
 //! - `broker`: fan-out between nodes (a doorbell); `local` for one node.
@@ -14,6 +14,7 @@ pub mod app;
 pub mod broker;
 pub mod commit;
 pub mod config;
+pub mod config_doc;
 pub mod gateway;
 pub mod http;
 pub mod hub;

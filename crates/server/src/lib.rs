@@ -9,6 +9,7 @@
 //! - `gateway`: WebSocket connections, legacy and v1.
 //! - `http`: the router: health, metrics, the page, upgrades.
 //! - `app`: start-up and graceful shutdown.
+//! - `telemetry`: every metric, and the Prometheus recorder's set-up.
 
 pub mod app;
 pub mod broker;
@@ -19,6 +20,7 @@ pub mod gateway;
 pub mod http;
 pub mod hub;
 pub mod store;
+pub mod telemetry;
 
 pub use app::{Application, StartError};
 pub use config::Settings;

@@ -81,6 +81,10 @@ async fn run(
     session: Option<Session>,
     peer: SocketAddr,
 ) {
+    // Counted as open while it authenticates; `ConnGuard` takes over after.
+    let counted = session
+        .is_none()
+        .then(|| crate::telemetry::ConnectionGauge::new(Protocol::V1));
     let session = match session {
         Some(session) => session,
         None => match await_auth(&shared, &mut socket).await {
@@ -88,6 +92,7 @@ async fn run(
             None => return,
         },
     };
+    drop(counted);
     let (conn, stream, writer) = start(&shared, socket, &session.user, Protocol::V1);
     let mut guard = ConnGuard::open(Protocol::V1, conn.id, peer);
     let s = &shared.settings;

@@ -11,7 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::app::Shared;
 use crate::gateway;
@@ -20,8 +20,11 @@ static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Install the process-wide Prometheus recorder (once; later calls do nothing).
 pub fn install_metrics() {
-    METRICS.get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-        Ok(handle) => Some(handle),
+    METRICS.get_or_init(|| match crate::telemetry::builder().install_recorder() {
+        Ok(handle) => {
+            crate::telemetry::registered(&handle);
+            Some(handle)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "metrics recorder not installed");
             None

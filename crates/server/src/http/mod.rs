@@ -2,6 +2,7 @@
 //! `/ws` (protocol v1), and every other WebSocket upgrade routed to the legacy protocol.
 
 pub mod assets;
+mod health;
 
 use std::sync::{Arc, OnceLock};
 
@@ -36,7 +37,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(healthz))
+        .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics_text))
         .route("/ws", get(gateway::v1::handle))
         .route("/chat", get(assets::chat_page))

@@ -1,6 +1,7 @@
 //! The HTTP side of the one listener: health, metrics, the chat page and its assets,
 //! `/ws` (protocol v1), and every other WebSocket upgrade routed to the legacy protocol.
 
+pub mod admin;
 pub mod assets;
 mod health;
 
@@ -42,6 +43,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(gateway::v1::handle))
         .route("/chat", get(assets::chat_page))
         .route("/assets/{file}", get(assets::asset))
+        .nest("/admin/v1", admin::router(shared.clone()))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             route_legacy_upgrades,

@@ -37,10 +37,16 @@ pub enum CommitError {
     ShuttingDown,
 }
 
+/// A send in the committer's queue, with when it was queued (for `wschat_send_ack_seconds`).
+struct Queued {
+    request: SendRequest,
+    at: Instant,
+}
+
 /// The handle connections use to send.
 #[derive(Clone)]
 pub struct Committer {
-    tx: mpsc::Sender<SendRequest>,
+    tx: mpsc::Sender<Queued>,
     stop: CancellationToken,
 }
 
@@ -64,11 +70,20 @@ impl Committer {
 
     /// Queue a send. Waits while the queue is full (backpressure on the sender).
     pub async fn submit(&self, request: SendRequest) {
-        if let Reply::Conn { conn, .. } = &request.reply {
-            conn.send_started();
-        }
-        if let Err(mpsc::error::SendError(request)) = self.tx.send(request).await {
-            answer_error(request.reply, CommitError::ShuttingDown);
+        let protocol = match &request.reply {
+            Reply::Conn { conn, .. } => {
+                conn.send_started();
+                conn.protocol.label()
+            }
+            Reply::Oneshot(_) => "internal",
+        };
+        metrics::counter!("wschat_messages_received_total", "protocol" => protocol).increment(1);
+        let queued = Queued {
+            request,
+            at: Instant::now(),
+        };
+        if let Err(mpsc::error::SendError(queued)) = self.tx.send(queued).await {
+            answer_error(queued.request.reply, CommitError::ShuttingDown);
         }
     }
 
@@ -85,13 +100,13 @@ impl Committer {
 }
 
 async fn run(
-    mut rx: mpsc::Receiver<SendRequest>,
+    mut rx: mpsc::Receiver<Queued>,
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     max_batch: usize,
     stop: CancellationToken,
 ) {
-    let mut batch: Vec<SendRequest> = Vec::with_capacity(max_batch);
+    let mut batch: Vec<Queued> = Vec::with_capacity(max_batch);
     let mut messages: Vec<NewMessage> = Vec::with_capacity(max_batch);
     loop {
         let received = tokio::select! {
@@ -106,9 +121,10 @@ async fn run(
             break;
         }
         messages.clear();
-        messages.extend(batch.iter().map(|r| r.msg.clone()));
+        messages.extend(batch.iter().map(|q| q.request.msg.clone()));
         let started = Instant::now();
         let result = store.commit_batch(&messages).await;
+        let committed_at = Instant::now();
         metrics::histogram!("wschat_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("wschat_commit_batch_size").record(messages.len() as f64);
         tracing::trace!(
@@ -120,14 +136,16 @@ async fn run(
             Ok(outcomes) => {
                 let mut committed = Vec::with_capacity(outcomes.len());
                 let mut repeats = false;
-                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                let send_ack = metrics::histogram!("wschat_send_ack_seconds");
+                for (queued, outcome) in batch.drain(..).zip(outcomes) {
                     // A retry's first message is rung again: when a commit failed in a way
                     // that left it committed (the connection died during COMMIT), its
                     // senders were told `unavailable` and no member was told of it. Hubs
                     // skip seqs they already delivered.
                     repeats |= matches!(outcome, CommitOutcome::Duplicate(_));
                     committed.push(outcome.message().clone());
-                    answer(request.reply, outcome);
+                    answer(queued.request.reply, outcome);
+                    send_ack.record(queued.at.elapsed().as_secs_f64());
                 }
                 metrics::counter!("wschat_messages_acknowledged_total")
                     .increment(committed.len() as u64);
@@ -139,16 +157,22 @@ async fn run(
                 }
                 if !committed.is_empty() {
                     hub.committed(committed);
+                    metrics::histogram!("wschat_fanout_seconds")
+                        .record(committed_at.elapsed().as_secs_f64());
                 }
             }
             Err(e) => {
                 tracing::warn!(error = %e, batch = batch.len(), "commit failed; senders told to retry");
+                metrics::counter!("wschat_commit_errors_total").increment(1);
                 let reason = match e {
                     StoreError::Unavailable(_) => "the store is unavailable".to_owned(),
                     other => other.to_string(),
                 };
-                for request in batch.drain(..) {
-                    answer_error(request.reply, CommitError::Unavailable(reason.clone()));
+                for queued in batch.drain(..) {
+                    answer_error(
+                        queued.request.reply,
+                        CommitError::Unavailable(reason.clone()),
+                    );
                 }
             }
         }

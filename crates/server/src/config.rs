@@ -96,6 +96,8 @@ pub struct Settings {
     pub max_failed_keys_per_minute: u32,
     /// How long an address that tried too many unknown keys is refused.
     pub failed_key_block_secs: u64,
+    /// Bearer token of the admin API (`/admin/v1/…`); unset: the admin API is off (404).
+    pub admin_token: Option<Secret>,
 }
 
 impl Default for Settings {
@@ -136,6 +138,7 @@ impl Default for Settings {
             max_connections_per_ip: 0,
             max_failed_keys_per_minute: 20,
             failed_key_block_secs: 60,
+            admin_token: None,
         }
     }
 }
@@ -144,8 +147,14 @@ impl Default for Settings {
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
-    #[error("invalid configuration: {0}")]
-    Invalid(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {}", crate::config_doc::describe(.0))]
+    Invalid(Box<figment::Error>),
+    #[error("invalid configuration: {key}: {problem} (set in {origin})")]
+    Value {
+        key: &'static str,
+        problem: String,
+        origin: String,
+    },
 }
 
 impl Settings {
@@ -159,20 +168,16 @@ impl Settings {
             }
             figment = figment.merge(Toml::file(file));
         }
-        // Only `WSCHAT_<SETTING>` variables are settings: others of that prefix (the CLI's
-        // `WSCHAT_LOG_FORMAT`, test switches) belong to someone else.
-        let known: Vec<String> = match serde_json::to_value(Settings::default()) {
-            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
-            _ => Vec::new(),
-        };
+        crate::config_doc::warn_unknown_env();
         figment = figment
-            .merge(
-                Env::prefixed("WSCHAT_").filter(move |key| known.iter().any(|k| key == k.as_str())),
-            )
+            .merge(Env::prefixed("WSCHAT_").only(&crate::config_doc::parsed_env_keys()))
+            .merge(crate::config_doc::RawEnv)
             .merge(Serialized::defaults(overrides));
-        figment
+        let settings: Self = figment
             .extract()
-            .map_err(|e| ConfigError::Invalid(Box::new(e)))
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        crate::config_doc::validate(&settings, &figment)?;
+        Ok(settings)
     }
 
     pub fn auth_timeout(&self) -> Duration {
@@ -192,6 +197,27 @@ impl Settings {
     }
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.handshake_timeout_secs.max(1))
+    }
+}
+
+/// A setting that must stay out of logs and `Debug` output (the admin token).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
     }
 }
 

@@ -1,7 +1,7 @@
 //! wschat's server library.
 //!
 //! Layout (see ARCHITECTURE.md for the invariants):
-//! - `config`: typed settings (file, environment, flags).
+//! - `config`: typed settings (file, environment, flags); `config_doc`: their documentation.
 //! - `store`: the store of record (sessions, rooms, the message log); the only SQL.
 //! - `commit`: group commit; acks after commit.
 //! - `broker`: fan-out between nodes (a doorbell); `local` for one node.
@@ -13,11 +13,13 @@
 //! - `serve`: the accept loop (TLS, handshake limits); `tls`: certificates and reload.
 //! - `limits`: handshake admission (Origin, connection counts, failed keys), the frame
 //!   rate, the client address behind trusted proxies.
+//! - `telemetry`: every metric, and the Prometheus recorder's set-up.
 
 pub mod app;
 pub mod broker;
 pub mod commit;
 pub mod config;
+pub mod config_doc;
 pub mod gateway;
 pub mod http;
 pub mod hub;
@@ -25,6 +27,7 @@ pub mod limits;
 pub mod serve;
 pub mod sessions;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 
 pub use app::{Application, StartError};

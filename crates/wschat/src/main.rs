@@ -1,4 +1,6 @@
-//! The `wschat` binary: `serve`, `migrate`, `session create`, `load`.
+//! The `wschat` binary: `serve`, `migrate`, `session create`, `config`, `load`.
+
+mod ops_flags;
 
 use std::path::PathBuf;
 
@@ -37,7 +39,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the database migrations.
     Migrate {
         #[arg(long, default_value = "sqlite://wschat.db", env = "WSCHAT_DATABASE")]
@@ -50,6 +52,20 @@ enum Command {
     },
     /// Load, latency and loss client.
     Load(wschat_load::LoadArgs),
+    /// Print the settings: every default, or those in effect.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print a commented TOML file with every setting, its description and its default.
+    Defaults,
+    /// Check the settings `serve` would use with these flags (file, environment, flags)
+    /// and print them; exits non-zero naming the bad key when they are invalid.
+    Check(Box<ServeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -74,7 +90,7 @@ enum SessionCommand {
 #[derive(clap::Args, Serialize)]
 struct ServeArgs {
     /// A TOML file with settings (keys are these flags' names in snake_case).
-    #[arg(long)]
+    #[arg(long, env = "WSCHAT_CONFIG")]
     #[serde(skip)]
     config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:56412].
@@ -85,7 +101,7 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     database: Option<String>,
-    /// Broker: `local` [default: local].
+    /// Broker: `auto`, `local`, `postgres` or `nats://HOST:PORT` [default: auto].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<String>,
@@ -154,6 +170,9 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     handshake_timeout_secs: Option<u64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    ops: ops_flags::OpsFlags,
 }
 
 /// Libraries that would log frame payloads or request lines (session keys, message
@@ -192,7 +211,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Migrate { database } => {
                 let store = store::open(&database).await?;
                 store.migrate().await?;
@@ -215,6 +234,19 @@ fn main() -> anyhow::Result<()> {
                     .create_session(&store::hash_key(&key), &user, room)
                     .await?;
                 println!("{key}");
+                Ok(())
+            }
+            Command::Config {
+                command: ConfigCommand::Defaults,
+            } => {
+                print!("{}", wschat_server::config_doc::defaults_toml());
+                Ok(())
+            }
+            Command::Config {
+                command: ConfigCommand::Check(args),
+            } => {
+                let settings = Settings::load(args.config.as_deref(), &args)?;
+                print!("{}", wschat_server::config_doc::effective_toml(&settings));
                 Ok(())
             }
             Command::Load(args) => {
@@ -269,6 +301,42 @@ async fn wait_for_signal() {
         }
         _ => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Settings deliberately without a flag (a secret on a command line is visible to
+    /// every user of the machine).
+    const FILE_ONLY: &[&str] = &["admin_token"];
+
+    #[test]
+    fn every_setting_has_a_flag_named_after_its_key() {
+        let cli = Cli::command();
+        let serve = cli.find_subcommand("serve").expect("serve");
+        let flags: Vec<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .map(str::to_owned)
+            .collect();
+        for key in wschat_server::config_doc::keys() {
+            if FILE_ONLY.contains(&key) {
+                continue;
+            }
+            let flag = key.replace('_', "-");
+            // A list key `allowed_origins` is the repeatable flag `--allowed-origin`.
+            let singular = match flag.strip_suffix("ies") {
+                Some(stem) => format!("{stem}y"),
+                None => flag.strip_suffix('s').unwrap_or(&flag).to_owned(),
+            };
+            assert!(
+                flags.contains(&flag) || flags.contains(&singular),
+                "setting {key} has no flag --{flag} (or list it in FILE_ONLY)"
+            );
         }
     }
 }

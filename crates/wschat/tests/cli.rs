@@ -306,21 +306,20 @@ fn no_session_key_reaches_the_log_even_at_trace_level() {
     );
 }
 
-fn serve_with(dir: &Path, port: u16, extra: &[&str]) -> Child {
+fn serve_with_flags(dir: &Path, port: u16, extra: &[&str]) -> Child {
     let listen = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "serve",
-        "--listen",
-        &listen,
-        "--database",
-        "sqlite://sec.db",
-    ];
+    let mut args = vec!["--listen", &listen, "--database", "sqlite://sec.db"];
     args.extend_from_slice(extra);
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
+    serve_with(dir, &args, &[])
+}
+
+fn serve_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").args(args).current_dir(dir);
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("starts")
@@ -345,7 +344,7 @@ fn upgrade_status(port: u16, path: &str, extra: &str) -> String {
 fn security_flags_reach_the_server_and_bad_ones_stop_it() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut child = serve_with(
+    let mut child = serve_with_flags(
         dir.path(),
         port,
         &[
@@ -392,4 +391,221 @@ fn security_flags_reach_the_server_and_bad_ones_stop_it() {
     // So does half a TLS configuration (clap refuses it).
     let out = wschat(dir.path(), &["serve", "--tls-cert", "c.pem"]);
     assert!(!out.status.success());
+}
+
+/// A blocking HTTP request with a JSON body and a bearer token; returns status and body.
+fn http_post(port: u16, path: &str, token: &str, body: &serde_json::Value) -> (u16, String) {
+    use std::io::Write;
+    let body = body.to_string();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = out.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
+#[test]
+fn json_logs_have_one_line_per_connection_event_and_no_key_token_or_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let token = "admin-token-kept-out-of-logs-0123";
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = serve_with(
+        dir.path(),
+        &[
+            "--log-format",
+            "json",
+            "--listen",
+            &listen,
+            "--database",
+            "sqlite://chat.db",
+            "--demo-session",
+            "false",
+        ],
+        &[("RUST_LOG", "trace"), ("WSCHAT_ADMIN_TOKEN", token)],
+    );
+    wait_healthy(port);
+    // A session and a message through the admin API: neither key nor text may be logged.
+    let (status, created) = http_post(
+        port,
+        "/admin/v1/sessions",
+        token,
+        &json!({"user": "secretive", "room": 5}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let key = serde_json::from_str::<serde_json::Value>(&created).unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = http_post(
+        port,
+        "/admin/v1/rooms/5/messages",
+        token,
+        &json!({"text": "admin body stays out of logs"}),
+    );
+    assert_eq!(status, 201);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("ws://127.0.0.1:{port}/?session_key={key}");
+        let (mut legacy, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        legacy.next().await.unwrap().unwrap();
+        legacy
+            .send(Message::text(
+                json!({"message": "client body stays out of logs"}).to_string(),
+            ))
+            .await
+            .unwrap();
+        // History (the admin's message), then the echo.
+        legacy.next().await.unwrap().unwrap();
+        legacy.next().await.unwrap().unwrap();
+        legacy.close(None).await.unwrap();
+        let url = format!("ws://127.0.0.1:{port}/ws");
+        let (mut v1, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        v1.send(Message::text(
+            json!({"type": "auth", "key": key}).to_string(),
+        ))
+        .await
+        .unwrap();
+        let hello = v1.next().await.unwrap().unwrap().into_text().unwrap();
+        assert!(hello.contains("\"hello\""), "{hello}");
+        v1.close(None).await.unwrap();
+        while v1.next().await.is_some() {}
+    });
+    let (status, out) = terminate(&mut child);
+    assert!(status.success());
+    let mut events = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        let message = v["fields"]["message"].as_str().unwrap_or_default();
+        if message.starts_with("connection ") {
+            events.push(v["fields"].clone());
+        }
+    }
+    assert!(out.contains("\"TRACE\""), "logging ran at trace level");
+    let opened: Vec<_> = events
+        .iter()
+        .filter(|f| f["message"] == "connection opened")
+        .collect();
+    let closed: Vec<_> = events
+        .iter()
+        .filter(|f| f["message"] == "connection closed")
+        .collect();
+    assert_eq!((opened.len(), closed.len()), (2, 2), "{events:?}");
+    for f in &closed {
+        assert_eq!(f["reason"], "client closed", "{f}");
+        assert!(f["duration_ms"].is_u64(), "{f}");
+        assert!(f["protocol"] == "legacy" || f["protocol"] == "v1", "{f}");
+    }
+    assert!(!out.contains(&key), "a session key is in the log");
+    assert!(!out.contains(token), "the admin token is in the log");
+    assert!(
+        !out.contains("body stays out of logs"),
+        "a message body is in the log"
+    );
+}
+
+#[test]
+fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wschat(
+        dir.path(),
+        &[
+            "session",
+            "create",
+            "--database",
+            "sqlite://chat.db",
+            "--user",
+            "idle",
+        ],
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = serve_with(
+        dir.path(),
+        &[
+            "--listen",
+            &listen,
+            "--database",
+            "sqlite://chat.db",
+            "--shutdown-grace-secs",
+            "30",
+        ],
+        &[("RUST_LOG", "info")],
+    );
+    wait_healthy(port);
+    assert!(http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (codes, sigterm) = rt.block_on(async {
+        let mut sockets = Vec::new();
+        for _ in 0..3 {
+            let url = format!("ws://127.0.0.1:{port}/?session_key={key}");
+            let (mut legacy, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            legacy.next().await.unwrap().unwrap();
+            sockets.push(legacy);
+            let url = format!("ws://127.0.0.1:{port}/ws?session_key={key}");
+            let (mut v1, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            v1.next().await.unwrap().unwrap();
+            sockets.push(v1);
+        }
+        // Idle: nothing in flight. Stop the server and time it.
+        let sigterm = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let mut codes = Vec::new();
+        for mut ws in sockets {
+            let code = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                        Some(Ok(_)) => continue,
+                        _ => return None,
+                    }
+                }
+            })
+            .await
+            .expect("closed in time");
+            codes.push(code);
+        }
+        (codes, sigterm)
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sigterm.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM (grace is 30 s)"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("exited {:?} after SIGTERM", sigterm.elapsed());
+    assert!(status.success(), "exit 0 after a drain: {status:?}");
+    assert_eq!(codes, vec![Some(1012); 6], "every socket closed with 1012");
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("draining"), "{log}");
+    assert!(!log.contains("outlived the grace period"), "{log}");
+    // Nothing listens any more.
+    assert!(http_get(port, "/readyz").is_none());
 }

@@ -47,6 +47,8 @@ pub enum BrokerError {
     NatsPublish(String),
     #[error("PostgreSQL broker: {0}")]
     Postgres(#[from] sqlx::Error),
+    #[error("broker unreachable: {0}")]
+    Unreachable(String),
 }
 
 #[async_trait]
@@ -56,6 +58,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Ring the bell on the other nodes.
     async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError>;
+
+    /// Whether the other nodes can be reached now (`/readyz`). `local`: always.
+    async fn ping(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
 }
 
 /// One node: nothing to tell anyone.

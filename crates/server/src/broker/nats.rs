@@ -97,4 +97,11 @@ impl Broker for NatsBroker {
         }
         Ok(())
     }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(BrokerError::Unreachable(format!("NATS {state}"))),
+        }
+    }
 }

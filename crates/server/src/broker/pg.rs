@@ -103,4 +103,9 @@ impl Broker for PgBroker {
         }
         Ok(())
     }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
 }

@@ -156,6 +156,8 @@ pub(crate) struct ConnGuard {
 impl ConnGuard {
     pub fn open(protocol: Protocol, id: u64, client: std::net::IpAddr) -> Self {
         metrics::gauge!("wschat_connections", "protocol" => protocol.label()).increment(1.0);
+        metrics::counter!("wschat_connections_opened_total", "protocol" => protocol.label())
+            .increment(1);
         tracing::info!(conn = id, protocol = protocol.label(), %client, "connection opened");
         Self {
             protocol,
@@ -169,6 +171,8 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         metrics::gauge!("wschat_connections", "protocol" => self.protocol.label()).decrement(1.0);
+        metrics::counter!("wschat_connections_closed_total", "protocol" => self.protocol.label(), "reason" => self.reason)
+            .increment(1);
         tracing::info!(
             conn = self.id,
             protocol = self.protocol.label(),

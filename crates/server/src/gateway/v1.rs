@@ -89,6 +89,10 @@ async fn run(
 ) {
     let peer = admission.client;
     let gate = RateGate::new(&shared.settings);
+    // Counted as open while it authenticates; `ConnGuard` takes over after.
+    let counted = auth
+        .is_none()
+        .then(|| crate::telemetry::ConnectionGauge::new(Protocol::V1));
     let auth = match auth {
         Some(auth) => auth,
         None => match await_auth(&shared, &mut socket, peer, &gate).await {
@@ -96,6 +100,7 @@ async fn run(
             None => return,
         },
     };
+    drop(counted);
     // Held while the connection is open: the session's and the address's counts.
     let _slots = (auth.slot, admission);
     let session = auth.session;

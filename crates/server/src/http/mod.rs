@@ -1,7 +1,9 @@
 //! The HTTP side of the one listener: health, metrics, the chat page and its assets,
 //! `/ws` (protocol v1), and every other WebSocket upgrade routed to the legacy protocol.
 
+pub mod admin;
 pub mod assets;
+mod health;
 pub mod origin;
 
 use std::sync::{Arc, OnceLock};
@@ -12,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::app::Shared;
 use crate::gateway;
@@ -21,8 +23,11 @@ static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Install the process-wide Prometheus recorder (once; later calls do nothing).
 pub fn install_metrics() {
-    METRICS.get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-        Ok(handle) => Some(handle),
+    METRICS.get_or_init(|| match crate::telemetry::builder().install_recorder() {
+        Ok(handle) => {
+            crate::telemetry::registered(&handle);
+            Some(handle)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "metrics recorder not installed");
             None
@@ -34,11 +39,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(healthz))
+        .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics_text))
         .route("/ws", get(gateway::v1::handle))
         .route("/chat", get(assets::chat_page))
         .route("/assets/{file}", get(assets::asset))
+        .nest("/admin/v1", admin::router(shared.clone()))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             route_legacy_upgrades,

@@ -179,6 +179,19 @@ pub trait Store: Send + Sync + 'static {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Delete the session whose key hashes to `hash`; returns how many rows went (0 or 1).
+    async fn revoke_session(&self, hash: &KeyHash) -> Result<u64, StoreError>;
+
+    /// Delete every session of `user`; returns how many went.
+    async fn revoke_user_sessions(&self, user: &str) -> Result<u64, StoreError>;
+
+    /// Rooms the log knows, by name after `after`, at most `limit`, with their `last_seq`.
+    async fn list_rooms(
+        &self,
+        after: Option<&RoomName>,
+        limit: u32,
+    ) -> Result<Vec<(RoomName, u64)>, StoreError>;
 }
 
 /// How a batch splits into retries and new messages; shared by the stores so both apply

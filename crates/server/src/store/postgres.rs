@@ -36,6 +36,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A statement of a commit that runs longer (a locked table, a stuck disk) is cancelled by
 /// the server: the batch is answered `unavailable` and retried, never left hanging.
 const COMMIT_STATEMENT_TIMEOUT: &str = "5s";
+/// A commit transaction that sits idle this long (its node was paused or hung between two
+/// statements) is ended by the server: it holds its rooms' counter rows, and every other
+/// node's commits to those rooms would wait for it. Rolled back, it was never acked.
+const COMMIT_IDLE_IN_TRANSACTION_TIMEOUT: &str = "2s";
 /// Reads: history pages are small; anything this slow is stuck.
 const READ_STATEMENT_TIMEOUT: &str = "30s";
 
@@ -43,10 +47,13 @@ impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::BadUrl(format!("{}: {e}", super::redact_url(url))))?;
-        let writer_options = options
-            .clone()
-            .application_name("wschat-commit")
-            .options([("statement_timeout", COMMIT_STATEMENT_TIMEOUT)]);
+        let writer_options = options.clone().application_name("wschat-commit").options([
+            ("statement_timeout", COMMIT_STATEMENT_TIMEOUT),
+            (
+                "idle_in_transaction_session_timeout",
+                COMMIT_IDLE_IN_TRANSACTION_TIMEOUT,
+            ),
+        ]);
         // Reads beyond what the database's cores can run at once only queue inside it and
         // slow the commits down: about two connections per core (at least 4).
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -358,6 +365,45 @@ impl Store for PgStore {
             .collect::<Result<Vec<_>, _>>()?;
         messages.reverse();
         Ok(messages)
+    }
+
+    async fn revoke_session(&self, hash: &KeyHash) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM sessions WHERE key = $1")
+            .bind(hash.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn revoke_user_sessions(&self, user: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(r#"DELETE FROM sessions WHERE "user" = $1"#)
+            .bind(user)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn list_rooms(
+        &self,
+        after: Option<&RoomName>,
+        limit: u32,
+    ) -> Result<Vec<(RoomName, u64)>, StoreError> {
+        // Byte order (COLLATE "C"), as room names compare everywhere else.
+        let rows = sqlx::query(
+            r#"SELECT name, last_seq FROM wschat_rooms WHERE name COLLATE "C" > $1
+               ORDER BY name COLLATE "C" LIMIT $2"#,
+        )
+        .bind(after.map(RoomName::as_str).unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rooms = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Ok(room) = RoomName::new(row.try_get::<String, _>(0)?) {
+                rooms.push((room, to_seq(row.try_get(1)?)));
+            }
+        }
+        Ok(rooms)
     }
 }
 

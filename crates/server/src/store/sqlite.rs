@@ -390,4 +390,41 @@ impl Store for SqliteStore {
         messages.reverse();
         Ok(messages)
     }
+
+    async fn revoke_session(&self, hash: &KeyHash) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM sessions WHERE key = ?1")
+            .bind(hash.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn revoke_user_sessions(&self, user: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(r#"DELETE FROM sessions WHERE "user" = ?1"#)
+            .bind(user)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn list_rooms(
+        &self,
+        after: Option<&RoomName>,
+        limit: u32,
+    ) -> Result<Vec<(RoomName, u64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, last_seq FROM wschat_rooms WHERE name > ?1 ORDER BY name LIMIT ?2",
+        )
+        .bind(after.map(RoomName::as_str).unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        let mut rooms = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Ok(room) = RoomName::new(row.try_get::<String, _>(0)?) {
+                rooms.push((room, to_seq(row.try_get(1)?)));
+            }
+        }
+        Ok(rooms)
+    }
 }

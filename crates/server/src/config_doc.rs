@@ -1,0 +1,431 @@
+//! The settings' documentation in one place: `wschat config defaults` prints it as a
+//! commented TOML file, the environment provider accepts exactly these keys
+//! (`WSCHAT_<KEY>`), and the tests check that every field of [`Settings`] is listed here
+//! and that the printed file reads back as `Settings::default()`.
+//!
+//! Adding a setting: add the field to `Settings` (and its default), then a line here; the
+//! tests fail until both exist.
+
+use figment::Figment;
+
+use crate::config::{ConfigError, Settings};
+
+/// Every setting, in the order `wschat config defaults` prints them, with a one-line
+/// description.
+pub const DOCS: &[(&str, &str)] = &[
+    (
+        "listen",
+        "Address of the one listener: HTTP, the chat page and both WebSocket protocols (nodejschat's `port`).",
+    ),
+    (
+        "database",
+        "`sqlite://FILE` (embedded, one node) or `postgres://USER:PASSWORD@HOST/DB` (nodejschat's database connection).",
+    ),
+    (
+        "broker",
+        "Fan-out between nodes: `auto` (local on SQLite, postgres on PostgreSQL), `local`, `postgres` (LISTEN/NOTIFY) or `nats://HOST:PORT`.",
+    ),
+    (
+        "nats_subject",
+        "The NATS subject every node of one deployment publishes to and listens on.",
+    ),
+    ("no_migrate", "Do not apply the database migrations at start."),
+    (
+        "demo_session",
+        "On SQLite, create a demo session and print a chat URL at start when the database has no session.",
+    ),
+    (
+        "history_limit",
+        "Messages sent on join without `since`, and to a legacy client on connect.",
+    ),
+    ("max_history_page", "Largest page a v1 `history` request gets."),
+    ("max_message_bytes", "Longest message text, in bytes."),
+    (
+        "max_rooms_per_connection",
+        "Rooms one v1 connection may be in at once.",
+    ),
+    (
+        "outbound_queue_bytes",
+        "Bytes that may wait in one connection's outbound queue before it is closed with 4008 (slow consumer; it resumes).",
+    ),
+    (
+        "ws_read_buffer_bytes",
+        "WebSocket read buffer per connection, in bytes.",
+    ),
+    (
+        "ws_write_buffer_bytes",
+        "WebSocket write buffer threshold per connection, in bytes.",
+    ),
+    (
+        "auth_timeout_secs",
+        "Seconds a v1 client has to send `auth` when the key was not in the handshake.",
+    ),
+    (
+        "ping_interval_secs",
+        "Seconds between the WebSocket pings the server sends.",
+    ),
+    (
+        "idle_timeout_secs",
+        "A connection from which nothing (not even a pong) arrives for this many seconds is closed; must exceed ping_interval_secs.",
+    ),
+    (
+        "shutdown_grace_secs",
+        "Upper bound, in seconds, of a graceful stop (SIGTERM); an idle server stops at once.",
+    ),
+    ("max_commit_batch", "Most messages committed in one transaction."),
+    (
+        "retention_per_room",
+        "Messages kept per room (older ones are deleted); 0 keeps everything.",
+    ),
+    (
+        "retention_interval_secs",
+        "Seconds between two applications of retention_per_room.",
+    ),
+    (
+        "session_check_secs",
+        "Seconds between checks of open connections' sessions: a deleted or expired session row closes its connections (1008) within this time.",
+    ),
+    (
+        "tls_cert",
+        "PEM certificate chain; with tls_key, the listener serves https/wss. Reloaded on SIGHUP.",
+    ),
+    ("tls_key", "PEM private key of tls_cert."),
+    (
+        "allowed_origins",
+        "Origins (scheme://host[:port]) whose pages may open WebSockets; when not empty, any other Origin (or null) gets 403.",
+    ),
+    (
+        "require_origin",
+        "Refuse (403) handshakes without an Origin header (with allowed_origins).",
+    ),
+    (
+        "trusted_proxies",
+        "Proxies (CIDR or address) whose Forwarded / X-Forwarded-For headers give the client address.",
+    ),
+    (
+        "max_header_bytes",
+        "Largest HTTP request head, in bytes; over it: 431.",
+    ),
+    (
+        "handshake_timeout_secs",
+        "Seconds a client has for the TLS handshake, then for its request head.",
+    ),
+    (
+        "rate_per_sec",
+        "Frames a connection may send per second (token bucket); 0 = unlimited.",
+    ),
+    ("rate_burst", "Frames a connection may send at once above the rate."),
+    (
+        "rate_max_refusals",
+        "Frames refused for the rate within 10 s after which the connection is closed (1008); 0 = never.",
+    ),
+    (
+        "max_connections_per_session",
+        "Open WebSockets per session key; 0 = unlimited. Over it: 429.",
+    ),
+    (
+        "max_connections_per_ip",
+        "Open WebSockets per client address (IPv6: per /64); 0 = unlimited.",
+    ),
+    (
+        "max_failed_keys_per_minute",
+        "Unknown session keys per client address per minute before the address gets 429; 0 = no limit.",
+    ),
+    (
+        "failed_key_block_secs",
+        "Seconds an address that tried too many unknown keys is refused.",
+    ),
+    (
+        "admin_token",
+        "Bearer token of the admin API (/admin/v1/...), at least 16 characters; unset, the admin API is off (404).",
+    ),
+];
+
+/// Variables with the `WSCHAT_` prefix that are not settings: the binary's own options
+/// and the test suites'.
+const OTHER_ENV: &[&str] = &["LOG_FORMAT", "CONFIG"];
+const OTHER_ENV_PREFIXES: &[&str] = &["TEST_", "FAULT_"];
+
+/// The settings' keys (the file's keys; `WSCHAT_<KEY>` in the environment).
+pub fn keys() -> Vec<&'static str> {
+    DOCS.iter().map(|(key, _)| *key).collect()
+}
+
+/// Keys whose `WSCHAT_<KEY>` variable is taken as a plain string, never parsed as a
+/// number or a list: string settings (a token `0123…` keeps its leading zero) and
+/// optional string settings, listed here.
+const RAW_ENV_OPTIONAL: &[&str] = &["admin_token", "tls_cert", "tls_key"];
+
+fn raw_env_keys() -> Vec<&'static str> {
+    let defaults = serde_json::to_value(Settings::default()).unwrap_or_default();
+    keys()
+        .into_iter()
+        .filter(|k| defaults.get(k).is_some_and(|v| v.is_string()) || RAW_ENV_OPTIONAL.contains(k))
+        .collect()
+}
+
+/// Keys whose variable figment parses (numbers, booleans, `[a, b]` lists).
+pub(crate) fn parsed_env_keys() -> Vec<&'static str> {
+    let raw = raw_env_keys();
+    keys().into_iter().filter(|k| !raw.contains(k)).collect()
+}
+
+/// The `WSCHAT_<KEY>` variables of string settings, unparsed.
+pub(crate) struct RawEnv;
+
+impl figment::Provider for RawEnv {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("`WSCHAT_` environment variable(s)").interpolater(
+            |_: &figment::Profile, k: &[&str]| {
+                k.iter()
+                    .map(|k| k.to_ascii_uppercase())
+                    .collect::<Vec<_>>()
+                    .join(".")
+            },
+        )
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for key in raw_env_keys() {
+            if let Ok(value) = std::env::var(env_name(key)) {
+                dict.insert(key.to_owned(), figment::value::Value::from(value));
+            }
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
+
+/// A figment error as an operator reads it: each problem with its key and where the
+/// value came from (the file's path, `WSCHAT_<KEY>`, or a flag).
+pub fn describe(error: &figment::Error) -> String {
+    let problems: Vec<String> = error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let origin = origin(e.metadata.as_ref(), &key);
+            match &e.kind {
+                figment::error::Kind::UnknownField(field, _) => format!(
+                    "unknown key `{field}` in {origin} (`wschat config defaults` lists every key)"
+                ),
+                other if key.is_empty() => format!("{other} (in {origin})"),
+                other => format!("{key}: {other} (in {origin})"),
+            }
+        })
+        .collect();
+    problems.join("; ")
+}
+
+/// Where a value came from, as an operator names it.
+fn origin(metadata: Option<&figment::Metadata>, key: &str) -> String {
+    match metadata {
+        Some(md) if md.name.contains("environment") => env_name(key),
+        Some(md) => match &md.source {
+            Some(figment::Source::File(path)) => path.display().to_string(),
+            _ if md.name.contains("Settings") => "the defaults".into(),
+            _ => "a command-line flag".into(),
+        },
+        None => "the defaults".into(),
+    }
+}
+
+/// The environment variable of a key.
+pub fn env_name(key: &str) -> String {
+    format!("WSCHAT_{}", key.to_ascii_uppercase())
+}
+
+/// `WSCHAT_*` variables that name no setting (a typo is otherwise silently ignored).
+pub fn unknown_env() -> Vec<String> {
+    let keys = keys();
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            let Some(rest) = name.strip_prefix("WSCHAT_") else {
+                return false;
+            };
+            !keys.iter().any(|k| k.eq_ignore_ascii_case(rest))
+                && !OTHER_ENV.contains(&rest)
+                && !OTHER_ENV_PREFIXES.iter().any(|p| rest.starts_with(p))
+        })
+        .collect()
+}
+
+pub(crate) fn warn_unknown_env() {
+    for name in unknown_env() {
+        tracing::warn!(variable = %name, "environment variable names no setting; ignored");
+    }
+}
+
+/// Checks beyond the types: a value that would make the server misbehave stops it at
+/// start, naming the key and where it was set.
+pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
+    let origin = |key: &str| origin(figment.find_metadata(key), key);
+    if let Some(token) = &settings.admin_token {
+        if token.expose().chars().count() < 16 {
+            return Err(ConfigError::Value {
+                key: "admin_token",
+                problem: "must be at least 16 characters (e.g. `openssl rand -hex 32`)".into(),
+                origin: origin("admin_token"),
+            });
+        }
+    }
+    if settings.idle_timeout_secs <= settings.ping_interval_secs {
+        return Err(ConfigError::Value {
+            key: "idle_timeout_secs",
+            problem: format!(
+                "{} must exceed ping_interval_secs ({}), or live but quiet clients are closed",
+                settings.idle_timeout_secs, settings.ping_interval_secs
+            ),
+            origin: origin("idle_timeout_secs"),
+        });
+    }
+    Ok(())
+}
+
+/// The commented TOML file `wschat config defaults` prints: every setting, its
+/// description and its default.
+pub fn defaults_toml() -> String {
+    render(
+        &Settings::default(),
+        "# wschat settings, each with its default. Use with `wschat serve --config FILE`.\n\
+         # Every key can also be set as an environment variable WSCHAT_<KEY> (for example\n\
+         # WSCHAT_HISTORY_LIMIT=50), and most as a flag --<key-with-dashes> (see\n\
+         # `wschat serve --help`): flags override the environment, which overrides this\n\
+         # file. An unknown key or a bad value stops the server at start.\n",
+    )
+}
+
+/// The settings in effect, as `wschat config check` prints them (secrets masked).
+pub fn effective_toml(settings: &Settings) -> String {
+    let mut shown = settings.clone();
+    if shown.admin_token.is_some() {
+        shown.admin_token = Some(crate::config::Secret::new("********"));
+    }
+    render(
+        &shown,
+        "# wschat settings in effect (defaults, then the file, WSCHAT_* variables and flags).\n",
+    )
+}
+
+fn render(settings: &Settings, header: &str) -> String {
+    let values = serde_json::to_value(settings).unwrap_or_default();
+    let mut out = String::from(header);
+    for (key, doc) in DOCS {
+        out.push('\n');
+        for line in wrap(doc, 86) {
+            out.push_str("# ");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        match values.get(key) {
+            Some(serde_json::Value::Null) | None => {
+                out.push_str(&format!("# {key} = (unset)\n"));
+            }
+            Some(value) => out.push_str(&format!("{key} = {}\n", toml_value(value))),
+        }
+    }
+    out
+}
+
+/// A JSON value as TOML (the JSON forms of strings, numbers, booleans and arrays are
+/// valid TOML).
+fn toml_value(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(toml_value).collect();
+            format!("[{}]", items.join(", "))
+        }
+        serde_json::Value::Object(map) => {
+            let fields: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", toml_value(v)))
+                .collect();
+            format!("{{ {} }}", fields.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::{Format, Toml};
+
+    #[test]
+    fn every_setting_is_documented_once_and_nothing_else() {
+        let value = serde_json::to_value(Settings::default()).unwrap();
+        let fields: std::collections::BTreeSet<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let documented: std::collections::BTreeSet<&str> = keys().into_iter().collect();
+        assert_eq!(documented.len(), DOCS.len(), "a key is documented twice");
+        let undocumented: Vec<_> = fields.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&fields).collect();
+        assert!(
+            undocumented.is_empty(),
+            "add these settings to config_doc::DOCS: {undocumented:?}"
+        );
+        assert!(
+            unknown.is_empty(),
+            "DOCS names no such setting: {unknown:?}"
+        );
+        for (key, doc) in DOCS {
+            assert!(!doc.trim().is_empty(), "{key} has no description");
+        }
+    }
+
+    #[test]
+    fn printed_defaults_parse_back_to_the_defaults() {
+        let text = defaults_toml();
+        let parsed: Settings = Figment::from(Toml::string(&text)).extract().unwrap();
+        assert_eq!(parsed, Settings::default());
+        for (key, _) in DOCS {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{key} = "))
+                    || l.starts_with(&format!("# {key} = "))),
+                "{key} missing from the printed file"
+            );
+        }
+        assert!(text.contains("listen = \"127.0.0.1:56412\""), "{text}");
+        assert!(text.contains("history_limit = 100"), "{text}");
+    }
+
+    #[test]
+    fn a_set_optional_value_prints_as_toml() {
+        assert_eq!(
+            toml_value(&serde_json::json!(["https://a.example", "b\"c"])),
+            r#"["https://a.example", "b\"c"]"#
+        );
+    }
+
+    #[test]
+    fn wraps_long_descriptions() {
+        let lines = wrap(&"word ".repeat(40), 20);
+        assert!(lines.iter().all(|l| l.len() <= 20));
+        assert_eq!(lines.join(" "), "word ".repeat(40).trim());
+    }
+}

@@ -1,0 +1,132 @@
+//! `/livez`, `/healthz` and `/readyz`: ready when the store and the broker answer and the
+//! server is not draining; 503 with the reason otherwise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::http::get;
+use common::{fresh, spawn_app, spawn_with, Backend};
+use wschat_server::Application;
+
+#[tokio::test]
+async fn sqlite_node_is_live_healthy_and_ready() {
+    let app = spawn_app(Backend::Sqlite).await;
+    for path in ["/livez", "/healthz", "/readyz"] {
+        let r = get(app.addr, path, None).await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "{path}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn postgres_broker_node_is_ready() {
+    let app = spawn_app(Backend::Postgres).await;
+    assert_eq!(app.shared.broker.name(), "postgres");
+    let r = get(app.addr, "/readyz", None).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    app.stop().await;
+}
+
+/// Once draining, readiness and health say so (the router is served here on a listener of
+/// the test's own, since the server's own listener stops accepting as the drain starts).
+#[tokio::test]
+async fn a_draining_server_is_not_ready() {
+    let (settings, _dir) = fresh(Backend::Sqlite).await;
+    let app = Application::build(settings).await.unwrap();
+    let router = wschat_server::http::router(app.shared());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    assert_eq!(get(addr, "/readyz", None).await.status, 200);
+    app.shutdown_token().cancel();
+    for path in ["/readyz", "/healthz"] {
+        let r = get(addr, path, None).await;
+        assert_eq!((r.status, r.body.as_str()), (503, "draining\n"), "{path}");
+    }
+    assert_eq!(get(addr, "/livez", None).await.status, 200);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_server(port: u16) -> Child {
+    Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server is installed (the multi-node suites need it)")
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nats-server did not start");
+}
+
+async fn wait_for_readyz(addr: SocketAddr, status: u16, body_part: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = get(addr, "/readyz", None).await;
+        if r.status == status && r.body.contains(body_part) {
+            return r.body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed {} {:?}",
+            r.status,
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A private NATS server is stopped under a running node: readiness turns 503 naming the
+/// broker, health stays 200 (the node can still serve its own clients), and readiness
+/// comes back when NATS does.
+#[tokio::test]
+async fn readiness_follows_the_nats_connection() {
+    let port = free_port();
+    let mut nats = nats_server(port);
+    wait_for_port(port).await;
+    let (mut settings, dir) = fresh(Backend::Postgres).await;
+    settings.broker = format!("nats://127.0.0.1:{port}");
+    let app = spawn_with(settings, dir).await;
+    assert_eq!(app.shared.broker.name(), "nats");
+    wait_for_readyz(app.addr, 200, "ok").await;
+
+    nats.kill().unwrap();
+    nats.wait().unwrap();
+    let body = wait_for_readyz(app.addr, 503, "broker unreachable").await;
+    assert!(body.contains("NATS"), "{body}");
+    assert!(!body.contains("store"), "the store is fine: {body}");
+    assert_eq!(get(app.addr, "/healthz", None).await.status, 200);
+
+    let mut nats = nats_server(port);
+    wait_for_readyz(app.addr, 200, "ok").await;
+    app.stop().await;
+    nats.kill().unwrap();
+    nats.wait().unwrap();
+}

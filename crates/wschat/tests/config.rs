@@ -1,0 +1,241 @@
+//! Configuration as an operator meets it, through the binary: the printed defaults, a
+//! file, `WSCHAT_*` variables and flags (each overriding the one before), and a bad file
+//! stopping the server with the key and the file named.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wschat");
+
+/// Run the binary with only the given `WSCHAT_*` variables set.
+fn wschat(dir: &Path, args: &[&str], env: &[(String, String)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(dir).env_remove("RUST_LOG");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("WSCHAT_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("RUST_BACKTRACE", "0");
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    // A server that starts by mistake must not hang the suite.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// `key = value` lines of a printed settings file; `# key = (unset)` as `None`.
+fn settings_lines(text: &str) -> BTreeMap<String, Option<String>> {
+    let mut map = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            if let Some((key, "(unset)")) = rest.split_once(" = ") {
+                map.insert(key.to_owned(), None);
+            }
+        } else if let Some((key, value)) = line.split_once(" = ") {
+            map.insert(key.to_owned(), Some(value.to_owned()));
+        }
+    }
+    map
+}
+
+#[test]
+fn printed_defaults_are_complete_commented_and_read_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = wschat(dir.path(), &["config", "defaults"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    let defaults = settings_lines(&text);
+    for key in [
+        "listen",
+        "database",
+        "broker",
+        "nats_subject",
+        "history_limit",
+    ] {
+        assert!(defaults.contains_key(key), "{key} missing:\n{text}");
+    }
+    assert_eq!(defaults["listen"].as_deref(), Some("\"127.0.0.1:56412\""));
+    assert_eq!(defaults["admin_token"], None, "no admin token by default");
+    // Every setting has a description right above it.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let is_setting =
+            line.contains(" = ") && (!line.starts_with('#') || line.ends_with("(unset)"));
+        if is_setting {
+            assert!(
+                i > 0 && lines[i - 1].starts_with("# "),
+                "no description above {line}"
+            );
+        }
+    }
+    let file = dir.path().join("wschat.toml");
+    std::fs::write(&file, &text).unwrap();
+    let out = wschat(
+        dir.path(),
+        &["config", "check", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(settings_lines(&stdout(&out)), defaults);
+}
+
+/// A value unlike the default, for each kind of default.
+fn other_value(key: &str, default: Option<&str>) -> (String, String) {
+    match (key, default) {
+        ("listen", _) => ("127.0.0.1:4567".into(), "\"127.0.0.1:4567\"".into()),
+        ("broker", _) => ("local".into(), "\"local\"".into()),
+        // An all-digit token with a leading zero stays a string, as written.
+        (_, None) => ("01234567890123456".into(), "\"********\"".into()),
+        (_, Some("true")) => ("false".into(), "false".into()),
+        (_, Some("false")) => ("true".into(), "true".into()),
+        (_, Some(v)) if v.starts_with('"') => {
+            let s = format!("other-{key}");
+            (s.clone(), format!("\"{s}\""))
+        }
+        (_, Some(v)) => {
+            let n: u64 = v
+                .parse()
+                .unwrap_or_else(|_| panic!("{key} = {v}: add a case"));
+            ((n + 7).to_string(), (n + 7).to_string())
+        }
+    }
+}
+
+#[test]
+fn every_setting_can_be_set_by_its_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let defaults = settings_lines(&stdout(&wschat(dir.path(), &["config", "defaults"], &[])));
+    let mut env = Vec::new();
+    let mut expected = BTreeMap::new();
+    for (key, default) in &defaults {
+        let (value, printed) = other_value(key, default.as_deref());
+        env.push((format!("WSCHAT_{}", key.to_uppercase()), value));
+        expected.insert(key.clone(), Some(printed));
+    }
+    let out = wschat(dir.path(), &["config", "check"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(settings_lines(&stdout(&out)), expected);
+}
+
+#[test]
+fn flags_override_the_environment_which_overrides_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wschat.toml");
+    std::fs::write(&file, "history_limit = 5\nmax_commit_batch = 50\n").unwrap();
+    let config = file.to_str().unwrap();
+    let check = |env: &[(String, String)], flags: &[&str]| {
+        let mut args = vec!["config", "check", "--config", config];
+        args.extend_from_slice(flags);
+        let out = wschat(dir.path(), &args, env);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let lines = settings_lines(&stdout(&out));
+        (
+            lines["history_limit"].clone().unwrap(),
+            lines["max_commit_batch"].clone().unwrap(),
+        )
+    };
+    let env = [("WSCHAT_HISTORY_LIMIT".to_owned(), "6".to_owned())];
+    assert_eq!(check(&[], &[]), ("5".into(), "50".into()));
+    assert_eq!(check(&env, &[]), ("6".into(), "50".into()));
+    assert_eq!(
+        check(&env, &["--history-limit", "7", "--max-commit-batch", "9"]),
+        ("7".into(), "9".into())
+    );
+    // WSCHAT_CONFIG names the file too.
+    let out = wschat(
+        dir.path(),
+        &["config", "check"],
+        &[("WSCHAT_CONFIG".into(), config.into())],
+    );
+    assert_eq!(
+        settings_lines(&stdout(&out))["history_limit"].as_deref(),
+        Some("5")
+    );
+}
+
+#[test]
+fn a_bad_file_stops_the_server_at_start_naming_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("unknown.toml", "histroy_limit = 7\n", "histroy_limit"),
+        (
+            "badtype.toml",
+            "history_limit = \"many\"\n",
+            "history_limit",
+        ),
+        ("badbool.toml", "demo_session = \"yes\"\n", "demo_session"),
+        (
+            "shorttoken.toml",
+            "admin_token = \"short\"\n",
+            "admin_token",
+        ),
+        ("idle.toml", "idle_timeout_secs = 10\n", "idle_timeout_secs"),
+    ];
+    for (name, content, key) in cases {
+        let file = dir.path().join(name);
+        std::fs::write(&file, content).unwrap();
+        let out = wschat(
+            dir.path(),
+            &[
+                "serve",
+                "--config",
+                file.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--database",
+                "sqlite://never.db",
+            ],
+            &[],
+        );
+        assert!(!out.status.success(), "{name}: the server must not start");
+        let err = stderr(&out);
+        assert!(err.contains(key), "{name}: key not named: {err}");
+        assert!(
+            err.contains(file.to_str().unwrap()),
+            "{name}: file not named: {err}"
+        );
+        assert!(
+            !dir.path().join("never.db").exists(),
+            "{name}: stopped before opening the database"
+        );
+    }
+    // A missing file, and a bad variable, are named too.
+    let out = wschat(dir.path(), &["serve", "--config", "nope.toml"], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope.toml"), "{}", stderr(&out));
+    let out = wschat(
+        dir.path(),
+        &["serve", "--database", "sqlite://never.db"],
+        &[("WSCHAT_MAX_COMMIT_BATCH".into(), "lots".into())],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("WSCHAT_MAX_COMMIT_BATCH"),
+        "{}",
+        stderr(&out)
+    );
+}

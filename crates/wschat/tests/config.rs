@@ -108,6 +108,15 @@ fn other_value(key: &str, default: Option<&str>) -> (String, String) {
     match (key, default) {
         ("listen", _) => ("127.0.0.1:4567".into(), "\"127.0.0.1:4567\"".into()),
         ("broker", _) => ("local".into(), "\"local\"".into()),
+        ("tls_cert" | "tls_key", _) => {
+            let path = format!("/etc/wschat/{key}.pem");
+            (path.clone(), format!("\"{path}\""))
+        }
+        ("allowed_origins", _) => (
+            r#"["https://chat.example"]"#.into(),
+            r#"["https://chat.example"]"#.into(),
+        ),
+        ("trusted_proxies", _) => (r#"["10.0.0.0/8"]"#.into(), r#"["10.0.0.0/8"]"#.into()),
         // An all-digit token with a leading zero stays a string, as written.
         (_, None) => ("01234567890123456".into(), "\"********\"".into()),
         (_, Some("true")) => ("false".into(), "false".into()),

@@ -203,8 +203,7 @@ fn load_args(cluster: &Cluster, fault: Fault, secs_total: f64, seed: u64) -> Loa
     };
     let mut args = vec![
         cluster.urls(),
-        "--session-key".into(),
-        cluster.key.clone(),
+        format!("--session-key={}", cluster.key),
         "--connections".into(),
         connections.into(),
         "--rooms".into(),

@@ -29,11 +29,18 @@ pub fn hash_key(key: &str) -> KeyHash {
     KeyHash(format!("sha256:{}", hex::encode(digest)))
 }
 
-/// A new random key: 32 random bytes, URL-safe base64 without padding (43 characters).
+/// A new random key: 32 random bytes, URL-safe base64 without padding (43 characters),
+/// never starting with `-` (a key is often passed on a command line, where `-x…` would
+/// read as an option: `wschat load --session-key -x…`).
 pub fn generate_key() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    loop {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        if !key.starts_with('-') {
+            return key;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -57,5 +64,6 @@ mod tests {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         assert_ne!(a, generate_key());
+        assert!((0..2000).all(|_| !generate_key().starts_with('-')));
     }
 }

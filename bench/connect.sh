@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# connect: authenticated connects per second into an empty room. N legacy connections
+# with one session key (room 0, empty: a fresh database), offered at RAMP connects/s
+# (0 = all at once); the rate is connected ÷ the client's connect phase (until every
+# connection's first attempt is over: upgrade, key check, {"authenticated":true}).
+# wschat (SQLite, then PostgreSQL) and the Node floor. Issue: ≥ 5,000/s.
+# Knobs: N (5000), RAMP (0), STORES ("sqlite pg").
+source "$(dirname "$0")/lib.sh"
+N=${N:-5000} RAMP=${RAMP:-0} STORES=${STORES:-"sqlite pg"}
+header connect "bench/connect.sh  # N=$N RAMP=$RAMP STORES=\"$STORES\""
+args=(--protocol legacy --session-key bench -n "$N" --interval 0 --duration 1 --drain 0
+    --ramp "$RAMP")
+files=()
+for store in $STORES; do
+    if [[ $store == pg ]]; then db=$(pg_db); else db=$(sqlite_db); fi
+    session "$db" bench
+    start_wschat "$db"
+    load "wschat-$store" "$WORK/connect-wschat-$store.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
+    stop "$SRV_PID"
+    files+=("$WORK/connect-wschat-$store.json")
+done
+start_floor
+load node-floor "$WORK/connect-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
+stop "$SRV_PID"
+files+=("$WORK/connect-floor.json")
+
+note ""
+note "| server | connected | failed attempts | connect phase s | connects/s | ÷ floor | server CPU in connect phase s | CPU µs per connect | load avg before |"
+note "|---|---|---|---|---|---|---|---|---|"
+python3 - "${files[@]}" <<'PY' | while IFS= read -r l; do note "$l"; done
+import json, sys
+rs = [json.load(open(f)) for f in sys.argv[1:]]
+floor = rs[-1]["connect_rate"]
+for r in rs:
+    c = max(r["connected"], 1)
+    print(f"| {r['label']} | {r['connected']:,} | {r['failed_connects']:,} | {r['connect_s']:.2f} | "
+          f"{r['connect_rate']:,.0f} | {r['connect_rate'] / floor:.2f} | {r['cpu_connect_s']:.2f} | "
+          f"{r['cpu_connect_s'] / c * 1e6:.0f} | {r['loadavg_before']} |")
+PY

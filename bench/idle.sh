@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# idle: RSS per authenticated idle legacy connection on PostgreSQL, for each N in NS
+# (2000 and 10000): a freshly started server, RSS before the first connect, N legacy
+# connections with one session key (they send nothing), RSS once the server holds all N
+# sockets and their count has not changed for 1 s (plus SETTLE seconds), ÷ N. Then the
+# same against the Node floor. Issue: ≤ 8 KiB per connection (the floor measured 16 KiB),
+# on a server whose idle RSS is ≤ 32 MiB.
+# Knobs: NS ("2000 10000"), RAMP (2000 connects/s), SETTLE (2 s).
+source "$(dirname "$0")/lib.sh"
+NS=${NS:-"2000 10000"} RAMP=${RAMP:-2000} SETTLE=${SETTLE:-2}
+header idle "bench/idle.sh  # NS=\"$NS\" RAMP=$RAMP, wschat on PostgreSQL"
+
+rows=()
+measure_idle() { # WHO N
+    local who=$1 n=$2
+    wait_quiet
+    sleep 2
+    local rss0 fd0
+    rss0=$(python3 "$MEASURE" rss "$SRV_PID")
+    fd0=$(python3 "$MEASURE" fds "$SRV_PID")
+    local hold=$((n / RAMP + 30))
+    # shellcheck disable=SC2046
+    $( [[ $PIN == 1 ]] && echo taskset -c "$CLIENT_CPU") "$BIN" load "ws://127.0.0.1:$SRV_PORT/" \
+        --protocol legacy --session-key bench -n "$n" --interval 0 --duration "$hold" \
+        --drain 0 --ramp "$RAMP" --json --no-progress >"$WORK/idle-$who-$n.json" 2>"$WORK/idle-$who-$n.err" &
+    local client=$!
+    _PIDS+=("$client")
+    local fds
+    fds=$(python3 "$MEASURE" wait-fds "$fd0" "$n" $((n / RAMP + 60)) "$SRV_PID") ||
+        log "$who: only $((fds - fd0)) of $n sockets after the wait"
+    sleep "$SETTLE"
+    local rss1 la
+    rss1=$(python3 "$MEASURE" rss "$SRV_PID")
+    fds=$(python3 "$MEASURE" fds "$SRV_PID")
+    la=$(cut -d' ' -f1-3 /proc/loadavg)
+    stop "$client"
+    local per
+    per=$(python3 -c "print(f'{($rss1 - $rss0) / $n:.2f}')")
+    log "$who N=$n: RSS $rss0 KiB → $rss1 KiB with $((fds - fd0)) more fds: $per KiB/connection"
+    rows+=("$who|$n|$rss0|$rss1|$((fds - fd0))|$per|$la")
+}
+
+for n in $NS; do
+    db=$(pg_db)
+    session "$db" bench
+    start_wschat "$db"
+    measure_idle wschat "$n"
+    stop "$SRV_PID"
+    start_floor
+    measure_idle node-floor "$n"
+    stop "$SRV_PID"
+done
+
+note ""
+note "| server | N | RSS before first connect, KiB | RSS after last connect, KiB | sockets held | KiB per connection | wschat ÷ floor | load avg at measurement |"
+note "|---|---|---|---|---|---|---|---|"
+declare -A per_floor
+for r in "${rows[@]}"; do
+    IFS='|' read -r who n _ _ _ per _ <<<"$r"
+    [[ $who == node-floor ]] && per_floor[$n]=$per
+done
+for r in "${rows[@]}"; do
+    IFS='|' read -r who n rss0 rss1 socks per la <<<"$r"
+    ratio=""
+    [[ $who == wschat && -n ${per_floor[$n]:-} ]] && ratio=$(python3 -c "print(f'{$per / ${per_floor[$n]}:.2f}')")
+    note "| $who | $n | $rss0 | $rss1 | $socks | $per | $ratio | $la |"
+done

@@ -1,0 +1,286 @@
+# Shared by the bench/*.sh scenario scripts: sourced, not run.
+#
+# Environment knobs (all optional):
+#   BENCH_BIN     the wschat binary          [target/release/wschat of this checkout]
+#   PIN=0         do not pin with taskset    [servers on SERVER_CPU, client on CLIENT_CPU]
+#   SERVER_CPU    core for servers           [1]
+#   CLIENT_CPU    core for the load client   [0]
+#   PG            PostgreSQL base URL        [postgres://postgres@127.0.0.1:5432]
+#   NATS          NATS URL                   [nats://127.0.0.1:4222]
+#   KEEP=1        keep the work folder (logs, databases, JSON results)
+#   OUT=FILE      also append the markdown tables to FILE
+#   QUIET_WAIT=S  before each scenario, wait up to S seconds until the machine is quiet
+#                 (under QUIET_BUSY % of all cores busy over 5 s, default 15) [0: no wait]
+#   SEED          the load client's --seed (same send schedule for every server) [1]
+#
+# Every server, database and temp folder a script starts is stopped/dropped on exit.
+
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$BENCH_DIR")
+BIN=${BENCH_BIN:-$ROOT/target/release/wschat}
+FLOOR_DIR=$BENCH_DIR/peers/node-floor
+MEASURE=$BENCH_DIR/measure.py
+PIN=${PIN:-1}
+SERVER_CPU=${SERVER_CPU:-1}
+CLIENT_CPU=${CLIENT_CPU:-0}
+PG=${PG:-postgres://postgres@127.0.0.1:5432}
+NATS=${NATS:-nats://127.0.0.1:4222}
+WORK=$(mktemp -d /tmp/wschat-bench.XXXXXX)
+
+# Settings every wschat server gets in a benchmark: no per-connection rate limit, no
+# per-session or per-address connection limit (the load client uses one key for many
+# connections, as nodejschat's did), no demo session. Unknown WSCHAT_* variables are
+# ignored by servers that do not have these settings yet.
+# BENCH_SERVER_ENV replaces the list (e.g. BENCH_SERVER_ENV=" " for a build that still
+# refuses unknown WSCHAT_* variables).
+read -ra SERVER_ENV <<<"${BENCH_SERVER_ENV:-WSCHAT_RATE_PER_SEC=0 WSCHAT_MAX_CONNECTIONS_PER_SESSION=0 WSCHAT_MAX_CONNECTIONS_PER_IP=0 WSCHAT_MAX_FAILED_KEYS_PER_MINUTE=0 WSCHAT_DEMO_SESSION=false}"
+
+
+_PIDS=()
+_DBS=()
+
+_cleanup() {
+    local rc=$?
+    set +e
+    local pid
+    for pid in "${_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null
+    done
+    for pid in "${_PIDS[@]}"; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+    done
+    local db
+    for db in "${_DBS[@]}"; do
+        psql -q "$PG/postgres" -c "drop database if exists $db with (force)" >/dev/null 2>&1
+    done
+    if [[ ${KEEP:-0} == 1 ]]; then
+        echo "work folder kept: $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+    exit $rc
+}
+trap _cleanup EXIT
+trap 'exit 130' INT TERM
+
+# As many open files as allowed (10,000 connections need more than the usual 1,024).
+ulimit -n "$(ulimit -Hn)"
+
+die() { echo "error: $*" >&2; exit 1; }
+log() { echo "[$(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)] $*" >&2; }
+
+[[ -x $BIN ]] || die "no $BIN: run cargo build --release -p wschat"
+"$BIN" load --help >/dev/null 2>&1 || die "$BIN has no load subcommand (stale build?)"
+
+server_pin() { if [[ $PIN == 1 ]]; then echo taskset -c "$SERVER_CPU"; fi; }
+client_cpu() { if [[ $PIN == 1 ]]; then echo "$CLIENT_CPU"; else echo -; fi; }
+
+pin_note() {
+    if [[ $PIN == 1 ]]; then
+        echo "pinned: servers on core $SERVER_CPU, load client on core $CLIENT_CPU (taskset)"
+    else
+        echo "not pinned"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_tcp() { # PORT [SECONDS]
+    local port=$1 t=${2:-30}
+    for _ in $(seq $((t * 10))); do
+        if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    die "nothing listens on port $port after ${t}s"
+}
+
+wait_ready() { # PORT PID [SECONDS]
+    local port=$1 pid=$2 t=${3:-60}
+    for _ in $(seq $((t * 10))); do
+        kill -0 "$pid" 2>/dev/null || die "server $pid exited; log: $(tail -5 "$WORK"/*-"$port".log)"
+        if curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    die "server on port $port not ready after ${t}s"
+}
+
+# A fresh SQLite database URL in the work folder.
+sqlite_db() { echo "sqlite://$WORK/wschat-$RANDOM$RANDOM.db"; }
+
+# A fresh PostgreSQL database (dropped on exit); prints its URL.
+pg_db() {
+    local name="wschat_bench_$$_$RANDOM"
+    psql -q "$PG/postgres" -c "create database $name" >/dev/null || die "cannot create database on $PG"
+    _DBS+=("$name")
+    echo "$PG/$name"
+}
+
+# session DBURL KEY [ROOM]: one session (applies the migrations on first use).
+session() {
+    local args=(session create --database "$1" --user "bench" --key "$2")
+    [[ -n ${3:-} ]] && args+=(--room "$3")
+    "$BIN" "${args[@]}" >/dev/null
+}
+
+# bulk_sessions DBURL N ROOMS: sessions k1…kN for users u1…uN; with ROOMS > 0 session ki
+# is in room i % ROOMS (so connection i of `--keys k{i}` shares a room with every
+# ROOMS-th other). Inserted directly (one `session create` per row is slow).
+bulk_sessions() {
+    local db=$1 n=$2 rooms=$3
+    session "$db" "seed-$RANDOM" # creates the schema
+    if [[ $db == postgres* ]]; then
+        local room=null
+        ((rooms > 0)) && room="i % $rooms"
+        # the table's trigger hashes the keys
+        psql -q "$db" -c "insert into sessions(key, \"user\", room) select 'k'||i, 'u'||i, $room from generate_series(1, $n) i" >/dev/null
+    else
+        python3 - "${db#sqlite://}" "$n" "$rooms" <<'EOF'
+import hashlib, sqlite3, sys
+path, n, rooms = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = sqlite3.connect(path)
+c.executemany(
+    'insert into sessions(key, "user", room) values (?, ?, ?)',
+    (("sha256:" + hashlib.sha256(f"k{i}".encode()).hexdigest(), f"u{i}", (i % rooms) if rooms else None)
+     for i in range(1, n + 1)),
+)
+c.commit()
+EOF
+    fi
+}
+
+# start_wschat DBURL [serve flags…]: starts a server on a free port; sets SRV_PID, SRV_PORT.
+start_wschat() {
+    local db=$1
+    shift
+    SRV_PORT=$(free_port)
+    # shellcheck disable=SC2046
+    env "${SERVER_ENV[@]}" ${EXTRA_ENV:-} $(server_pin) "$BIN" --log-format json serve \
+        --listen "127.0.0.1:$SRV_PORT" --database "$db" "$@" \
+        >"$WORK/wschat-$SRV_PORT.log" 2>&1 &
+    SRV_PID=$!
+    _PIDS+=("$SRV_PID")
+    wait_ready "$SRV_PORT" "$SRV_PID"
+    log "wschat pid $SRV_PID on port $SRV_PORT ($(redact "$db")) $*"
+}
+
+# start_floor: the Node.js floor on a free port; sets SRV_PID, SRV_PORT.
+start_floor() {
+    if [[ ! -d $FLOOR_DIR/node_modules/ws ]]; then
+        (cd "$FLOOR_DIR" && npm ci --no-audit --no-fund >&2)
+    fi
+    SRV_PORT=$(free_port)
+    # shellcheck disable=SC2046
+    (cd "$FLOOR_DIR" && exec env ${FLOOR_ENV:-} $(server_pin) node server.js "$SRV_PORT") \
+        >"$WORK/floor-$SRV_PORT.log" 2>&1 &
+    SRV_PID=$!
+    _PIDS+=("$SRV_PID")
+    wait_tcp "$SRV_PORT"
+    log "node-floor pid $SRV_PID on port $SRV_PORT ${FLOOR_ENV:-}"
+}
+
+# stop PID…: a graceful stop (TERM, then KILL after 10 s).
+stop() {
+    local pid
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "$@"; do
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+
+redact() { echo "${1//$WORK/\$WORK}"; }
+
+# load LABEL OUTFILE PIDS CLIENT-ARGS…: runs `wschat load … --json --no-progress`
+# pinned to the client core while measuring the server PIDS (comma-separated).
+load() {
+    local label=$1 out=$2 pids=$3
+    shift 3
+    wait_quiet
+    log "$label: wschat load $*"
+    python3 "$MEASURE" load --pids "$pids" --label "$label" --out "$out" --cpu "$(client_cpu)" \
+        -- "$BIN" load "$@" --seed "${SEED:-1}" --json --no-progress
+}
+
+# table TITLE FILES…: prints (and appends to $OUT) the side-by-side table.
+table() {
+    local t
+    t=$(python3 "$MEASURE" table "$@")
+    echo "$t"
+    if [[ -n ${OUT:-} ]]; then echo "$t" >>"$OUT"; fi
+}
+
+# busy_pct: percent of all cores busy (not idle/iowait) over 5 s, from /proc/stat.
+busy_pct() {
+    python3 - <<'PY'
+import time
+def snap():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+t0, i0 = snap(); time.sleep(5); t1, i1 = snap()
+print(round(100 * (1 - (i1 - i0) / max(t1 - t0, 1))))
+PY
+}
+
+wait_quiet() {
+    local limit=${QUIET_WAIT:-0} waited=0 b
+    ((limit > 0)) || return 0
+    while :; do
+        b=$(busy_pct)
+        if ((b < ${QUIET_BUSY:-15})); then
+            log "machine quiet: $b % busy over 5 s (waited ${waited} s)"
+            return 0
+        fi
+        if ((waited >= limit)); then
+            log "machine still $b % busy after ${waited} s: running anyway"
+            return 0
+        fi
+        sleep 10
+        waited=$((waited + 15))
+    done
+}
+
+header() { # SCENARIO COMMAND
+    local h
+    h=$(printf '\n### %s\n\n`%s` — %s; %s cores, %s GiB RAM; %s; load average at start %s\n' \
+        "$1" "$2" "$(date -u '+%Y-%m-%d %H:%M UTC')" "$(nproc)" \
+        "$(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo)" "$(pin_note)" \
+        "$(cut -d' ' -f1-3 /proc/loadavg)")
+    echo "$h"
+    if [[ -n ${OUT:-} ]]; then echo "$h" >>"$OUT"; fi
+}
+
+note() { echo "$*"; if [[ -n ${OUT:-} ]]; then echo "$*" >>"$OUT"; fi; }
+
+field() { python3 "$MEASURE" field "$@"; }
+
+# pair TITLE CMD LOAD-ARGS…: one fresh wschat (SQLite, one session key `bench`, or
+# $DB_KIND=pg for PostgreSQL) and then the Node floor, driven by the same client
+# arguments (the URL is added first); prints the table. URL path "/" (legacy).
+pair() {
+    local title=$1 cmd=$2
+    shift 2
+    header "$title" "$cmd"
+    local db
+    if [[ ${DB_KIND:-sqlite} == pg ]]; then db=$(pg_db); else db=$(sqlite_db); fi
+    session "$db" bench
+    start_wschat "$db"
+    load wschat "$WORK/$title-wschat.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "$@"
+    stop "$SRV_PID"
+    start_floor
+    load node-floor "$WORK/$title-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "$@"
+    stop "$SRV_PID"
+    table "$title" "$WORK/$title-wschat.json" "$WORK/$title-floor.json"
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# storm: N v1 clients (sessions k1…kN, ROOMS rooms via --rooms, sending every INTERVAL s)
+# are all cut off at once and reconnect at once, resuming each room with `since`.
+#
+# How "at once" is made: once every client is connected and the sending phase is
+# KILL_AFTER seconds old, `ss -K` destroys every established server-side socket of the
+# server's port in one go (the kernel resets them: both ends see a broken connection, as
+# when a load balancer or a NAT drops them). The load client's v1 connections then
+# reconnect after its backoff (25–50 ms for a connection that was up) and join with
+# `since` = the last seq they have; sends that were not acked are retried with the same
+# client_msg_id. (`--churn` closes connections one by one at random times, which is not
+# a storm.) Measured: time from the kill until the server again holds N established
+# sockets (polled with ss every ~50 ms), the time of the N-th "connection opened" in
+# wschat's log (post-upgrade), and from the client: lost, duplicated, max latency (a
+# message sent just before the kill is delivered only after its receiver resumed).
+#
+# The Node floor gets the same storm with N legacy clients (it has no v1, no resume), in
+# FLOOR_ROOMS=ROOMS rooms: only its reconnect time compares. Issue: all resumed within
+# 10 s, 0 lost. Default store (SQLite).
+# Knobs: N (5000), ROOMS (100), INTERVAL (5), DURATION (30), KILL_AFTER (8), RAMP (2000).
+source "$(dirname "$0")/lib.sh"
+N=${N:-5000} ROOMS=${ROOMS:-100} INTERVAL=${INTERVAL:-5} DURATION=${DURATION:-30}
+KILL_AFTER=${KILL_AFTER:-8} RAMP=${RAMP:-2000}
+header storm "bench/storm.sh  # N=$N ROOMS=$ROOMS INTERVAL=$INTERVAL DURATION=$DURATION KILL_AFTER=$KILL_AFTER"
+
+established() { ss -Htn state established "( sport = :$1 )" | wc -l; }
+
+rows=()
+storm() { # WHO PROTOCOL-ARGS…
+    local who=$1
+    shift
+    local fd0
+    wait_quiet
+    fd0=$(python3 "$MEASURE" fds "$SRV_PID")
+    python3 "$MEASURE" load --pids "$SRV_PID" --label "$who" --out "$WORK/storm-$who.json" \
+        --cpu "$(client_cpu)" -- "$BIN" load "ws://127.0.0.1:$SRV_PORT/$URL_PATH" "$@" \
+        --keys 'k{i}' -n "$N" --interval "$INTERVAL" --duration "$DURATION" --ramp "$RAMP" \
+        --seed "${SEED:-1}" --json --no-progress &
+    local client=$!
+    _PIDS+=("$client")
+    python3 "$MEASURE" wait-fds "$fd0" "$N" $((N / RAMP + 60)) "$SRV_PID" >/dev/null ||
+        log "$who: not all $N connected"
+    sleep "$KILL_AFTER"
+    local before t_kill killed t_back="" n=0
+    before=$(established "$SRV_PORT")
+    t_kill=$(date +%s.%N)
+    killed=$(ss -K -Htn state established "( sport = :$SRV_PORT )" | wc -l)
+    local la
+    la=$(cut -d' ' -f1-3 /proc/loadavg)
+    for _ in $(seq 600); do
+        n=$(established "$SRV_PORT")
+        if ((n >= N)); then
+            t_back=$(date +%s.%N)
+            break
+        fi
+        sleep 0.05
+    done
+    local back_s="not within 30 s ($n)"
+    [[ -n $t_back ]] && back_s=$(python3 -c "print(f'{$t_back - $t_kill:.2f}')")
+    local opened_s="-"
+    if [[ $who == wschat ]]; then
+        opened_s=$(python3 - "$WORK/wschat-$SRV_PORT.log" "$t_kill" "$N" <<'PY'
+import json, sys, datetime
+t_kill, n = float(sys.argv[2]), int(sys.argv[3])
+ts = []
+for line in open(sys.argv[1]):
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    if e.get("fields", {}).get("message") == "connection opened":
+        t = datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+        if t >= t_kill:
+            ts.append(t)
+ts.sort()
+print(f"{ts[n - 1] - t_kill:.2f}" if len(ts) >= n else f"only {len(ts)}")
+PY
+)
+    fi
+    log "$who: $before established, $killed killed; back to $N after $back_s s (wschat log: N-th connection opened after $opened_s s)"
+    wait "$client" || true
+    rows+=("$who|$before|$killed|$back_s|$opened_s|$la")
+}
+
+db=$(sqlite_db)
+bulk_sessions "$db" "$N" 0
+start_wschat "$db"
+URL_PATH=ws storm wschat --protocol v1 --rooms "$ROOMS"
+stop "$SRV_PID"
+FLOOR_ENV="FLOOR_ROOMS=$ROOMS" start_floor
+URL_PATH= storm node-floor --protocol legacy
+stop "$SRV_PID"
+
+note ""
+note "| server | connections before | sockets killed at once | back to N established after, s | N-th connection opened (wschat log) after, s | load avg at kill |"
+note "|---|---|---|---|---|---|"
+for r in "${rows[@]}"; do
+    IFS='|' read -r who before killed back opened la <<<"$r"
+    note "| $who | $before | $killed | $back | $opened | $la |"
+done
+table storm "$WORK/storm-wschat.json" "$WORK/storm-node-floor.json"

@@ -99,6 +99,16 @@ impl Committer {
     }
 }
 
+/// What the committer hands to the settler: a batch and its outcome.
+struct Settled {
+    batch: Vec<Queued>,
+    result: Result<Vec<CommitOutcome>, StoreError>,
+    committed_at: Instant,
+}
+
+/// The commit loop: the next batch's commit starts as soon as the previous one returns,
+/// while a second task (`settle`) answers the senders and delivers, in commit order. The
+/// database and this node's fan-out work at the same time.
 async fn run(
     mut rx: mpsc::Receiver<Queued>,
     store: Arc<dyn Store>,
@@ -106,9 +116,11 @@ async fn run(
     max_batch: usize,
     stop: CancellationToken,
 ) {
-    let mut batch: Vec<Queued> = Vec::with_capacity(max_batch);
+    let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+    let settler = tokio::spawn(settle(settled_rx, hub));
     let mut messages: Vec<NewMessage> = Vec::with_capacity(max_batch);
     loop {
+        let mut batch: Vec<Queued> = Vec::with_capacity(max_batch);
         let received = tokio::select! {
             n = rx.recv_many(&mut batch, max_batch) => n,
             _ = stop.cancelled(), if !rx.is_closed() => {
@@ -132,6 +144,26 @@ async fn run(
             ok = result.is_ok(),
             "commit finished"
         );
+        let _settler_ends_only_after_this_loop = settled_tx.send(Settled {
+            batch,
+            result,
+            committed_at,
+        });
+    }
+    drop(settled_tx);
+    if let Err(e) = settler.await {
+        tracing::error!(error = %e, "the commit settler failed");
+    }
+}
+
+/// Answers each batch's senders and hands its messages to the hub, in commit order.
+async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
+    while let Some(Settled {
+        mut batch,
+        result,
+        committed_at,
+    }) = rx.recv().await
+    {
         match result {
             Ok(outcomes) => {
                 let mut committed = Vec::with_capacity(outcomes.len());

@@ -1,6 +1,8 @@
 //! A property test of the room/sequence logic against a simple model: random batches of
 //! sends from several users into several rooms, with retries (repeated client_msg_ids,
-//! within a batch and across batches), through `Store::commit_batch` on SQLite.
+//! within a batch and across batches), through `Store::commit_batch` on SQLite and on
+//! PostgreSQL (whose commit takes one statement, or a transaction when a batch repeats a
+//! `client_msg_id`).
 //!
 //! The model: each room's seqs are 1..n, gap-free, in commit order (batch order, since
 //! rooms are independent); a `(user, client_msg_id)` is stored once; a repeat returns the
@@ -40,17 +42,67 @@ struct Expected {
     text: String,
 }
 
-fn run(batches: Vec<Vec<Send>>) -> Result<(), TestCaseError> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh PostgreSQL database (fails loudly without PostgreSQL); returns (admin, its URL).
+async fn pg_database() -> (sqlx::PgConnection, String) {
+    use sqlx::Connection;
+    let admin = std::env::var("WSCHAT_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is required and not reachable at {admin}: {e}"));
+    let name = format!(
+        "wschat_t_model_{}",
+        store::generate_key().to_lowercase().replace(['-', '_'], "")[..12].to_owned()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let base = admin.rsplit_once('/').unwrap().0;
+    (conn, format!("{base}/{name}"))
+}
+
+fn run(batches: Vec<Vec<Send>>, backend: Backend) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("model.db").display());
+        let mut admin = None;
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("model.db").display()),
+            Backend::Postgres => {
+                let (conn, url) = pg_database().await;
+                admin = Some(conn);
+                url
+            }
+        };
         let store = store::open(&url).await.unwrap();
         store.migrate().await.unwrap();
+        let result = check(&*store, batches).await;
+        drop(store);
+        if let Some(mut conn) = admin {
+            let name = url.rsplit('/').next().unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+            )))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        result
+    })
+}
 
+async fn check(store: &dyn store::Store, batches: Vec<Vec<Send>>) -> Result<(), TestCaseError> {
+    {
         let mut last_seq: HashMap<&str, u64> = HashMap::new();
         let mut first: HashMap<(String, String), (Expected, i64)> = HashMap::new();
         let mut logs: HashMap<&str, Vec<Expected>> = HashMap::new();
@@ -137,15 +189,24 @@ fn run(batches: Vec<Vec<Send>>) -> Result<(), TestCaseError> {
             }
         }
         Ok(())
-    })
+    }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
-    fn commit_batch_matches_the_model(batches in batches()) {
-        run(batches)?;
+    fn commit_batch_matches_the_model_on_sqlite(batches in batches()) {
+        run(batches, Backend::Sqlite)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn commit_batch_matches_the_model_on_postgres(batches in batches()) {
+        run(batches, Backend::Postgres)?;
     }
 }
 
@@ -153,9 +214,14 @@ proptest! {
 /// first send, and one in a later batch naming another room.
 #[test]
 fn a_retry_in_the_same_batch_and_in_another_room() {
-    run(vec![
-        vec![(0, 0, Some(1)), (0, 1, Some(1)), (1, 0, Some(1))],
-        vec![(0, 2, Some(1)), (1, 1, None), (0, 0, None)],
-    ])
-    .unwrap();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        run(
+            vec![
+                vec![(0, 0, Some(1)), (0, 1, Some(1)), (1, 0, Some(1))],
+                vec![(0, 2, Some(1)), (1, 1, None), (0, 0, None)],
+            ],
+            backend,
+        )
+        .unwrap();
+    }
 }

@@ -10,6 +10,12 @@ use serde::Serialize;
 use wschat_server::store;
 use wschat_server::{Application, Settings};
 
+/// glibc's malloc cost the server about a fifth of its CPU under load (arenas shared by
+/// the worker threads, consolidation of the commit path's freed buffers); mimalloc's
+/// per-thread heaps do not (bench/RESULTS.md, persist).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "wschat",

@@ -126,11 +126,27 @@ pub fn forward(
                 event = outgoing.recv() => event,
                 _ = stop.cancelled() => None,
             };
-            let Some(event) = event else { break };
-            if let Err(e) = broker.publish(&event).await {
-                // Other nodes find the gap by seq or by their periodic check.
-                metrics::counter!("wschat_broker_publish_errors_total").increment(1);
-                tracing::warn!(error = %e, "broker publish failed");
+            let Some(mut event) = event else { break };
+            // Commits that queued up while the last publish ran go out as one event (in
+            // commit order, so each room's seqs still rise).
+            let mut next = None;
+            if let BusEvent::Committed(messages) = &mut event {
+                while let Ok(more) = outgoing.try_recv() {
+                    match more {
+                        BusEvent::Committed(more) => messages.extend(more),
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+            }
+            for event in std::iter::once(event).chain(next) {
+                if let Err(e) = broker.publish(&event).await {
+                    // Other nodes find the gap by seq or by their periodic check.
+                    metrics::counter!("wschat_broker_publish_errors_total").increment(1);
+                    tracing::warn!(error = %e, "broker publish failed");
+                }
             }
         }
     })

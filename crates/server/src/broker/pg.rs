@@ -94,13 +94,16 @@ impl Broker for PgBroker {
     }
 
     async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError> {
-        for payload in wire::encode(&self.node, event, MAX_PAYLOAD) {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CHANNEL)
-                .bind(payload)
-                .execute(&self.pool)
-                .await?;
-        }
+        // Each NOTIFY transaction is a commit (a WAL flush): one statement per event, and
+        // bells instead of payloads when they would not fit in one notification.
+        let payloads = wire::encode_compact(&self.node, event, MAX_PAYLOAD);
+        sqlx::query(
+            "SELECT pg_notify($1, p) FROM UNNEST($2::text[]) WITH ORDINALITY AS x(p, o) ORDER BY o",
+        )
+        .bind(CHANNEL)
+        .bind(&payloads)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

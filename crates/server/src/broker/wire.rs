@@ -44,6 +44,52 @@ pub struct Payload {
     pub cmid: Option<String>,
 }
 
+/// Encode `event` into one envelope of at most `max_bytes` where possible: committed
+/// messages that do not all fit become bells, by reference, one per room with its highest
+/// seq (the receivers read the store, one range per room, instead of the publisher paying
+/// for many envelopes). Only a bell list itself too long is split.
+pub fn encode_compact(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
+    let full = encode(node, event, max_bytes);
+    let BusEvent::Committed(messages) = event else {
+        return full;
+    };
+    if full.len() <= 1 {
+        return full;
+    }
+    let mut heads: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for m in messages {
+        let seq = heads.entry(m.room.as_str()).or_default();
+        *seq = (*seq).max(m.seq);
+    }
+    let one = |msgs: Vec<WireMessage>| {
+        serde_json::to_string(&Envelope {
+            node: node.to_owned(),
+            body: Body::Messages { msgs },
+        })
+        .unwrap_or_default()
+    };
+    let mut out = Vec::new();
+    let mut chunk = Vec::new();
+    let mut size = 64 + node.len();
+    for (room, seq) in heads {
+        let estimate = 64 + room.len() * 6;
+        if !chunk.is_empty() && size + estimate > max_bytes {
+            out.push(one(std::mem::take(&mut chunk)));
+            size = 64 + node.len();
+        }
+        size += estimate;
+        chunk.push(WireMessage {
+            room: room.to_owned(),
+            seq,
+            payload: None,
+        });
+    }
+    if !chunk.is_empty() {
+        out.push(one(chunk));
+    }
+    out
+}
+
 /// Encode `event` into envelopes of at most `max_bytes` each.
 pub fn encode(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
     let one = |body: Body| {
@@ -150,5 +196,39 @@ mod tests {
         );
         assert_eq!(big.len(), 1);
         assert!(big[0].len() < 200, "by reference: {}", big[0]);
+    }
+
+    #[test]
+    fn compact_encoding_rings_one_bell_per_room_when_the_payloads_do_not_fit() {
+        let small: Vec<_> = (1..=3).map(|s| msg(s, "hi")).collect();
+        let one = encode_compact("n1", &BusEvent::Committed(small), 7900);
+        assert_eq!(one.len(), 1);
+        let Envelope { body, .. } = serde_json::from_str(&one[0]).unwrap();
+        let Body::Messages { msgs } = body else {
+            panic!("messages")
+        };
+        assert!(
+            msgs.iter().all(|m| m.payload.is_some()),
+            "fits: sent inline"
+        );
+
+        let mut many: Vec<_> = (1..=200).map(|s| msg(s, &"x".repeat(100))).collect();
+        let mut other = msg(7, "y");
+        Arc::make_mut(&mut other).room = RoomName::new("q").unwrap();
+        many.push(other);
+        let bells = encode_compact("n1", &BusEvent::Committed(many), 7900);
+        assert_eq!(bells.len(), 1);
+        let Envelope { body, .. } = serde_json::from_str(&bells[0]).unwrap();
+        let Body::Messages { msgs } = body else {
+            panic!("messages")
+        };
+        let heads: Vec<(String, u64, bool)> = msgs
+            .iter()
+            .map(|m| (m.room.clone(), m.seq, m.payload.is_some()))
+            .collect();
+        assert_eq!(
+            heads,
+            vec![("q".to_owned(), 7, false), ("r".to_owned(), 200, false)]
+        );
     }
 }

@@ -42,6 +42,21 @@ pub struct NewMessage {
     pub client_msg_id: Option<String>,
 }
 
+impl NewMessage {
+    /// This message, committed as `seq` with `id` at `time_ms`.
+    pub fn stored(&self, seq: u64, id: i64, time_ms: i64) -> CommitOutcome {
+        CommitOutcome::Stored(Arc::new(StoredMessage {
+            room: self.room.clone(),
+            seq,
+            id,
+            user: self.user.clone(),
+            text: self.text.clone(),
+            time_ms,
+            client_msg_id: self.client_msg_id.clone(),
+        }))
+    }
+}
+
 /// A committed message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {

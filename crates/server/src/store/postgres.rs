@@ -53,6 +53,11 @@ impl PgStore {
                 "idle_in_transaction_session_timeout",
                 COMMIT_IDLE_IN_TRANSACTION_TIMEOUT,
             ),
+            // The commit statement is planned once: re-planning it for each batch's
+            // array sizes (PostgreSQL's default for a prepared statement with parameters
+            // it deems selective) cost about 3 ms a batch, more than the rest of a
+            // small batch's commit.
+            ("plan_cache_mode", "force_generic_plan"),
         ]);
         // Reads beyond what the database's cores can run at once only queue inside it and
         // slow the commits down: about two connections per core (at least 4).
@@ -110,6 +115,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "nodes",
         include_str!("../../../../migrations/postgres/0003_nodes.sql"),
+    ),
+    (
+        4,
+        "commit speed",
+        include_str!("../../../../migrations/postgres/0004_commit_speed.sql"),
     ),
 ];
 
@@ -224,7 +234,16 @@ impl Store for PgStore {
             Some(conn) => conn,
             None => self.connect_writer().await?,
         };
-        let outcomes = commit_on(&mut conn, batch).await?;
+        let outcomes = match commit_one_statement(&mut conn, batch).await {
+            Ok(Some(outcomes)) => outcomes,
+            // A repeat in the batch, or a `(user, client_msg_id)` already stored (nothing
+            // of the statement was committed): the transaction path looks repeats up.
+            Ok(None) => commit_on(&mut conn, batch).await?,
+            Err(StoreError::Query(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                commit_on(&mut conn, batch).await?
+            }
+            Err(e) => return Err(e),
+        };
         *slot = Some(conn);
         Ok(outcomes)
     }
@@ -407,7 +426,111 @@ impl Store for PgStore {
     }
 }
 
-/// One batch in one transaction on `conn`.
+/// One batch as one statement, in one round trip (autocommit). Each room's counter is
+/// bumped by its count of new messages (`INSERT … ON CONFLICT DO UPDATE` creates a room on
+/// its first message, and locks the counter rows in byte order of the names, as every node
+/// does, so nodes never deadlock), and the messages are numbered from the bumped counters
+/// and inserted. A `(user, client_msg_id)` already stored (a retry) violates the unique
+/// index: nothing is committed and the batch goes the transaction path, which looks
+/// repeats up; retries are rare, and looking every message up would cost more.
+/// Returns a row per room (its id and bumped `last_seq`) and a row per message (room id,
+/// seq, id); the caller numbers each room's messages in batch order, as the statement
+/// does. The inserted rows are not joined back to the input: that is quadratic.
+const COMMIT_STATEMENT: &str = r#"
+WITH input AS (
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
+        WITH ORDINALITY AS x(room, u, t, c, o)
+), counts AS (
+    SELECT room, count(*) AS n FROM input GROUP BY room
+), bumped AS (
+    INSERT INTO wschat_rooms AS r (name, last_seq)
+    SELECT room, n FROM counts ORDER BY room COLLATE "C"
+    ON CONFLICT (name) DO UPDATE SET last_seq = r.last_seq + excluded.last_seq
+    RETURNING r.id, r.name, r.last_seq
+), ins AS (
+    INSERT INTO wschat_messages (room_id, seq, "user", text, created_at, client_msg_id)
+    SELECT b.id, b.last_seq - c.n + row_number() OVER (PARTITION BY i.room ORDER BY i.o),
+           i.u, i.t, to_timestamp($5::double precision / 1000), i.c
+    FROM input i JOIN bumped b ON b.name = i.room JOIN counts c ON c.room = i.room
+    ORDER BY i.o
+    RETURNING room_id, seq, id
+)
+SELECT id, last_seq, NULL::bigint, name FROM bumped
+UNION ALL
+SELECT room_id, seq, id, NULL FROM ins
+"#;
+
+/// One batch in one statement on `conn`; see [`COMMIT_STATEMENT`]. Batches with a repeat
+/// inside them go the transaction path at once.
+async fn commit_one_statement(
+    conn: &mut PgConnection,
+    batch: &[NewMessage],
+) -> Result<Option<Vec<CommitOutcome>>, StoreError> {
+    if !BatchPlan::new(batch).repeats.is_empty() {
+        return Ok(None);
+    }
+    let rooms: Vec<&str> = batch.iter().map(|m| m.room.as_str()).collect();
+    let users: Vec<&str> = batch.iter().map(|m| m.user.as_str()).collect();
+    let texts: Vec<&str> = batch.iter().map(|m| m.text.as_str()).collect();
+    let cmids: Vec<Option<&str>> = batch.iter().map(|m| m.client_msg_id.as_deref()).collect();
+    let time_ms = now_ms();
+    let rows = sqlx::query(COMMIT_STATEMENT)
+        .bind(&rooms)
+        .bind(&users)
+        .bind(&texts)
+        .bind(&cmids)
+        .bind(time_ms as f64)
+        .fetch_all(&mut *conn)
+        .await?;
+    // room name -> (room id, last seq after this batch); (room id, seq) -> message id
+    let mut heads: HashMap<String, (i64, u64)> = HashMap::new();
+    let mut ids: HashMap<(i64, u64), i64> = HashMap::with_capacity(batch.len());
+    for row in &rows {
+        let room_id: i64 = row.try_get(0)?;
+        let seq = to_seq(row.try_get(1)?);
+        match row.try_get::<Option<i64>, _>(2)? {
+            Some(id) => {
+                ids.insert((room_id, seq), id);
+            }
+            None => {
+                heads.insert(row.try_get(3)?, (room_id, seq));
+            }
+        }
+    }
+    // Number each room's messages in batch order, from its bumped counter back.
+    let mut by_room: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, m) in batch.iter().enumerate() {
+        by_room.entry(m.room.as_str()).or_default().push(i);
+    }
+    let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
+    for (room, indices) in by_room {
+        let &(room_id, last_seq) = heads
+            .get(room)
+            .ok_or_else(|| protocol_error(format!("commit returned no counter for {room}")))?;
+        let first_seq = (last_seq + 1)
+            .checked_sub(indices.len() as u64)
+            .ok_or_else(|| protocol_error("a room counter below its batch".into()))?;
+        for (seq, i) in (first_seq..).zip(indices) {
+            let id = *ids
+                .get(&(room_id, seq))
+                .ok_or_else(|| protocol_error(format!("commit returned no id for seq {seq}")))?;
+            let msg = &batch[i];
+            outcomes[i] = Some(msg.stored(seq, id, time_ms));
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.ok_or_else(|| protocol_error("a batch message got no outcome".into())))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn protocol_error(what: String) -> StoreError {
+    StoreError::Query(sqlx::Error::Protocol(what))
+}
+
+/// One batch in one transaction on `conn`, a few round trips: the path taken when the
+/// one-statement commit met a concurrent insert of the same `(user, client_msg_id)`.
 async fn commit_on(
     conn: &mut PgConnection,
     batch: &[NewMessage],
@@ -466,17 +589,17 @@ async fn commit_on(
         let names: Vec<&str> = by_room.keys().map(|r| r.as_str()).collect();
         let counts: Vec<i64> = by_room.values().map(|v| v.len() as i64).collect();
         sqlx::query(
-            "INSERT INTO wschat_rooms (name)
-                 SELECT n FROM UNNEST($1::text[]) AS n ORDER BY n
-                 ON CONFLICT (name) DO NOTHING",
+            r#"INSERT INTO wschat_rooms (name)
+                 SELECT n FROM UNNEST($1::text[]) AS n ORDER BY n COLLATE "C"
+                 ON CONFLICT (name) DO NOTHING"#,
         )
         .bind(&names)
         .execute(&mut *tx)
         .await?;
         // Lock the rooms' counter rows in name order: nodes never deadlock.
         sqlx::query(
-            "SELECT id FROM wschat_rooms WHERE name = ANY($1::text[])
-                 ORDER BY name FOR UPDATE",
+            r#"SELECT id FROM wschat_rooms WHERE name = ANY($1::text[])
+                 ORDER BY name COLLATE "C" FOR UPDATE"#,
         )
         .bind(&names)
         .execute(&mut *tx)
@@ -549,15 +672,7 @@ async fn commit_on(
             let Some(&id) = ids.get(&(room_ids[n], to_db(seq))) else {
                 return Err(StoreError::Query(sqlx::Error::RowNotFound));
             };
-            outcomes[i] = Some(CommitOutcome::Stored(Arc::new(StoredMessage {
-                room: msg.room.clone(),
-                seq,
-                id,
-                user: msg.user.clone(),
-                text: msg.text.clone(),
-                time_ms,
-                client_msg_id: msg.client_msg_id.clone(),
-            })));
+            outcomes[i] = Some(msg.stored(seq, id, time_ms));
         }
     }
     tx.commit().await?;

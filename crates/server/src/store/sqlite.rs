@@ -240,15 +240,7 @@ impl Store for SqliteStore {
                 .bind(&msg.client_msg_id)
                 .fetch_one(&mut *tx)
                 .await?;
-                outcomes[i] = Some(CommitOutcome::Stored(Arc::new(StoredMessage {
-                    room: msg.room.clone(),
-                    seq,
-                    id,
-                    user: msg.user.clone(),
-                    text: msg.text.clone(),
-                    time_ms,
-                    client_msg_id: msg.client_msg_id.clone(),
-                })));
+                outcomes[i] = Some(msg.stored(seq, id, time_ms));
             }
         }
         tx.commit().await?;

@@ -114,7 +114,7 @@ impl Default for Settings {
             max_message_bytes: 16 * 1024,
             max_rooms_per_connection: 100,
             outbound_queue_bytes: 4 * 1024 * 1024,
-            ws_read_buffer_bytes: 4 * 1024,
+            ws_read_buffer_bytes: 1024,
             ws_write_buffer_bytes: 32 * 1024,
             auth_timeout_secs: 10,
             ping_interval_secs: 30,

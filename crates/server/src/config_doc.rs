@@ -50,7 +50,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "ws_read_buffer_bytes",
-        "WebSocket read buffer per connection, in bytes.",
+        "WebSocket read buffer per connection, in bytes; it grows for a larger frame. Small, because every idle connection holds one.",
     ),
     (
         "ws_write_buffer_bytes",

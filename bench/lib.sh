@@ -39,7 +39,6 @@ read -ra SERVER_ENV <<<"${BENCH_SERVER_ENV:-WSCHAT_RATE_PER_SEC=0 WSCHAT_MAX_CON
 
 
 _PIDS=()
-_DBS=()
 
 _cleanup() {
     local rc=$?
@@ -57,9 +56,12 @@ _cleanup() {
         wait "$pid" 2>/dev/null
     done
     local db
-    for db in "${_DBS[@]}"; do
-        psql -q "$PG/postgres" -c "drop database if exists $db with (force)" >/dev/null 2>&1
-    done
+    # pg_db runs in $(…), a subshell: it records its databases in a file, not in a variable.
+    if [[ -f $WORK/databases ]]; then
+        while read -r db; do
+            psql -q "$PG/postgres" -c "drop database if exists $db with (force)" >/dev/null 2>&1
+        done <"$WORK/databases"
+    fi
     if [[ ${KEEP:-0} == 1 ]]; then
         echo "work folder kept: $WORK" >&2
     else
@@ -120,7 +122,7 @@ sqlite_db() { echo "sqlite://$WORK/wschat-$RANDOM$RANDOM.db"; }
 pg_db() {
     local name="wschat_bench_$$_$RANDOM"
     psql -q "$PG/postgres" -c "create database $name" >/dev/null || die "cannot create database on $PG"
-    _DBS+=("$name")
+    echo "$name" >>"$WORK/databases"
     echo "$PG/$name"
 }
 

@@ -72,7 +72,10 @@ pub const DOCS: &[(&str, &str)] = &[
         "shutdown_grace_secs",
         "Upper bound, in seconds, of a graceful stop (SIGTERM); an idle server stops at once.",
     ),
-    ("max_commit_batch", "Most messages committed in one transaction."),
+    (
+        "max_commit_batch",
+        "Most messages committed in one transaction (a batch is whatever queued during the previous commit).",
+    ),
     (
         "retention_per_room",
         "Messages kept per room (older ones are deleted); 0 keeps everything.",

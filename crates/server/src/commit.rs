@@ -118,9 +118,11 @@ async fn run(
 ) {
     let (settled_tx, settled_rx) = mpsc::unbounded_channel();
     let settler = tokio::spawn(settle(settled_rx, hub));
-    let mut messages: Vec<NewMessage> = Vec::with_capacity(max_batch);
+    let mut messages: Vec<NewMessage> = Vec::new();
     loop {
-        let mut batch: Vec<Queued> = Vec::with_capacity(max_batch);
+        // Each batch moves to the settler, so it is a new vector: sized by what is queued
+        // now, not by `max_batch` (10,000 entries for a batch that is mostly one message).
+        let mut batch: Vec<Queued> = Vec::with_capacity(rx.len().clamp(1, max_batch));
         let received = tokio::select! {
             n = rx.recv_many(&mut batch, max_batch) => n,
             _ = stop.cancelled(), if !rx.is_closed() => {

@@ -11,6 +11,9 @@
 
 use std::collections::HashMap;
 
+mod common;
+
+use common::Backend;
 use proptest::prelude::*;
 use wschat_protocol::RoomName;
 use wschat_server::store::{self, CommitOutcome, NewMessage};
@@ -42,61 +45,18 @@ struct Expected {
     text: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// A fresh PostgreSQL database (fails loudly without PostgreSQL); returns (admin, its URL).
-async fn pg_database() -> (sqlx::PgConnection, String) {
-    use sqlx::Connection;
-    let admin = std::env::var("WSCHAT_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL is required and not reachable at {admin}: {e}"));
-    let name = format!(
-        "wschat_t_model_{}",
-        store::generate_key().to_lowercase().replace(['-', '_'], "")[..12].to_owned()
-    );
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let base = admin.rsplit_once('/').unwrap().0;
-    (conn, format!("{base}/{name}"))
-}
-
 fn run(batches: Vec<Vec<Send>>, backend: Backend) -> Result<(), TestCaseError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let mut admin = None;
-        let url = match backend {
-            Backend::Sqlite => format!("sqlite://{}", dir.path().join("model.db").display()),
-            Backend::Postgres => {
-                let (conn, url) = pg_database().await;
-                admin = Some(conn);
-                url
-            }
-        };
-        let store = store::open(&url).await.unwrap();
+        let (settings, _dir) = common::fresh(backend).await;
+        let store = store::open(&settings.database).await.unwrap();
         store.migrate().await.unwrap();
         let result = check(&*store, batches).await;
         drop(store);
-        if let Some(mut conn) = admin {
-            let name = url.rsplit('/').next().unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-            )))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        }
+        common::drop_database(&settings.database).await;
         result
     })
 }

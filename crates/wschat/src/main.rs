@@ -18,17 +18,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// mimalloc returns freed pages to the OS only after a delay, and only on later allocator
 /// activity, so memory freed by a burst of connects (hyper's 8 KiB request buffer, the
-/// session lookup) stayed resident: 33.8 KiB per idle connection, 8.3 KiB with
-/// immediate purging and the same CPU per delivery (bench/RESULTS.md, idle). An operator's
+/// session lookup) stayed resident: 33.8 KiB per idle connection, 12.1 KiB with immediate
+/// purging, and the same CPU per delivery (bench/RESULTS.md, idle). An operator's
 /// `MIMALLOC_PURGE_DELAY` wins.
 #[allow(unsafe_code)]
 fn tune_allocator() {
-    /// `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (libmimalloc-sys names no
-    /// constant for it).
-    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    /// `mi_option_purge_delay`: in mimalloc v3's `mi_option_e` it directly precedes the
+    /// entry libmimalloc-sys names `mi_option_use_numa_nodes` (it names none for this).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t =
+        libmimalloc_sys::mi_option_use_numa_nodes - 1;
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: called first thing in `main`, before any other thread exists
-        // (mi_option_set is not thread safe); the option index is checked above.
+        // (mi_option_set is not thread safe); an option index out of range is ignored
+        // by mimalloc, never undefined behaviour.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
     }
 }

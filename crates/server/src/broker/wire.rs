@@ -49,18 +49,61 @@ pub struct Payload {
 /// seq (the receivers read the store, one range per room, instead of the publisher paying
 /// for many envelopes). Only a bell list itself too long is split.
 pub fn encode_compact(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
-    let full = encode(node, event, max_bytes);
     let BusEvent::Committed(messages) = event else {
-        return full;
+        return encode(node, event, max_bytes);
     };
-    if full.len() <= 1 {
-        return full;
+    let wire: Vec<WireMessage> = messages.iter().map(|m| to_wire(m)).collect();
+    let total: usize = envelope_bound(node) + wire.iter().map(size_bound).sum::<usize>();
+    if total <= max_bytes {
+        return envelopes(node, wire, max_bytes);
     }
-    let mut heads: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
-    for m in messages {
-        let seq = heads.entry(m.room.as_str()).or_default();
+    let mut heads: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for m in wire {
+        let seq = heads.entry(m.room).or_default();
         *seq = (*seq).max(m.seq);
     }
+    let bells = heads
+        .into_iter()
+        .map(|(room, seq)| WireMessage {
+            room,
+            seq,
+            payload: None,
+        })
+        .collect();
+    envelopes(node, bells, max_bytes)
+}
+
+/// A committed message as it travels: inline, or by reference when its text is large.
+fn to_wire(m: &crate::store::StoredMessage) -> WireMessage {
+    let inline = m.text.len() + m.user.len() <= INLINE_TEXT_BYTES;
+    WireMessage {
+        room: m.room.to_string(),
+        seq: m.seq,
+        payload: inline.then(|| Payload {
+            id: m.id,
+            user: m.user.clone(),
+            text: m.text.clone(),
+            time_ms: m.time_ms,
+            cmid: m.client_msg_id.clone(),
+        }),
+    }
+}
+
+/// A generous bound on a message's encoded size (JSON escapes grow text up to 6×).
+fn size_bound(wm: &WireMessage) -> usize {
+    96 + wm.room.len() * 6
+        + wm.payload
+            .as_ref()
+            .map_or(0, |p| (p.user.len() + p.text.len()) * 6 + 64)
+}
+
+/// A bound on an envelope's size without its messages.
+fn envelope_bound(node: &str) -> usize {
+    64 + node.len() * 6
+}
+
+/// `msgs` in order, split into `Messages` envelopes of at most `max_bytes` each.
+fn envelopes(node: &str, msgs: Vec<WireMessage>, max_bytes: usize) -> Vec<String> {
     let one = |msgs: Vec<WireMessage>| {
         serde_json::to_string(&Envelope {
             node: node.to_owned(),
@@ -69,20 +112,16 @@ pub fn encode_compact(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<Str
         .unwrap_or_default()
     };
     let mut out = Vec::new();
-    let mut chunk = Vec::new();
-    let mut size = 64 + node.len();
-    for (room, seq) in heads {
-        let estimate = 64 + room.len() * 6;
-        if !chunk.is_empty() && size + estimate > max_bytes {
+    let mut chunk: Vec<WireMessage> = Vec::new();
+    let mut size = envelope_bound(node);
+    for wm in msgs {
+        let bound = size_bound(&wm);
+        if !chunk.is_empty() && size + bound > max_bytes {
             out.push(one(std::mem::take(&mut chunk)));
-            size = 64 + node.len();
+            size = envelope_bound(node);
         }
-        size += estimate;
-        chunk.push(WireMessage {
-            room: room.to_owned(),
-            seq,
-            payload: None,
-        });
+        size += bound;
+        chunk.push(wm);
     }
     if !chunk.is_empty() {
         out.push(one(chunk));
@@ -100,43 +139,11 @@ pub fn encode(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
         .unwrap_or_default()
     };
     match event {
-        BusEvent::Committed(messages) => {
-            let mut out = Vec::new();
-            let mut chunk: Vec<WireMessage> = Vec::new();
-            let mut size = 64 + node.len();
-            for m in messages {
-                let inline = m.text.len() + m.user.len() <= INLINE_TEXT_BYTES;
-                let wm = WireMessage {
-                    room: m.room.to_string(),
-                    seq: m.seq,
-                    payload: inline.then(|| Payload {
-                        id: m.id,
-                        user: m.user.clone(),
-                        text: m.text.clone(),
-                        time_ms: m.time_ms,
-                        cmid: m.client_msg_id.clone(),
-                    }),
-                };
-                // A generous bound on the message's encoded size (JSON escapes grow text).
-                let estimate = 96
-                    + wm.room.len() * 2
-                    + wm.payload
-                        .as_ref()
-                        .map_or(0, |p| (p.user.len() + p.text.len()) * 6 + 64);
-                if !chunk.is_empty() && size + estimate > max_bytes {
-                    out.push(one(Body::Messages {
-                        msgs: std::mem::take(&mut chunk),
-                    }));
-                    size = 64 + node.len();
-                }
-                size += estimate;
-                chunk.push(wm);
-            }
-            if !chunk.is_empty() {
-                out.push(one(Body::Messages { msgs: chunk }));
-            }
-            out
-        }
+        BusEvent::Committed(messages) => envelopes(
+            node,
+            messages.iter().map(|m| to_wire(m)).collect(),
+            max_bytes,
+        ),
         BusEvent::Typing { room, user } => vec![one(Body::Typing {
             room: room.to_string(),
             user: user.clone(),

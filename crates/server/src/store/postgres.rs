@@ -466,7 +466,8 @@ async fn commit_one_statement(
     conn: &mut PgConnection,
     batch: &[NewMessage],
 ) -> Result<Option<Vec<CommitOutcome>>, StoreError> {
-    if !BatchPlan::new(batch).repeats.is_empty() {
+    let plan = BatchPlan::new(batch);
+    if !plan.repeats.is_empty() {
         return Ok(None);
     }
     let rooms: Vec<&str> = batch.iter().map(|m| m.room.as_str()).collect();
@@ -518,11 +519,7 @@ async fn commit_one_statement(
             outcomes[i] = Some(msg.stored(seq, id, time_ms));
         }
     }
-    outcomes
-        .into_iter()
-        .map(|o| o.ok_or_else(|| protocol_error("a batch message got no outcome".into())))
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
+    plan.finish(outcomes).map(Some)
 }
 
 fn protocol_error(what: String) -> StoreError {

@@ -1,8 +1,8 @@
 //! A property test of the room/sequence logic against a simple model: random batches of
 //! sends from several users into several rooms, with retries (repeated client_msg_ids,
 //! within a batch and across batches), through `Store::commit_batch` on SQLite and on
-//! PostgreSQL (whose commit takes one statement, or a transaction when a batch repeats a
-//! `client_msg_id`).
+//! PostgreSQL (each commits a batch in one statement or command, or in a transaction when
+//! the batch repeats a `client_msg_id` or retries one already stored).
 //!
 //! The model: each room's seqs are 1..n, gap-free, in commit order (batch order, since
 //! rooms are independent); a `(user, client_msg_id)` is stored once; a repeat returns the

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -272,15 +273,95 @@ impl BatchPlan {
         }
         outcomes
             .into_iter()
-            .map(|o| {
-                o.ok_or_else(|| {
-                    StoreError::Query(sqlx::Error::Protocol(
-                        "a batch message got no outcome".into(),
-                    ))
-                })
-            })
+            .map(|o| o.ok_or_else(|| protocol_error("a batch message got no outcome".into())))
             .collect()
     }
+}
+
+/// A row of a one-statement commit: a room's bumped counter, or a stored message.
+pub(crate) enum CommitRow {
+    Room {
+        name: String,
+        id: i64,
+        last_seq: u64,
+    },
+    Message {
+        room_id: i64,
+        seq: u64,
+        id: i64,
+    },
+}
+
+impl CommitRow {
+    /// Read a returned row: `(room id, last_seq, NULL, name)` for a room, `(room id, seq,
+    /// id, NULL)` for a message.
+    pub fn read<'r, R>(row: &'r R) -> Result<Self, sqlx::Error>
+    where
+        R: sqlx::Row,
+        usize: sqlx::ColumnIndex<R>,
+        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        let room_id: i64 = row.try_get(0)?;
+        let seq = u64::try_from(row.try_get::<i64, _>(1)?).unwrap_or(0);
+        Ok(match row.try_get::<Option<i64>, _>(2)? {
+            Some(id) => Self::Message { room_id, seq, id },
+            None => Self::Room {
+                name: row.try_get(3)?,
+                id: room_id,
+                last_seq: seq,
+            },
+        })
+    }
+}
+
+/// Outcomes of a batch committed in one statement, from its rows: each room's messages are
+/// numbered in batch order, from the room's bumped counter back, as the statement numbered
+/// them, and each gets the id its row returned. (Joining the inserted rows back to the
+/// input in SQL would be quadratic.)
+pub(crate) fn outcomes_from_rows(
+    batch: &[NewMessage],
+    plan: BatchPlan,
+    rows: Vec<CommitRow>,
+    time_ms: i64,
+) -> Result<Vec<CommitOutcome>, StoreError> {
+    // room name -> (room id, last seq after this batch); (room id, seq) -> message id
+    let mut heads: HashMap<String, (i64, u64)> = HashMap::new();
+    let mut ids: HashMap<(i64, u64), i64> = HashMap::with_capacity(batch.len());
+    for row in rows {
+        match row {
+            CommitRow::Room { name, id, last_seq } => {
+                heads.insert(name, (id, last_seq));
+            }
+            CommitRow::Message { room_id, seq, id } => {
+                ids.insert((room_id, seq), id);
+            }
+        }
+    }
+    let mut by_room: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, m) in batch.iter().enumerate() {
+        by_room.entry(m.room.as_str()).or_default().push(i);
+    }
+    let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
+    for (room, indices) in by_room {
+        let &(room_id, last_seq) = heads
+            .get(room)
+            .ok_or_else(|| protocol_error(format!("commit returned no counter for {room}")))?;
+        let first_seq = (last_seq + 1)
+            .checked_sub(indices.len() as u64)
+            .ok_or_else(|| protocol_error("a room counter below its batch".into()))?;
+        for (seq, i) in (first_seq..).zip(indices) {
+            let id = *ids
+                .get(&(room_id, seq))
+                .ok_or_else(|| protocol_error(format!("commit returned no id for seq {seq}")))?;
+            outcomes[i] = Some(batch[i].stored(seq, id, time_ms));
+        }
+    }
+    plan.finish(outcomes)
+}
+
+fn protocol_error(what: String) -> StoreError {
+    StoreError::Query(sqlx::Error::Protocol(what))
 }
 
 /// The table that records applied migrations: not sqlx's default name, so that wschat's

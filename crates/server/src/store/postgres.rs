@@ -15,8 +15,8 @@ use sqlx::Row;
 use wschat_protocol::RoomName;
 
 use super::{
-    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, NodeInfo, RoomHead, Session, Store,
-    StoreError, StoreKind, StoredMessage,
+    now_ms, outcomes_from_rows, BatchPlan, CommitOutcome, CommitRow, KeyHash, NewMessage, NodeInfo,
+    RoomHead, Session, Store, StoreError, StoreKind, StoredMessage,
 };
 
 pub struct PgStore {
@@ -36,6 +36,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A statement of a commit that runs longer (a locked table, a stuck disk) is cancelled by
 /// the server: the batch is answered `unavailable` and retried, never left hanging.
 const COMMIT_STATEMENT_TIMEOUT: &str = "5s";
+/// A pooled connection idle for longer than this is pinged before it is used.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 /// A commit transaction that sits idle this long (its node was paused or hung between two
 /// statements) is ended by the server: it holds its rooms' counter rows, and every other
 /// node's commits to those rooms would wait for it. Rolled back, it was never acked.
@@ -65,6 +67,19 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(u32::try_from(cores * 2).unwrap_or(16).clamp(4, 32))
             .acquire_timeout(CONNECT_TIMEOUT)
+            // sqlx pings every connection it hands out: a round trip per query, a quarter
+            // of an authenticated connect's cost. Ping only a connection that sat idle
+            // (it may have outlived a database restart); one in use a moment ago that
+            // died fails its query, is dropped, and the caller answers `unavailable`.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for > IDLE_BEFORE_PING {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(
                 options
                     .application_name("wschat")
@@ -483,47 +498,11 @@ async fn commit_one_statement(
         .bind(time_ms as f64)
         .fetch_all(&mut *conn)
         .await?;
-    // room name -> (room id, last seq after this batch); (room id, seq) -> message id
-    let mut heads: HashMap<String, (i64, u64)> = HashMap::new();
-    let mut ids: HashMap<(i64, u64), i64> = HashMap::with_capacity(batch.len());
-    for row in &rows {
-        let room_id: i64 = row.try_get(0)?;
-        let seq = to_seq(row.try_get(1)?);
-        match row.try_get::<Option<i64>, _>(2)? {
-            Some(id) => {
-                ids.insert((room_id, seq), id);
-            }
-            None => {
-                heads.insert(row.try_get(3)?, (room_id, seq));
-            }
-        }
-    }
-    // Number each room's messages in batch order, from its bumped counter back.
-    let mut by_room: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, m) in batch.iter().enumerate() {
-        by_room.entry(m.room.as_str()).or_default().push(i);
-    }
-    let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
-    for (room, indices) in by_room {
-        let &(room_id, last_seq) = heads
-            .get(room)
-            .ok_or_else(|| protocol_error(format!("commit returned no counter for {room}")))?;
-        let first_seq = (last_seq + 1)
-            .checked_sub(indices.len() as u64)
-            .ok_or_else(|| protocol_error("a room counter below its batch".into()))?;
-        for (seq, i) in (first_seq..).zip(indices) {
-            let id = *ids
-                .get(&(room_id, seq))
-                .ok_or_else(|| protocol_error(format!("commit returned no id for seq {seq}")))?;
-            let msg = &batch[i];
-            outcomes[i] = Some(msg.stored(seq, id, time_ms));
-        }
-    }
-    plan.finish(outcomes).map(Some)
-}
-
-fn protocol_error(what: String) -> StoreError {
-    StoreError::Query(sqlx::Error::Protocol(what))
+    let rows = rows
+        .iter()
+        .map(CommitRow::read)
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    outcomes_from_rows(batch, plan, rows, time_ms).map(Some)
 }
 
 /// One batch in one transaction on `conn`, a few round trips: the path taken when the

@@ -3,6 +3,7 @@
 //! `BEGIN IMMEDIATE` takes the write lock up front); a small pool reads beside it, so
 //! history reads never wait for commits.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -10,15 +11,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use wschat_protocol::RoomName;
 
 use super::{
-    now_ms, BatchPlan, CommitOutcome, KeyHash, NewMessage, NodeInfo, RoomHead, Session, Store,
-    StoreError, StoreKind, StoredMessage,
+    now_ms, outcomes_from_rows, BatchPlan, CommitOutcome, CommitRow, KeyHash, NewMessage, NodeInfo,
+    RoomHead, Session, Store, StoreError, StoreKind, StoredMessage,
 };
 
 pub struct SqliteStore {
@@ -44,9 +45,13 @@ impl SqliteStore {
                 }
             }
         }
+        // No ping before each acquire: a connection to a local file does not go away, and
+        // on SQLite a ping is a round trip to the connection's worker thread, as much as
+        // the query it would precede.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(StoreError::Unavailable)?;
@@ -56,6 +61,7 @@ impl SqliteStore {
         } else {
             SqlitePoolOptions::new()
                 .max_connections(4)
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await
                 .map_err(StoreError::Unavailable)?
@@ -181,70 +187,23 @@ impl Store for SqliteStore {
     }
 
     async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
-        let plan = BatchPlan::new(batch);
-        for &i in &plan.lookups {
-            let msg = &batch[i];
-            let existing = sqlx::query(concat!(
-                "SELECT ",
-                message_columns!(),
-                r#", r.name FROM wschat_messages m
-                   JOIN wschat_rooms r ON r.id = m.room_id
-                   WHERE m."user" = ?1 AND m.client_msg_id = ?2"#
-            ))
-            .bind(&msg.user)
-            .bind(&msg.client_msg_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = existing {
-                let name: String = row.try_get(6)?;
-                let room = RoomName::new(name).unwrap_or_else(|_| msg.room.clone());
-                outcomes[i] = Some(CommitOutcome::Duplicate(Arc::new(message_from_row(
-                    &room, &row,
-                )?)));
+        let mut conn = self.writer.acquire().await?;
+        match commit_one_command(&mut conn, batch).await {
+            Ok(Some(outcomes)) => return Ok(outcomes),
+            // A repeat in the batch: the transaction path looks repeats up.
+            Ok(None) => {}
+            Err(e) => {
+                // Whatever the command began is undone; "no transaction is active" when
+                // it failed before its BEGIN.
+                let _no_transaction = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+                match e {
+                    // A `(user, client_msg_id)` already stored: nothing was committed.
+                    StoreError::Query(sqlx::Error::Database(e)) if e.is_unique_violation() => {}
+                    e => return Err(e),
+                }
             }
         }
-        let by_room = plan.new_by_room(batch, &outcomes);
-        let time_ms = now_ms();
-        for (room, indices) in by_room {
-            sqlx::query(
-                "INSERT INTO wschat_rooms (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(room.as_str())
-            .execute(&mut *tx)
-            .await?;
-            let count = i64::try_from(indices.len()).unwrap_or(i64::MAX);
-            let row = sqlx::query(
-                "UPDATE wschat_rooms SET last_seq = last_seq + ?1 WHERE name = ?2 RETURNING id, last_seq",
-            )
-            .bind(count)
-            .bind(room.as_str())
-            .fetch_one(&mut *tx)
-            .await?;
-            let room_id: i64 = row.try_get(0)?;
-            let last_seq = to_seq(row.try_get(1)?);
-            let first_seq = last_seq + 1 - indices.len() as u64;
-            for (seq, i) in (first_seq..).zip(indices) {
-                let msg = &batch[i];
-                let id: i64 = sqlx::query_scalar(
-                    r#"INSERT INTO wschat_messages
-                         (room_id, seq, "user", text, created_at, client_msg_id)
-                       VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id"#,
-                )
-                .bind(room_id)
-                .bind(to_db(seq))
-                .bind(&msg.user)
-                .bind(&msg.text)
-                .bind(time_ms)
-                .bind(&msg.client_msg_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                outcomes[i] = Some(msg.stored(seq, id, time_ms));
-            }
-        }
-        tx.commit().await?;
-        plan.finish(outcomes)
+        commit_in_transaction(&mut conn, batch).await
     }
 
     async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError> {
@@ -419,4 +378,148 @@ impl Store for SqliteStore {
         }
         Ok(rooms)
     }
+}
+
+/// One batch as one command to SQLite's worker thread (each command is a round trip to
+/// that thread, two context switches): `BEGIN IMMEDIATE`, each room's counter bumped by
+/// its count of new messages (created on its first), the messages numbered from the
+/// bumped counters and inserted, `COMMIT`. The batch travels as JSON, read by `json_each`.
+/// A `(user, client_msg_id)` already stored (a retry) violates the unique index; the
+/// caller rolls back and goes the transaction path, which looks repeats up.
+const COMMIT_COMMAND: &str = r#"
+BEGIN IMMEDIATE;
+INSERT INTO wschat_rooms AS r (name, last_seq)
+    SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?1) AS j WHERE true
+    ON CONFLICT (name) DO UPDATE SET last_seq = r.last_seq + excluded.last_seq
+    RETURNING id, last_seq, NULL, name;
+INSERT INTO wschat_messages (room_id, seq, "user", text, created_at, client_msg_id)
+    SELECT r.id, r.last_seq - (j.value ->> 1) + (j.value ->> 2),
+           j.value ->> 3, j.value ->> 4, ?3, j.value ->> 5
+    FROM json_each(?2) AS j JOIN wschat_rooms r ON r.name = j.value ->> 0
+    ORDER BY j.key
+    RETURNING room_id, seq, id, NULL;
+COMMIT;
+"#;
+
+/// One batch in one command on `conn`; see [`COMMIT_COMMAND`]. Batches with a repeat
+/// inside them go the transaction path at once (`None`).
+async fn commit_one_command(
+    conn: &mut SqliteConnection,
+    batch: &[NewMessage],
+) -> Result<Option<Vec<CommitOutcome>>, StoreError> {
+    let plan = BatchPlan::new(batch);
+    if !plan.repeats.is_empty() {
+        return Ok(None);
+    }
+    // Each room's count, and each message's rank in its room (from 1), in batch order.
+    let mut counts: HashMap<&str, u64> = HashMap::new();
+    let ranks: Vec<u64> = batch
+        .iter()
+        .map(|m| {
+            let n = counts.entry(m.room.as_str()).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .collect();
+    let rooms: Vec<(&str, u64)> = counts.iter().map(|(room, n)| (*room, *n)).collect();
+    let messages: Vec<_> = batch
+        .iter()
+        .zip(&ranks)
+        .map(|(m, rank)| {
+            (
+                m.room.as_str(),
+                counts[m.room.as_str()],
+                rank,
+                m.user.as_str(),
+                m.text.as_str(),
+                m.client_msg_id.as_deref(),
+            )
+        })
+        .collect();
+    let time_ms = now_ms();
+    let rows = sqlx::query(COMMIT_COMMAND)
+        .bind(serde_json::to_string(&rooms).map_err(json_error)?)
+        .bind(serde_json::to_string(&messages).map_err(json_error)?)
+        .bind(time_ms)
+        .fetch_all(&mut *conn)
+        .await?;
+    let rows = rows
+        .iter()
+        .map(CommitRow::read)
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    outcomes_from_rows(batch, plan, rows, time_ms).map(Some)
+}
+
+fn json_error(e: serde_json::Error) -> StoreError {
+    StoreError::Query(sqlx::Error::Encode(Box::new(e)))
+}
+
+/// One batch in one transaction on `conn`, a round trip per statement: the path of a batch
+/// that repeats a `client_msg_id`, or retries one already stored.
+async fn commit_in_transaction(
+    conn: &mut SqliteConnection,
+    batch: &[NewMessage],
+) -> Result<Vec<CommitOutcome>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
+    let plan = BatchPlan::new(batch);
+    for &i in &plan.lookups {
+        let msg = &batch[i];
+        let existing = sqlx::query(concat!(
+            "SELECT ",
+            message_columns!(),
+            r#", r.name FROM wschat_messages m
+               JOIN wschat_rooms r ON r.id = m.room_id
+               WHERE m."user" = ?1 AND m.client_msg_id = ?2"#
+        ))
+        .bind(&msg.user)
+        .bind(&msg.client_msg_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = existing {
+            let name: String = row.try_get(6)?;
+            let room = RoomName::new(name).unwrap_or_else(|_| msg.room.clone());
+            outcomes[i] = Some(CommitOutcome::Duplicate(Arc::new(message_from_row(
+                &room, &row,
+            )?)));
+        }
+    }
+    let by_room = plan.new_by_room(batch, &outcomes);
+    let time_ms = now_ms();
+    for (room, indices) in by_room {
+        sqlx::query("INSERT INTO wschat_rooms (name) VALUES (?1) ON CONFLICT (name) DO NOTHING")
+            .bind(room.as_str())
+            .execute(&mut *tx)
+            .await?;
+        let count = i64::try_from(indices.len()).unwrap_or(i64::MAX);
+        let row = sqlx::query(
+            "UPDATE wschat_rooms SET last_seq = last_seq + ?1 WHERE name = ?2 RETURNING id, last_seq",
+        )
+        .bind(count)
+        .bind(room.as_str())
+        .fetch_one(&mut *tx)
+        .await?;
+        let room_id: i64 = row.try_get(0)?;
+        let last_seq = to_seq(row.try_get(1)?);
+        let first_seq = last_seq + 1 - indices.len() as u64;
+        for (seq, i) in (first_seq..).zip(indices) {
+            let msg = &batch[i];
+            let id: i64 = sqlx::query_scalar(
+                r#"INSERT INTO wschat_messages
+                     (room_id, seq, "user", text, created_at, client_msg_id)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id"#,
+            )
+            .bind(room_id)
+            .bind(to_db(seq))
+            .bind(&msg.user)
+            .bind(&msg.text)
+            .bind(time_ms)
+            .bind(&msg.client_msg_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            outcomes[i] = Some(msg.stored(seq, id, time_ms));
+        }
+    }
+    tx.commit().await?;
+    plan.finish(outcomes)
 }

@@ -43,6 +43,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Handshake admission: Origin, connections per address and session, failed keys.
     pub limits: crate::limits::Limits,
+    /// Whether busy connections hold their writes now (the node's frame rate).
+    pub pacing: Arc<crate::hub::pacing::WritePacing>,
     draining: AtomicBool,
     next_conn: AtomicU64,
 }
@@ -141,6 +143,10 @@ impl Application {
             source,
         })?;
         crate::http::install_metrics();
+        let pacing = crate::hub::pacing::WritePacing::new(
+            settings.write_delay(),
+            settings.write_delay_above_per_sec,
+        );
         let shared = Arc::new(Shared {
             settings,
             store,
@@ -152,9 +158,11 @@ impl Application {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             limits,
+            pacing,
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         });
+        tokio::spawn(shared.pacing.clone().run(shared.shutdown.clone()));
         tokio::spawn(shared.sessions.clone().run(
             shared.store.clone(),
             shared.settings.session_check_interval(),

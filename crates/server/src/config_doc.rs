@@ -57,6 +57,14 @@ pub const DOCS: &[(&str, &str)] = &[
         "WebSocket write buffer threshold per connection, in bytes.",
     ),
     (
+        "write_delay_ms",
+        "While the node is busy (write_delay_above_per_sec), a connection that wrote less than this many milliseconds ago holds its next write until that long has passed, so the frames arriving meanwhile share one write: fewer system calls under load, at most this much added latency. A quiet connection writes at once. 0: never hold a write.",
+    ),
+    (
+        "write_delay_above_per_sec",
+        "The write delay applies while the node writes more than this many frames a second, and stops when it falls under half of that. 0: always.",
+    ),
+    (
         "auth_timeout_secs",
         "Seconds a v1 client has to send `auth` when the key was not in the handshake.",
     ),

@@ -140,6 +140,12 @@ pub const METRICS: &[Metric] = &[
         "Outbound queues that overflowed; each such connection is closed with 4008 (it resumes).",
     ),
     m(
+        "wschat_write_pacing_active",
+        Kind::Gauge,
+        &[],
+        "1 while the node writes more frames a second than write_delay_above_per_sec, so busy connections hold their writes for write_delay_ms; else 0.",
+    ),
+    m(
         "wschat_broker_reconnects_total",
         Kind::Counter,
         &[],

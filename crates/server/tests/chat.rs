@@ -5,9 +5,10 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use common::{spawn_app, spawn_with, Backend, Client};
+use common::{fresh, spawn_app, spawn_with, Backend, Client, TestApp};
 use serde_json::{json, Value};
 use wschat_protocol::close;
+use wschat_server::Settings;
 
 /// Every test runs on both stores, with the same assertions.
 macro_rules! suite {
@@ -30,6 +31,7 @@ macro_rules! suite {
 suite!(
     legacy_and_v1_clients_in_one_room_see_each_other,
     twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_order,
+    with_write_pacing_on_none_lost_none_duplicated_in_order,
     a_message_sent_in_the_first_millisecond_is_delivered,
     history_survives_a_restart_and_legacy_gets_the_last_hundred,
     reconnect_with_since_gets_exactly_the_missed_messages,
@@ -87,7 +89,27 @@ async fn legacy_and_v1_clients_in_one_room_see_each_other(backend: Backend) {
 async fn twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_order(
     backend: Backend,
 ) {
-    let app = spawn_app(backend).await;
+    twenty_clients_a_hundred_messages_each(spawn_app(backend).await).await;
+}
+
+/// The same with write pacing always on: every connection that wrote within the last 20 ms
+/// holds its next write, so frames go out in batches (hub/pacing.rs).
+async fn with_write_pacing_on_none_lost_none_duplicated_in_order(backend: Backend) {
+    let (settings, dir) = fresh(backend).await;
+    let settings = Settings {
+        write_delay_ms: 20,
+        write_delay_above_per_sec: 0,
+        ..settings
+    };
+    let app = spawn_with(settings, dir).await;
+    assert_eq!(
+        app.shared.pacing.delay(),
+        std::time::Duration::from_millis(20)
+    );
+    twenty_clients_a_hundred_messages_each(app).await;
+}
+
+async fn twenty_clients_a_hundred_messages_each(app: TestApp) {
     let mut clients = Vec::new();
     for i in 0..20 {
         let key = app.session(&format!("user{i}"), None).await;

@@ -26,7 +26,7 @@ pub struct OpsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     outbound_queue_bytes: Option<usize>,
-    /// WebSocket read buffer per connection, bytes [default: 4096].
+    /// WebSocket read buffer per connection, bytes [default: 1024].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_read_buffer_bytes: Option<usize>,
@@ -34,6 +34,14 @@ pub struct OpsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_write_buffer_bytes: Option<usize>,
+    /// Milliseconds a busy connection holds its next write, under load [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write_delay_ms: Option<u64>,
+    /// Frames written per second above which writes are held [default: 50000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write_delay_above_per_sec: Option<u64>,
     /// Seconds a v1 client has to authenticate [default: 10].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -50,7 +58,7 @@ pub struct OpsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     shutdown_grace_secs: Option<u64>,
-    /// Most messages committed in one transaction [default: 1000].
+    /// Most messages committed in one transaction [default: 10000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_commit_batch: Option<usize>,

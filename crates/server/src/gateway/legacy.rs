@@ -62,16 +62,11 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: IpA
     conn.outbox.push(Item::Track { sub: SUB });
     let joined = async {
         shared.hub.subscribe(&room, &conn, SUB).await?;
-        let head = shared.store.room_head(&room).await?;
-        backfill(
-            &shared,
-            &conn,
-            &room,
-            SUB,
-            head,
-            Backfill::Last(shared.settings.history_limit),
-        )
-        .await
+        let last = Backfill::Last {
+            n: shared.settings.history_limit,
+            head: None,
+        };
+        backfill(&shared, &conn, &room, SUB, last).await
     }
     .await;
     let mut driver = Driver::new(stream, conn.clone(), shared.clone());

@@ -25,9 +25,10 @@ use wschat_protocol::{close, ErrorCode, RoomName};
 
 use crate::app::Shared;
 use crate::config::Settings;
+use crate::hub::pacing::WritePacing;
 use crate::hub::{frames, Conn, Item, Outbox, Protocol, SubId};
 use crate::limits::{Refusal, Slot};
-use crate::store::{hash_key, RoomHead, Session, StoreError};
+use crate::store::{hash_key, Session, StoreError};
 
 /// Bad frames in a row after which a connection is closed (4009).
 pub(crate) const MAX_ERRORS_IN_A_ROW: u32 = 10;
@@ -326,14 +327,26 @@ pub(crate) async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     conn: Arc<Conn>,
     limit: usize,
+    pacing: Arc<WritePacing>,
 ) {
     let mut items = Vec::new();
     let mut subs: HashMap<SubId, SubState> = HashMap::new();
+    // When the last write went out: while the node is busy, a connection holds its next
+    // write until the pacing delay after it, so what arrives meanwhile shares the write.
+    let mut last_write: Option<tokio::time::Instant> = None;
     loop {
         items.clear();
         tokio::select! {
             biased;
-            _ = conn.outbox.take_all(&mut items) => {}
+            _ = async {
+                conn.outbox.take_all(&mut items).await;
+                if let Some(at) = last_write.map(|t| t + pacing.delay()) {
+                    if at > tokio::time::Instant::now() {
+                        tokio::time::sleep_until(at).await;
+                        conn.outbox.take_all_now(&mut items);
+                    }
+                }
+            } => {}
             _ = conn.outbox.cancel.cancelled() => {
                 // Overflow or kill: the socket may be stuck; send what close is queued,
                 // briefly, and go.
@@ -350,6 +363,7 @@ pub(crate) async fn write_loop(
                 return;
             }
         }
+        pacing.wrote(items.len());
         let mut closing = None;
         for item in items.drain(..) {
             let result = match item {
@@ -450,26 +464,28 @@ pub(crate) async fn write_loop(
             }
             _ = conn.outbox.cancel.cancelled() => return,
         }
+        last_write = Some(tokio::time::Instant::now());
     }
 }
 
-/// How much of a room to send on join.
+/// How much of a room to send on join, through which seq (the room's head when the join
+/// read it; messages newer than that come live).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Backfill {
-    /// Everything after this seq (a resume).
-    After(u64),
-    /// The last N messages.
-    Last(u32),
+    /// Everything after `since`, through `head` (a resume).
+    After { since: u64, head: u64 },
+    /// The last `n` messages through `head`; without a head, the last `n` stored, and the
+    /// newest of them is the head (a legacy connect: one read instead of two).
+    Last { n: u32, head: Option<u64> },
 }
 
 /// Queue a room's backfill for `sub` (already subscribed and tracked), paced by the
-/// writer, then `SyncDone`. Messages newer than `head` come live.
+/// writer, then `SyncDone`. Messages newer than the backfill's head come live.
 pub(crate) async fn backfill(
     shared: &Shared,
     conn: &Conn,
     room: &RoomName,
     sub: SubId,
-    head: RoomHead,
     from: Backfill,
 ) -> Result<(), StoreError> {
     const PAGE: u32 = 500;
@@ -488,22 +504,25 @@ pub(crate) async fn backfill(
         });
         conn.outbox.queued_bytes() > limit / 2
     };
-    match from {
-        Backfill::Last(n) => {
+    let through = match from {
+        Backfill::Last { n, head } => {
             let messages = shared
                 .store
-                .messages_before(room, Some(head.last_seq + 1), n)
+                .messages_before(room, head.map(|h| h + 1), n)
                 .await?;
             for m in &messages {
                 if push(m) {
                     conn.outbox.wait_below(limit / 4).await;
                 }
             }
+            // Subscribed before the read: what was committed after it comes live.
+            head.unwrap_or_else(|| messages.last().map_or(0, |m| m.seq))
         }
-        Backfill::After(mut cursor) => {
-            while cursor < head.last_seq {
+        Backfill::After { since, head } => {
+            let mut cursor = since;
+            while cursor < head {
                 let page = shared.store.messages_after(room, cursor, PAGE).await?;
-                for m in page.iter().take_while(|m| m.seq <= head.last_seq) {
+                for m in page.iter().take_while(|m| m.seq <= head) {
                     cursor = m.seq;
                     if push(m) {
                         conn.outbox.wait_below(limit / 4).await;
@@ -513,12 +532,10 @@ pub(crate) async fn backfill(
                     break;
                 }
             }
+            head
         }
-    }
-    conn.outbox.push(Item::SyncDone {
-        sub,
-        through: head.last_seq,
-    });
+    };
+    conn.outbox.push(Item::SyncDone { sub, through });
     Ok(())
 }
 
@@ -577,6 +594,6 @@ pub(crate) fn start(
     // A revoked or expired session closes this connection (1008).
     shared.sessions.register(&session.key, &conn);
     let (sink, stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, conn.clone(), limit));
+    let writer = tokio::spawn(write_loop(sink, conn.clone(), limit, shared.pacing.clone()));
     (conn, stream, writer)
 }

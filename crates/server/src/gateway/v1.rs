@@ -450,19 +450,26 @@ impl Client {
             reference,
         });
         let history = shared.settings.history_limit;
+        let last = Backfill::Last {
+            n: history,
+            head: Some(head.last_seq),
+        };
         let from = match since {
-            Some(since) if since + 1 >= head.first_seq => Backfill::After(since),
+            Some(since) if since + 1 >= head.first_seq => Backfill::After {
+                since,
+                head: head.last_seq,
+            },
             Some(since) => {
                 self.reply(&ServerFrame::Reset {
                     room: room.to_string(),
                     since,
                     first_seq: head.first_seq,
                 });
-                Backfill::Last(history)
+                last
             }
-            None => Backfill::Last(history),
+            None => last,
         };
-        if let Err(e) = backfill(shared, conn, &room, sub, head, from).await {
+        if let Err(e) = backfill(shared, conn, &room, sub, from).await {
             leave();
             return Err(unavailable(e));
         }

@@ -10,6 +10,7 @@
 
 pub mod frames;
 pub mod outbox;
+pub mod pacing;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};

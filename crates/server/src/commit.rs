@@ -69,7 +69,14 @@ impl Committer {
     }
 
     /// Queue a send. Waits while the queue is full (backpressure on the sender).
-    pub async fn submit(&self, request: SendRequest) {
+    ///
+    /// Queued at once when there is room; only a wait for room is a future on the heap.
+    /// Every open connection's read loop holds this future's state for its whole life,
+    /// so it is kept to a pointer.
+    pub fn submit(
+        &self,
+        request: SendRequest,
+    ) -> impl std::future::Future<Output = ()> + Send + '_ {
         let protocol = match &request.reply {
             Reply::Conn { conn, .. } => {
                 conn.send_started();
@@ -82,8 +89,20 @@ impl Committer {
             request,
             at: Instant::now(),
         };
-        if let Err(mpsc::error::SendError(queued)) = self.tx.send(queued).await {
-            answer_error(queued.request.reply, CommitError::ShuttingDown);
+        let wait = match self.tx.try_send(queued) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(queued)) => Some(Box::pin(self.tx.send(queued))),
+            Err(mpsc::error::TrySendError::Closed(queued)) => {
+                answer_error(queued.request.reply, CommitError::ShuttingDown);
+                None
+            }
+        };
+        async move {
+            if let Some(wait) = wait {
+                if let Err(mpsc::error::SendError(queued)) = wait.await {
+                    answer_error(queued.request.reply, CommitError::ShuttingDown);
+                }
+            }
         }
     }
 

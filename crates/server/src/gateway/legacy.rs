@@ -9,6 +9,7 @@ use std::sync::Arc;
 use axum::extract::ws::{Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
+use futures_util::stream::SplitStream;
 use wschat_protocol::legacy::{self, LegacyInbound};
 use wschat_protocol::{ErrorCode, RoomName};
 
@@ -44,15 +45,37 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
         Err(refused) => return refused.into_response(),
     };
     let token = shared.tracker.token();
-    super::configure(ws, &shared).on_upgrade(move |socket| async move {
-        run(shared, socket, auth.session, admission.client).await;
-        drop((token, auth.slot, admission));
+    super::configure(ws, &shared).on_upgrade(move |socket| {
+        let connection = run(shared, socket, &auth.session, admission.client);
+        async move {
+            connection.await;
+            drop((token, auth.slot, admission));
+        }
     })
 }
 
-async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: IpAddr) {
+/// Start the connection now, so that the future every open connection holds for its whole
+/// life keeps no room for the socket (it moves into the reader and writer halves) or the
+/// session: an async fn keeps its arguments' room until it returns.
+fn run(
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    session: &Session,
+    peer: IpAddr,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let room = RoomName::legacy(session.room.unwrap_or(0));
-    let (conn, stream, writer) = start(&shared, socket, &session, Protocol::Legacy);
+    let (conn, stream, writer) = start(&shared, socket, session, Protocol::Legacy);
+    serve(shared, conn, stream, writer, room, peer)
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    conn: Arc<Conn>,
+    stream: SplitStream<WebSocket>,
+    writer: tokio::task::JoinHandle<()>,
+    room: RoomName,
+    peer: IpAddr,
+) {
     let mut guard = ConnGuard::open(Protocol::Legacy, conn.id, peer);
     conn.outbox
         .push(Item::Frame(Utf8Bytes::from_static(legacy::AUTHENTICATED)));
@@ -60,14 +83,17 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: IpA
     // Subscribe first, then read the history: the writer merges the two by seq.
     const SUB: u32 = 0;
     conn.outbox.push(Item::Track { sub: SUB });
-    let joined = async {
+    // Boxed, as the end below: a future's size is its largest state, and every open
+    // connection holds the read loop's state for its whole life; the join's and the
+    // end's states live on the heap only while they run.
+    let joined = Box::pin(async {
         shared.hub.subscribe(&room, &conn, SUB).await?;
         let last = Backfill::Last {
             n: shared.settings.history_limit,
             head: None,
         };
         backfill(&shared, &conn, &room, SUB, last).await
-    }
+    })
     .await;
     let mut driver = Driver::new(stream, conn.clone(), shared.clone());
     let end = match joined {
@@ -82,9 +108,9 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, session: Session, peer: IpA
         Ok(()) => read_loop(&shared, &conn, &room, &mut driver).await,
     };
     guard.reason = end.reason();
-    finish(&shared, &conn, end, [(room, SUB)], writer).await;
+    Box::pin(finish(&shared, &conn, end, [(room, SUB)], writer)).await;
     if let End::Close(..) = end {
-        driver.linger().await;
+        Box::pin(driver.linger()).await;
     }
 }
 

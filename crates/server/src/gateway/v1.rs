@@ -75,15 +75,20 @@ pub(crate) async fn handle(
     let token = shared.tracker.token();
     super::configure(ws, &shared)
         .protocols([SUBPROTOCOL_V1])
-        .on_upgrade(move |socket| async move {
-            run(shared, socket, auth, admission).await;
-            drop(token);
+        .on_upgrade(move |socket| {
+            // On the heap until it is split: an async fn keeps its arguments' room until
+            // it returns, and every open connection holds this future.
+            let socket = Box::new(socket);
+            async move {
+                run(shared, socket, auth, admission).await;
+                drop(token);
+            }
         })
 }
 
 async fn run(
     shared: Arc<Shared>,
-    mut socket: WebSocket,
+    mut socket: Box<WebSocket>,
     auth: Option<super::Authenticated>,
     admission: Admission,
 ) {
@@ -95,7 +100,7 @@ async fn run(
         .then(|| crate::telemetry::ConnectionGauge::new(Protocol::V1));
     let auth = match auth {
         Some(auth) => auth,
-        None => match await_auth(&shared, &mut socket, peer, &gate).await {
+        None => match Box::pin(await_auth(&shared, &mut socket, peer, &gate)).await {
             Some(authenticated) => authenticated,
             None => return,
         },
@@ -104,7 +109,7 @@ async fn run(
     // Held while the connection is open: the session's and the address's counts.
     let _slots = (auth.slot, admission);
     let session = auth.session;
-    let (conn, stream, writer) = start(&shared, socket, &session, Protocol::V1);
+    let (conn, stream, writer) = start(&shared, *socket, &session, Protocol::V1);
     let mut guard = ConnGuard::open(Protocol::V1, conn.id, peer);
     let s = &shared.settings;
     conn.outbox
@@ -133,7 +138,10 @@ async fn run(
     let end = loop {
         match driver.next().await {
             Inbound::Text(text) => {
-                if let Some(end) = client.on_text(&text).await {
+                // Boxed: a frame's handling (a join with its backfill, a history page)
+                // holds much more state than an idle connection; on the heap, it is
+                // held only while it runs.
+                if let Some(end) = Box::pin(client.on_text(&text)).await {
                     break end;
                 }
             }

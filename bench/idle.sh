@@ -20,7 +20,7 @@ measure_idle() { # WHO N
     fd0=$(python3 "$MEASURE" fds "$SRV_PID")
     local hold=$((n / RAMP + 30))
     # shellcheck disable=SC2046
-    $( [[ $PIN == 1 ]] && echo taskset -c "$CLIENT_CPU") "$BIN" load "ws://127.0.0.1:$SRV_PORT/" \
+    $( [[ $PIN == 1 ]] && echo taskset -c "$CLIENT_CPU") "$LOAD_BIN" load "ws://127.0.0.1:$SRV_PORT/" \
         --protocol legacy --session-key bench -n "$n" --interval 0 --duration "$hold" \
         --drain 0 --ramp "$RAMP" --json --no-progress >"$WORK/idle-$who-$n.json" 2>"$WORK/idle-$who-$n.err" &
     local client=$!

@@ -2,6 +2,7 @@
 #
 # Environment knobs (all optional):
 #   BENCH_BIN     the wschat binary          [target/release/wschat of this checkout]
+#   LOAD_BIN      the binary whose `load` drives the scenario     [BENCH_BIN]
 #   PIN=0         do not pin with taskset    [servers on SERVER_CPU, client on CLIENT_CPU]
 #   SERVER_CPU    core for servers           [1]
 #   CLIENT_CPU    core for the load client   [0]
@@ -20,6 +21,9 @@ set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$BENCH_DIR")
 BIN=${BENCH_BIN:-$ROOT/target/release/wschat}
+# The load client: the same binary unless LOAD_BIN names another (to measure an older
+# server build with today's client).
+LOAD_BIN=${LOAD_BIN:-$BIN}
 FLOOR_DIR=$BENCH_DIR/peers/node-floor
 MEASURE=$BENCH_DIR/measure.py
 PIN=${PIN:-1}
@@ -79,7 +83,7 @@ die() { echo "error: $*" >&2; exit 1; }
 log() { echo "[$(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)] $*" >&2; }
 
 [[ -x $BIN ]] || die "no $BIN: run cargo build --release -p wschat"
-"$BIN" load --help >/dev/null 2>&1 || die "$BIN has no load subcommand (stale build?)"
+"$LOAD_BIN" load --help >/dev/null 2>&1 || die "$LOAD_BIN has no load subcommand (stale build?)"
 
 server_pin() { if [[ $PIN == 1 ]]; then echo taskset -c "$SERVER_CPU"; fi; }
 client_cpu() { if [[ $PIN == 1 ]]; then echo "$CLIENT_CPU"; else echo -; fi; }
@@ -213,7 +217,7 @@ load() {
     wait_quiet
     log "$label: wschat load $*"
     python3 "$MEASURE" load --pids "$pids" --label "$label" --out "$out" --cpu "$(client_cpu)" \
-        -- "$BIN" load "$@" --seed "${SEED:-1}" --json --no-progress
+        -- "$LOAD_BIN" load "$@" --seed "${SEED:-1}" --json --no-progress
 }
 
 # table TITLE FILES…: prints (and appends to $OUT) the side-by-side table.

@@ -38,7 +38,7 @@ storm() { # WHO PROTOCOL-ARGS…
     wait_quiet
     fd0=$(python3 "$MEASURE" fds "$SRV_PID")
     python3 "$MEASURE" load --pids "$SRV_PID" --label "$who" --out "$WORK/storm-$who.json" \
-        --cpu "$(client_cpu)" -- "$BIN" load "ws://127.0.0.1:$SRV_PORT/$URL_PATH" "$@" \
+        --cpu "$(client_cpu)" -- "$LOAD_BIN" load "ws://127.0.0.1:$SRV_PORT/$URL_PATH" "$@" \
         --keys 'k{i}' -n "$N" --interval "$INTERVAL" --duration "$DURATION" --ramp "$RAMP" \
         --seed "${SEED:-1}" --json --no-progress &
     local client=$!

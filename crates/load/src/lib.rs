@@ -400,6 +400,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_s = drain_started.elapsed().as_secs_f64();
+    let last_delivery_after_send_s = shared
+        .live
+        .last_delivery_us
+        .load(Relaxed)
+        .saturating_sub(drain_start_us) as f64
+        / 1e6;
     phase_bus.send(Phase::Stop);
 
     let mut outputs = Vec::with_capacity(n);
@@ -438,6 +444,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             connect_s,
             duration_s: duration.as_secs_f64(),
             drain_s,
+            last_delivery_after_send_s,
         },
     )?;
     let human = report.human();
@@ -461,6 +468,7 @@ struct ReportTimes {
     connect_s: f64,
     duration_s: f64,
     drain_s: f64,
+    last_delivery_after_send_s: f64,
 }
 
 fn build_report(
@@ -480,6 +488,7 @@ fn build_report(
         connect_s: t.connect_s,
         duration_s: t.duration_s,
         drain_s: t.drain_s,
+        last_delivery_after_send_s: t.last_delivery_after_send_s,
         ..Report::default()
     };
     let (mut acked, mut unacked, mut refused, mut conflicts) = (0, 0, 0, 0);

@@ -116,8 +116,12 @@ pub struct Report {
     pub connect_s: f64,
     /// Length of the send phase (`--duration`).
     pub duration_s: f64,
-    /// Seconds spent waiting for in-flight deliveries after it.
+    /// Seconds spent waiting for in-flight deliveries after it (it ends after a quiet
+    /// second, so it is at least 1 s unless `--drain` is shorter).
     pub drain_s: f64,
+    /// Seconds from the end of the send phase to the last delivery (0 when none came
+    /// after it): how far behind the server was when the sending stopped.
+    pub last_delivery_after_send_s: f64,
     /// `sent / duration_s`.
     pub send_rate: f64,
     /// Deliveries per second over the send phase and the drain.

@@ -94,6 +94,8 @@ pub(crate) struct Config {
     pub urls: Vec<String>,
     pub ws: WebSocketConfig,
     pub connect_timeout: Duration,
+    /// A connection that hears nothing for this long is dropped (`None`: never).
+    pub silence_timeout: Option<Duration>,
     /// Deliberate closes per connection per second.
     pub churn_per_s: f64,
     pub size: usize,
@@ -135,6 +137,7 @@ pub(crate) struct Output {
     pub failed_connects: u64,
     pub disconnects: u64,
     pub churned: u64,
+    pub silent_drops: u64,
     pub gave_up: bool,
     pub close_codes: BTreeMap<u16, u64>,
     pub connect_errors: BTreeMap<String, u64>,
@@ -452,6 +455,11 @@ impl Conn {
         let mut send_target: Option<Instant> = None;
         let mut churn_timer = pin!(sleep_until(deadline));
         let mut churn_target: Option<Instant> = None;
+        // Reset by every frame the server sends; pushed out lazily (checked when it fires)
+        // so that a busy connection does not re-arm a timer per frame.
+        let silence = self.shared.cfg.silence_timeout;
+        let mut heard_at = Instant::now();
+        let mut silence_timer = pin!(sleep_until(heard_at + silence.unwrap_or(Duration::MAX / 4)));
         let end = loop {
             if s.established && !self.settled {
                 self.settle();
@@ -489,6 +497,7 @@ impl Conn {
                     }
                 }
                 msg = ws.next() => {
+                    heard_at = Instant::now();
                     // Handle what is ready now, up to a batch, before looking at timers.
                     let mut msg = msg;
                     let mut handled = 1;
@@ -513,6 +522,15 @@ impl Conn {
                 _ = &mut deadline_timer, if !s.established => {
                     self.connect_failed(if s.up { "join timeout" } else { "auth timeout" }.into());
                     break End::Lost;
+                }
+                _ = &mut silence_timer, if silence.is_some() => {
+                    let limit = silence.unwrap_or(Duration::MAX / 4);
+                    if heard_at.elapsed() >= limit {
+                        // The server is paused, cut off or gone without a close.
+                        self.out.silent_drops += 1;
+                        break self.lost(&s, 1006);
+                    }
+                    silence_timer.as_mut().reset(heard_at + limit);
                 }
                 _ = &mut churn_timer, if churn_target.is_some() => {
                     let _ = timeout(Duration::from_secs(1), ws.close(None)).await;

@@ -178,6 +178,14 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
 
+    /// Seconds without any frame from the server (messages, acks, pings) after which a
+    /// connection is taken for dead and dropped: v1 reconnects and resumes, legacy
+    /// counts a disconnect and reconnects. wschat pings every 30 s, so a server that is
+    /// paused or cut off is noticed. Default: 75 with v1; with legacy, 0 (wait forever),
+    /// since a legacy server need not ping and a quiet room sends nothing.
+    #[arg(long)]
+    pub silence_timeout: Option<f64>,
+
     /// No progress line on stderr.
     #[arg(long)]
     pub no_progress: bool,
@@ -239,6 +247,15 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     let duration = seconds("duration", args.duration)?;
     let drain = seconds("drain", args.drain)?;
     let connect_timeout = seconds("connect-timeout", args.connect_timeout)?;
+    let silence_timeout = seconds(
+        "silence-timeout",
+        args.silence_timeout
+            .unwrap_or(if args.protocol == Protocol::V1 {
+                75.0
+            } else {
+                0.0
+            }),
+    )?;
     if !args.interval.is_finite() || args.interval < 0.0 {
         bail!("--interval must be a non-negative number of seconds");
     }
@@ -334,6 +351,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
                 .read_buffer_size(8 * 1024)
                 .write_buffer_size(8 * 1024),
             connect_timeout,
+            silence_timeout: (!silence_timeout.is_zero()).then_some(silence_timeout),
             churn_per_s: args.churn,
             size: args.size,
             sched_len,
@@ -502,6 +520,7 @@ fn build_report(
         r.failed_connects += o.failed_connects;
         r.disconnects += o.disconnects;
         r.churned += o.churned;
+        r.silent_drops += o.silent_drops;
         r.gave_up += u64::from(o.gave_up);
         for (k, v) in o.close_codes {
             *r.close_codes.entry(k).or_insert(0) += v;

@@ -59,6 +59,9 @@ pub struct Report {
     pub disconnects: u64,
     /// Connections closed on purpose by `--churn`.
     pub churned: u64,
+    /// Connections dropped because the server sent nothing for `--silence-timeout`
+    /// (also counted in `disconnects`).
+    pub silent_drops: u64,
     /// Connections that stopped trying (bad key, policy close).
     pub gave_up: u64,
     /// Close codes received from servers, by code.
@@ -142,11 +145,12 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "  connections: connected {} (at end {}), failed attempts {}, disconnects {}, churned {}, gave up {}",
+            "  connections: connected {} (at end {}), failed attempts {}, disconnects {} (silent server {}), churned {}, gave up {}",
             self.connected,
             self.connected_at_end,
             self.failed_connects,
             self.disconnects,
+            self.silent_drops,
             self.churned,
             self.gave_up
         );

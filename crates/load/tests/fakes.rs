@@ -177,6 +177,36 @@ async fn v1_resume_after_restart_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_silent_server_is_dropped_and_resumed_without_loss() {
+    let addr = v1_fake(V1Fake {
+        hang_after: Some(60),
+        ..V1Fake::default()
+    })
+    .await;
+    let url = format!("ws://{addr}/ws");
+    let r = load(&[
+        &url,
+        "--session-key=k",
+        "--connections=10",
+        "--rooms=2",
+        "--interval=0.05",
+        "--duration=3",
+        "--silence-timeout=0.5",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    // Every connection open when the server went silent was dropped, once.
+    assert_eq!(r.silent_drops, 10, "{r:#?}");
+    assert_eq!(r.disconnects, 10, "{r:#?}");
+    assert_eq!(r.connected_at_end, 10, "{r:#?}");
+    assert_eq!(r.acked, Some(r.sent), "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(r.duplicated, 0, "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_churn_resumes_without_loss() {
     let addr = v1_fake(V1Fake::default()).await;
     let url = format!("ws://{addr}/ws");

@@ -114,6 +114,9 @@ pub struct V1Fake {
     pub drop_every: Option<u64>,
     /// After this many stored messages, close every connection once with 1012.
     pub kick_after: Option<u64>,
+    /// After this many stored messages, every connection open then goes silent once: it
+    /// stays open but nothing is read or sent on it any more (a paused server).
+    pub hang_after: Option<u64>,
 }
 
 #[derive(Default)]
@@ -129,6 +132,7 @@ struct Hub {
     next_id: i64,
     stored: u64,
     kicked: bool,
+    hung: Option<std::collections::HashSet<u64>>,
     conns: HashMap<u64, Tx>,
     delivered: u64,
 }
@@ -147,8 +151,33 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
         async move {
             let (tx, mut stream) = writer(ws);
             hub.lock().unwrap().conns.insert(id, tx.clone());
+            // Keepalive, as a real server pings: stops when the connection hangs.
+            let (ping_tx, ping_hub) = (tx.clone(), Arc::clone(&hub));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let hung = ping_hub
+                        .lock()
+                        .unwrap()
+                        .hung
+                        .as_ref()
+                        .is_some_and(|h| h.contains(&id));
+                    if hung || ping_tx.send(Message::Ping(Vec::new().into())).is_err() {
+                        break;
+                    }
+                }
+            });
             let mut authed = false;
             while let Some(Ok(msg)) = stream.next().await {
+                if hub
+                    .lock()
+                    .unwrap()
+                    .hung
+                    .as_ref()
+                    .is_some_and(|h| h.contains(&id))
+                {
+                    continue;
+                }
                 let Message::Text(t) = msg else { continue };
                 let Ok(cmd) = wschat_protocol::v1::decode_client(t.as_str()) else {
                     continue;
@@ -197,6 +226,17 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                         reference,
                     } => {
                         let mut hub = hub.lock().unwrap();
+                        if opts.hang_after.is_some_and(|k| hub.stored >= k) && hub.hung.is_none() {
+                            let hung: std::collections::HashSet<u64> =
+                                hub.conns.keys().copied().collect();
+                            for room in hub.rooms.values_mut() {
+                                room.members.retain(|c, _| !hung.contains(c));
+                            }
+                            hub.conns.retain(|c, _| !hung.contains(c));
+                            hub.hung = Some(hung);
+                            // Not stored, not answered: the client resends it elsewhere.
+                            continue;
+                        }
                         if let Some((r, seq, mid)) =
                             client_msg_id.as_ref().and_then(|c| hub.by_client_id.get(c))
                         {

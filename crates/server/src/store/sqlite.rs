@@ -426,9 +426,11 @@ async fn commit_one_command(
         .iter()
         .zip(&ranks)
         .map(|(m, rank)| {
+            let room = m.room.as_str();
             (
-                m.room.as_str(),
-                counts[m.room.as_str()],
+                room,
+                // Every room of the batch is counted above; no index panic on a server path.
+                counts.get(room).copied().unwrap_or(*rank),
                 rank,
                 m.user.as_str(),
                 m.text.as_str(),

@@ -1,6 +1,7 @@
 //! The admin API (docs/admin-api.md), every route, on both stores, against a real server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use common::http::{get, post, request};
@@ -9,23 +10,6 @@ use serde_json::json;
 use wschat_server::config::Secret;
 
 const TOKEN: &str = "test-admin-token-0123456789";
-
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Sqlite).await
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Postgres).await
-            })*
-        }
-    };
-}
 
 suite!(
     the_admin_api_is_off_without_a_token,

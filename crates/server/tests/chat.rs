@@ -1,6 +1,7 @@
 //! End-to-end behaviour of both protocols against a real server on port 0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[macro_use]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -9,24 +10,6 @@ use common::{fresh, spawn_app, spawn_with, Backend, Client, TestApp};
 use serde_json::{json, Value};
 use wschat_protocol::close;
 use wschat_server::Settings;
-
-/// Every test runs on both stores, with the same assertions.
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Sqlite).await
-            })*
-        }
-        mod postgres {
-            $(#[tokio::test]
-            async fn $name() {
-                super::$name(super::Backend::Postgres).await
-            })*
-        }
-    };
-}
 
 suite!(
     legacy_and_v1_clients_in_one_room_see_each_other,

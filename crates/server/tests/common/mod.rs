@@ -21,6 +21,26 @@ use wschat_server::{Application, Settings};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// `suite!(test_a, test_b)`: each `async fn test_x(backend: Backend)` of the including
+/// file becomes a test on SQLite and one on PostgreSQL, with the same assertions.
+#[allow(unused_macros)] // not every test file uses it
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Postgres).await
+            })*
+        }
+    };
+}
+
 /// Which store a test runs on. Every suite runs on both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -83,9 +83,9 @@ async fn serve(
     // Subscribe first, then read the history: the writer merges the two by seq.
     const SUB: u32 = 0;
     conn.outbox.push(Item::Track { sub: SUB });
-    // Boxed, as the end below: a future's size is its largest state, and every open
-    // connection holds the read loop's state for its whole life; the join's and the
-    // end's states live on the heap only while they run.
+    // Boxed: a future's size is its largest state, and every open connection holds its
+    // future for its whole life; the join's state (the history read) is the largest,
+    // and on the heap it lives only while it runs (784 -> 696 bytes).
     let joined = Box::pin(async {
         shared.hub.subscribe(&room, &conn, SUB).await?;
         let last = Backfill::Last {
@@ -108,9 +108,9 @@ async fn serve(
         Ok(()) => read_loop(&shared, &conn, &room, &mut driver).await,
     };
     guard.reason = end.reason();
-    Box::pin(finish(&shared, &conn, end, [(room, SUB)], writer)).await;
+    finish(&shared, &conn, end, [(room, SUB)], writer).await;
     if let End::Close(..) = end {
-        Box::pin(driver.linger()).await;
+        driver.linger().await;
     }
 }
 

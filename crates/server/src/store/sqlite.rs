@@ -3,7 +3,6 @@
 //! `BEGIN IMMEDIATE` takes the write lock up front); a small pool reads beside it, so
 //! history reads never wait for commits.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -383,19 +382,23 @@ impl Store for SqliteStore {
 /// One batch as one command to SQLite's worker thread (each command is a round trip to
 /// that thread, two context switches): `BEGIN IMMEDIATE`, each room's counter bumped by
 /// its count of new messages (created on its first), the messages numbered from the
-/// bumped counters and inserted, `COMMIT`. The batch travels as JSON, read by `json_each`.
-/// A `(user, client_msg_id)` already stored (a retry) violates the unique index; the
-/// caller rolls back and goes the transaction path, which looks repeats up.
+/// bumped counters in batch order and inserted, `COMMIT`; the same numbering as
+/// PostgreSQL's `COMMIT_STATEMENT`. The batch travels as one JSON array of `[room, user,
+/// text, client_msg_id]`, read by `json_each`. A `(user, client_msg_id)` already stored
+/// (a retry) violates the unique index; the caller rolls back and goes the transaction
+/// path, which looks repeats up.
 const COMMIT_COMMAND: &str = r#"
 BEGIN IMMEDIATE;
 INSERT INTO wschat_rooms AS r (name, last_seq)
-    SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?1) AS j WHERE true
+    SELECT j.value ->> 0, count(*) FROM json_each(?1) AS j WHERE true GROUP BY j.value ->> 0
     ON CONFLICT (name) DO UPDATE SET last_seq = r.last_seq + excluded.last_seq
     RETURNING id, last_seq, NULL, name;
 INSERT INTO wschat_messages (room_id, seq, "user", text, created_at, client_msg_id)
-    SELECT r.id, r.last_seq - (j.value ->> 1) + (j.value ->> 2),
-           j.value ->> 3, j.value ->> 4, ?3, j.value ->> 5
-    FROM json_each(?2) AS j JOIN wschat_rooms r ON r.name = j.value ->> 0
+    SELECT r.id,
+           r.last_seq - count(*) OVER w + row_number() OVER (w ORDER BY j.key),
+           j.value ->> 1, j.value ->> 2, ?2, j.value ->> 3
+    FROM json_each(?1) AS j JOIN wschat_rooms r ON r.name = j.value ->> 0
+    WINDOW w AS (PARTITION BY j.value ->> 0)
     ORDER BY j.key
     RETURNING room_id, seq, id, NULL;
 COMMIT;
@@ -411,27 +414,11 @@ async fn commit_one_command(
     if !plan.repeats.is_empty() {
         return Ok(None);
     }
-    // Each room's count, and each message's rank in its room (from 1), in batch order.
-    let mut counts: HashMap<&str, u64> = HashMap::new();
-    let ranks: Vec<u64> = batch
+    let input: Vec<_> = batch
         .iter()
         .map(|m| {
-            let n = counts.entry(m.room.as_str()).or_insert(0);
-            *n += 1;
-            *n
-        })
-        .collect();
-    let rooms: Vec<(&str, u64)> = counts.iter().map(|(room, n)| (*room, *n)).collect();
-    let messages: Vec<_> = batch
-        .iter()
-        .zip(&ranks)
-        .map(|(m, rank)| {
-            let room = m.room.as_str();
             (
-                room,
-                // Every room of the batch is counted above; no index panic on a server path.
-                counts.get(room).copied().unwrap_or(*rank),
-                rank,
+                m.room.as_str(),
                 m.user.as_str(),
                 m.text.as_str(),
                 m.client_msg_id.as_deref(),
@@ -440,8 +427,7 @@ async fn commit_one_command(
         .collect();
     let time_ms = now_ms();
     let rows = sqlx::query(COMMIT_COMMAND)
-        .bind(serde_json::to_string(&rooms).map_err(json_error)?)
-        .bind(serde_json::to_string(&messages).map_err(json_error)?)
+        .bind(serde_json::to_string(&input).map_err(json_error)?)
         .bind(time_ms)
         .fetch_all(&mut *conn)
         .await?;

@@ -94,8 +94,8 @@ pub(crate) struct Config {
     pub urls: Vec<String>,
     pub ws: WebSocketConfig,
     pub connect_timeout: Duration,
-    /// A connection that hears nothing for this long is dropped (`None`: never).
-    pub silence_timeout: Option<Duration>,
+    /// A connection that hears nothing for this long is dropped (zero: never).
+    pub silence_timeout: Duration,
     /// Deliberate closes per connection per second.
     pub churn_per_s: f64,
     pub size: usize,
@@ -459,7 +459,7 @@ impl Conn {
         // so that a busy connection does not re-arm a timer per frame.
         let silence = self.shared.cfg.silence_timeout;
         let mut heard_at = Instant::now();
-        let mut silence_timer = pin!(sleep_until(heard_at + silence.unwrap_or(Duration::MAX / 4)));
+        let mut silence_timer = pin!(sleep_until(heard_at + silence));
         let end = loop {
             if s.established && !self.settled {
                 self.settle();
@@ -523,14 +523,13 @@ impl Conn {
                     self.connect_failed(if s.up { "join timeout" } else { "auth timeout" }.into());
                     break End::Lost;
                 }
-                _ = &mut silence_timer, if silence.is_some() => {
-                    let limit = silence.unwrap_or(Duration::MAX / 4);
-                    if heard_at.elapsed() >= limit {
+                _ = &mut silence_timer, if !silence.is_zero() => {
+                    if heard_at.elapsed() >= silence {
                         // The server is paused, cut off or gone without a close.
                         self.out.silent_drops += 1;
                         break self.lost(&s, 1006);
                     }
-                    silence_timer.as_mut().reset(heard_at + limit);
+                    silence_timer.as_mut().reset(heard_at + silence);
                 }
                 _ = &mut churn_timer, if churn_target.is_some() => {
                     let _ = timeout(Duration::from_secs(1), ws.close(None)).await;

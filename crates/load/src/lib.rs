@@ -351,7 +351,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
                 .read_buffer_size(8 * 1024)
                 .write_buffer_size(8 * 1024),
             connect_timeout,
-            silence_timeout: (!silence_timeout.is_zero()).then_some(silence_timeout),
+            silence_timeout,
             churn_per_s: args.churn,
             size: args.size,
             sched_len,

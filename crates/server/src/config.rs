@@ -198,6 +198,7 @@ impl Settings {
     pub fn auth_timeout(&self) -> Duration {
         Duration::from_secs(self.auth_timeout_secs)
     }
+
     pub fn write_delay(&self) -> Duration {
         Duration::from_millis(self.write_delay_ms)
     }

@@ -38,11 +38,6 @@ impl WritePacing {
         })
     }
 
-    /// Pacing that never holds a write.
-    pub fn off() -> Arc<Self> {
-        Self::new(Duration::ZERO, 0)
-    }
-
     fn enabled(&self) -> bool {
         !self.delay.is_zero()
     }
@@ -152,6 +147,6 @@ mod tests {
         off.wrote(1_000_000);
         off.update(Duration::from_millis(100));
         assert_eq!(off.delay(), Duration::ZERO);
-        assert_eq!(WritePacing::off().delay(), Duration::ZERO);
+        assert_eq!(WritePacing::new(Duration::ZERO, 0).delay(), Duration::ZERO);
     }
 }

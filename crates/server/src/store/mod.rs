@@ -8,6 +8,7 @@
 pub mod keys;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_writer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -117,6 +118,11 @@ pub enum StoreError {
     Query(#[source] sqlx::Error),
     #[error("i/o error preparing the database: {0}")]
     Io(#[from] std::io::Error),
+    /// From the SQLite commit thread.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the SQLite commit thread is gone")]
+    WriterGone,
 }
 
 impl From<sqlx::Error> for StoreError {

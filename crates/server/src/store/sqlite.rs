@@ -1,47 +1,57 @@
 //! The embedded store: SQLite in WAL mode with `synchronous = FULL` (an acknowledged
-//! message survives a crash). One connection writes (SQLite has one writer anyway, and
-//! `BEGIN IMMEDIATE` takes the write lock up front); a small pool reads beside it, so
-//! history reads never wait for commits.
+//! message survives a crash). Message batches are committed by a thread of their own
+//! (`sqlite_writer`); one sqlx connection does the other, rare, writes (SQLite has one
+//! writer at a time; `BEGIN IMMEDIATE` and the busy timeout order them), and a small pool
+//! reads beside them, so history reads never wait for commits.
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
-use sqlx::{Connection, Row};
+use sqlx::Row;
 use wschat_protocol::RoomName;
 
+use super::sqlite_writer::Writer;
 use super::{
-    now_ms, outcomes_from_rows, BatchPlan, CommitOutcome, CommitRow, KeyHash, NewMessage, NodeInfo,
-    RoomHead, Session, Store, StoreError, StoreKind, StoredMessage,
+    now_ms, CommitOutcome, KeyHash, NewMessage, NodeInfo, RoomHead, Session, Store, StoreError,
+    StoreKind, StoredMessage,
 };
 
 pub struct SqliteStore {
+    /// Every write but message batches (sessions, nodes, pruning).
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Message batches: the commit thread.
+    commit: Writer,
 }
 
 impl SqliteStore {
     /// Open (creating the file and its folder when missing) the database at `url`.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
-        if !in_memory {
-            if let Some(parent) = options.get_filename().parent() {
-                if parent != Path::new("") && !parent.exists() {
-                    std::fs::create_dir_all(parent)?;
-                }
+            .busy_timeout(BUSY_TIMEOUT);
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            // The store of record must outlive the process, and the commit thread's
+            // connection could not see a private in-memory database anyway.
+            return Err(StoreError::BadUrl(format!(
+                "{url}: an in-memory database loses every message when the server stops; use sqlite://FILE"
+            )));
+        }
+        let path = options.get_filename().to_owned();
+        if let Some(parent) = path.parent() {
+            if parent != Path::new("") && !parent.exists() {
+                std::fs::create_dir_all(parent)?;
             }
         }
         // No ping before each acquire: a connection to a local file does not go away, and
@@ -54,18 +64,19 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(StoreError::Unavailable)?;
-        // An in-memory database is private to its connection: read through the writer.
-        let reader = if in_memory {
-            writer.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .max_connections(4)
-                .test_before_acquire(false)
-                .connect_with(options)
-                .await
-                .map_err(StoreError::Unavailable)?
-        };
-        Ok(Self { writer, reader })
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Unavailable)?;
+        // The file exists now (the writer created it).
+        let commit = Writer::start(path, BUSY_TIMEOUT)?;
+        Ok(Self {
+            writer,
+            reader,
+            commit,
+        })
     }
 }
 
@@ -186,23 +197,7 @@ impl Store for SqliteStore {
     }
 
     async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
-        let mut conn = self.writer.acquire().await?;
-        match commit_one_command(&mut conn, batch).await {
-            Ok(Some(outcomes)) => return Ok(outcomes),
-            // A repeat in the batch: the transaction path looks repeats up.
-            Ok(None) => {}
-            Err(e) => {
-                // Whatever the command began is undone; "no transaction is active" when
-                // it failed before its BEGIN.
-                let _no_transaction = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-                match e {
-                    // A `(user, client_msg_id)` already stored: nothing was committed.
-                    StoreError::Query(sqlx::Error::Database(e)) if e.is_unique_violation() => {}
-                    e => return Err(e),
-                }
-            }
-        }
-        commit_in_transaction(&mut conn, batch).await
+        self.commit.commit(batch).await
     }
 
     async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError> {
@@ -377,137 +372,4 @@ impl Store for SqliteStore {
         }
         Ok(rooms)
     }
-}
-
-/// One batch as one command to SQLite's worker thread (each command is a round trip to
-/// that thread, two context switches): `BEGIN IMMEDIATE`, each room's counter bumped by
-/// its count of new messages (created on its first), the messages numbered from the
-/// bumped counters in batch order and inserted, `COMMIT`; the same numbering as
-/// PostgreSQL's `COMMIT_STATEMENT`. The batch travels as one JSON array of `[room, user,
-/// text, client_msg_id]`, read by `json_each`. A `(user, client_msg_id)` already stored
-/// (a retry) violates the unique index; the caller rolls back and goes the transaction
-/// path, which looks repeats up.
-const COMMIT_COMMAND: &str = r#"
-BEGIN IMMEDIATE;
-INSERT INTO wschat_rooms AS r (name, last_seq)
-    SELECT j.value ->> 0, count(*) FROM json_each(?1) AS j WHERE true GROUP BY j.value ->> 0
-    ON CONFLICT (name) DO UPDATE SET last_seq = r.last_seq + excluded.last_seq
-    RETURNING id, last_seq, NULL, name;
-INSERT INTO wschat_messages (room_id, seq, "user", text, created_at, client_msg_id)
-    SELECT r.id,
-           r.last_seq - count(*) OVER w + row_number() OVER (w ORDER BY j.key),
-           j.value ->> 1, j.value ->> 2, ?2, j.value ->> 3
-    FROM json_each(?1) AS j JOIN wschat_rooms r ON r.name = j.value ->> 0
-    WINDOW w AS (PARTITION BY j.value ->> 0)
-    ORDER BY j.key
-    RETURNING room_id, seq, id, NULL;
-COMMIT;
-"#;
-
-/// One batch in one command on `conn`; see [`COMMIT_COMMAND`]. Batches with a repeat
-/// inside them go the transaction path at once (`None`).
-async fn commit_one_command(
-    conn: &mut SqliteConnection,
-    batch: &[NewMessage],
-) -> Result<Option<Vec<CommitOutcome>>, StoreError> {
-    let plan = BatchPlan::new(batch);
-    if !plan.repeats.is_empty() {
-        return Ok(None);
-    }
-    let input: Vec<_> = batch
-        .iter()
-        .map(|m| {
-            (
-                m.room.as_str(),
-                m.user.as_str(),
-                m.text.as_str(),
-                m.client_msg_id.as_deref(),
-            )
-        })
-        .collect();
-    let time_ms = now_ms();
-    let rows = sqlx::query(COMMIT_COMMAND)
-        .bind(serde_json::to_string(&input).map_err(json_error)?)
-        .bind(time_ms)
-        .fetch_all(&mut *conn)
-        .await?;
-    let rows = rows
-        .iter()
-        .map(CommitRow::read)
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    outcomes_from_rows(batch, plan, rows, time_ms).map(Some)
-}
-
-fn json_error(e: serde_json::Error) -> StoreError {
-    StoreError::Query(sqlx::Error::Encode(Box::new(e)))
-}
-
-/// One batch in one transaction on `conn`, a round trip per statement: the path of a batch
-/// that repeats a `client_msg_id`, or retries one already stored.
-async fn commit_in_transaction(
-    conn: &mut SqliteConnection,
-    batch: &[NewMessage],
-) -> Result<Vec<CommitOutcome>, StoreError> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-    let mut outcomes: Vec<Option<CommitOutcome>> = vec![None; batch.len()];
-    let plan = BatchPlan::new(batch);
-    for &i in &plan.lookups {
-        let msg = &batch[i];
-        let existing = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            r#", r.name FROM wschat_messages m
-               JOIN wschat_rooms r ON r.id = m.room_id
-               WHERE m."user" = ?1 AND m.client_msg_id = ?2"#
-        ))
-        .bind(&msg.user)
-        .bind(&msg.client_msg_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = existing {
-            let name: String = row.try_get(6)?;
-            let room = RoomName::new(name).unwrap_or_else(|_| msg.room.clone());
-            outcomes[i] = Some(CommitOutcome::Duplicate(Arc::new(message_from_row(
-                &room, &row,
-            )?)));
-        }
-    }
-    let by_room = plan.new_by_room(batch, &outcomes);
-    let time_ms = now_ms();
-    for (room, indices) in by_room {
-        sqlx::query("INSERT INTO wschat_rooms (name) VALUES (?1) ON CONFLICT (name) DO NOTHING")
-            .bind(room.as_str())
-            .execute(&mut *tx)
-            .await?;
-        let count = i64::try_from(indices.len()).unwrap_or(i64::MAX);
-        let row = sqlx::query(
-            "UPDATE wschat_rooms SET last_seq = last_seq + ?1 WHERE name = ?2 RETURNING id, last_seq",
-        )
-        .bind(count)
-        .bind(room.as_str())
-        .fetch_one(&mut *tx)
-        .await?;
-        let room_id: i64 = row.try_get(0)?;
-        let last_seq = to_seq(row.try_get(1)?);
-        let first_seq = last_seq + 1 - indices.len() as u64;
-        for (seq, i) in (first_seq..).zip(indices) {
-            let msg = &batch[i];
-            let id: i64 = sqlx::query_scalar(
-                r#"INSERT INTO wschat_messages
-                     (room_id, seq, "user", text, created_at, client_msg_id)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id"#,
-            )
-            .bind(room_id)
-            .bind(to_db(seq))
-            .bind(&msg.user)
-            .bind(&msg.text)
-            .bind(time_ms)
-            .bind(&msg.client_msg_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            outcomes[i] = Some(msg.stored(seq, id, time_ms));
-        }
-    }
-    tx.commit().await?;
-    plan.finish(outcomes)
 }

@@ -54,7 +54,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "ws_write_buffer_bytes",
-        "WebSocket write buffer threshold per connection, in bytes.",
+        "Most bytes of queued frames joined into one write to a connection's socket (a larger frame goes alone).",
     ),
     (
         "write_delay_ms",

@@ -30,7 +30,7 @@ pub struct OpsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_read_buffer_bytes: Option<usize>,
-    /// WebSocket write buffer per connection, bytes [default: 32768].
+    /// Most bytes of queued frames joined into one socket write [default: 32768].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     ws_write_buffer_bytes: Option<usize>,

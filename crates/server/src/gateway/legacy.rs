@@ -6,19 +6,17 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::ws::{Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::SplitStream;
 use wschat_protocol::legacy::{self, LegacyInbound};
 use wschat_protocol::{ErrorCode, RoomName};
 
-use super::{backfill, finish, start, Backfill, ConnGuard, Driver, End, Inbound};
+use super::{backfill, finish, open, start, Backfill, ConnGuard, Driver, End, Inbound, Upgrade};
 use crate::app::Shared;
 use crate::commit::{Reply, SendRequest};
 use crate::hub::{frames, Conn, Item, Protocol};
 use crate::limits::rate::{RateGate, Verdict};
-use crate::store::{NewMessage, Session};
+use crate::store::NewMessage;
 
 /// Handle a legacy upgrade request (the caller has seen `Upgrade: websocket`).
 pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request) -> Response {
@@ -28,8 +26,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(ws) => ws,
+    let upgrade = match Upgrade::from_request_parts(&mut parts, &()).await {
+        Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
     let admission = match shared.limits.admit(peer, &parts.headers) {
@@ -45,72 +43,80 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
         Err(refused) => return refused.into_response(),
     };
     let token = shared.tracker.token();
-    super::configure(ws, &shared).on_upgrade(move |socket| {
-        let connection = run(shared, socket, &auth.session, admission.client);
-        async move {
-            connection.await;
-            drop((token, auth.slot, admission));
-        }
+    upgrade.respond(None, move |io| async move {
+        let socket = open(&shared, io).await;
+        let room = RoomName::legacy(auth.session.room.unwrap_or(0));
+        let conn = start(&shared, socket.outbox, &auth.session, Protocol::Legacy);
+        let driver = Driver::new(socket.reader, conn.clone(), shared.clone());
+        let held = Held {
+            _token: token,
+            _slot: auth.slot,
+            admission,
+        };
+        // A task of its own: every open connection holds this future for its whole life,
+        // and it keeps no room for the opening, the session or the request.
+        tokio::spawn(serve(shared, conn, driver, socket.writer, room, held));
     })
 }
 
-/// Start the connection now, so that the future every open connection holds for its whole
-/// life keeps no room for the socket (it moves into the reader and writer halves) or the
-/// session: an async fn keeps its arguments' room until it returns.
-fn run(
-    shared: Arc<Shared>,
-    socket: WebSocket,
-    session: &Session,
-    peer: IpAddr,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let room = RoomName::legacy(session.room.unwrap_or(0));
-    let (conn, stream, writer) = start(&shared, socket, session, Protocol::Legacy);
-    serve(shared, conn, stream, writer, room, peer)
+/// What an open connection holds until it ends: its place among the tracked tasks (the
+/// graceful stop waits for it) and in the session's and the address's counts.
+pub(super) struct Held {
+    _token: tokio_util::task::task_tracker::TaskTrackerToken,
+    _slot: crate::limits::Slot,
+    admission: crate::limits::Admission,
 }
 
-async fn serve(
+/// The open connection. Not an `async fn`: that would keep every argument twice (its
+/// own copy and the one it moves into its body); an `async move` block keeps one.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn serve(
     shared: Arc<Shared>,
     conn: Arc<Conn>,
-    stream: SplitStream<WebSocket>,
+    mut driver: Driver,
     writer: tokio::task::JoinHandle<()>,
     room: RoomName,
-    peer: IpAddr,
-) {
-    let mut guard = ConnGuard::open(Protocol::Legacy, conn.id, peer);
-    conn.outbox
-        .push(Item::Frame(Utf8Bytes::from_static(legacy::AUTHENTICATED)));
+    held: Held,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let peer: IpAddr = held.admission.client;
+        let mut guard = ConnGuard::open(Protocol::Legacy, conn.id, peer);
+        conn.outbox
+            .push(Item::Frame(frames::text(legacy::AUTHENTICATED)));
 
-    // Subscribe first, then read the history: the writer merges the two by seq.
-    const SUB: u32 = 0;
-    conn.outbox.push(Item::Track { sub: SUB });
-    // Boxed: a future's size is its largest state, and every open connection holds its
-    // future for its whole life; the join's state (the history read) is the largest,
-    // and on the heap it lives only while it runs (784 -> 696 bytes).
-    let joined = Box::pin(async {
-        shared.hub.subscribe(&room, &conn, SUB).await?;
-        let last = Backfill::Last {
-            n: shared.settings.history_limit,
-            head: None,
+        // Subscribe first, then read the history: the writer merges the two by seq.
+        const SUB: u32 = 0;
+        conn.outbox.push(Item::Track { sub: SUB });
+        // Boxed: a future's size is its largest state, and every open connection holds its
+        // future for its whole life; the join's state (the history read) is the largest,
+        // and on the heap it lives only while it runs (784 -> 696 bytes).
+        let joined = Box::pin(async {
+            shared.hub.subscribe(&room, &conn, SUB).await?;
+            let last = Backfill::Last {
+                n: shared.settings.history_limit,
+                head: None,
+            };
+            backfill(&shared, &conn, &room, SUB, last).await
+        })
+        .await;
+        let end = match joined {
+            Err(e) => {
+                tracing::warn!(conn = conn.id, error = %e, "legacy join failed");
+                conn.outbox.push(Item::Frame(frames::legacy_error(
+                    ErrorCode::Unavailable,
+                    "history unavailable; reconnect",
+                )));
+                End::Close(wschat_protocol::close::INTERNAL_ERROR, "store unavailable")
+            }
+            Ok(()) => read_loop(&shared, &conn, &room, &mut driver).await,
         };
-        backfill(&shared, &conn, &room, SUB, last).await
-    })
-    .await;
-    let mut driver = Driver::new(stream, conn.clone(), shared.clone());
-    let end = match joined {
-        Err(e) => {
-            tracing::warn!(conn = conn.id, error = %e, "legacy join failed");
-            conn.outbox.push(Item::Frame(frames::legacy_error(
-                ErrorCode::Unavailable,
-                "history unavailable; reconnect",
-            )));
-            End::Close(wschat_protocol::close::INTERNAL_ERROR, "store unavailable")
+        guard.reason = end.reason();
+        // Boxed, as the join: the end's state is large and lives only at the end.
+        Box::pin(finish(&shared, &conn, end, [(room, SUB)], writer)).await;
+        if let End::Close(..) = end {
+            Box::pin(driver.linger()).await;
         }
-        Ok(()) => read_loop(&shared, &conn, &room, &mut driver).await,
-    };
-    guard.reason = end.reason();
-    finish(&shared, &conn, end, [(room, SUB)], writer).await;
-    if let End::Close(..) = end {
-        driver.linger().await;
+        drop(held);
     }
 }
 

@@ -5,21 +5,25 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
 use serde::Deserialize;
+use tungstenite::Message;
 use wschat_protocol::v1::{decode_client, ClientFrame, JoinRoom, Limits, Ref, ServerFrame};
 use wschat_protocol::{
     close, ErrorCode, RoomName, PROTOCOL_VERSION, SUBPROTOCOL_KEY_PREFIX, SUBPROTOCOL_V1,
 };
 
-use super::{backfill, finish, start, Backfill, ConnGuard, Driver, End, Inbound};
+use super::{
+    backfill, finish, open, start, Backfill, ConnGuard, Driver, End, Inbound, Socket, Upgrade,
+};
 use crate::app::Shared;
 use crate::commit::{Reply, SendRequest};
-use crate::hub::{frames, Conn, Item, Protocol, SubId};
+use crate::hub::{frames, Conn, Encoded, Item, Outbox, Protocol, SubId};
 use crate::limits::rate::{RateGate, Verdict};
 use crate::limits::{self, Admission};
 use crate::store::{NewMessage, Session};
@@ -57,7 +61,7 @@ pub(crate) async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<KeyQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let admission = match shared.limits.admit(peer, &headers) {
         Ok(admission) => admission,
@@ -73,90 +77,109 @@ pub(crate) async fn handle(
         None => None,
     };
     let token = shared.tracker.token();
-    super::configure(ws, &shared)
-        .protocols([SUBPROTOCOL_V1])
-        .on_upgrade(move |socket| {
-            // On the heap until it is split: an async fn keeps its arguments' room until
-            // it returns, and every open connection holds this future.
-            let socket = Box::new(socket);
-            async move {
-                run(shared, socket, auth, admission).await;
-                drop(token);
-            }
-        })
+    let protocol = upgrade.offers(SUBPROTOCOL_V1).then_some(SUBPROTOCOL_V1);
+    upgrade.respond(protocol, move |io| async move {
+        let Socket {
+            mut reader,
+            outbox,
+            writer,
+        } = open(&shared, io).await;
+        let gate = RateGate::new(&shared.settings);
+        // Counted as open while it authenticates; `ConnGuard` takes over after.
+        let counted = auth
+            .is_none()
+            .then(|| crate::telemetry::ConnectionGauge::new(Protocol::V1));
+        let peer = admission.client;
+        let auth = match auth {
+            Some(auth) => auth,
+            None => match Box::pin(await_auth(&shared, &mut reader, &outbox, peer, &gate)).await {
+                Some(authenticated) => authenticated,
+                None => {
+                    // The answer (a close) goes out before the socket does.
+                    let _bounded = tokio::time::timeout(Duration::from_secs(2), writer).await;
+                    return;
+                }
+            },
+        };
+        drop(counted);
+        let conn = start(&shared, outbox, &auth.session, Protocol::V1);
+        let driver = Driver::new(reader, conn.clone(), shared.clone());
+        let client = Client {
+            shared: shared.clone(),
+            conn,
+            session: auth.session,
+            rooms: HashMap::new(),
+            next_sub: 0,
+            errors_in_a_row: 0,
+            gate,
+        };
+        // A task of its own: every open connection holds this future for its whole life,
+        // and it keeps no room for the opening, the authentication or the request.
+        tokio::spawn(serve(client, driver, writer, (token, auth.slot, admission)));
+    })
 }
 
-async fn run(
-    shared: Arc<Shared>,
-    mut socket: Box<WebSocket>,
-    auth: Option<super::Authenticated>,
-    admission: Admission,
-) {
-    let peer = admission.client;
-    let gate = RateGate::new(&shared.settings);
-    // Counted as open while it authenticates; `ConnGuard` takes over after.
-    let counted = auth
-        .is_none()
-        .then(|| crate::telemetry::ConnectionGauge::new(Protocol::V1));
-    let auth = match auth {
-        Some(auth) => auth,
-        None => match Box::pin(await_auth(&shared, &mut socket, peer, &gate)).await {
-            Some(authenticated) => authenticated,
-            None => return,
-        },
-    };
-    drop(counted);
-    // Held while the connection is open: the session's and the address's counts.
-    let _slots = (auth.slot, admission);
-    let session = auth.session;
-    let (conn, stream, writer) = start(&shared, *socket, &session, Protocol::V1);
-    let mut guard = ConnGuard::open(Protocol::V1, conn.id, peer);
-    let s = &shared.settings;
-    conn.outbox
-        .push(Item::Frame(frames::v1(&ServerFrame::Hello {
-            user: session.user.clone(),
-            protocol: PROTOCOL_VERSION,
-            server: concat!("wschat/", env!("CARGO_PKG_VERSION")).into(),
-            session_room: session.room.map(|r| r.to_string()),
-            limits: Limits {
-                max_message_bytes: s.max_message_bytes,
-                history_limit: s.history_limit,
-                max_history_page: s.max_history_page,
-                max_rooms_per_connection: s.max_rooms_per_connection,
-            },
-        })));
-    let mut client = Client {
-        shared: shared.clone(),
-        conn: conn.clone(),
-        session,
-        rooms: HashMap::new(),
-        next_sub: 0,
-        errors_in_a_row: 0,
-        gate,
-    };
-    let mut driver = Driver::new(stream, conn.clone(), shared.clone());
-    let end = loop {
-        match driver.next().await {
-            Inbound::Text(text) => {
-                // Boxed: a frame's handling (a join with its backfill, a history page)
-                // holds much more state than an idle connection; on the heap, it is
-                // held only while it runs.
-                if let Some(end) = Box::pin(client.on_text(&text)).await {
-                    break end;
+/// What an open connection holds until it ends: its place among the tracked tasks (the
+/// graceful stop waits for it) and in the session's and the address's counts.
+type Held = (
+    tokio_util::task::task_tracker::TaskTrackerToken,
+    crate::limits::Slot,
+    Admission,
+);
+
+/// The open connection. Not an `async fn`: that would keep every argument twice (its
+/// own copy and the one it moves into its body); an `async move` block keeps one.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn serve(
+    mut client: Client,
+    mut driver: Driver,
+    writer: tokio::task::JoinHandle<()>,
+    held: Held,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    async move {
+        let shared = client.shared.clone();
+        let conn = client.conn.clone();
+        let mut guard = ConnGuard::open(Protocol::V1, conn.id, held.2.client);
+        let s = &shared.settings;
+        let session = &client.session;
+        conn.outbox
+            .push(Item::Frame(frames::v1(&ServerFrame::Hello {
+                user: session.user.clone(),
+                protocol: PROTOCOL_VERSION,
+                server: concat!("wschat/", env!("CARGO_PKG_VERSION")).into(),
+                session_room: session.room.map(|r| r.to_string()),
+                limits: Limits {
+                    max_message_bytes: s.max_message_bytes,
+                    history_limit: s.history_limit,
+                    max_history_page: s.max_history_page,
+                    max_rooms_per_connection: s.max_rooms_per_connection,
+                },
+            })));
+        let end = loop {
+            match driver.next().await {
+                Inbound::Text(text) => {
+                    // Boxed: a frame's handling (a join with its backfill, a history page)
+                    // holds much more state than an idle connection; on the heap, it is
+                    // held only while it runs.
+                    if let Some(end) = Box::pin(client.on_text(&text)).await {
+                        break end;
+                    }
                 }
+                Inbound::End(end) => break end,
             }
-            Inbound::End(end) => break end,
+        };
+        guard.reason = end.reason();
+        // Boxed: the end's state is large and lives only at the end.
+        Box::pin(finish(&shared, &conn, end, client.rooms.drain(), writer)).await;
+        if let End::Close(..) = end {
+            Box::pin(driver.linger()).await;
         }
-    };
-    guard.reason = end.reason();
-    finish(&shared, &conn, end, client.rooms.drain(), writer).await;
-    if let End::Close(..) = end {
-        driver.linger().await;
+        drop(held);
     }
 }
 
 /// The `rate_limited` error for `text`, with its `ref` when one can be read.
-fn rate_limited(shared: &Shared, text: &str) -> axum::extract::ws::Utf8Bytes {
+fn rate_limited(shared: &Shared, text: &str) -> Encoded {
     let reference = match decode_client(text) {
         Ok(frame) => frame.reference().cloned(),
         Err(e) => e.reference,
@@ -169,82 +192,71 @@ fn rate_limited(shared: &Shared, text: &str) -> axum::extract::ws::Utf8Bytes {
 }
 
 /// Before authentication: only `auth` and `ping` are answered. Returns the session, or
-/// `None` when the connection was closed.
+/// `None` when the connection is to end (a close is queued, or the client went away).
 async fn await_auth(
     shared: &Shared,
-    socket: &mut WebSocket,
+    reader: &mut super::Reader,
+    outbox: &Outbox,
     client: IpAddr,
     gate: &RateGate,
 ) -> Option<super::Authenticated> {
     let deadline = tokio::time::Instant::now() + shared.settings.auth_timeout();
-    let close_with = |code: u16, reason: &'static str| {
-        Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
+    let reply = |frame: Encoded| {
+        outbox.push(Item::Frame(frame));
     };
     loop {
         let frame = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => {
-                let _ = socket.send(close_with(close::AUTH_TIMEOUT, "no auth frame in time")).await;
+                outbox.close(close::AUTH_TIMEOUT, "no auth frame in time");
                 return None;
             }
             _ = shared.shutdown.cancelled() => {
-                let _ = socket.send(close_with(close::SERVICE_RESTART, "server restart")).await;
+                outbox.close(close::SERVICE_RESTART, "server restart");
                 return None;
             }
-            frame = socket.recv() => frame,
+            frame = reader.next() => frame,
         };
         let text = match frame {
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(_))) => {
-                let _ = socket
-                    .send(close_with(
-                        close::UNSUPPORTED_DATA,
-                        "binary frames are not supported",
-                    ))
-                    .await;
+                outbox.close(close::UNSUPPORTED_DATA, "binary frames are not supported");
                 return None;
             }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            _ => return None,
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                outbox.finish();
+                return None;
+            }
         };
         let verdict = gate.check();
         if verdict != Verdict::Pass {
-            let _ = socket
-                .send(Message::Text(rate_limited(shared, &text)))
-                .await;
+            reply(rate_limited(shared, &text));
             if verdict == Verdict::Close {
-                let _ = socket
-                    .send(close_with(close::POLICY_VIOLATION, "rate limit exceeded"))
-                    .await;
+                outbox.close(close::POLICY_VIOLATION, "rate limit exceeded");
                 return None;
             }
             continue;
         }
-        let reply = match decode_client(&text) {
+        let answer = match decode_client(&text) {
             Ok(ClientFrame::Auth { key, reference }) => {
                 match super::authenticate(shared, client, Some(&key)).await {
                     Ok(auth) => return Some(auth),
                     Err(super::AuthError::Limited(refusal)) => {
                         let reason = match refusal {
                             limits::Refusal::Blocked(left) => {
-                                let error = frames::v1_error(
+                                reply(frames::v1_error(
                                     ErrorCode::RateLimited,
                                     format!(
                                         "too many unknown session keys from this address; retry in {} s",
                                         left.as_secs().max(1)
                                     ),
                                     reference,
-                                );
-                                let _ = socket.send(Message::Text(error)).await;
+                                ));
                                 "too many unknown session keys"
                             }
                             _ => "too many connections for this session",
                         };
-                        let _ = socket
-                            .send(close_with(close::TRY_AGAIN_LATER, reason))
-                            .await;
+                        outbox.close(close::TRY_AGAIN_LATER, reason);
                         return None;
                     }
                     Err(super::AuthError::Unavailable) => frames::v1_error(
@@ -253,21 +265,16 @@ async fn await_auth(
                         reference,
                     ),
                     Err(super::AuthError::Draining) => {
-                        let _ = socket
-                            .send(close_with(close::SERVICE_RESTART, "server restart"))
-                            .await;
+                        outbox.close(close::SERVICE_RESTART, "server restart");
                         return None;
                     }
                     Err(super::AuthError::Missing | super::AuthError::Unknown) => {
-                        let error = frames::v1_error(
+                        reply(frames::v1_error(
                             ErrorCode::AuthFailed,
                             "unknown, revoked or expired session key",
                             reference,
-                        );
-                        let _ = socket.send(Message::Text(error)).await;
-                        let _ = socket
-                            .send(close_with(close::AUTH_FAILED, "authentication failed"))
-                            .await;
+                        ));
+                        outbox.close(close::AUTH_FAILED, "authentication failed");
                         return None;
                     }
                 }
@@ -280,14 +287,12 @@ async fn await_auth(
             ),
             Err(e) => frames::v1_error(e.code, e.message, e.reference),
         };
-        if socket.send(Message::Text(reply)).await.is_err() {
-            return None;
-        }
+        reply(answer);
     }
 }
 
 /// An authenticated v1 connection's reader state.
-struct Client {
+pub(super) struct Client {
     shared: Arc<Shared>,
     conn: Arc<Conn>,
     session: Session,

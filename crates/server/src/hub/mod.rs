@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, Notify};
 use wschat_protocol::v1::ServerFrame;
 use wschat_protocol::RoomName;
@@ -25,6 +24,7 @@ use wschat_protocol::RoomName;
 use crate::broker::wire::Body;
 use crate::broker::BusEvent;
 use crate::store::{Store, StoreError, StoredMessage};
+pub use frames::Encoded;
 pub use outbox::{Item, Outbox, Pushed, SubId};
 
 /// Which protocol a connection speaks.
@@ -48,13 +48,13 @@ pub struct Conn {
     pub id: u64,
     pub user: Arc<str>,
     pub protocol: Protocol,
-    pub outbox: Outbox,
+    pub outbox: Arc<Outbox>,
     inflight: AtomicUsize,
     settled: Notify,
 }
 
 impl Conn {
-    pub fn new(id: u64, user: Arc<str>, protocol: Protocol, outbox: Outbox) -> Self {
+    pub fn new(id: u64, user: Arc<str>, protocol: Protocol, outbox: Arc<Outbox>) -> Self {
         Self {
             id,
             user,
@@ -583,8 +583,8 @@ fn drain_pending(state: &mut RoomState) {
 
 fn fan_out(state: &mut RoomState, msg: &Arc<StoredMessage>) {
     state.last_delivered = msg.seq;
-    let mut legacy: Option<Utf8Bytes> = None;
-    let mut v1: Option<Utf8Bytes> = None;
+    let mut legacy: Option<Encoded> = None;
+    let mut v1: Option<Encoded> = None;
     for s in &state.subs {
         let frame = match s.conn.protocol {
             Protocol::Legacy => legacy.get_or_insert_with(|| frames::legacy_message(msg)),
@@ -600,7 +600,7 @@ fn fan_out(state: &mut RoomState, msg: &Arc<StoredMessage>) {
     metrics::counter!("wschat_messages_delivered_total").increment(state.subs.len() as u64);
 }
 
-fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Utf8Bytes, droppable: bool) {
+fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, droppable: bool) {
     for s in &state.subs {
         if s.conn.protocol != Protocol::V1 || Some(s.conn.id) == except {
             continue;

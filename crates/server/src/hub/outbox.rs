@@ -1,6 +1,15 @@
-//! One connection's outbound queue: bounded in bytes, filled by the hub, the committer and
-//! the connection's own reader, drained in batches by the connection's writer (which puts
-//! every frame waiting into one socket write).
+//! One connection's outbound side: the order of its rooms' messages (live and backfill),
+//! its queue of encoded frames (bounded in bytes), and its socket's write half.
+//!
+//! Every push is sorted out at once, under the connection's one lock: a live message of a
+//! room still being backfilled is held; a seq already written is dropped; anything else is
+//! a frame to send. A frame to send is written to the socket right there, by whoever
+//! pushes it (the hub's fan-out, the committer's ack), when nothing is queued before it,
+//! no write is being held for pacing, and the socket takes it whole without waiting.
+//! Otherwise it is queued, and the connection's writer task (`write_loop`) writes what is
+//! queued, all of it in one system call, waiting for the socket as long as it has to. On a
+//! quiet connection every frame goes out in the fan-out's own `write()`, with no task
+//! woken; a frame costs a wake-up only when the socket is full or a write is held.
 //!
 //! A queue that would pass its byte limit overflows: what waits is dropped, a close with
 //! 4008 (slow consumer) is queued, and the connection's token is cancelled. The client
@@ -8,32 +17,44 @@
 //! items (typing notices) are dropped first, once the queue is half full.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use wschat_protocol::close;
+
+use super::frames::{self, Encoded};
+use super::pacing::WritePacing;
 
 /// A connection's handle on one of its room subscriptions.
 pub type SubId = u32;
 
-/// What a connection's writer sends.
+/// The write half of a connection's socket.
+pub type WriteIo = Pin<Box<dyn AsyncWrite + Send>>;
+
+/// What is pushed to a connection.
 #[derive(Debug, Clone)]
 pub enum Item {
     /// A reply or notice that is not part of a room's message order.
-    Frame(Utf8Bytes),
+    Frame(Encoded),
     /// A message of a subscribed room, delivered live by the hub.
     Live {
         sub: SubId,
         seq: u64,
-        frame: Utf8Bytes,
+        frame: Encoded,
     },
     /// A message of a subscribed room, read from the store on join.
     Backfill {
         sub: SubId,
         seq: u64,
-        frame: Utf8Bytes,
+        frame: Encoded,
     },
     /// Start tracking a subscription: its live messages are held until `SyncDone`.
     Track { sub: SubId },
@@ -43,38 +64,50 @@ pub enum Item {
     /// meanwhile, and newer than that, may go.
     SyncDone { sub: SubId, through: u64 },
     /// A room event (presence diff, typing) that is dropped while `sub` is syncing.
-    RoomEvent { sub: SubId, frame: Utf8Bytes },
+    RoomEvent { sub: SubId, frame: Encoded },
     /// A notice that may be dropped under pressure (typing).
-    Droppable { sub: SubId, frame: Utf8Bytes },
+    Droppable { sub: SubId, frame: Encoded },
     /// A WebSocket ping.
     Ping,
     /// Close the connection with this code and reason, after what is queued before it.
     Close(u16, &'static str),
 }
 
-impl Item {
-    fn bytes(&self) -> usize {
-        match self {
-            Self::Frame(f)
-            | Self::Live { frame: f, .. }
-            | Self::Backfill { frame: f, .. }
-            | Self::RoomEvent { frame: f, .. }
-            | Self::Droppable { frame: f, .. } => f.len() + 32,
-            Self::Track { .. }
-            | Self::Untrack { .. }
-            | Self::SyncDone { .. }
-            | Self::Ping
-            | Self::Close(..) => 32,
-        }
-    }
+/// What a queued frame counts for against the limit, beyond its bytes.
+const OVERHEAD: usize = 32;
+
+/// How long a cancelled connection's writer tries to get its close frame out.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Per-room state: live messages are held while the backfill is written, then those not
+/// already written go out.
+struct SubState {
+    sub: SubId,
+    syncing: bool,
+    last: u64,
+    held: Vec<(u64, Encoded)>,
+    held_bytes: usize,
 }
 
-#[derive(Default)]
 struct State {
-    items: VecDeque<Item>,
+    /// Encoded frames waiting for the writer, in order.
+    queue: VecDeque<Encoded>,
+    /// What the queue counts for against the limit.
     bytes: usize,
-    /// A close is queued: nothing more is accepted.
+    subs: Vec<SubState>,
+    /// A close is queued (or the client closed): nothing more is accepted.
     closing: bool,
+    /// The socket's write half, while the writer task is not using it.
+    io: Option<WriteIo>,
+    /// The queue's first frame is the rest of one the socket took part of: it must go
+    /// out whole before anything else (even a close).
+    partial: bool,
+    /// A write went out but the socket layer kept bytes back (TLS): the writer flushes.
+    flush: bool,
+    /// When the last write went out, while pacing is on.
+    last_write: Option<Instant>,
+    /// The socket failed or the writer ended: nothing more can be written.
+    dead: bool,
 }
 
 pub struct Outbox {
@@ -82,13 +115,17 @@ pub struct Outbox {
     ready: Notify,
     drained: Notify,
     limit: usize,
-    /// Cancelled when the connection must end now (overflow, revoked session).
+    /// Most bytes of queued frames joined into one write.
+    max_write: usize,
+    pacing: Arc<WritePacing>,
+    /// Cancelled when the connection must end now (overflow, revoked session, dead socket).
     pub cancel: CancellationToken,
 }
 
 /// What `push` did with an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
+    /// Written to the socket, queued, or (for state changes) applied.
     Queued,
     /// A droppable item was dropped under pressure, or the connection is closing.
     Dropped,
@@ -96,87 +133,278 @@ pub enum Pushed {
     Overflow,
 }
 
+/// What a direct write did.
+enum Direct {
+    Written,
+    /// The socket took the first `n` bytes.
+    Partial(usize),
+    /// Not now: queue it.
+    Queue,
+    Failed,
+}
+
 impl Outbox {
-    pub fn new(limit: usize, cancel: CancellationToken) -> Self {
+    pub fn new(
+        io: WriteIo,
+        limit: usize,
+        max_write: usize,
+        pacing: Arc<WritePacing>,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                subs: Vec::new(),
+                closing: false,
+                io: Some(io),
+                partial: false,
+                flush: false,
+                last_write: None,
+                dead: false,
+            }),
             ready: Notify::new(),
             drained: Notify::new(),
             limit,
+            max_write: max_write.max(1),
+            pacing,
             cancel,
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state stays usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn push(&self, item: Item) -> Pushed {
-        let size = item.bytes();
-        let pushed = {
-            let Ok(mut state) = self.state.lock() else {
-                return Pushed::Dropped;
-            };
-            if state.closing {
-                return Pushed::Dropped;
+        let mut state = self.lock();
+        if state.closing {
+            return Pushed::Dropped;
+        }
+        match item {
+            Item::Frame(frame) => self.send(&mut state, frame),
+            Item::Live { sub, seq, frame } => {
+                let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
+                    return Pushed::Dropped;
+                };
+                if s.syncing {
+                    s.held_bytes += frame.len();
+                    s.held.push((seq, frame));
+                    if s.held_bytes > self.limit {
+                        return self.overflow(&mut state);
+                    }
+                    Pushed::Queued
+                } else if seq > s.last {
+                    s.last = seq;
+                    self.send(&mut state, frame)
+                } else {
+                    Pushed::Dropped
+                }
             }
-            if matches!(item, Item::Droppable { .. }) && state.bytes + size > self.limit / 2 {
-                return Pushed::Dropped;
+            Item::Backfill { sub, seq, frame } => {
+                let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
+                    return Pushed::Dropped;
+                };
+                s.last = s.last.max(seq);
+                self.send(&mut state, frame)
             }
-            if state.bytes + size > self.limit {
-                state.items.clear();
-                state.bytes = 0;
-                state.closing = true;
-                state
-                    .items
-                    .push_back(Item::Close(close::SLOW_CONSUMER, "slow consumer: resume"));
-                Pushed::Overflow
-            } else {
-                state.bytes += size;
-                state.closing = matches!(item, Item::Close(..));
-                state.items.push_back(item);
+            Item::Track { sub } => {
+                state.subs.retain(|s| s.sub != sub);
+                state.subs.push(SubState {
+                    sub,
+                    syncing: true,
+                    last: 0,
+                    held: Vec::new(),
+                    held_bytes: 0,
+                });
                 Pushed::Queued
             }
-        };
-        if pushed == Pushed::Overflow {
-            metrics::counter!("wschat_queue_overflows_total").increment(1);
-            self.cancel.cancel();
+            Item::Untrack { sub } => {
+                state.subs.retain(|s| s.sub != sub);
+                Pushed::Queued
+            }
+            Item::SyncDone { sub, through } => {
+                let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
+                    return Pushed::Dropped;
+                };
+                s.syncing = false;
+                s.last = s.last.max(through);
+                s.held_bytes = 0;
+                let mut release = Vec::new();
+                for (seq, frame) in std::mem::take(&mut s.held) {
+                    if seq > s.last {
+                        s.last = seq;
+                        release.push(frame);
+                    }
+                }
+                let mut pushed = Pushed::Queued;
+                for frame in release {
+                    pushed = self.send(&mut state, frame);
+                    if pushed == Pushed::Overflow {
+                        break;
+                    }
+                }
+                pushed
+            }
+            Item::RoomEvent { sub, frame } => self.send_to_synced(&mut state, sub, frame),
+            Item::Droppable { sub, frame } => {
+                if state.bytes + frame.len() + OVERHEAD > self.limit / 2 {
+                    return Pushed::Dropped;
+                }
+                self.send_to_synced(&mut state, sub, frame)
+            }
+            Item::Ping => self.send(&mut state, frames::ping()),
+            Item::Close(code, reason) => {
+                self.close_locked(&mut state, code, reason);
+                Pushed::Queued
+            }
         }
-        self.ready.notify_one();
-        pushed
+    }
+
+    /// A room event goes only to a subscription that is tracked and not syncing.
+    fn send_to_synced(&self, state: &mut State, sub: SubId, frame: Encoded) -> Pushed {
+        match state.subs.iter().find(|s| s.sub == sub) {
+            Some(s) if !s.syncing => self.send(state, frame),
+            _ => Pushed::Dropped,
+        }
     }
 
     /// Queue a close after what is already queued; later pushes are dropped.
     pub fn close(&self, code: u16, reason: &'static str) {
-        if let Ok(mut state) = self.state.lock() {
-            if state.closing {
-                return;
-            }
-            state.closing = true;
-            state.items.push_back(Item::Close(code, reason));
+        let mut state = self.lock();
+        if !state.closing {
+            self.close_locked(&mut state, code, reason);
         }
+    }
+
+    /// The client closed (or went away): write what is queued, then stop, with no close
+    /// frame of ours (tungstenite has answered the client's close already).
+    pub fn finish(&self) {
+        self.lock().closing = true;
         self.ready.notify_one();
     }
 
-    /// Wait until something is queued, then move everything queued into `into`.
-    pub async fn take_all(&self, into: &mut Vec<Item>) {
-        loop {
-            if let Ok(mut state) = self.state.lock() {
-                if !state.items.is_empty() {
-                    into.extend(state.items.drain(..));
-                    state.bytes = 0;
-                    drop(state);
-                    self.drained.notify_waiters();
-                    return;
-                }
-            }
-            self.ready.notified().await;
+    /// Bytes tungstenite writes itself (pongs, the answer to the client's close): queued
+    /// in order with everything else.
+    pub fn push_raw(&self, bytes: Bytes) {
+        let mut state = self.lock();
+        if !state.closing {
+            self.send(&mut state, bytes);
         }
     }
 
-    /// Move whatever is queued into `into`, without waiting.
-    pub fn take_all_now(&self, into: &mut Vec<Item>) {
-        if let Ok(mut state) = self.state.lock() {
-            into.extend(state.items.drain(..));
-            state.bytes = 0;
+    fn close_locked(&self, state: &mut State, code: u16, reason: &str) {
+        self.send(state, frames::close(code, reason));
+        state.closing = true;
+        // Also when the close frame went out at once: the writer ends.
+        self.ready.notify_one();
+    }
+
+    fn overflow(&self, state: &mut State) -> Pushed {
+        let rest = state.partial.then(|| state.queue.pop_front()).flatten();
+        state.queue.clear();
+        state.bytes = 0;
+        if let Some(rest) = rest {
+            state.bytes = rest.len() + OVERHEAD;
+            state.queue.push_back(rest);
         }
-        self.drained.notify_waiters();
+        state.subs.clear();
+        state
+            .queue
+            .push_back(frames::close(close::SLOW_CONSUMER, "slow consumer: resume"));
+        state.closing = true;
+        metrics::counter!("wschat_queue_overflows_total").increment(1);
+        self.cancel.cancel();
+        self.ready.notify_one();
+        Pushed::Overflow
+    }
+
+    /// Write `frame` now if it can go at once, else queue it for the writer.
+    fn send(&self, state: &mut State, frame: Encoded) -> Pushed {
+        if state.dead {
+            return Pushed::Dropped;
+        }
+        let size = frame.len() + OVERHEAD;
+        if state.bytes + size > self.limit {
+            return self.overflow(state);
+        }
+        let frame = match self.write_now(state, &frame) {
+            Direct::Written => return Pushed::Queued,
+            Direct::Partial(n) => {
+                state.partial = true;
+                frame.slice(n..)
+            }
+            Direct::Queue => frame,
+            Direct::Failed => {
+                state.dead = true;
+                self.cancel.cancel();
+                return Pushed::Dropped;
+            }
+        };
+        let was_empty = state.queue.is_empty();
+        state.bytes += size;
+        state.queue.push_back(frame);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Try to write `frame` to the socket without waiting: only when nothing is queued
+    /// before it, the writer is not using the socket, and no write is held for pacing.
+    /// A socket that cannot take it now is polled with a waker that does nothing; the
+    /// writer task polls it again with its own before it waits.
+    fn write_now(&self, state: &mut State, frame: &[u8]) -> Direct {
+        if !state.queue.is_empty() || state.flush || self.held(state).is_some() {
+            return Direct::Queue;
+        }
+        let Some(io) = state.io.as_mut() else {
+            return Direct::Queue;
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        // Outside tokio's cooperative budget: a fan-out writes to many sockets from one
+        // task, and a spent budget would make every socket look full.
+        let mut write = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| io
+            .as_mut()
+            .poll_write(cx, frame))));
+        let written = match write.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Direct::Failed,
+            Poll::Ready(Ok(n)) => n,
+            Poll::Pending => return Direct::Queue,
+        };
+        // TLS keeps what the socket did not take; plain TCP flushes at once.
+        match io.as_mut().poll_flush(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(_)) => return Direct::Failed,
+            Poll::Pending => {
+                state.flush = true;
+                self.ready.notify_one();
+            }
+        }
+        self.wrote(state, 1);
+        if written < frame.len() {
+            Direct::Partial(written)
+        } else {
+            Direct::Written
+        }
+    }
+
+    fn wrote(&self, state: &mut State, frames: usize) {
+        self.pacing.wrote(frames);
+        if !self.pacing.delay().is_zero() {
+            state.last_write = Some(Instant::now());
+        }
+    }
+
+    /// Until when the next write is held (pacing), if it is.
+    fn held(&self, state: &State) -> Option<Instant> {
+        let delay = self.pacing.delay();
+        if delay.is_zero() {
+            return None;
+        }
+        let at = state.last_write? + delay;
+        (at > Instant::now()).then_some(at)
     }
 
     /// Wait until the queue holds at most `bytes` (for pacing a long backfill), or the
@@ -189,9 +417,11 @@ impl Outbox {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.state.lock() {
-                Ok(state) if state.bytes > bytes && !state.closing => {}
-                _ => return,
+            {
+                let state = self.lock();
+                if state.bytes <= bytes || state.closing || state.dead {
+                    return;
+                }
             }
             tokio::select! {
                 _ = notified => {}
@@ -201,64 +431,328 @@ impl Outbox {
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.state.lock().map(|s| s.bytes).unwrap_or(0)
+        self.lock().bytes
+    }
+
+    /// The connection's writer: writes what is queued (all of it in one system call) until
+    /// the close is written, the client's close is answered, the socket fails, or the
+    /// connection is cancelled.
+    pub async fn write_loop(self: Arc<Self>) {
+        let mut batch: VecDeque<Encoded> = VecDeque::new();
+        loop {
+            let notified = self.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let step = {
+                let mut state = self.lock();
+                if state.queue.is_empty() && !state.flush {
+                    if state.closing || state.dead {
+                        state.dead = true;
+                        // The write half goes with the state: the socket closes once the
+                        // reader lets go of its half too.
+                        state.io = None;
+                        return;
+                    }
+                    Step::Wait
+                } else if let Some(at) = self.held(&state) {
+                    Step::Hold(at)
+                } else if let Some(io) = state.io.take() {
+                    batch.extend(state.queue.drain(..));
+                    state.bytes = 0;
+                    state.partial = false;
+                    state.flush = false;
+                    Step::Write(io)
+                } else {
+                    // Cannot happen: only this task takes the write half out.
+                    Step::Wait
+                }
+            };
+            let mut io = match step {
+                Step::Wait => {
+                    tokio::select! {
+                        _ = notified => continue,
+                        _ = self.cancel.cancelled() => {
+                            let io = self.lock().io.take();
+                            return self.last_words(io, batch).await;
+                        }
+                    }
+                }
+                Step::Hold(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at) => continue,
+                        _ = self.cancel.cancelled() => {
+                            let io = self.lock().io.take();
+                            return self.last_words(io, batch).await;
+                        }
+                    }
+                }
+                Step::Write(io) => io,
+            };
+            let frames = batch.len();
+            let result = tokio::select! {
+                result = write_all(&mut io, &mut batch, self.max_write) => result,
+                _ = self.cancel.cancelled() => return self.last_words(Some(io), batch).await,
+            };
+            {
+                let mut state = self.lock();
+                state.io = Some(io);
+                self.wrote(&mut state, frames);
+                if result.is_err() {
+                    state.dead = true;
+                    state.io = None;
+                }
+            }
+            self.drained.notify_waiters();
+            if result.is_err() {
+                self.cancel.cancel();
+                return;
+            }
+        }
+    }
+
+    /// A cancelled connection (overflow, killed): get what is left (the close frame, after
+    /// any frame half written) out within a moment, and stop.
+    async fn last_words(&self, io: Option<WriteIo>, mut batch: VecDeque<Encoded>) {
+        let io = {
+            let mut state = self.lock();
+            batch.extend(state.queue.drain(..));
+            state.bytes = 0;
+            state.partial = false;
+            state.dead = true;
+            io.or_else(|| state.io.take())
+        };
+        if let Some(mut io) = io {
+            let _best_effort =
+                tokio::time::timeout(CLOSE_GRACE, write_all(&mut io, &mut batch, self.max_write))
+                    .await;
+        }
+        self.drained.notify_waiters();
+    }
+}
+
+enum Step {
+    Wait,
+    Hold(Instant),
+    Write(WriteIo),
+}
+
+/// Write every frame of `batch` (up to `max_write` bytes of them in one system call), then
+/// flush. What is written leaves `batch`, so a cancelled write can be resumed without
+/// breaking a frame.
+async fn write_all(
+    io: &mut WriteIo,
+    batch: &mut VecDeque<Encoded>,
+    max_write: usize,
+) -> std::io::Result<()> {
+    let mut joined: Vec<u8> = Vec::new();
+    while let Some(first) = batch.front() {
+        let n = if batch.len() == 1 || first.len() >= max_write {
+            io.write(first).await?
+        } else {
+            joined.clear();
+            for frame in batch.iter() {
+                if !joined.is_empty() && joined.len() + frame.len() > max_write {
+                    break;
+                }
+                joined.extend_from_slice(frame);
+            }
+            io.write(&joined).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        consume(batch, n);
+    }
+    io.flush().await
+}
+
+/// Drop the first `n` bytes of `batch`.
+fn consume(batch: &mut VecDeque<Encoded>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = batch.front_mut() else {
+            return;
+        };
+        if front.len() <= n {
+            n -= front.len();
+            batch.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
-    fn frame(n: usize) -> Item {
-        Item::Frame(Utf8Bytes::from("x".repeat(n)))
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// An outbox over one end of an in-memory pipe of `capacity` bytes, its writer task
+    /// running; the other end is what the client reads.
+    fn outbox(limit: usize, capacity: usize) -> (Arc<Outbox>, tokio::io::DuplexStream) {
+        let (server, client) = tokio::io::duplex(capacity);
+        let outbox = Arc::new(Outbox::new(
+            Box::pin(server),
+            limit,
+            64 * 1024,
+            WritePacing::new(Duration::ZERO, 0),
+            CancellationToken::new(),
+        ));
+        tokio::spawn(outbox.clone().write_loop());
+        (outbox, client)
+    }
+
+    fn frame(text: &str) -> Encoded {
+        frames::text(text.to_owned())
+    }
+
+    /// Read exactly the bytes of `expected` frames.
+    async fn expect(client: &mut tokio::io::DuplexStream, expected: &[Encoded]) {
+        let want: Vec<u8> = expected.iter().flat_map(|f| f.iter().copied()).collect();
+        let mut got = vec![0u8; want.len()];
+        tokio::time::timeout(WAIT, client.read_exact(&mut got))
+            .await
+            .expect("frames in time")
+            .expect("read");
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn frames_go_out_in_order() {
+        let (outbox, mut client) = outbox(1 << 20, 1 << 16);
+        let frames: Vec<Encoded> = (1..=5).map(|i| frame(&format!("m{i}"))).collect();
+        for f in &frames {
+            assert_eq!(outbox.push(Item::Frame(f.clone())), Pushed::Queued);
+        }
+        expect(&mut client, &frames).await;
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_queues_and_the_writer_finishes_the_job() {
+        // 16-byte pipe: every frame is written partly at once and the rest by the writer.
+        let (outbox, mut client) = outbox(1 << 20, 16);
+        let frames: Vec<Encoded> = (0..50)
+            .map(|i| frame(&format!("message number {i}")))
+            .collect();
+        for f in &frames {
+            outbox.push(Item::Frame(f.clone()));
+        }
+        expect(&mut client, &frames).await;
+    }
+
+    #[tokio::test]
+    async fn live_messages_wait_for_the_backfill_and_repeats_are_dropped() {
+        let (outbox, mut client) = outbox(1 << 20, 1 << 16);
+        let m = |seq: u64| frame(&format!("seq {seq}"));
+        let live = |sub, seq| Item::Live {
+            sub,
+            seq,
+            frame: m(seq),
+        };
+        let backfill = |seq| Item::Backfill {
+            sub: 7,
+            seq,
+            frame: m(seq),
+        };
+        let pushes = [
+            Item::Track { sub: 7 },
+            live(7, 3),
+            live(7, 4),
+            backfill(2),
+            backfill(3),
+            Item::SyncDone { sub: 7, through: 3 },
+            live(7, 4),
+            live(7, 5),
+        ];
+        for item in pushes {
+            outbox.push(item);
+        }
+        // Untracked: dropped.
+        assert_eq!(outbox.push(live(8, 1)), Pushed::Dropped);
+        expect(&mut client, &[m(2), m(3), m(4), m(5)]).await;
+    }
+
+    #[tokio::test]
+    async fn room_events_skip_syncing_rooms() {
+        let (outbox, mut client) = outbox(1 << 20, 1 << 16);
+        outbox.push(Item::Track { sub: 1 });
+        let event = frame("presence");
+        assert_eq!(
+            outbox.push(Item::RoomEvent {
+                sub: 1,
+                frame: event.clone()
+            }),
+            Pushed::Dropped
+        );
+        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        assert_eq!(
+            outbox.push(Item::RoomEvent {
+                sub: 1,
+                frame: event.clone()
+            }),
+            Pushed::Queued
+        );
+        expect(&mut client, &[event]).await;
     }
 
     #[tokio::test]
     async fn overflow_closes_with_slow_consumer_and_cancels() {
-        let outbox = Outbox::new(1000, CancellationToken::new());
-        assert_eq!(outbox.push(frame(400)), Pushed::Queued);
-        assert_eq!(outbox.push(frame(400)), Pushed::Queued);
-        assert_eq!(outbox.push(frame(400)), Pushed::Overflow);
+        // A client that reads nothing, a 64-byte pipe, and a queue of 1,000 bytes.
+        let (outbox, mut client) = outbox(1000, 64);
+        let big = frame(&"x".repeat(300));
+        let mut pushed = Vec::new();
+        for _ in 0..6 {
+            pushed.push(outbox.push(Item::Frame(big.clone())));
+        }
+        assert!(pushed.contains(&Pushed::Overflow), "{pushed:?}");
         assert!(outbox.cancel.is_cancelled());
-        assert_eq!(outbox.push(frame(1)), Pushed::Dropped);
-        let mut items = Vec::new();
-        outbox.take_all(&mut items).await;
-        assert!(matches!(
-            items.as_slice(),
-            [Item::Close(close::SLOW_CONSUMER, _)]
-        ));
+        assert_eq!(outbox.push(Item::Frame(frame("late"))), Pushed::Dropped);
+        // What got out: whole frames up to the close, then the close frame.
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, client.read_to_end(&mut got)).await;
+        let close = frames::close(close::SLOW_CONSUMER, "slow consumer: resume");
+        assert!(got.ends_with(&close), "ends with the 4008 close");
+        let before = &got[..got.len() - close.len()];
+        assert_eq!(
+            before.len() % big.len(),
+            0,
+            "only whole frames before the close"
+        );
     }
 
     #[tokio::test]
     async fn droppables_go_first_under_pressure() {
-        let outbox = Outbox::new(1000, CancellationToken::new());
-        assert_eq!(outbox.push(frame(500)), Pushed::Queued);
+        let (outbox, _client) = outbox(1000, 16);
+        outbox.push(Item::Track { sub: 0 });
+        outbox.push(Item::SyncDone { sub: 0, through: 0 });
+        assert_eq!(
+            outbox.push(Item::Frame(frame(&"x".repeat(500)))),
+            Pushed::Queued
+        );
         let typing = Item::Droppable {
             sub: 0,
-            frame: Utf8Bytes::from("t"),
+            frame: frame("t"),
         };
         assert_eq!(outbox.push(typing), Pushed::Dropped);
-        assert_eq!(outbox.push(frame(100)), Pushed::Queued);
+        assert_eq!(outbox.push(Item::Frame(frame("y"))), Pushed::Queued);
         assert!(!outbox.cancel.is_cancelled());
     }
 
     #[tokio::test]
-    async fn take_all_drains_in_order() {
-        let outbox = Outbox::new(1 << 20, CancellationToken::new());
-        for n in 1..=3 {
-            outbox.push(frame(n));
-        }
+    async fn a_close_ends_the_writer_after_what_was_queued() {
+        let (outbox, mut client) = outbox(1 << 20, 1 << 16);
+        let a = frame("a");
+        outbox.push(Item::Frame(a.clone()));
         outbox.close(1000, "bye");
-        let mut items = Vec::new();
-        outbox.take_all(&mut items).await;
-        let lens: Vec<usize> = items
-            .iter()
-            .map(|i| match i {
-                Item::Frame(f) => f.len(),
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(lens, vec![1, 2, 3, 0]);
-        assert_eq!(outbox.queued_bytes(), 0);
+        assert_eq!(outbox.push(Item::Frame(frame("after"))), Pushed::Dropped);
+        let mut got = Vec::new();
+        tokio::time::timeout(WAIT, client.read_to_end(&mut got))
+            .await
+            .expect("the writer ends and the pipe closes")
+            .expect("read");
+        let want: Vec<u8> = [a, frames::close(1000, "bye")].concat();
+        assert_eq!(got, want);
     }
 }

@@ -13,12 +13,14 @@ pub mod legacy;
 mod upgrade;
 pub mod v1;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -262,6 +264,9 @@ pub(crate) struct Driver {
     shared: Arc<Shared>,
     ping: Interval,
     last_seen: Instant,
+    /// Ready when the server stops or the connection is cancelled: made once, so that a
+    /// frame costs no new waiter on either token.
+    stop: Pin<Box<dyn Future<Output = End> + Send>>,
 }
 
 impl Driver {
@@ -269,21 +274,35 @@ impl Driver {
         let period = shared.settings.ping_interval();
         let mut ping = interval_at(tokio::time::Instant::now() + period, period);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let shutdown = shared.shutdown.clone().cancelled_owned();
+        let cancelled = conn.outbox.cancel.clone().cancelled_owned();
+        // Fused: polled again after it ended, it stays pending instead of panicking.
+        let stop = Box::pin(
+            async move {
+                tokio::select! {
+                    biased;
+                    _ = shutdown => End::Shutdown,
+                    _ = cancelled => End::Cancelled,
+                }
+            }
+            .fuse(),
+        );
         Self {
             stream,
             conn,
             shared,
             ping,
             last_seen: Instant::now(),
+            stop,
         }
     }
 
     pub async fn next(&mut self) -> Inbound {
         loop {
+            // The stream first: a frame waiting is handled without looking at the rest.
+            // Shutdown and cancellation are seen as soon as the stream has nothing.
             tokio::select! {
                 biased;
-                _ = self.shared.shutdown.cancelled() => return Inbound::End(End::Shutdown),
-                _ = self.conn.outbox.cancel.cancelled() => return Inbound::End(End::Cancelled),
                 frame = self.stream.next() => {
                     self.last_seen = Instant::now();
                     match frame {
@@ -304,6 +323,7 @@ impl Driver {
                         Some(Err(e)) => return Inbound::End(classify_error(e)),
                     }
                 }
+                end = &mut self.stop => return Inbound::End(end),
                 _ = self.ping.tick() => {
                     if self.last_seen.elapsed() > self.shared.settings.idle_timeout() {
                         return Inbound::End(End::Close(close::GOING_AWAY, "idle timeout"));

@@ -481,15 +481,11 @@ impl Conn {
                 churn_timer.as_mut().reset(t);
                 churn_target = Some(t);
             }
+            // Sends due first (open loop: a late send is latency), then frames waiting;
+            // the phase channel only when neither is ready (it changes a few times a
+            // run, and polling it is a cache miss per connection).
             tokio::select! {
                 biased;
-                p = self.phase_rx.recv() => {
-                    self.phase = p.unwrap_or(Phase::Stop);
-                    if self.phase == Phase::Stop {
-                        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-                        break End::Stop;
-                    }
-                }
                 _ = &mut send_timer, if send_target.is_some() => {
                     send_target = None;
                     if self.send_due(&mut ws).await.is_err() {
@@ -517,6 +513,13 @@ impl Conn {
                     self.flush_deliveries();
                     if let Some(end) = end {
                         break end;
+                    }
+                }
+                p = self.phase_rx.recv() => {
+                    self.phase = p.unwrap_or(Phase::Stop);
+                    if self.phase == Phase::Stop {
+                        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                        break End::Stop;
                     }
                 }
                 _ = &mut deadline_timer, if !s.established => {

@@ -39,11 +39,12 @@ pub struct Settings {
     pub outbound_queue_bytes: usize,
     /// WebSocket read buffer per connection, bytes.
     pub ws_read_buffer_bytes: usize,
-    /// WebSocket write buffer threshold per connection, bytes.
+    /// Most bytes of queued frames joined into one write to a connection's socket.
     pub ws_write_buffer_bytes: usize,
-    /// While the node is busy (below), a connection that wrote less than this long ago
-    /// holds its next write until this long has passed, so that frames arriving
-    /// meanwhile go out in one write; 0 writes at once. A quiet connection writes at once.
+    /// While the node is busy (below), a connection written to more often than this and
+    /// that wrote less than this long ago holds its next write until this long has
+    /// passed, so that frames arriving meanwhile go out in one write; 0 writes at once. A
+    /// connection that gets a frame now and then writes at once.
     pub write_delay_ms: u64,
     /// The write delay applies while the node writes more than this many frames a
     /// second (until it falls under half of it); 0: always.

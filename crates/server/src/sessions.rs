@@ -3,9 +3,9 @@
 //!
 //! The embedding application owns the `sessions` table and revokes a session by deleting
 //! its row (or letting its `expires_at` pass). Every `session_check_secs` the checker asks
-//! the store, in one query, which of the live hashes are still valid, and closes the
-//! connections of the others with 1008 (`session revoked`). A check that fails (store
-//! away) closes nothing: the next one decides.
+//! the store which of the live hashes are gone or expired (500 a query, a short pause
+//! between queries), and closes their connections with 1008 (`session revoked`). A check
+//! that fails (store away) closes nothing: the next one decides.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -21,7 +21,10 @@ use crate::store::{KeyHash, Store, StoreError};
 pub const REVOKED_REASON: &str = "session revoked";
 
 /// Most hashes asked about in one query.
-const CHECK_CHUNK: usize = 10_000;
+const CHECK_CHUNK: usize = 500;
+
+/// The pause between two queries of one check.
+const CHECK_PAUSE: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
 pub struct Sessions {
@@ -80,15 +83,19 @@ impl Sessions {
         closed
     }
 
-    /// One check: ask the store which live sessions are still valid, close the rest.
-    /// Returns how many connections were closed.
+    /// One check: ask the store which live sessions are gone or expired, and close their
+    /// connections. Returns how many connections were closed. The keys go in chunks with
+    /// a pause between them, so that a node with many sessions spreads the check's reads
+    /// instead of holding the store (and, on SQLite, a core) for one long query.
     pub async fn check(&self, store: &dyn Store) -> Result<usize, StoreError> {
         let keys = self.live_keys();
         let mut closed = 0;
-        for chunk in keys.chunks(CHECK_CHUNK) {
-            let valid = store.valid_sessions(chunk).await?;
-            for key in chunk.iter().filter(|k| !valid.contains(*k)) {
-                closed += self.revoke(key);
+        for (i, chunk) in keys.chunks(CHECK_CHUNK).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(CHECK_PAUSE).await;
+            }
+            for key in store.revoked_sessions(chunk).await? {
+                closed += self.revoke(&key);
             }
         }
         if closed > 0 {
@@ -118,8 +125,11 @@ impl Sessions {
     }
 }
 
-/// The subset of `keys` whose sessions are valid, from the rows a store found valid.
-pub(crate) fn valid_set(rows: Vec<String>, keys: &[KeyHash]) -> HashSet<KeyHash> {
+/// Those of `keys` that a store returned (as stored strings).
+pub(crate) fn among(rows: Vec<String>, keys: &[KeyHash]) -> Vec<KeyHash> {
+    if rows.is_empty() {
+        return Vec::new();
+    }
     let rows: HashSet<String> = rows.into_iter().collect();
     keys.iter()
         .filter(|k| rows.contains(k.as_str()))

@@ -76,6 +76,10 @@ pub enum Item {
 /// What a queued frame counts for against the limit, beyond its bytes.
 const OVERHEAD: usize = 32;
 
+/// The longest gap between writes the pacing average counts (a quiet second is as quiet
+/// as a quiet hour).
+const GAP_CAP_US: u32 = 1_000_000;
+
 /// How long a cancelled connection's writer tries to get its close frame out.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -106,6 +110,9 @@ struct State {
     flush: bool,
     /// When the last write went out, while pacing is on.
     last_write: Option<Instant>,
+    /// The time between this connection's writes, smoothed (microseconds), while pacing
+    /// is on: only a connection written to more often than the pacing delay is held.
+    write_gap_us: u32,
     /// The socket failed or the writer ended: nothing more can be written.
     dead: bool,
 }
@@ -161,6 +168,7 @@ impl Outbox {
                 partial: false,
                 flush: false,
                 last_write: None,
+                write_gap_us: u32::MAX,
                 dead: false,
             }),
             ready: Notify::new(),
@@ -392,15 +400,29 @@ impl Outbox {
 
     fn wrote(&self, state: &mut State, frames: usize) {
         self.pacing.wrote(frames);
-        if !self.pacing.delay().is_zero() {
-            state.last_write = Some(Instant::now());
+        if self.pacing.delay().is_zero() {
+            state.last_write = None;
+            state.write_gap_us = u32::MAX;
+            return;
         }
+        let now = Instant::now();
+        if let Some(last) = state.last_write {
+            let gap = u32::try_from((now - last).as_micros()).unwrap_or(u32::MAX);
+            // An average over the last few gaps (weight 1/4 to the newest).
+            let old = u64::from(state.write_gap_us.min(GAP_CAP_US));
+            state.write_gap_us = ((old * 3 + u64::from(gap.min(GAP_CAP_US))) / 4) as u32;
+        }
+        state.last_write = Some(now);
     }
 
-    /// Until when the next write is held (pacing), if it is.
+    /// Until when the next write is held (pacing), if it is: while the node is busy, a
+    /// connection written to more often than the delay (a hot room's member) holds a write
+    /// until the delay after its last one, so what arrives meanwhile shares the write. A
+    /// connection that gets a frame now and then (a quiet room, a chat of ten) writes at
+    /// once: holding it would add latency and save nothing.
     fn held(&self, state: &State) -> Option<Instant> {
         let delay = self.pacing.delay();
-        if delay.is_zero() {
+        if delay.is_zero() || u128::from(state.write_gap_us) >= delay.as_micros() {
             return None;
         }
         let at = state.last_write? + delay;
@@ -592,16 +614,73 @@ mod tests {
     /// An outbox over one end of an in-memory pipe of `capacity` bytes, its writer task
     /// running; the other end is what the client reads.
     fn outbox(limit: usize, capacity: usize) -> (Arc<Outbox>, tokio::io::DuplexStream) {
+        paced_outbox(limit, capacity, WritePacing::new(Duration::ZERO, 0))
+    }
+
+    fn paced_outbox(
+        limit: usize,
+        capacity: usize,
+        pacing: Arc<WritePacing>,
+    ) -> (Arc<Outbox>, tokio::io::DuplexStream) {
         let (server, client) = tokio::io::duplex(capacity);
         let outbox = Arc::new(Outbox::new(
             Box::pin(server),
             limit,
             64 * 1024,
-            WritePacing::new(Duration::ZERO, 0),
+            pacing,
             CancellationToken::new(),
         ));
         tokio::spawn(outbox.clone().write_loop());
         (outbox, client)
+    }
+
+    /// Whether the client can read something now (without time passing), reading it all.
+    async fn got_something(client: &mut tokio::io::DuplexStream) -> bool {
+        use futures_util::FutureExt;
+        // Let the writer task run first.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let mut buf = vec![0u8; 1 << 16];
+        let mut any = false;
+        while let Some(Ok(n)) = client.read(&mut buf).now_or_never() {
+            if n == 0 {
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pacing_holds_only_a_connection_written_to_often() {
+        let delay = Duration::from_millis(50);
+        // A threshold of 0: pacing is on at any rate.
+        let (outbox, mut client) = paced_outbox(1 << 20, 1 << 16, WritePacing::new(delay, 0));
+        // Two frames a millisecond apart, once a second: both go out at once (holding
+        // the second would add latency to a connection that shares nothing).
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            outbox.push(Item::Frame(frame("now and then")));
+            assert!(got_something(&mut client).await, "a rare frame is not held");
+            tokio::time::advance(Duration::from_millis(1)).await;
+            outbox.push(Item::Frame(frame("and its neighbour")));
+            assert!(got_something(&mut client).await, "nor is the next one");
+        }
+        // A frame a millisecond: once the average gap is under the delay, writes are held.
+        let mut held_after = None;
+        for i in 0..40 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            outbox.push(Item::Frame(frame("often")));
+            if !got_something(&mut client).await {
+                held_after = Some(i);
+                break;
+            }
+        }
+        assert!(held_after.is_some(), "a hot connection's write is held");
+        // The held frame goes out when the delay has passed.
+        tokio::time::advance(delay).await;
+        assert!(got_something(&mut client).await, "released after the delay");
     }
 
     fn frame(text: &str) -> Encoded {

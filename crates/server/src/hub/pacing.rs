@@ -8,7 +8,10 @@
 //! when the node is busy, so the writers count the frames they write, a ticker turns the
 //! rate into a switch, and the delay applies while the node writes more than
 //! `write_delay_above_per_sec` frames a second (and until it falls under half of that).
-//! A quiet connection (no write within the delay) writes at once either way.
+//! The outbox holds only a connection written to more often than the delay (its average
+//! gap between writes, `hub::outbox`): a connection that gets a frame now and then would
+//! pay the latency and share the write with nothing. A quiet connection writes at once
+//! either way.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -158,11 +158,9 @@ pub trait Store: Send + Sync + 'static {
         room: Option<i64>,
     ) -> Result<(), StoreError>;
 
-    /// Those of `keys` whose session row exists and has not expired (one query).
-    async fn valid_sessions(
-        &self,
-        keys: &[KeyHash],
-    ) -> Result<std::collections::HashSet<KeyHash>, StoreError>;
+    /// Those of `keys` whose session row is gone or has expired (one query; a check of
+    /// live sessions finds few or none, so few rows come back).
+    async fn revoked_sessions(&self, keys: &[KeyHash]) -> Result<Vec<KeyHash>, StoreError>;
 
     async fn count_sessions(&self) -> Result<i64, StoreError>;
 

@@ -221,19 +221,17 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn valid_sessions(
-        &self,
-        keys: &[KeyHash],
-    ) -> Result<std::collections::HashSet<KeyHash>, StoreError> {
+    async fn revoked_sessions(&self, keys: &[KeyHash]) -> Result<Vec<KeyHash>, StoreError> {
         let wanted: Vec<&str> = keys.iter().map(KeyHash::as_str).collect();
         let rows: Vec<String> = sqlx::query_scalar(
-            "SELECT key FROM sessions
-             WHERE key = ANY($1::text[]) AND (expires_at IS NULL OR expires_at > now())",
+            "SELECT k FROM unnest($1::text[]) AS k
+             WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.key = k
+                               AND (s.expires_at IS NULL OR s.expires_at > now()))",
         )
         .bind(&wanted)
         .fetch_all(&self.pool)
         .await?;
-        Ok(crate::sessions::valid_set(rows, keys))
+        Ok(crate::sessions::among(rows, keys))
     }
 
     async fn count_sessions(&self) -> Result<i64, StoreError> {

@@ -171,22 +171,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn valid_sessions(
-        &self,
-        keys: &[KeyHash],
-    ) -> Result<std::collections::HashSet<KeyHash>, StoreError> {
+    async fn revoked_sessions(&self, keys: &[KeyHash]) -> Result<Vec<KeyHash>, StoreError> {
         let wanted = serde_json::to_string(&keys.iter().map(KeyHash::as_str).collect::<Vec<_>>())
             .map_err(|e| StoreError::Query(sqlx::Error::Protocol(e.to_string())))?;
         let rows: Vec<String> = sqlx::query_scalar(
-            "SELECT key FROM sessions
-             WHERE key IN (SELECT value FROM json_each(?1))
-               AND (expires_at IS NULL OR expires_at > ?2)",
+            "SELECT j.value FROM json_each(?1) AS j
+             WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.key = j.value
+                               AND (s.expires_at IS NULL OR s.expires_at > ?2))",
         )
         .bind(wanted)
         .bind(now_ms())
         .fetch_all(&self.reader)
         .await?;
-        Ok(crate::sessions::valid_set(rows, keys))
+        Ok(crate::sessions::among(rows, keys))
     }
 
     async fn count_sessions(&self) -> Result<i64, StoreError> {

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufWriter, Stdout, Write as _};
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,23 +68,76 @@ impl Phase {
 /// Sends phase changes to every task, each on its own channel: polling a per-task
 /// channel is lock-free, where 10,000 tasks polling one `watch` would contend on its lock
 /// at every wake-up.
-#[derive(Default)]
 pub(crate) struct PhaseBus {
     txs: Vec<mpsc::UnboundedSender<Phase>>,
+    /// Phases sent so far: a receiver with nothing new does not touch its channel.
+    sent: Arc<AtomicU64>,
+}
+
+impl Default for PhaseBus {
+    fn default() -> Self {
+        Self {
+            txs: Vec::new(),
+            sent: Arc::new(AtomicU64::new(0)),
+        }
+    }
 }
 
 impl PhaseBus {
-    pub fn subscribe(&mut self) -> mpsc::UnboundedReceiver<Phase> {
+    pub fn subscribe(&mut self) -> PhaseRx {
         let (tx, rx) = mpsc::unbounded_channel();
         self.txs.push(tx);
-        rx
+        PhaseRx {
+            rx,
+            sent: Arc::clone(&self.sent),
+            seen: 0,
+            armed: false,
+        }
     }
 
     pub fn send(&self, phase: Phase) {
+        // Counted before it is sent: a receiver woken by the send sees it is new.
+        self.sent.fetch_add(1, Release);
         for tx in &self.txs {
             // A task that already ended has dropped its receiver: nothing to tell it.
             let _ = tx.send(phase);
         }
+    }
+}
+
+/// One task's end of the phase bus. Polling a channel is a cache miss per connection and
+/// a task polls it at every wake-up, so once its waker is registered with the channel
+/// (a poll that found nothing), it polls the channel again only when the bus has sent a
+/// phase it has not received: the registered waker wakes it for that.
+pub(crate) struct PhaseRx {
+    rx: mpsc::UnboundedReceiver<Phase>,
+    sent: Arc<AtomicU64>,
+    seen: u64,
+    armed: bool,
+}
+
+impl PhaseRx {
+    fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Phase>> {
+        if self.armed && self.seen >= self.sent.load(Acquire) {
+            return std::task::Poll::Pending;
+        }
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(p) => {
+                self.seen += 1;
+                // The waker was used up: the next poll registers it again.
+                self.armed = false;
+                std::task::Poll::Ready(p)
+            }
+            std::task::Poll::Pending => {
+                self.armed = true;
+                std::task::Poll::Pending
+            }
+        }
+    }
+
+    /// The next phase; `None` when the bus is gone.
+    pub async fn recv(&mut self) -> Option<Phase> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 }
 
@@ -185,7 +239,7 @@ struct Unacked {
 pub(crate) struct Conn {
     plan: Plan,
     shared: Arc<Shared>,
-    phase_rx: mpsc::UnboundedReceiver<Phase>,
+    phase_rx: PhaseRx,
     phase: Phase,
     urls: Vec<String>,
     out: Output,
@@ -254,7 +308,7 @@ struct LegacySay<'a> {
 }
 
 impl Conn {
-    pub fn new(plan: Plan, shared: Arc<Shared>, phase_rx: mpsc::UnboundedReceiver<Phase>) -> Self {
+    pub fn new(plan: Plan, shared: Arc<Shared>, phase_rx: PhaseRx) -> Self {
         let urls = shared
             .cfg
             .urls
@@ -453,6 +507,8 @@ impl Conn {
         let mut deadline_timer = pin!(sleep_until(deadline));
         let mut send_timer = pin!(sleep_until(deadline));
         let mut send_target: Option<Instant> = None;
+        let mut send_key = None;
+        let mut next_send = None;
         let mut churn_timer = pin!(sleep_until(deadline));
         let mut churn_target: Option<Instant> = None;
         // Reset by every frame the server sends; pushed out lazily (checked when it fires)
@@ -465,7 +521,19 @@ impl Conn {
                 self.settle();
             }
             // Arm the send timer for the next due message, if sending.
-            let target = if s.up { self.next_send_instant() } else { None };
+            // The next send's instant depends only on these; working it out reads the
+            // schedule (a cache miss per connection), so once per change, not per wake-up.
+            let key = (
+                self.phase.t0(),
+                self.next_idx,
+                self.retry.is_empty(),
+                self.retry_at_us,
+            );
+            if send_key != Some(key) {
+                send_key = Some(key);
+                next_send = self.next_send_instant();
+            }
+            let target = if s.up { next_send } else { None };
             if target != send_target {
                 if let Some(t) = target {
                     send_timer.as_mut().reset(t);

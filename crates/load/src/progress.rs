@@ -7,16 +7,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
-use crate::conn::{Phase, Shared};
+use crate::conn::{Phase, PhaseRx, Shared};
 use crate::stats::new_histogram;
 
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    mut phase_rx: mpsc::UnboundedReceiver<Phase>,
-    total: usize,
-) {
+pub(crate) async fn run(shared: Arc<Shared>, mut phase_rx: PhaseRx, total: usize) {
     let tty = std::io::stderr().is_terminal();
     let Ok(mut scratch) = new_histogram() else {
         return;

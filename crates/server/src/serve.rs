@@ -7,17 +7,27 @@
 //! Graceful stop: when the shutdown token is cancelled the listener stops accepting and
 //! plain HTTP requests in flight finish (bounded by `shutdown_grace_secs`). Upgraded
 //! WebSockets are not hyper's any more: the `TaskTracker` in `Shared` waits for them.
+//!
+//! A plain TCP connection is shared (`SharedTcp`): hyper reads and writes through one
+//! handle, and every request on the connection carries another (`RawSocket`), so that a
+//! WebSocket upgraded on it writes its frames straight to the socket, without hyper's
+//! upgrade layers in between (`hub::outbox`). A TLS connection has no such handle: its
+//! frames go through the TLS stream.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use axum::Router;
-use axum_server::accept::NoDelayAcceptor;
+use axum_server::accept::{Accept, NoDelayAcceptor};
 use axum_server::tls_rustls::RustlsAcceptor;
 use axum_server::Handle;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::Shared;
 use crate::config::Settings;
@@ -48,7 +58,7 @@ pub async fn serve(
     *server.http_builder() = http_builder(settings);
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
-        None => server.acceptor(NoDelayAcceptor::new()).serve(service).await,
+        None => server.acceptor(PlainAcceptor).serve(service).await,
         Some(tls) => {
             let acceptor = RustlsAcceptor::new(tls.rustls_config())
                 .handshake_timeout(settings.handshake_timeout())
@@ -66,4 +76,126 @@ fn http_builder(settings: &Settings) -> Builder<TokioExecutor> {
         .header_read_timeout(settings.handshake_timeout())
         .max_buf_size(settings.max_header_bytes.max(MIN_HEADER_BYTES));
     builder
+}
+
+/// A plain TCP connection's socket, for the requests on it: what an upgraded WebSocket
+/// writes its frames to.
+#[derive(Clone, Debug)]
+pub(crate) struct RawSocket(pub Arc<TcpStream>);
+
+/// Plain TCP: `TCP_NODELAY`, the socket shared between hyper (`SharedTcp`) and the
+/// requests (`RawSocket` in their extensions).
+#[derive(Clone, Copy, Debug, Default)]
+struct PlainAcceptor;
+
+impl<S> Accept<TcpStream, S> for PlainAcceptor {
+    type Stream = SharedTcp;
+    type Service = WithSocket<S>;
+    type Future = std::future::Ready<io::Result<(SharedTcp, WithSocket<S>)>>;
+
+    fn accept(&self, stream: TcpStream, service: S) -> Self::Future {
+        std::future::ready(stream.set_nodelay(true).map(|()| {
+            let stream = Arc::new(stream);
+            let service = WithSocket {
+                inner: service,
+                socket: RawSocket(Arc::clone(&stream)),
+            };
+            (SharedTcp(stream), service)
+        }))
+    }
+}
+
+/// A connection's service, adding its `RawSocket` to every request.
+#[derive(Clone)]
+pub(crate) struct WithSocket<S> {
+    inner: S,
+    socket: RawSocket,
+}
+
+impl<S, B> tower_service::Service<http::Request<B>> for WithSocket<S>
+where
+    S: tower_service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.socket.clone());
+        self.inner.call(request)
+    }
+}
+
+/// A TCP stream read and written through a shared handle (tokio's readiness, then the
+/// non-blocking call), so that others can hold it too.
+pub(crate) struct SharedTcp(pub Arc<TcpStream>);
+
+impl AsyncRead for SharedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SharedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write_vectored(bufs) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = socket2::SockRef::from(&*self.0).shutdown(std::net::Shutdown::Write);
+        Poll::Ready(match result {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        })
+    }
 }

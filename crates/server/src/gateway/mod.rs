@@ -29,11 +29,12 @@ use wschat_protocol::{close, ErrorCode, RoomName};
 
 use crate::app::Shared;
 use crate::config::Settings;
+use crate::hub::outbox::WriteIo;
 use crate::hub::{frames, Conn, Item, Outbox, Protocol, SubId};
 use crate::limits::{Refusal, Slot};
 use crate::store::{hash_key, Session, StoreError};
 pub(crate) use upgrade::Upgrade;
-use upgrade::{Io, ReadSide};
+use upgrade::{Handover, ReadIo, ReadSide};
 
 /// A connection's inbound frames.
 pub(crate) type Reader = WebSocketStream<ReadSide>;
@@ -164,11 +165,23 @@ pub(crate) struct Socket {
     pub writer: tokio::task::JoinHandle<()>,
 }
 
-/// Split an upgraded socket: tungstenite reads one half, the outbox writes the other.
-pub(crate) async fn open(shared: &Shared, io: Io) -> Socket {
-    let (read, write) = tokio::io::split(io);
+/// Open an upgraded socket: tungstenite reads it, the outbox writes to it (to the TCP
+/// socket itself on a plain connection, to the other half of the TLS stream otherwise).
+pub(crate) async fn open(shared: &Shared, socket: Handover) -> Socket {
+    let Handover { io, raw } = socket;
+    let (read, write): (ReadIo, WriteIo) = match &raw {
+        Some(tcp) => (
+            ReadIo::Whole(io),
+            Box::pin(crate::serve::SharedTcp(Arc::clone(tcp))),
+        ),
+        None => {
+            let (read, write) = tokio::io::split(io);
+            (ReadIo::Half(read), Box::pin(write))
+        }
+    };
     let outbox = Arc::new(Outbox::new(
-        Box::pin(write),
+        write,
+        raw,
         shared.settings.outbound_queue_bytes,
         shared.settings.ws_write_buffer_bytes,
         shared.pacing.clone(),

@@ -1,6 +1,7 @@
 //! The WebSocket handshake over hyper's upgrade, as axum's `WebSocketUpgrade` does it, but
-//! handing over the upgraded socket itself: the connection splits it, tungstenite reads
-//! one half and the outbox writes encoded frames to the other (`hub::outbox`).
+//! handing over the upgraded socket itself: tungstenite reads it and the outbox writes
+//! encoded frames (`hub::outbox`): straight to the TCP socket on a plain connection
+//! (`serve::RawSocket`), through the other half of the TLS stream otherwise.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,11 +15,20 @@ use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf};
+use tokio::net::TcpStream;
 
 use crate::hub::Outbox;
+use crate::serve::RawSocket;
 
 /// The upgraded connection's socket.
 pub(crate) type Io = TokioIo<Upgraded>;
+
+/// What a connection gets once hyper hands its socket over.
+pub(crate) struct Handover {
+    pub io: Io,
+    /// The TCP socket itself, on a plain connection.
+    pub raw: Option<Arc<TcpStream>>,
+}
 
 /// Why a request is not a WebSocket handshake (axum's answers to the same requests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +79,7 @@ pub(crate) struct Upgrade {
     on_upgrade: OnUpgrade,
     /// The subprotocols the client offered.
     offered: Vec<String>,
+    raw: Option<RawSocket>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
@@ -103,10 +114,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .extensions
             .remove::<OnUpgrade>()
             .ok_or(Rejection::NotUpgradable)?;
+        let raw = parts.extensions.remove::<RawSocket>();
         Ok(Self {
             key,
             on_upgrade,
             offered,
+            raw,
         })
     }
 }
@@ -121,14 +134,18 @@ impl Upgrade {
     /// the socket once hyper hands it over.
     pub fn respond<F, Fut>(self, protocol: Option<&'static str>, run: F) -> Response
     where
-        F: FnOnce(Io) -> Fut + Send + 'static,
+        F: FnOnce(Handover) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
         let on_upgrade = self.on_upgrade;
+        let raw = self.raw.map(|r| r.0);
         tokio::spawn(async move {
             match on_upgrade.await {
-                Ok(upgraded) => run(TokioIo::new(upgraded)).await,
+                Ok(upgraded) => {
+                    let io = TokioIo::new(upgraded);
+                    run(Handover { io, raw }).await
+                }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
         });
@@ -167,16 +184,23 @@ fn header_contains(headers: &HeaderMap, name: header::HeaderName, token: &str) -
         .is_some_and(|v| v.to_ascii_lowercase().contains(token))
 }
 
-/// What tungstenite reads from and writes to: the socket's read half, and the outbox for
-/// what tungstenite writes itself (pongs, the answer to a client's close), so that those
-/// bytes keep their place among the frames the outbox writes.
+/// What tungstenite reads: the whole upgraded socket when the outbox writes to the TCP
+/// socket itself, else the read half of it.
+pub(crate) enum ReadIo {
+    Whole(Io),
+    Half(ReadHalf<Io>),
+}
+
+/// What tungstenite reads from and writes to: the socket, and the outbox for what
+/// tungstenite writes itself (pongs, the answer to a client's close), so that those bytes
+/// keep their place among the frames the outbox writes.
 pub(crate) struct ReadSide {
-    read: ReadHalf<Io>,
+    read: ReadIo,
     outbox: Arc<Outbox>,
 }
 
 impl ReadSide {
-    pub fn new(read: ReadHalf<Io>, outbox: Arc<Outbox>) -> Self {
+    pub fn new(read: ReadIo, outbox: Arc<Outbox>) -> Self {
         Self { read, outbox }
     }
 }
@@ -187,7 +211,10 @@ impl AsyncRead for ReadSide {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.read).poll_read(cx, buf)
+        match &mut self.read {
+            ReadIo::Whole(io) => Pin::new(io).poll_read(cx, buf),
+            ReadIo::Half(half) => Pin::new(half).poll_read(cx, buf),
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -119,6 +120,9 @@ struct State {
 
 pub struct Outbox {
     state: Mutex<State>,
+    /// On a plain connection, the TCP socket itself: a frame that can go at once is
+    /// written to it directly (the write half in `State` writes to it too).
+    raw: Option<Arc<TcpStream>>,
     ready: Notify,
     drained: Notify,
     limit: usize,
@@ -153,6 +157,7 @@ enum Direct {
 impl Outbox {
     pub fn new(
         io: WriteIo,
+        raw: Option<Arc<TcpStream>>,
         limit: usize,
         max_write: usize,
         pacing: Arc<WritePacing>,
@@ -171,6 +176,7 @@ impl Outbox {
                 write_gap_us: u32::MAX,
                 dead: false,
             }),
+            raw,
             ready: Notify::new(),
             drained: Notify::new(),
             limit,
@@ -360,9 +366,10 @@ impl Outbox {
     }
 
     /// Try to write `frame` to the socket without waiting: only when nothing is queued
-    /// before it, the writer is not using the socket, and no write is held for pacing.
-    /// A socket that cannot take it now is polled with a waker that does nothing; the
-    /// writer task polls it again with its own before it waits.
+    /// before it, the writer is not using the socket, and no write is held for pacing. A
+    /// plain connection's TCP socket takes one non-blocking write; a TLS stream is polled
+    /// with a waker that does nothing, and the writer task polls it again with its own
+    /// before it waits.
     fn write_now(&self, state: &mut State, frame: &[u8]) -> Direct {
         if !state.queue.is_empty() || state.flush || self.held(state).is_some() {
             return Direct::Queue;
@@ -370,26 +377,39 @@ impl Outbox {
         let Some(io) = state.io.as_mut() else {
             return Direct::Queue;
         };
-        let mut cx = Context::from_waker(Waker::noop());
-        // Outside tokio's cooperative budget: a fan-out writes to many sockets from one
-        // task, and a spent budget would make every socket look full.
-        let mut write = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| io
-            .as_mut()
-            .poll_write(cx, frame))));
-        let written = match write.as_mut().poll(&mut cx) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Direct::Failed,
-            Poll::Ready(Ok(n)) => n,
-            Poll::Pending => return Direct::Queue,
-        };
-        // TLS keeps what the socket did not take; plain TCP flushes at once.
-        match io.as_mut().poll_flush(&mut cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(_)) => return Direct::Failed,
-            Poll::Pending => {
-                state.flush = true;
-                self.ready.notify_one();
+        let written = match &self.raw {
+            // The TCP socket: one non-blocking write, no layers in between.
+            Some(tcp) => match tcp.try_write(frame) {
+                Ok(0) => return Direct::Failed,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Direct::Queue,
+                Err(_) => return Direct::Failed,
+            },
+            None => {
+                let mut cx = Context::from_waker(Waker::noop());
+                // Outside tokio's cooperative budget: a fan-out writes to many sockets from
+                // one task, and a spent budget would make every socket look full.
+                let mut write =
+                    std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| io
+                        .as_mut()
+                        .poll_write(cx, frame))));
+                let written = match write.as_mut().poll(&mut cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Direct::Failed,
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Pending => return Direct::Queue,
+                };
+                // TLS keeps what the socket did not take; the writer flushes it.
+                match io.as_mut().poll_flush(&mut cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => return Direct::Failed,
+                    Poll::Pending => {
+                        state.flush = true;
+                        self.ready.notify_one();
+                    }
+                }
+                written
             }
-        }
+        };
         self.wrote(state, 1);
         if written < frame.len() {
             Direct::Partial(written)
@@ -625,6 +645,7 @@ mod tests {
         let (server, client) = tokio::io::duplex(capacity);
         let outbox = Arc::new(Outbox::new(
             Box::pin(server),
+            None,
             limit,
             64 * 1024,
             pacing,

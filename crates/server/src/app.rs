@@ -163,6 +163,7 @@ impl Application {
             next_conn: AtomicU64::new(1),
         });
         tokio::spawn(shared.pacing.clone().run(shared.shutdown.clone()));
+        tokio::spawn(shared.pacing.clone().flush_held(shared.shutdown.clone()));
         tokio::spawn(shared.sessions.clone().run(
             shared.store.clone(),
             shared.settings.session_check_interval(),

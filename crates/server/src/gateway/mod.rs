@@ -179,14 +179,14 @@ pub(crate) async fn open(shared: &Shared, socket: Handover) -> Socket {
             (ReadIo::Half(read), Box::pin(write))
         }
     };
-    let outbox = Arc::new(Outbox::new(
+    let outbox = Outbox::new(
         write,
         raw,
         shared.settings.outbound_queue_bytes,
         shared.settings.ws_write_buffer_bytes,
         shared.pacing.clone(),
         tokio_util::sync::CancellationToken::new(),
-    ));
+    );
     let writer = tokio::spawn(outbox.clone().write_loop());
     let reader = WebSocketStream::from_raw_socket(
         ReadSide::new(read, outbox.clone()),

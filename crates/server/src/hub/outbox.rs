@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -116,9 +116,13 @@ struct State {
     write_gap_us: u32,
     /// The socket failed or the writer ended: nothing more can be written.
     dead: bool,
+    /// Registered with the node's flusher (`WritePacing::hold`) for a held write.
+    held_registered: bool,
 }
 
 pub struct Outbox {
+    /// Itself, to register with the node's flusher when a write is held.
+    me: Weak<Outbox>,
     state: Mutex<State>,
     /// On a plain connection, the TCP socket itself: a frame that can go at once is
     /// written to it directly (the write half in `State` writes to it too).
@@ -151,6 +155,8 @@ enum Direct {
     Partial(usize),
     /// Not now: queue it.
     Queue,
+    /// Held for pacing until then: queue it, and have the node's flusher write it.
+    Held(Instant),
     Failed,
 }
 
@@ -162,8 +168,9 @@ impl Outbox {
         max_write: usize,
         pacing: Arc<WritePacing>,
         cancel: CancellationToken,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
@@ -175,6 +182,7 @@ impl Outbox {
                 last_write: None,
                 write_gap_us: u32::MAX,
                 dead: false,
+                held_registered: false,
             }),
             raw,
             ready: Notify::new(),
@@ -183,7 +191,7 @@ impl Outbox {
             max_write: max_write.max(1),
             pacing,
             cancel,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -350,6 +358,17 @@ impl Outbox {
                 frame.slice(n..)
             }
             Direct::Queue => frame,
+            Direct::Held(at) => {
+                // The node's flusher writes it (with whatever joins it) when the hold
+                // ends: no task of this connection is woken for it.
+                if !state.held_registered {
+                    state.held_registered = true;
+                    self.pacing.hold(at, self.me.clone());
+                }
+                state.bytes += size;
+                state.queue.push_back(frame);
+                return Pushed::Queued;
+            }
             Direct::Failed => {
                 state.dead = true;
                 self.cancel.cancel();
@@ -365,21 +384,77 @@ impl Outbox {
         Pushed::Queued
     }
 
+    /// A held write's time has come (the node's flusher): write what is queued, joined,
+    /// if it goes at once; else it is the writer task's.
+    pub(super) fn flush_held(&self) {
+        let mut state = self.lock();
+        state.held_registered = false;
+        if state.queue.is_empty() || state.dead || state.flush || state.io.is_none() {
+            return;
+        }
+        if let Some(at) = self.held(&state) {
+            state.held_registered = true;
+            self.pacing.hold(at, self.me.clone());
+            return;
+        }
+        let mut joined = Vec::new();
+        let mut frames = 0;
+        for frame in &state.queue {
+            if !joined.is_empty() && joined.len() + frame.len() > self.max_write {
+                break;
+            }
+            joined.extend_from_slice(frame);
+            frames += 1;
+        }
+        let written = match self.try_write(&mut state, &joined) {
+            Direct::Written => joined.len(),
+            Direct::Partial(n) => n,
+            Direct::Queue | Direct::Held(_) => 0,
+            Direct::Failed => {
+                state.dead = true;
+                self.cancel.cancel();
+                return;
+            }
+        };
+        if written > 0 {
+            self.wrote(&mut state, frames);
+        }
+        consume(&mut state.queue, written);
+        state.partial = state.queue.front().is_some() && written > 0 && written < joined.len();
+        state.bytes = state.queue.iter().map(|f| f.len() + OVERHEAD).sum();
+        if !state.queue.is_empty() {
+            // The rest (or all of it, the socket being full) is the writer task's.
+            self.ready.notify_one();
+        }
+    }
+
     /// Try to write `frame` to the socket without waiting: only when nothing is queued
     /// before it, the writer is not using the socket, and no write is held for pacing. A
     /// plain connection's TCP socket takes one non-blocking write; a TLS stream is polled
     /// with a waker that does nothing, and the writer task polls it again with its own
     /// before it waits.
     fn write_now(&self, state: &mut State, frame: &[u8]) -> Direct {
-        if !state.queue.is_empty() || state.flush || self.held(state).is_some() {
+        if !state.queue.is_empty() || state.flush {
             return Direct::Queue;
         }
+        if let Some(at) = self.held(state) {
+            return Direct::Held(at);
+        }
+        let direct = self.try_write(state, frame);
+        if matches!(direct, Direct::Written | Direct::Partial(_)) {
+            self.wrote(state, 1);
+        }
+        direct
+    }
+
+    /// One write of `bytes` that does not wait, if the writer task is not using the socket.
+    fn try_write(&self, state: &mut State, bytes: &[u8]) -> Direct {
         let Some(io) = state.io.as_mut() else {
             return Direct::Queue;
         };
         let written = match &self.raw {
             // The TCP socket: one non-blocking write, no layers in between.
-            Some(tcp) => match tcp.try_write(frame) {
+            Some(tcp) => match tcp.try_write(bytes) {
                 Ok(0) => return Direct::Failed,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Direct::Queue,
@@ -392,7 +467,7 @@ impl Outbox {
                 let mut write =
                     std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| io
                         .as_mut()
-                        .poll_write(cx, frame))));
+                        .poll_write(cx, bytes))));
                 let written = match write.as_mut().poll(&mut cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Direct::Failed,
                     Poll::Ready(Ok(n)) => n,
@@ -410,8 +485,7 @@ impl Outbox {
                 written
             }
         };
-        self.wrote(state, 1);
-        if written < frame.len() {
+        if written < bytes.len() {
             Direct::Partial(written)
         } else {
             Direct::Written
@@ -643,14 +717,15 @@ mod tests {
         pacing: Arc<WritePacing>,
     ) -> (Arc<Outbox>, tokio::io::DuplexStream) {
         let (server, client) = tokio::io::duplex(capacity);
-        let outbox = Arc::new(Outbox::new(
+        tokio::spawn(pacing.clone().flush_held(CancellationToken::new()));
+        let outbox = Outbox::new(
             Box::pin(server),
             None,
             limit,
             64 * 1024,
             pacing,
             CancellationToken::new(),
-        ));
+        );
         tokio::spawn(outbox.clone().write_loop());
         (outbox, client)
     }

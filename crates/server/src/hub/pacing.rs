@@ -11,24 +11,43 @@
 //! The outbox holds only a connection written to more often than the delay (its average
 //! gap between writes, `hub::outbox`): a connection that gets a frame now and then would
 //! pay the latency and share the write with nothing. A quiet connection writes at once
-//! either way.
+//! either way. A held write is written by the node's one flusher task when its hold ends,
+//! with whatever queued meanwhile (`flush_held`): no task of the connection is woken.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::Outbox;
 
 /// How often the frame rate is turned into the switch.
 const TICK: Duration = Duration::from_millis(100);
 
-#[derive(Debug)]
 pub struct WritePacing {
     delay: Duration,
     /// Frames per second above which the delay applies; 0: always.
     above_per_sec: u64,
     frames: AtomicU64,
     active: AtomicBool,
+    /// Connections holding a write, with when the hold ends (in about that order: the
+    /// delay is the same for all): the node's flusher writes them then, so a held write
+    /// wakes no task of its connection.
+    held: Mutex<VecDeque<(Instant, Weak<Outbox>)>>,
+    held_ready: Notify,
+}
+
+impl std::fmt::Debug for WritePacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritePacing")
+            .field("delay", &self.delay)
+            .field("above_per_sec", &self.above_per_sec)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WritePacing {
@@ -38,7 +57,54 @@ impl WritePacing {
             above_per_sec,
             frames: AtomicU64::new(0),
             active: AtomicBool::new(above_per_sec == 0),
+            held: Mutex::new(VecDeque::new()),
+            held_ready: Notify::new(),
         })
+    }
+
+    /// `outbox` holds a write until `until`: the flusher writes it then.
+    pub(super) fn hold(&self, until: Instant, outbox: Weak<Outbox>) {
+        let was_empty = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.push_back((until, outbox));
+            held.len() == 1
+        };
+        if was_empty {
+            self.held_ready.notify_one();
+        }
+    }
+
+    /// Write the held writes as their holds end, until `stop`.
+    pub async fn flush_held(self: Arc<Self>, stop: CancellationToken) {
+        if !self.enabled() {
+            return;
+        }
+        let mut due = Vec::new();
+        loop {
+            let next = {
+                let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                held.front().map(|(until, _)| *until)
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.held_ready.notified(), if next.is_none() => continue,
+                _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
+            }
+            let now = Instant::now();
+            {
+                let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                while held.front().is_some_and(|(until, _)| *until <= now) {
+                    if let Some((_, outbox)) = held.pop_front() {
+                        due.push(outbox);
+                    }
+                }
+            }
+            for outbox in due.drain(..) {
+                if let Some(outbox) = outbox.upgrade() {
+                    outbox.flush_held();
+                }
+            }
+        }
     }
 
     fn enabled(&self) -> bool {

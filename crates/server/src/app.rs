@@ -136,17 +136,32 @@ impl Application {
                 Duration::from_secs(settings.retention_interval_secs.max(1)),
             ));
         }
-        let (committer, commit_task) =
-            Committer::start(store.clone(), hub.clone(), settings.max_commit_batch);
+        let pacing = crate::hub::pacing::WritePacing::new(
+            settings.write_delay(),
+            settings.write_delay_above_per_sec,
+        );
+        // On SQLite each commit's flush to disk costs this process a core's time (the
+        // commit thread's waits and wake-ups); on PostgreSQL it is the database server's,
+        // and holding commits only added latency (bench persist: p99 send→ack 22 ms
+        // without, 35 ms with 2 ms).
+        let spacing = crate::commit::Spacing {
+            delay: match store.kind() {
+                StoreKind::Sqlite => settings.commit_delay(),
+                StoreKind::Postgres => Duration::ZERO,
+            },
+            pacing: pacing.clone(),
+        };
+        let (committer, commit_task) = Committer::start(
+            store.clone(),
+            hub.clone(),
+            settings.max_commit_batch,
+            spacing,
+        );
         let listener = listen(settings.listen).map_err(|source| StartError::Listen {
             addr: settings.listen,
             source,
         })?;
         crate::http::install_metrics();
-        let pacing = crate::hub::pacing::WritePacing::new(
-            settings.write_delay(),
-            settings.write_delay_above_per_sec,
-        );
         let shared = Arc::new(Shared {
             settings,
             store,

@@ -56,10 +56,11 @@ impl Committer {
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         max_batch: usize,
+        spacing: Spacing,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(rx, store, hub, max_batch.max(1), stop.clone()));
+        let task = tokio::spawn(run(rx, store, hub, max_batch.max(1), spacing, stop.clone()));
         (Self { tx, stop }, task)
     }
 
@@ -118,6 +119,13 @@ impl Committer {
     }
 }
 
+/// How far apart commits start while the node is busy (`commit_delay_ms`): the busy
+/// switch is the write pacing's (`write_delay_above_per_sec`).
+pub struct Spacing {
+    pub delay: std::time::Duration,
+    pub pacing: Arc<crate::hub::pacing::WritePacing>,
+}
+
 /// What the committer hands to the settler: a batch and its outcome.
 struct Settled {
     batch: Vec<Queued>,
@@ -133,11 +141,13 @@ async fn run(
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
     max_batch: usize,
+    spacing: Spacing,
     stop: CancellationToken,
 ) {
     let (settled_tx, settled_rx) = mpsc::unbounded_channel();
     let settler = tokio::spawn(settle(settled_rx, hub));
     let mut messages: Vec<NewMessage> = Vec::new();
+    let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         // Each batch moves to the settler, so it is a new vector: sized by what is queued
         // now, not by `max_batch` (10,000 entries for a batch that is mostly one message).
@@ -153,6 +163,25 @@ async fn run(
         if received == 0 {
             break;
         }
+        // While the node is busy, a commit starts at most every `spacing.delay`: what
+        // arrives in the first moments joins it, and each commit (each fsync) carries more.
+        if let (Some(last), false) = (last_start, spacing.delay.is_zero()) {
+            let at = last + spacing.delay;
+            if !spacing.pacing.delay().is_zero()
+                && batch.len() < max_batch
+                && at > tokio::time::Instant::now()
+                && !stop.is_cancelled()
+            {
+                tokio::time::sleep_until(at).await;
+                while batch.len() < max_batch {
+                    match rx.try_recv() {
+                        Ok(queued) => batch.push(queued),
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        last_start = Some(tokio::time::Instant::now());
         messages.clear();
         messages.extend(batch.iter().map(|q| q.request.msg.clone()));
         let started = Instant::now();

@@ -81,6 +81,10 @@ pub const DOCS: &[(&str, &str)] = &[
         "Upper bound, in seconds, of a graceful stop (SIGTERM); an idle server stops at once.",
     ),
     (
+        "commit_delay_ms",
+        "SQLite only: while the node is busy (write_delay_above_per_sec), a commit starts at most this many milliseconds after the previous one started, so the sends arriving meanwhile share its transaction and its flush to disk: less CPU per message under load, at most this much added latency. A quiet node commits at once. 0: commit as soon as the previous commit returns. On PostgreSQL the flush is the database server's and commits start at once.",
+    ),
+    (
         "max_commit_batch",
         "Most messages committed in one transaction (a batch is whatever queued during the previous commit).",
     ),

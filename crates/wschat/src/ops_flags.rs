@@ -58,6 +58,10 @@ pub struct OpsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     shutdown_grace_secs: Option<u64>,
+    /// SQLite: milliseconds between commit starts while the node is busy [default: 2].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    commit_delay_ms: Option<u64>,
     /// Most messages committed in one transaction [default: 10000].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -716,8 +716,17 @@ mod tests {
         capacity: usize,
         pacing: Arc<WritePacing>,
     ) -> (Arc<Outbox>, tokio::io::DuplexStream) {
-        let (server, client) = tokio::io::duplex(capacity);
         tokio::spawn(pacing.clone().flush_held(CancellationToken::new()));
+        unflushed_outbox(limit, capacity, pacing)
+    }
+
+    /// An outbox whose pacing's flusher the caller starts (once for several outboxes).
+    fn unflushed_outbox(
+        limit: usize,
+        capacity: usize,
+        pacing: Arc<WritePacing>,
+    ) -> (Arc<Outbox>, tokio::io::DuplexStream) {
+        let (server, client) = tokio::io::duplex(capacity);
         let outbox = Outbox::new(
             Box::pin(server),
             None,
@@ -746,6 +755,41 @@ mod tests {
             any = true;
         }
         any
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_writes_go_out_when_their_own_hold_ends() {
+        let delay = Duration::from_millis(50);
+        let pacing = WritePacing::new(delay, 0);
+        tokio::spawn(pacing.clone().flush_held(CancellationToken::new()));
+        let (a, mut a_client) = unflushed_outbox(1 << 20, 1 << 16, pacing.clone());
+        let (b, mut b_client) = unflushed_outbox(1 << 20, 1 << 16, pacing);
+        let ms = Duration::from_millis;
+        // Both hot: a frame a millisecond for 40 ms.
+        for _ in 0..40 {
+            tokio::time::advance(ms(1)).await;
+            a.push(Item::Frame(frame("a")));
+            b.push(Item::Frame(frame("b")));
+        }
+        tokio::time::advance(ms(60)).await;
+        got_something(&mut a_client).await;
+        got_something(&mut b_client).await;
+        // a writes at once now, and b 20 ms later.
+        a.push(Item::Frame(frame("a")));
+        assert!(got_something(&mut a_client).await);
+        tokio::time::advance(ms(20)).await;
+        b.push(Item::Frame(frame("b")));
+        assert!(got_something(&mut b_client).await);
+        // 5 ms later each holds one: b's hold (registered first) ends 20 ms after a's.
+        tokio::time::advance(ms(5)).await;
+        b.push(Item::Frame(frame("b held")));
+        a.push(Item::Frame(frame("a held")));
+        assert!(!got_something(&mut a_client).await && !got_something(&mut b_client).await);
+        tokio::time::advance(ms(26)).await;
+        assert!(got_something(&mut a_client).await, "a's hold has ended");
+        assert!(!got_something(&mut b_client).await, "b's has not");
+        tokio::time::advance(ms(20)).await;
+        assert!(got_something(&mut b_client).await, "now b's has");
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,8 @@
 //! either way. A held write is written by the node's one flusher task when its hold ends,
 //! with whatever queued meanwhile (`flush_held`): no task of the connection is woken.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -34,11 +35,39 @@ pub struct WritePacing {
     above_per_sec: u64,
     frames: AtomicU64,
     active: AtomicBool,
-    /// Connections holding a write, with when the hold ends (in about that order: the
-    /// delay is the same for all): the node's flusher writes them then, so a held write
-    /// wakes no task of its connection.
-    held: Mutex<VecDeque<(Instant, Weak<Outbox>)>>,
+    /// Connections holding a write, by when the hold ends (soonest first): the node's
+    /// flusher writes them then, so a held write wakes no task of its connection.
+    held: Mutex<BinaryHeap<Reverse<Held>>>,
+    held_seq: AtomicU64,
     held_ready: Notify,
+}
+
+/// A connection holding a write until `until`.
+struct Held {
+    until: Instant,
+    /// Tells apart holds that end at the same instant.
+    seq: u64,
+    outbox: Weak<Outbox>,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, other: &Self) -> bool {
+        (self.until, self.seq) == (other.until, other.seq)
+    }
+}
+
+impl Eq for Held {}
+
+impl PartialOrd for Held {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Held {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.until, self.seq).cmp(&(other.until, other.seq))
+    }
 }
 
 impl std::fmt::Debug for WritePacing {
@@ -57,19 +86,23 @@ impl WritePacing {
             above_per_sec,
             frames: AtomicU64::new(0),
             active: AtomicBool::new(above_per_sec == 0),
-            held: Mutex::new(VecDeque::new()),
+            held: Mutex::new(BinaryHeap::new()),
+            held_seq: AtomicU64::new(0),
             held_ready: Notify::new(),
         })
     }
 
     /// `outbox` holds a write until `until`: the flusher writes it then.
     pub(super) fn hold(&self, until: Instant, outbox: Weak<Outbox>) {
-        let was_empty = {
+        let seq = self.held_seq.fetch_add(1, Ordering::Relaxed);
+        let first = {
             let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            held.push_back((until, outbox));
-            held.len() == 1
+            let first = held.peek().is_none_or(|Reverse(h)| until < h.until);
+            held.push(Reverse(Held { until, seq, outbox }));
+            first
         };
-        if was_empty {
+        // The flusher sleeps until the soonest hold ends: a sooner one wakes it.
+        if first {
             self.held_ready.notify_one();
         }
     }
@@ -83,19 +116,19 @@ impl WritePacing {
         loop {
             let next = {
                 let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-                held.front().map(|(until, _)| *until)
+                held.peek().map(|Reverse(h)| h.until)
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = self.held_ready.notified(), if next.is_none() => continue,
+                _ = self.held_ready.notified() => continue,
                 _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {}
             }
             let now = Instant::now();
             {
                 let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-                while held.front().is_some_and(|(until, _)| *until <= now) {
-                    if let Some((_, outbox)) = held.pop_front() {
-                        due.push(outbox);
+                while held.peek().is_some_and(|Reverse(h)| h.until <= now) {
+                    if let Some(Reverse(h)) = held.pop() {
+                        due.push(h.outbox);
                     }
                 }
             }

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# probes: what this machine charges for a wake-up, and how often it stalls a busy core,
+# measured with two small C programs (bench/probes/). These are the costs that the
+# scenarios' CPU-per-delivery and p99 figures inherit; bench/RESULTS.md uses them.
+# Knobs: N (2000 wake-ups), GAP_US (1000), STALL_S (20 s of stall watching per core).
+set -euo pipefail
+dir=$(cd "$(dirname "$0")" && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+N=${N:-2000} GAP_US=${GAP_US:-1000} STALL_S=${STALL_S:-20}
+gcc -O2 -o "$work/wakeup" "$dir/probes/wakeup.c"
+gcc -O2 -o "$work/stalls" "$dir/probes/stalls.c"
+echo "# probes — $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+"$work/wakeup" "$N" "$GAP_US"
+echo "one core busy:"
+"$work/stalls" 1 "$STALL_S"
+echo "both cores busy:"
+"$work/stalls" 0 "$STALL_S" & "$work/stalls" 1 "$STALL_S"; wait

@@ -347,10 +347,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             run_id: run_id.clone(),
             protocol: args.protocol,
             urls: urls.clone(),
-            // tungstenite zeroes this much before every read, but a connection that counts
-            // 50,000 frames a second (bench persist) needs 8 KiB reads to keep up.
+            // tungstenite zeroes this much before every read; the socket itself is read
+            // in bigger pieces under it (conn::SOCKET_READ_BYTES).
             ws: WebSocketConfig::default()
-                .read_buffer_size(8 * 1024)
+                .read_buffer_size(512)
                 .write_buffer_size(8 * 1024),
             connect_timeout,
             silence_timeout,

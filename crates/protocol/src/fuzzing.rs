@@ -6,9 +6,11 @@ use crate::v1::{decode_client, encode_server, ServerFrame};
 use crate::ErrorCode;
 
 /// Whether `text` is one JSON object (frames of both protocols must be). A number beyond
-/// f64's range is still JSON: JavaScript's `JSON.parse` takes `1e999` (as Infinity), and
-/// the decoders skip fields they do not know without reading their numbers, so this asks
-/// serde to check the syntax only (`IgnoredAny`), not to build a `Value`.
+/// f64's range is still JSON (JavaScript's `JSON.parse` takes `1e999` as Infinity), so
+/// this checks the syntax only (`IgnoredAny`) rather than building a `Value`, which
+/// refuses it. The legacy decoder skips members it does not know unread and so accepts
+/// `{"message":7,"x":1e999}`; v1's tagged frames read every member and refuse it
+/// (`invalid_frame`). Both are kept in `fuzz/regressions/`.
 fn is_json_object(text: &str) -> bool {
     crate::starts_as_object(text) && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
 }

@@ -287,6 +287,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Handlers go in before anything listens: a SIGTERM that arrives as soon as the
+    // server answers must drain it, never kill it with the default disposition.
+    let signals = shutdown_signals().context("installing signal handlers")?;
     let settings = Settings::load(args.config.as_deref(), &args)?;
     let app = Application::build(settings).await?;
     let addr = app.local_addr()?;
@@ -306,7 +309,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let token = app.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         tracing::info!("signal received: shutting down");
         token.cancel();
     });
@@ -314,21 +317,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Registers SIGTERM and SIGINT now; the returned future completes on the first of them.
+fn shutdown_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 #[cfg(test)]

@@ -43,9 +43,15 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     Some(out)
 }
 
-fn wait_healthy(port: u16) {
+/// Waits until the server `child` answers /healthz on `port`. A child that has exited
+/// fails here with its status, so another process answering on a reused port is never
+/// mistaken for it.
+fn wait_healthy(child: &mut Child, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the server exited before it was healthy: {status:?}");
+        }
         if http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
             return;
         }
@@ -218,7 +224,7 @@ fn serve_prints_a_demo_url_once_and_stops_cleanly_on_sigterm() {
         page.starts_with(&format!("http://127.0.0.1:{port}/chat?session_key=")),
         "{page}"
     );
-    wait_healthy(port);
+    wait_healthy(&mut child, port);
     let key = page.rsplit('=').next().unwrap().to_owned();
     // The demo key works.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -240,9 +246,9 @@ fn serve_prints_a_demo_url_once_and_stops_cleanly_on_sigterm() {
 
     // Second start: the database has a session, so no demo line.
     let mut child = serve(dir.path(), "sqlite://demo.db", port, "info");
-    wait_healthy(port);
+    wait_healthy(&mut child, port);
     let (status, out) = terminate(&mut child);
-    assert!(status.success());
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{out}");
     assert!(!out.contains("session_key="), "{out}");
 }
 
@@ -263,7 +269,7 @@ fn no_session_key_reaches_the_log_even_at_trace_level() {
     let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let port = free_port();
     let mut child = serve(dir.path(), "sqlite://chat.db", port, "trace");
-    wait_healthy(port);
+    wait_healthy(&mut child, port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // Legacy: key in the URL.
@@ -360,7 +366,7 @@ fn security_flags_reach_the_server_and_bad_ones_stop_it() {
             "9000",
         ],
     );
-    wait_healthy(port);
+    wait_healthy(&mut child, port);
     let status = |extra: &str| upgrade_status(port, "/?session_key=nope", extra);
     assert!(status("Origin: https://evil.example\r\n").contains(" 403 "));
     assert!(status("Origin: https://good.example.evil.com\r\n").contains(" 403 "));
@@ -432,7 +438,7 @@ fn json_logs_have_one_line_per_connection_event_and_no_key_token_or_body() {
         ],
         &[("RUST_LOG", "trace"), ("WSCHAT_ADMIN_TOKEN", token)],
     );
-    wait_healthy(port);
+    wait_healthy(&mut child, port);
     // A session and a message through the admin API: neither key nor text may be logged.
     let (status, created) = http_post(
         port,
@@ -546,7 +552,7 @@ fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_per
         ],
         &[("RUST_LOG", "info")],
     );
-    wait_healthy(port);
+    wait_healthy(&mut child, port);
     assert!(http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (codes, sigterm) = rt.block_on(async {

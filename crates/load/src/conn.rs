@@ -324,12 +324,13 @@ impl Conn {
             .map(|u| match shared.cfg.protocol {
                 Protocol::V1 => u.clone(),
                 Protocol::Legacy => legacy_url(u, &plan.key),
+                Protocol::SocketIo => socketio_url(u, &plan.key),
             })
             .collect();
         let n = plan.schedule.len();
         let (ack_seq, sent_at) = match shared.cfg.protocol {
             Protocol::V1 => (vec![0; n], Vec::new()),
-            Protocol::Legacy => (Vec::new(), vec![u64::MAX; n]),
+            Protocol::Legacy | Protocol::SocketIo => (Vec::new(), vec![u64::MAX; n]),
         };
         let rooms = if plan.receives && shared.cfg.protocol == Protocol::V1 {
             vec![V1Room::new(plan.room.clone())]
@@ -654,10 +655,10 @@ impl Conn {
     ) -> Option<End> {
         match msg {
             Some(Ok(Message::Text(t))) => {
-                let r = if self.v1() {
-                    self.on_v1_text(ws, t.as_str(), s).await
-                } else {
-                    Ok(self.on_legacy_text(t.as_str(), s))
+                let r = match self.shared.cfg.protocol {
+                    Protocol::V1 => self.on_v1_text(ws, t.as_str(), s).await,
+                    Protocol::Legacy => Ok(self.on_legacy_text(t.as_str(), s)),
+                    Protocol::SocketIo => self.on_socketio_text(ws, t.as_str(), s).await,
                 };
                 match r {
                     Ok(end) => end,
@@ -744,10 +745,15 @@ impl Conn {
             let counter = self.next_idx as u32;
             let frame = match shared.cfg.protocol {
                 Protocol::V1 => self.v1_send_frame(counter, intended_us),
-                Protocol::Legacy => {
+                Protocol::Legacy | Protocol::SocketIo => {
                     let text = self.text(counter, intended_us);
-                    serde_json::to_string(&LegacySay { message: &text })
-                        .map_err(|e| tungstenite::Error::Io(e.into()))?
+                    let say = serde_json::to_string(&LegacySay { message: &text })
+                        .map_err(|e| tungstenite::Error::Io(e.into()))?;
+                    if shared.cfg.protocol == Protocol::SocketIo {
+                        format!("{SOCKETIO_EVENT}{say}]")
+                    } else {
+                        say
+                    }
                 }
             };
             ws.feed(Message::text(frame)).await?;
@@ -772,7 +778,9 @@ impl Conn {
                     );
                     live.in_flight.fetch_add(1, Relaxed);
                 }
-                Protocol::Legacy => self.sent_at[counter as usize] = clock.now_us(),
+                Protocol::Legacy | Protocol::SocketIo => {
+                    self.sent_at[counter as usize] = clock.now_us();
+                }
             }
         }
         ws.flush().await
@@ -1067,12 +1075,8 @@ impl Conn {
                 }
             },
         };
-        if authenticated == Some(true) && !s.up {
-            s.up = true;
-            s.established = true;
-            s.window_start = self.shared.clock.now_us();
-            self.out.connected_once = true;
-            self.shared.live.connected.fetch_add(1, Relaxed);
+        if authenticated == Some(true) {
+            self.legacy_up(s);
         }
         if let Some(code) = error {
             *self.out.errors.entry(code.clone()).or_insert(0) += 1;
@@ -1085,6 +1089,50 @@ impl Conn {
             self.on_legacy_message(&body, s);
         }
         None
+    }
+
+    /// Legacy (and socketio): the server said the session is authenticated.
+    fn legacy_up(&mut self, s: &mut Session) {
+        if s.up {
+            return;
+        }
+        s.up = true;
+        s.established = true;
+        s.window_start = self.shared.clock.now_us();
+        self.out.connected_once = true;
+        self.shared.live.connected.fetch_add(1, Relaxed);
+    }
+
+    // ---- socketio ----
+
+    /// One Engine.IO 4 packet: open, ping, close, or a Socket.IO packet (connect ack,
+    /// connect error, event). An event `message` carries a legacy frame.
+    async fn on_socketio_text(
+        &mut self,
+        ws: &mut Ws,
+        text: &str,
+        s: &mut Session,
+    ) -> Result<Option<End>, tungstenite::Error> {
+        match socketio::packet(text) {
+            socketio::Packet::Open => {
+                // Connect to the main namespace; the session key went in the URL.
+                ws.send(Message::text("40")).await?;
+            }
+            socketio::Packet::Ping => ws.send(Message::text("3")).await?,
+            socketio::Packet::Close => return Ok(Some(self.lost(s, 1000))),
+            socketio::Packet::Connected => self.legacy_up(s),
+            socketio::Packet::ConnectError(reason) => {
+                *self.out.errors.entry(reason.clone()).or_insert(0) += 1;
+                if !s.up {
+                    self.connect_failed(reason);
+                }
+                return Ok(Some(End::Fatal));
+            }
+            socketio::Packet::Message(body) => return Ok(self.on_legacy_text(body, s)),
+            socketio::Packet::Other => {}
+            socketio::Packet::Bad => self.out.bad_frames += 1,
+        }
+        Ok(None)
     }
 
     fn on_legacy_message(&mut self, body: &str, s: &Session) {
@@ -1191,6 +1239,82 @@ pub(crate) fn legacy_url(base: &str, key: &str) -> String {
     url
 }
 
+/// The socketio URL: `base` with the path `/socket.io/` when its path is `/` (or empty),
+/// Engine.IO's `EIO=4&transport=websocket`, and `session_key=KEY`.
+pub(crate) fn socketio_url(base: &str, key: &str) -> String {
+    let (head, query) = match base.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (base, None),
+    };
+    let after_scheme = head.find("://").map_or(0, |i| i + 3);
+    let mut url = match head[after_scheme..].find('/') {
+        Some(i) if &head[after_scheme + i..] != "/" => head.to_owned(),
+        Some(i) => format!("{}/socket.io/", &head[..after_scheme + i]),
+        None => format!("{head}/socket.io/"),
+    };
+    url.push_str("?EIO=4&transport=websocket");
+    if let Some(q) = query {
+        url.push('&');
+        url.push_str(q);
+    }
+    legacy_url(&url, key)
+}
+
+/// The start of a Socket.IO event `message` on the main namespace: `42["message",`.
+const SOCKETIO_EVENT: &str = "42[\"message\",";
+
+/// The Engine.IO 4 / Socket.IO 5 packets the socketio mode tells apart.
+mod socketio {
+    use super::SOCKETIO_EVENT;
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Packet<'a> {
+        /// `0{…}`: the handshake; the client connects to a namespace next.
+        Open,
+        /// `1`, or `41`: the server closes the session, or leaves the namespace.
+        Close,
+        /// `2`: the server's heartbeat, to be answered with `3`.
+        Ping,
+        /// `40…`: connected to the main namespace.
+        Connected,
+        /// `44{"message":…}`: the connection to the namespace was refused.
+        ConnectError(String),
+        /// `42["message",BODY]`: BODY, the legacy frame.
+        Message(&'a str),
+        /// Anything else that is well formed (other events, other namespaces, noop).
+        Other,
+        /// Not an Engine.IO packet.
+        Bad,
+    }
+
+    pub fn packet(text: &str) -> Packet<'_> {
+        if let Some(rest) = text.strip_prefix(SOCKETIO_EVENT) {
+            return match rest.strip_suffix(']') {
+                Some(body) => Packet::Message(body),
+                None => Packet::Bad,
+            };
+        }
+        let b = text.as_bytes();
+        match (b.first(), b.get(1)) {
+            (Some(b'0'), _) => Packet::Open,
+            (Some(b'1'), _) => Packet::Close,
+            (Some(b'2'), _) => Packet::Ping,
+            (Some(b'4'), Some(b'0')) => Packet::Connected,
+            // Disconnected from the namespace by the server.
+            (Some(b'4'), Some(b'1')) => Packet::Close,
+            (Some(b'4'), Some(b'4')) => {
+                let reason = serde_json::from_str::<serde_json::Value>(&text[2..])
+                    .ok()
+                    .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "connect_error".to_owned());
+                Packet::ConnectError(reason)
+            }
+            (Some(b'3' | b'4' | b'5' | b'6'), _) => Packet::Other,
+            _ => Packet::Bad,
+        }
+    }
+}
+
 /// A short reason for a failed attempt, fit to be counted.
 fn describe(e: &tungstenite::Error) -> String {
     match e {
@@ -1216,4 +1340,49 @@ fn backoff(attempt: u32) -> Duration {
 pub(crate) fn exponential(mean_s: f64) -> Duration {
     let u: f64 = rand::rng().random();
     Duration::from_secs_f64(-(1.0 - u).ln() * mean_s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::socketio::{packet, Packet};
+    use super::*;
+
+    #[test]
+    fn socketio_urls_get_the_engine_io_path_and_query() {
+        assert_eq!(
+            socketio_url("ws://h:1/", "k 1"),
+            "ws://h:1/socket.io/?EIO=4&transport=websocket&session_key=k%201"
+        );
+        assert_eq!(
+            socketio_url("ws://h:1", "k"),
+            "ws://h:1/socket.io/?EIO=4&transport=websocket&session_key=k"
+        );
+        // A path of its own is kept; a query of its own follows Engine.IO's.
+        assert_eq!(
+            socketio_url("ws://h:1/chat/io/?x=1", "k"),
+            "ws://h:1/chat/io/?EIO=4&transport=websocket&x=1&session_key=k"
+        );
+    }
+
+    #[test]
+    fn socketio_packets_are_told_apart() {
+        assert_eq!(packet(r#"0{"sid":"a","pingInterval":25000}"#), Packet::Open);
+        assert_eq!(packet("2"), Packet::Ping);
+        assert_eq!(packet("1"), Packet::Close);
+        assert_eq!(packet("41"), Packet::Close);
+        assert_eq!(packet(r#"40{"sid":"b"}"#), Packet::Connected);
+        assert_eq!(
+            packet(r#"44{"message":"not authorized"}"#),
+            Packet::ConnectError("not authorized".into())
+        );
+        assert_eq!(
+            packet(r#"42["message",{"message":"hi","user":"u"}]"#),
+            Packet::Message(r#"{"message":"hi","user":"u"}"#)
+        );
+        assert_eq!(packet(r#"42["other",1]"#), Packet::Other);
+        assert_eq!(packet(r#"42["message",{"#), Packet::Bad);
+        assert_eq!(packet("6"), Packet::Other);
+        assert_eq!(packet(r#"{"authenticated":true}"#), Packet::Bad);
+        assert_eq!(packet(""), Packet::Bad);
+    }
 }

@@ -55,6 +55,12 @@
 //! one connection; `out_of_order`: a sender's counter going back at one receiver within
 //! one connection.
 //!
+//! **socketio.** The legacy protocol's frames carried as Socket.IO 4 events: the client
+//! connects to the namespace `/` (`40`), counts the server's `40{…}` as
+//! `{"authenticated":true}`, sends `42["message",{"message":TEXT}]`, reads each
+//! `42["message",{…}]` as the legacy frame inside it and answers Engine.IO pings. It is
+//! counted exactly as legacy.
+//!
 //! # Efficiency
 //!
 //! One tokio task per connection, 8 KiB WebSocket buffers, TCP_NODELAY, frames decoded
@@ -95,6 +101,11 @@ pub enum Protocol {
     V1,
     /// nodejschat's protocol: `?session_key=KEY`, `{"message": TEXT}`.
     Legacy,
+    /// The legacy protocol's messages as Socket.IO 4 events (Engine.IO 4 over a
+    /// WebSocket at `/socket.io/`): for Socket.IO chat servers such as
+    /// `bench/peers/socketio`. Counted as legacy.
+    #[value(name = "socketio")]
+    SocketIo,
 }
 
 impl Protocol {
@@ -102,6 +113,7 @@ impl Protocol {
         match self {
             Protocol::V1 => "v1",
             Protocol::Legacy => "legacy",
+            Protocol::SocketIo => "socketio",
         }
     }
 }
@@ -110,7 +122,9 @@ impl Protocol {
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
     /// Server URL; several, comma-separated, spread connections round-robin over nodes.
-    /// v1: ws://HOST:56412/ws; legacy: ws://HOST:56412/ (any path; `?session_key=` is added).
+    /// v1: ws://HOST:56412/ws; legacy: ws://HOST:56412/ (any path; `?session_key=` is added);
+    /// socketio: ws://HOST:PORT/ (the path `/socket.io/` and Engine.IO's query are added
+    /// when the URL's path is `/`).
     pub url: String,
 
     /// Protocol to speak.
@@ -291,6 +305,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         let probe = match args.protocol {
             Protocol::V1 => u.clone(),
             Protocol::Legacy => conn::legacy_url(u, "k"),
+            Protocol::SocketIo => conn::socketio_url(u, "k"),
         };
         probe
             .as_str()

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{legacy_fake, v1_fake, V1Fake};
+use common::{legacy_fake, socketio_fake, v1_fake, V1Fake};
 use wschat_load::{run, LoadArgs, Report};
 
 async fn load(args: &[&str]) -> Report {
@@ -45,14 +45,13 @@ async fn legacy_everything_delivered_means_no_loss() {
     assert!(r.acked.is_none());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn legacy_dropping_every_tenth_delivery_is_ten_percent_loss() {
-    let addr = legacy_fake(Some(10)).await;
-    let url = format!("ws://{addr}/chat");
+/// 10 connections of `protocol` and `keys` against a fake that drops every tenth
+/// delivery: the client must report about 10 % lost.
+async fn about_ten_percent_lost(url: &str, protocol: &str, keys: &str) {
     let r = load(&[
-        &url,
-        "--protocol=legacy",
-        "--session-key=k",
+        url,
+        protocol,
+        keys,
         "--connections=10",
         "--interval=0.05",
         "--duration=1.5",
@@ -68,6 +67,17 @@ async fn legacy_dropping_every_tenth_delivery_is_ten_percent_loss() {
         r.loss_ratio
     );
     assert_eq!(r.duplicated, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_dropping_every_tenth_delivery_is_ten_percent_loss() {
+    let addr = legacy_fake(Some(10)).await;
+    about_ten_percent_lost(
+        &format!("ws://{addr}/chat"),
+        "--protocol=legacy",
+        "--session-key=k",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,6 +101,59 @@ async fn legacy_rooms_are_inferred_with_per_connection_keys() {
     // connections count for nothing.
     assert_eq!(r.expected, r.sent * 4, "{r:#?}");
     assert_eq!(r.lost, 0, "{r:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_everything_delivered_means_no_loss_and_pings_are_answered() {
+    let (addr, seen) = socketio_fake(None).await;
+    let url = format!("ws://{addr}/");
+    let r = load(&[
+        &url,
+        "--protocol=socketio",
+        "--session-key=k",
+        "--connections=10",
+        "--interval=0.05",
+        "--duration=1.5",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.connected, 10, "{r:#?}");
+    assert_eq!(r.expected, r.sent * 10, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(
+        (r.duplicated, r.out_of_order, r.disconnects),
+        (0, 0, 0),
+        "{r:#?}"
+    );
+    assert_eq!(r.latency_ms.count, r.delivered);
+    assert_eq!(r.protocol, "socketio");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(
+        seen.good_paths.load(Relaxed),
+        10,
+        "the Engine.IO path and query"
+    );
+    // Pinged every 100 ms for about 2 s: every connection answers (a silent one is cut
+    // off after a second, which would show as disconnects above).
+    assert!(
+        seen.pongs.load(Relaxed) >= 10 * 5,
+        "{}",
+        seen.pongs.load(Relaxed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_dropping_every_tenth_delivery_is_ten_percent_loss() {
+    let (addr, _) = socketio_fake(Some(10)).await;
+    // No path: the client adds /socket.io/.
+    about_ten_percent_lost(
+        &format!("ws://{addr}"),
+        "--protocol=socketio",
+        "--keys=k{i}",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,19 +92,30 @@ pub async fn legacy_fake(drop_every: Option<u64>) -> SocketAddr {
                     continue;
                 };
                 let out = legacy::encode_message(TIME, "fake", &text);
-                let clients = clients.lock().unwrap();
-                for tx in clients.values() {
-                    let n = deliveries.fetch_add(1, Ordering::Relaxed) + 1;
-                    if drop_every.is_some_and(|d| n.is_multiple_of(d)) {
-                        continue;
-                    }
-                    let _ = tx.send(Message::text(out.clone()));
-                }
+                broadcast(&clients, &deliveries, drop_every, &out);
             }
             clients.lock().unwrap().remove(&id);
         }
     })
     .await
+}
+
+/// Sends `out` to every client, skipping every `drop_every`-th delivery (counted over all
+/// clients in `deliveries`).
+fn broadcast(
+    clients: &Mutex<HashMap<u64, Tx>>,
+    deliveries: &AtomicU64,
+    drop_every: Option<u64>,
+    out: &str,
+) {
+    let clients = clients.lock().unwrap();
+    for tx in clients.values() {
+        let n = deliveries.fetch_add(1, Ordering::Relaxed) + 1;
+        if drop_every.is_some_and(|d| n.is_multiple_of(d)) {
+            continue;
+        }
+        let _ = tx.send(Message::text(out));
+    }
 }
 
 /// Options of the v1 fake.
@@ -308,4 +319,109 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
         }
     })
     .await
+}
+
+/// What the Socket.IO fake saw.
+#[derive(Default)]
+pub struct SocketIoSeen {
+    /// Sessions opened on `/socket.io/?EIO=4&transport=websocket&…session_key=…`.
+    pub good_paths: AtomicU64,
+    /// Engine.IO pongs (`3`) received.
+    pub pongs: AtomicU64,
+}
+
+/// A Socket.IO 4 chat room as `bench/peers/socketio` is, on the wire: Engine.IO open
+/// (`0{…}`, pinging every 100 ms), namespace connect (`40` → `40{"sid"}`), each event
+/// `42["message",{"message":TEXT}]` broadcast to every connected client as
+/// `42["message",{"time","user","message"}]`, every n-th delivery dropped with
+/// `drop_every = Some(n)`. A client that leaves a ping unanswered for a second is cut
+/// off, as Socket.IO's `pingTimeout` does.
+pub async fn socketio_fake(drop_every: Option<u64>) -> (SocketAddr, Arc<SocketIoSeen>) {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(SocketIoSeen::default());
+    let clients: Arc<Mutex<HashMap<u64, Tx>>> = Arc::default();
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let seen_out = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut next_id = 0u64;
+        while let Ok((tcp, _)) = listener.accept().await {
+            next_id += 1;
+            let id = next_id;
+            let (seen, clients, deliveries) = (
+                Arc::clone(&seen),
+                Arc::clone(&clients),
+                Arc::clone(&deliveries),
+            );
+            tokio::spawn(async move {
+                let mut good_path = false;
+                // tungstenite's callback type; its error is an HTTP response.
+                #[allow(clippy::result_large_err)]
+                let check = |req: &Request, resp: Response| {
+                    let uri = req.uri();
+                    let q = uri.query().unwrap_or("");
+                    good_path = uri.path() == "/socket.io/"
+                        && q.contains("EIO=4")
+                        && q.contains("transport=websocket")
+                        && q.contains("session_key=");
+                    Ok(resp)
+                };
+                let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
+                    return;
+                };
+                if good_path {
+                    seen.good_paths.fetch_add(1, Ordering::Relaxed);
+                }
+                let (tx, mut stream) = writer(ws);
+                let _ = tx.send(Message::text(
+                    r#"0{"sid":"e","upgrades":[],"pingInterval":100,"pingTimeout":1000,"maxPayload":1000000}"#,
+                ));
+                let pinger = {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            if tx.send(Message::text("2")).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                };
+                let mut last_pong = tokio::time::Instant::now();
+                loop {
+                    let next = tokio::time::timeout_at(
+                        last_pong + std::time::Duration::from_secs(1),
+                        stream.next(),
+                    );
+                    let Ok(Some(Ok(msg))) = next.await else { break };
+                    let Message::Text(t) = msg else { continue };
+                    let t = t.as_str();
+                    if t == "3" {
+                        last_pong = tokio::time::Instant::now();
+                        seen.pongs.fetch_add(1, Ordering::Relaxed);
+                    } else if t == "40" {
+                        let _ = tx.send(Message::text(r#"40{"sid":"s"}"#));
+                        clients.lock().unwrap().insert(id, tx.clone());
+                    } else if let Some(body) = t
+                        .strip_prefix(r#"42["message","#)
+                        .and_then(|b| b.strip_suffix(']'))
+                    {
+                        let Ok(legacy::LegacyInbound::Say(text)) = legacy::decode_inbound(body)
+                        else {
+                            continue;
+                        };
+                        let out = format!(
+                            r#"42["message",{}]"#,
+                            legacy::encode_message(TIME, "fake", &text)
+                        );
+                        broadcast(&clients, &deliveries, drop_every, &out);
+                    }
+                }
+                pinger.abort();
+                clients.lock().unwrap().remove(&id);
+            });
+        }
+    });
+    (addr, seen_out)
 }

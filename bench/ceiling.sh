@@ -25,21 +25,26 @@ PY
 
 declare -A ceiling=([wschat]=0 [node-floor]=0)
 declare -A climbing=([wschat]=1 [node-floor]=1)
+for peer in $PEERS; do
+    ceiling[$peer]=0
+    climbing[$peer]=1
+done
 rows=()
 for rate in $RATES; do
     interval=$(python3 -c "print(round($N * $N / $rate, 6))")
-    for who in wschat node-floor; do
+    for who in wschat $PEERS node-floor; do
         [[ ${climbing[$who]} == 1 ]] || continue
         if [[ $who == wschat ]]; then
             db=$(sqlite_db)
             session "$db" bench
             start_wschat "$db"
         else
-            start_floor
+            start_peer "$who"
         fi
         f="$WORK/ceiling-$who-$rate.json"
-        load "$who@$rate" "$f" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" --protocol legacy \
-            --session-key bench -n "$N" --interval "$interval" --duration "$DURATION" || true
+        peer_args "$who" --protocol legacy --session-key bench -n "$N" --interval "$interval" \
+            --duration "$DURATION"
+        load "$who@$rate" "$f" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}" || true
         stop "$SRV_PID"
         if passes "$f"; then
             ceiling[$who]=$rate
@@ -56,7 +61,9 @@ print(f"| {sys.argv[2]} | {int(sys.argv[3]):,} | {r['delivered'] / r['duration_s
 PY
 )")
     done
-    [[ ${climbing[wschat]} == 1 || ${climbing[node-floor]} == 1 ]] || break
+    any=0
+    for who in "${!climbing[@]}"; do [[ ${climbing[$who]} == 1 ]] && any=1; done
+    ((any)) || break
 done
 
 note ""
@@ -65,4 +72,6 @@ note "|---|---|---|---|---|---|---|---|---|---|---|"
 for r in "${rows[@]}"; do note "$r"; done
 note ""
 ratio=$(python3 -c "w,f=${ceiling[wschat]},${ceiling[node-floor]}; print(f'{w/f:.2f}' if f else 'n/a')")
-note "Ceiling (highest offered rate passing: lost 0, p99 ≤ $P99_MS ms): wschat ${ceiling[wschat]}/s, node-floor ${ceiling[node-floor]}/s, ratio $ratio."
+peers_note=""
+for peer in $PEERS; do peers_note+=", $peer ${ceiling[$peer]}/s"; done
+note "Ceiling (highest offered rate passing: lost 0, p99 ≤ $P99_MS ms): wschat ${ceiling[wschat]}/s$peers_note, node-floor ${ceiling[node-floor]}/s, ratio wschat ÷ floor $ratio."

@@ -3,7 +3,7 @@
 # with one session key (room 0, empty: a fresh database), offered at RAMP connects/s
 # (0 = all at once); the rate is connected ÷ the client's connect phase (until every
 # connection's first attempt is over: upgrade, key check, {"authenticated":true}).
-# wschat (SQLite, then PostgreSQL) and the Node floor. Issue: ≥ 5,000/s.
+# wschat (SQLite, then PostgreSQL), the PEERS (lib.sh) and the Node floor. Issue: ≥ 5,000/s.
 # Knobs: N (5000), RAMP (0), STORES ("sqlite pg").
 source "$(dirname "$0")/lib.sh"
 N=${N:-5000} RAMP=${RAMP:-0} STORES=${STORES:-"sqlite pg"}
@@ -18,6 +18,13 @@ for store in $STORES; do
     load "wschat-$store" "$WORK/connect-wschat-$store.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
     stop "$SRV_PID"
     files+=("$WORK/connect-wschat-$store.json")
+done
+for peer in $PEERS; do
+    start_peer "$peer"
+    peer_args "$peer" "${args[@]}"
+    load "$peer" "$WORK/connect-$peer.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}"
+    stop "$SRV_PID"
+    files+=("$WORK/connect-$peer.json")
 done
 start_floor
 load node-floor "$WORK/connect-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"

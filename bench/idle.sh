@@ -3,7 +3,7 @@
 # (2000 and 10000): a freshly started server, RSS before the first connect, N legacy
 # connections with one session key (they send nothing), RSS once the server holds all N
 # sockets and their count has not changed for 1 s (plus SETTLE seconds), ÷ N. Then the
-# same against the Node floor. Issue: ≤ 8 KiB per connection (the floor measured 16 KiB),
+# same against the PEERS (lib.sh) and the Node floor. Issue: ≤ 8 KiB per connection (the floor measured 16 KiB),
 # on a server whose idle RSS is ≤ 32 MiB.
 # Knobs: NS ("2000 10000"), RAMP (2000 connects/s), SETTLE (2 s).
 source "$(dirname "$0")/lib.sh"
@@ -11,8 +11,8 @@ NS=${NS:-"2000 10000"} RAMP=${RAMP:-2000} SETTLE=${SETTLE:-2}
 header idle "bench/idle.sh  # NS=\"$NS\" RAMP=$RAMP, wschat on PostgreSQL"
 
 rows=()
-measure_idle() { # WHO N
-    local who=$1 n=$2
+measure_idle() { # WHO N [PROTOCOL]
+    local who=$1 n=$2 protocol=${3:-legacy}
     wait_quiet
     sleep 2
     local rss0 fd0
@@ -21,7 +21,7 @@ measure_idle() { # WHO N
     local hold=$((n / RAMP + 30))
     # shellcheck disable=SC2046
     $( [[ $PIN == 1 ]] && echo taskset -c "$CLIENT_CPU") "$LOAD_BIN" load "ws://127.0.0.1:$SRV_PORT/" \
-        --protocol legacy --session-key bench -n "$n" --interval 0 --duration "$hold" \
+        --protocol "$protocol" --session-key bench -n "$n" --interval 0 --duration "$hold" \
         --drain 0 --ramp "$RAMP" --json --no-progress >"$WORK/idle-$who-$n.json" 2>"$WORK/idle-$who-$n.err" &
     local client=$!
     _PIDS+=("$client")
@@ -46,13 +46,18 @@ for n in $NS; do
     start_wschat "$db"
     measure_idle wschat "$n"
     stop "$SRV_PID"
+    for peer in $PEERS; do
+        start_peer "$peer"
+        measure_idle "$peer" "$n" "$([[ $peer == socketio ]] && echo socketio || echo legacy)"
+        stop "$SRV_PID"
+    done
     start_floor
     measure_idle node-floor "$n"
     stop "$SRV_PID"
 done
 
 note ""
-note "| server | N | RSS before first connect, KiB | RSS after last connect, KiB | sockets held | KiB per connection | wschat ÷ floor | load avg at measurement |"
+note "| server | N | RSS before first connect, KiB | RSS after last connect, KiB | sockets held | KiB per connection | ÷ floor | load avg at measurement |"
 note "|---|---|---|---|---|---|---|---|"
 declare -A per_floor
 for r in "${rows[@]}"; do
@@ -62,6 +67,6 @@ done
 for r in "${rows[@]}"; do
     IFS='|' read -r who n rss0 rss1 socks per la <<<"$r"
     ratio=""
-    [[ $who == wschat && -n ${per_floor[$n]:-} ]] && ratio=$(python3 -c "print(f'{$per / ${per_floor[$n]}:.2f}')")
+    [[ $who != node-floor && -n ${per_floor[$n]:-} ]] && ratio=$(python3 -c "print(f'{$per / ${per_floor[$n]}:.2f}')")
     note "| $who | $n | $rss0 | $rss1 | $socks | $per | $ratio | $la |"
 done

@@ -13,6 +13,8 @@
 #   QUIET_WAIT=S  before each scenario, wait up to S seconds until the machine is quiet
 #                 (under QUIET_BUSY % of all cores busy over 5 s, default 15) [0: no wait]
 #   SEED          the load client's --seed (same send schedule for every server) [1]
+#   PEERS         peers measured besides the Node floor: "socketio" (bench/peers/socketio,
+#                 Socket.IO 4, driven with --protocol socketio) or "" for none [socketio]
 #
 # Every server, database and temp folder a script starts is stopped/dropped on exit.
 
@@ -25,6 +27,8 @@ BIN=${BENCH_BIN:-$ROOT/target/release/wschat}
 # server build with today's client).
 LOAD_BIN=${LOAD_BIN:-$BIN}
 FLOOR_DIR=$BENCH_DIR/peers/node-floor
+SOCKETIO_DIR=$BENCH_DIR/peers/socketio
+PEERS=${PEERS-socketio}
 MEASURE=$BENCH_DIR/measure.py
 PIN=${PIN:-1}
 SERVER_CPU=${SERVER_CPU:-1}
@@ -178,19 +182,42 @@ start_wschat() {
     log "wschat pid $SRV_PID on port $SRV_PORT ($(redact "$db")) $*"
 }
 
-# start_floor: the Node.js floor on a free port; sets SRV_PID, SRV_PORT.
-start_floor() {
-    if [[ ! -d $FLOOR_DIR/node_modules/ws ]]; then
-        (cd "$FLOOR_DIR" && npm ci --no-audit --no-fund >&2)
+# start_peer NAME: a Node.js peer on a free port, FLOOR_ENV in its environment: node-floor
+# (bench/peers/node-floor) or socketio (bench/peers/socketio, Socket.IO 4); installs its
+# packages from its package-lock.json on first use. Sets SRV_PID, SRV_PORT.
+start_peer() {
+    local name=$1 dir module
+    case $name in
+    node-floor) dir=$FLOOR_DIR module=ws ;;
+    socketio) dir=$SOCKETIO_DIR module=socket.io ;;
+    *) die "unknown peer $name" ;;
+    esac
+    if [[ ! -d $dir/node_modules/$module ]]; then
+        (cd "$dir" && npm ci --no-audit --no-fund >&2)
     fi
     SRV_PORT=$(free_port)
     # shellcheck disable=SC2046
-    (cd "$FLOOR_DIR" && exec env ${FLOOR_ENV:-} $(server_pin) node server.js "$SRV_PORT") \
-        >"$WORK/floor-$SRV_PORT.log" 2>&1 &
+    (cd "$dir" && exec env ${FLOOR_ENV:-} $(server_pin) node server.js "$SRV_PORT") \
+        >"$WORK/$name-$SRV_PORT.log" 2>&1 &
     SRV_PID=$!
     _PIDS+=("$SRV_PID")
     wait_tcp "$SRV_PORT"
-    log "node-floor pid $SRV_PID on port $SRV_PORT ${FLOOR_ENV:-}"
+    log "$name pid $SRV_PID on port $SRV_PORT ${FLOOR_ENV:-}"
+}
+
+# start_floor: the Node.js floor (start_peer node-floor).
+start_floor() { start_peer node-floor; }
+
+# peer_args NAME ARGS…: sets PEER_ARGS to the load client's legacy ARGS as that peer
+# needs them (socketio: `--protocol socketio` instead of `--protocol legacy`).
+peer_args() {
+    local peer=$1 a
+    shift
+    PEER_ARGS=()
+    for a in "$@"; do
+        [[ $peer == socketio && $a == legacy ]] && a=socketio
+        PEER_ARGS+=("$a")
+    done
 }
 
 # stop PID…: a graceful stop (TERM, then KILL after 10 s).
@@ -285,8 +312,16 @@ pair() {
     start_wschat "$db"
     load wschat "$WORK/$title-wschat.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "$@"
     stop "$SRV_PID"
+    local files=("$WORK/$title-wschat.json") peer
+    for peer in $PEERS; do
+        start_peer "$peer"
+        peer_args "$peer" "$@"
+        load "$peer" "$WORK/$title-$peer.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}"
+        stop "$SRV_PID"
+        files+=("$WORK/$title-$peer.json")
+    done
     start_floor
     load node-floor "$WORK/$title-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "$@"
     stop "$SRV_PID"
-    table "$title" "$WORK/$title-wschat.json" "$WORK/$title-floor.json"
+    table "$title" "${files[@]}" "$WORK/$title-floor.json"
 }

@@ -3,7 +3,8 @@
 # PostgreSQL with NATS (127.0.0.1:4222) as the broker: first one node, then NODES nodes
 # sharing a fresh database and a NATS subject of their own (connections spread
 # round-robin over the nodes by the client), then the Node floor. CPU figures sum all
-# nodes. Issue: deliveries/s over NODES nodes within 80 % of one node's.
+# nodes. Issue: deliveries/s over NODES nodes within 80 % of one node's. The PEERS are not
+# measured here (a Socket.IO cluster needs an adapter, e.g. Redis, not set up here).
 # Knobs: N (200), INTERVAL (0.4), DURATION (20), NODES (3), BROKER (nats: $NATS).
 source "$(dirname "$0")/lib.sh"
 N=${N:-200} INTERVAL=${INTERVAL:-0.4} DURATION=${DURATION:-20} NODES=${NODES:-3}

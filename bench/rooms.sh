@@ -2,7 +2,8 @@
 # rooms: 10,000 legacy clients in 1,000 rooms of 10, 1 msg/s each (10,000 msgs/s,
 # 100,000 deliveries/s), default store (SQLite). Sessions k1…kN are inserted directly,
 # session ki in room i % ROOMS; the client uses --keys k{i}. The Node floor runs with
-# FLOOR_ROOMS=ROOMS (same mapping from the key). Issue: p99 ≤ 20 ms.
+# FLOOR_ROOMS=ROOMS (same mapping from the key), and so do the PEERS (lib.sh). Issue:
+# p99 ≤ 20 ms.
 # Knobs: N (10000), ROOMS (1000), INTERVAL (1), DURATION (20), RAMP (2000 connects/s).
 source "$(dirname "$0")/lib.sh"
 N=${N:-10000} ROOMS=${ROOMS:-1000} INTERVAL=${INTERVAL:-1} DURATION=${DURATION:-20}
@@ -29,8 +30,17 @@ start_wschat "$db"
 load wschat "$WORK/rooms-wschat.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
 stop "$SRV_PID"
 check_rooms "$WORK/rooms-wschat.json" wschat
+files=("$WORK/rooms-wschat.json")
+for peer in $PEERS; do
+    FLOOR_ENV="FLOOR_ROOMS=$ROOMS" start_peer "$peer"
+    peer_args "$peer" "${args[@]}"
+    load "$peer" "$WORK/rooms-$peer.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}"
+    stop "$SRV_PID"
+    check_rooms "$WORK/rooms-$peer.json" "$peer"
+    files+=("$WORK/rooms-$peer.json")
+done
 FLOOR_ENV="FLOOR_ROOMS=$ROOMS" start_floor
 load node-floor "$WORK/rooms-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
 stop "$SRV_PID"
 check_rooms "$WORK/rooms-floor.json" node-floor
-table rooms "$WORK/rooms-wschat.json" "$WORK/rooms-floor.json"
+table rooms "${files[@]}" "$WORK/rooms-floor.json"

@@ -189,7 +189,7 @@ start_peer() {
     local name=$1 dir module
     case $name in
     node-floor) dir=$FLOOR_DIR module=ws ;;
-    socketio) dir=$SOCKETIO_DIR module=socket.io ;;
+    socketio) dir=$SOCKETIO_DIR module=@socket.io/redis-adapter ;;
     *) die "unknown peer $name" ;;
     esac
     if [[ ! -d $dir/node_modules/$module ]]; then

@@ -3,12 +3,15 @@
 # PostgreSQL with NATS (127.0.0.1:4222) as the broker: first one node, then NODES nodes
 # sharing a fresh database and a NATS subject of their own (connections spread
 # round-robin over the nodes by the client), then the Node floor. CPU figures sum all
-# nodes. Issue: deliveries/s over NODES nodes within 80 % of one node's. The PEERS are not
-# measured here (a Socket.IO cluster needs an adapter, e.g. Redis, not set up here).
-# Knobs: N (200), INTERVAL (0.4), DURATION (20), NODES (3), BROKER (nats: $NATS).
+# nodes (not NATS or Redis). Issue: deliveries/s over NODES nodes within 80 % of one node's. The socketio peer
+# (PEERS, lib.sh) runs the same way: 1 node, then NODES nodes, each with Socket.IO's Redis
+# adapter on REDIS (a channel prefix of its own per cluster).
+# Knobs: N (200), INTERVAL (0.4), DURATION (20), NODES (3), BROKER (nats: $NATS),
+#        REDIS (redis://127.0.0.1:6379).
 source "$(dirname "$0")/lib.sh"
 N=${N:-200} INTERVAL=${INTERVAL:-0.4} DURATION=${DURATION:-20} NODES=${NODES:-3}
 BROKER=${BROKER:-$NATS}
+REDIS=${REDIS:-redis://127.0.0.1:6379}
 header multi-node "bench/multinode.sh  # N=$N INTERVAL=$INTERVAL DURATION=$DURATION NODES=$NODES BROKER=$BROKER, PostgreSQL"
 args=(--protocol legacy --session-key bench -n "$N" --interval "$INTERVAL" --duration "$DURATION")
 
@@ -29,9 +32,32 @@ cluster() { # COUNT LABEL
     stop "${pids[@]}"
 }
 
+# peer_cluster PEER COUNT LABEL: COUNT processes of a Node peer sharing a Redis adapter.
+peer_cluster() {
+    local peer=$1 count=$2 label=$3 pids=() urls=()
+    local env="REDIS_URL=$REDIS REDIS_KEY=bench.$$.$RANDOM"
+    for _ in $(seq "$count"); do
+        FLOOR_ENV=$env start_peer "$peer"
+        pids+=("$SRV_PID")
+        urls+=("ws://127.0.0.1:$SRV_PORT/")
+    done
+    local pid_list url_list
+    pid_list=$(IFS=,; echo "${pids[*]}")
+    url_list=$(IFS=,; echo "${urls[*]}")
+    peer_args "$peer" "${args[@]}"
+    load "$label" "$WORK/multinode-$label.json" "$pid_list" "$url_list" "${PEER_ARGS[@]}"
+    stop "${pids[@]}"
+}
+
 cluster 1 wschat-1-node
 cluster "$NODES" "wschat-$NODES-nodes"
+files=("$WORK/multinode-wschat-$NODES-nodes.json" "$WORK/multinode-wschat-1-node.json")
+for peer in $PEERS; do
+    peer_cluster "$peer" 1 "$peer-1-node"
+    peer_cluster "$peer" "$NODES" "$peer-$NODES-nodes"
+    files+=("$WORK/multinode-$peer-$NODES-nodes.json" "$WORK/multinode-$peer-1-node.json")
+done
 start_floor
 load node-floor "$WORK/multinode-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
 stop "$SRV_PID"
-table multi-node "$WORK/multinode-wschat-$NODES-nodes.json" "$WORK/multinode-wschat-1-node.json" "$WORK/multinode-floor.json"
+table multi-node "${files[@]}" "$WORK/multinode-floor.json"

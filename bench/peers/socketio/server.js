@@ -12,6 +12,11 @@
 // FLOOR_ROOMS=R (optional, as node-floor): the client is in room (the last number in its
 // session_key) % R; without it (or R=0) everyone is in one room.
 //
+// REDIS_URL=redis://127.0.0.1:6379 (optional, for bench/multinode.sh): several of these
+// processes form one cluster through Socket.IO's Redis adapter (@socket.io/redis-adapter,
+// pub/sub on the channel prefix REDIS_KEY, default "socket.io"): a broadcast reaches the
+// room's members on every node.
+//
 // The wire, as `wschat load --protocol socketio` speaks it (Engine.IO 4 over a
 // WebSocket at /socket.io/?EIO=4&transport=websocket): the server opens with `0{…}`,
 // the client connects to "/" with `40`, the server answers `40{"sid":…}`; events are
@@ -47,9 +52,26 @@ io.on('connection', (socket) => {
   });
 });
 
-httpServer.listen(port, host, () => {
-  process.stderr.write(`socketio peer listening on ws://${host}:${port}/socket.io/\n`);
-});
+async function clusterAdapter() {
+  if (!process.env.REDIS_URL) return;
+  const { createClient } = require('redis');
+  const { createAdapter } = require('@socket.io/redis-adapter');
+  const pub = createClient({ url: process.env.REDIS_URL });
+  const sub = pub.duplicate();
+  await Promise.all([pub.connect(), sub.connect()]);
+  io.adapter(createAdapter(pub, sub, { key: process.env.REDIS_KEY || 'socket.io' }));
+}
+
+clusterAdapter().then(
+  () =>
+    httpServer.listen(port, host, () => {
+      process.stderr.write(`socketio peer listening on ws://${host}:${port}/socket.io/\n`);
+    }),
+  (err) => {
+    process.stderr.write(`socketio peer: Redis adapter: ${err}\n`);
+    process.exit(1);
+  },
+);
 
 for (const sig of ['SIGINT', 'SIGTERM']) {
   process.on(sig, () => {

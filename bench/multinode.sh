@@ -15,36 +15,32 @@ REDIS=${REDIS:-redis://127.0.0.1:6379}
 header multi-node "bench/multinode.sh  # N=$N INTERVAL=$INTERVAL DURATION=$DURATION NODES=$NODES BROKER=$BROKER, PostgreSQL"
 args=(--protocol legacy --session-key bench -n "$N" --interval "$INTERVAL" --duration "$DURATION")
 
-cluster() { # COUNT LABEL
-    local count=$1 label=$2 db pids=() urls=()
-    db=$(pg_db)
-    session "$db" bench
-    EXTRA_ENV="WSCHAT_NATS_SUBJECT=wschat.bench.$$.$RANDOM"
+# cluster COUNT LABEL [PEER]: COUNT wschat nodes on a fresh database and a NATS subject of
+# their own, or (with PEER) COUNT processes of that Node peer sharing a Redis adapter; the
+# load client spreads its connections over them; they are stopped afterwards.
+cluster() {
+    local count=$1 label=$2 peer=${3:-} db pids=() urls=()
+    if [[ -z $peer ]]; then
+        db=$(pg_db)
+        session "$db" bench
+        EXTRA_ENV="WSCHAT_NATS_SUBJECT=wschat.bench.$$.$RANDOM"
+        PEER_ARGS=("${args[@]}")
+    else
+        local env="REDIS_URL=$REDIS REDIS_KEY=bench.$$.$RANDOM"
+        peer_args "$peer" "${args[@]}"
+    fi
     for _ in $(seq "$count"); do
-        EXTRA_ENV=$EXTRA_ENV start_wschat "$db" --broker "$BROKER"
+        if [[ -z $peer ]]; then
+            EXTRA_ENV=$EXTRA_ENV start_wschat "$db" --broker "$BROKER"
+        else
+            FLOOR_ENV=$env start_peer "$peer"
+        fi
         pids+=("$SRV_PID")
         urls+=("ws://127.0.0.1:$SRV_PORT/")
     done
     local pid_list url_list
     pid_list=$(IFS=,; echo "${pids[*]}")
     url_list=$(IFS=,; echo "${urls[*]}")
-    load "$label" "$WORK/multinode-$label.json" "$pid_list" "$url_list" "${args[@]}"
-    stop "${pids[@]}"
-}
-
-# peer_cluster PEER COUNT LABEL: COUNT processes of a Node peer sharing a Redis adapter.
-peer_cluster() {
-    local peer=$1 count=$2 label=$3 pids=() urls=()
-    local env="REDIS_URL=$REDIS REDIS_KEY=bench.$$.$RANDOM"
-    for _ in $(seq "$count"); do
-        FLOOR_ENV=$env start_peer "$peer"
-        pids+=("$SRV_PID")
-        urls+=("ws://127.0.0.1:$SRV_PORT/")
-    done
-    local pid_list url_list
-    pid_list=$(IFS=,; echo "${pids[*]}")
-    url_list=$(IFS=,; echo "${urls[*]}")
-    peer_args "$peer" "${args[@]}"
     load "$label" "$WORK/multinode-$label.json" "$pid_list" "$url_list" "${PEER_ARGS[@]}"
     stop "${pids[@]}"
 }
@@ -53,8 +49,8 @@ cluster 1 wschat-1-node
 cluster "$NODES" "wschat-$NODES-nodes"
 files=("$WORK/multinode-wschat-$NODES-nodes.json" "$WORK/multinode-wschat-1-node.json")
 for peer in $PEERS; do
-    peer_cluster "$peer" 1 "$peer-1-node"
-    peer_cluster "$peer" "$NODES" "$peer-$NODES-nodes"
+    cluster 1 "$peer-1-node" "$peer"
+    cluster "$NODES" "$peer-$NODES-nodes" "$peer"
     files+=("$WORK/multinode-$peer-$NODES-nodes.json" "$WORK/multinode-$peer-1-node.json")
 done
 start_floor

@@ -745,15 +745,10 @@ impl Conn {
             let counter = self.next_idx as u32;
             let frame = match shared.cfg.protocol {
                 Protocol::V1 => self.v1_send_frame(counter, intended_us),
-                Protocol::Legacy | Protocol::SocketIo => {
-                    let text = self.text(counter, intended_us);
-                    let say = serde_json::to_string(&LegacySay { message: &text })
-                        .map_err(|e| tungstenite::Error::Io(e.into()))?;
-                    if shared.cfg.protocol == Protocol::SocketIo {
-                        format!("{SOCKETIO_EVENT}{say}]")
-                    } else {
-                        say
-                    }
+                Protocol::Legacy => self.legacy_say(counter, intended_us)?,
+                Protocol::SocketIo => {
+                    let say = self.legacy_say(counter, intended_us)?;
+                    format!("{}{say}]", socketio::EVENT)
                 }
             };
             ws.feed(Message::text(frame)).await?;
@@ -784,6 +779,13 @@ impl Conn {
             }
         }
         ws.flush().await
+    }
+
+    /// The legacy frame `{"message": TEXT}` of this message.
+    fn legacy_say(&self, counter: u32, intended_us: u64) -> Result<String, tungstenite::Error> {
+        let text = self.text(counter, intended_us);
+        serde_json::to_string(&LegacySay { message: &text })
+            .map_err(|e| tungstenite::Error::Io(e.into()))
     }
 
     fn text(&self, counter: u32, intended_us: u64) -> String {
@@ -1260,12 +1262,10 @@ pub(crate) fn socketio_url(base: &str, key: &str) -> String {
     legacy_url(&url, key)
 }
 
-/// The start of a Socket.IO event `message` on the main namespace: `42["message",`.
-const SOCKETIO_EVENT: &str = "42[\"message\",";
-
 /// The Engine.IO 4 / Socket.IO 5 packets the socketio mode tells apart.
 mod socketio {
-    use super::SOCKETIO_EVENT;
+    /// The start of a Socket.IO event `message` on the main namespace: `42["message",`.
+    pub const EVENT: &str = "42[\"message\",";
 
     #[derive(Debug, PartialEq, Eq)]
     pub enum Packet<'a> {
@@ -1288,7 +1288,7 @@ mod socketio {
     }
 
     pub fn packet(text: &str) -> Packet<'_> {
-        if let Some(rest) = text.strip_prefix(SOCKETIO_EVENT) {
+        if let Some(rest) = text.strip_prefix(EVENT) {
             return match rest.strip_suffix(']') {
                 Some(body) => Packet::Message(body),
                 None => Packet::Bad,

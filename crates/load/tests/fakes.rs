@@ -22,17 +22,11 @@ fn assert_counts_add_up(r: &Report) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_everything_delivered_means_no_loss() {
     let addr = legacy_fake(None).await;
-    let url = format!("ws://{addr}/");
-    let r = load(&[
-        &url,
+    let r = ten_connections(
+        &format!("ws://{addr}/"),
         "--protocol=legacy",
         "--session-key=k",
-        "--connections=10",
-        "--interval=0.05",
-        "--duration=1.5",
-        "--drain=5",
-        "--no-progress",
-    ])
+    )
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.connected, 10);
@@ -45,10 +39,9 @@ async fn legacy_everything_delivered_means_no_loss() {
     assert!(r.acked.is_none());
 }
 
-/// 10 connections of `protocol` and `keys` against a fake that drops every tenth
-/// delivery: the client must report about 10 % lost.
-async fn about_ten_percent_lost(url: &str, protocol: &str, keys: &str) {
-    let r = load(&[
+/// 10 connections of `protocol` with `keys`, 20 messages a second each for 1.5 s.
+async fn ten_connections(url: &str, protocol: &str, keys: &str) -> Report {
+    load(&[
         url,
         protocol,
         keys,
@@ -58,7 +51,13 @@ async fn about_ten_percent_lost(url: &str, protocol: &str, keys: &str) {
         "--drain=5",
         "--no-progress",
     ])
-    .await;
+    .await
+}
+
+/// 10 connections against a fake that drops every tenth delivery: the client must report
+/// about 10 % lost.
+async fn about_ten_percent_lost(url: &str, protocol: &str, keys: &str) {
+    let r = ten_connections(url, protocol, keys).await;
     assert_counts_add_up(&r);
     assert!(r.expected > 1000, "{r:#?}");
     assert!(
@@ -106,17 +105,11 @@ async fn legacy_rooms_are_inferred_with_per_connection_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socketio_everything_delivered_means_no_loss_and_pings_are_answered() {
     let (addr, seen) = socketio_fake(None).await;
-    let url = format!("ws://{addr}/");
-    let r = load(&[
-        &url,
+    let r = ten_connections(
+        &format!("ws://{addr}/"),
         "--protocol=socketio",
         "--session-key=k",
-        "--connections=10",
-        "--interval=0.05",
-        "--duration=1.5",
-        "--drain=5",
-        "--no-progress",
-    ])
+    )
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.connected, 10, "{r:#?}");

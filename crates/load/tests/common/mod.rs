@@ -22,15 +22,17 @@ const TIME: &str = "2016-08-08T17:20:32.421Z";
 
 type Tx = mpsc::UnboundedSender<Message>;
 
-/// Accepts WebSocket connections on 127.0.0.1:0 and runs `handle` for each.
+/// Accepts WebSocket connections on 127.0.0.1:0 and runs `handle` for each, with the
+/// connection's number and the upgrade request's path and query.
 async fn serve<F, Fut>(handle: F) -> SocketAddr
 where
-    F: Fn(u64, tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Fut
+    F: Fn(u64, String, tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Fut
         + Send
         + Sync
         + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = Arc::new(handle);
@@ -42,8 +44,15 @@ where
             let handle = Arc::clone(&handle);
             let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
-                if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
-                    handle(id, ws).await;
+                let mut target = String::new();
+                // tungstenite's callback type; its error is an HTTP response.
+                #[allow(clippy::result_large_err)]
+                let note_target = |req: &Request, resp: Response| {
+                    target = req.uri().to_string();
+                    Ok(resp)
+                };
+                if let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, note_target).await {
+                    handle(id, target, ws).await;
                 }
             });
         }
@@ -78,7 +87,7 @@ fn writer(
 pub async fn legacy_fake(drop_every: Option<u64>) -> SocketAddr {
     let clients: Arc<Mutex<HashMap<u64, Tx>>> = Arc::default();
     let deliveries = Arc::new(AtomicU64::new(0));
-    serve(move |id, ws| {
+    serve(move |id, _target, ws| {
         let clients = Arc::clone(&clients);
         let deliveries = Arc::clone(&deliveries);
         async move {
@@ -157,7 +166,7 @@ fn frame(f: &ServerFrame) -> Message {
 /// `client_msg_id`) and a message to every member.
 pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
     let hub: Arc<Mutex<Hub>> = Arc::default();
-    serve(move |id, ws| {
+    serve(move |id, _target, ws| {
         let hub = Arc::clone(&hub);
         async move {
             let (tx, mut stream) = writer(ws);
@@ -337,91 +346,73 @@ pub struct SocketIoSeen {
 /// `drop_every = Some(n)`. A client that leaves a ping unanswered for a second is cut
 /// off, as Socket.IO's `pingTimeout` does.
 pub async fn socketio_fake(drop_every: Option<u64>) -> (SocketAddr, Arc<SocketIoSeen>) {
-    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(SocketIoSeen::default());
     let clients: Arc<Mutex<HashMap<u64, Tx>>> = Arc::default();
     let deliveries = Arc::new(AtomicU64::new(0));
     let seen_out = Arc::clone(&seen);
-    tokio::spawn(async move {
-        let mut next_id = 0u64;
-        while let Ok((tcp, _)) = listener.accept().await {
-            next_id += 1;
-            let id = next_id;
-            let (seen, clients, deliveries) = (
-                Arc::clone(&seen),
-                Arc::clone(&clients),
-                Arc::clone(&deliveries),
-            );
-            tokio::spawn(async move {
-                let mut good_path = false;
-                // tungstenite's callback type; its error is an HTTP response.
-                #[allow(clippy::result_large_err)]
-                let check = |req: &Request, resp: Response| {
-                    let uri = req.uri();
-                    let q = uri.query().unwrap_or("");
-                    good_path = uri.path() == "/socket.io/"
-                        && q.contains("EIO=4")
-                        && q.contains("transport=websocket")
-                        && q.contains("session_key=");
-                    Ok(resp)
-                };
-                let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
-                    return;
-                };
-                if good_path {
-                    seen.good_paths.fetch_add(1, Ordering::Relaxed);
-                }
-                let (tx, mut stream) = writer(ws);
-                let _ = tx.send(Message::text(
-                    r#"0{"sid":"e","upgrades":[],"pingInterval":100,"pingTimeout":1000,"maxPayload":1000000}"#,
-                ));
-                let pinger = {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                            if tx.send(Message::text("2")).is_err() {
-                                break;
-                            }
+    let addr = serve(move |id, target, ws| {
+        let (seen, clients, deliveries) = (
+            Arc::clone(&seen),
+            Arc::clone(&clients),
+            Arc::clone(&deliveries),
+        );
+        async move {
+            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+            if path == "/socket.io/"
+                && query.contains("EIO=4")
+                && query.contains("transport=websocket")
+                && query.contains("session_key=")
+            {
+                seen.good_paths.fetch_add(1, Ordering::Relaxed);
+            }
+            let (tx, mut stream) = writer(ws);
+            let _ = tx.send(Message::text(
+                r#"0{"sid":"e","upgrades":[],"pingInterval":100,"pingTimeout":1000,"maxPayload":1000000}"#,
+            ));
+            let pinger = {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        if tx.send(Message::text("2")).is_err() {
+                            break;
                         }
-                    })
-                };
-                let mut last_pong = tokio::time::Instant::now();
-                loop {
-                    let next = tokio::time::timeout_at(
-                        last_pong + std::time::Duration::from_secs(1),
-                        stream.next(),
-                    );
-                    let Ok(Some(Ok(msg))) = next.await else { break };
-                    let Message::Text(t) = msg else { continue };
-                    let t = t.as_str();
-                    if t == "3" {
-                        last_pong = tokio::time::Instant::now();
-                        seen.pongs.fetch_add(1, Ordering::Relaxed);
-                    } else if t == "40" {
-                        let _ = tx.send(Message::text(r#"40{"sid":"s"}"#));
-                        clients.lock().unwrap().insert(id, tx.clone());
-                    } else if let Some(body) = t
-                        .strip_prefix(r#"42["message","#)
-                        .and_then(|b| b.strip_suffix(']'))
-                    {
-                        let Ok(legacy::LegacyInbound::Say(text)) = legacy::decode_inbound(body)
-                        else {
-                            continue;
-                        };
-                        let out = format!(
-                            r#"42["message",{}]"#,
-                            legacy::encode_message(TIME, "fake", &text)
-                        );
-                        broadcast(&clients, &deliveries, drop_every, &out);
                     }
+                })
+            };
+            let mut last_pong = tokio::time::Instant::now();
+            loop {
+                let next = tokio::time::timeout_at(
+                    last_pong + std::time::Duration::from_secs(1),
+                    stream.next(),
+                );
+                let Ok(Some(Ok(msg))) = next.await else { break };
+                let Message::Text(t) = msg else { continue };
+                let t = t.as_str();
+                if t == "3" {
+                    last_pong = tokio::time::Instant::now();
+                    seen.pongs.fetch_add(1, Ordering::Relaxed);
+                } else if t == "40" {
+                    let _ = tx.send(Message::text(r#"40{"sid":"s"}"#));
+                    clients.lock().unwrap().insert(id, tx.clone());
+                } else if let Some(body) = t
+                    .strip_prefix(r#"42["message","#)
+                    .and_then(|b| b.strip_suffix(']'))
+                {
+                    let Ok(legacy::LegacyInbound::Say(text)) = legacy::decode_inbound(body) else {
+                        continue;
+                    };
+                    let out = format!(
+                        r#"42["message",{}]"#,
+                        legacy::encode_message(TIME, "fake", &text)
+                    );
+                    broadcast(&clients, &deliveries, drop_every, &out);
                 }
-                pinger.abort();
-                clients.lock().unwrap().remove(&id);
-            });
+            }
+            pinger.abort();
+            clients.lock().unwrap().remove(&id);
         }
-    });
+    })
+    .await;
     (addr, seen_out)
 }

@@ -19,17 +19,8 @@ for store in $STORES; do
     stop "$SRV_PID"
     files+=("$WORK/connect-wschat-$store.json")
 done
-for peer in $PEERS; do
-    start_peer "$peer"
-    peer_args "$peer" "${args[@]}"
-    load "$peer" "$WORK/connect-$peer.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}"
-    stop "$SRV_PID"
-    files+=("$WORK/connect-$peer.json")
-done
-start_floor
-load node-floor "$WORK/connect-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
-stop "$SRV_PID"
-files+=("$WORK/connect-floor.json")
+load_peers connect "${args[@]}"
+files+=("${PEER_FILES[@]}")
 
 note ""
 note "| server | connected | failed attempts | connect phase s | connects/s | ÷ floor | server CPU in connect phase s | CPU µs per connect | load avg before |"

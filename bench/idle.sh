@@ -3,26 +3,27 @@
 # (2000 and 10000): a freshly started server, RSS before the first connect, N legacy
 # connections with one session key (they send nothing), RSS once the server holds all N
 # sockets and their count has not changed for 1 s (plus SETTLE seconds), ÷ N. Then the
-# same against the PEERS (lib.sh) and the Node floor. Issue: ≤ 8 KiB per connection (the floor measured 16 KiB),
-# on a server whose idle RSS is ≤ 32 MiB.
+# same against the PEERS (lib.sh) and the Node floor. Issue: ≤ 8 KiB per connection (the
+# floor measured 16 KiB), on a server whose idle RSS is ≤ 32 MiB.
 # Knobs: NS ("2000 10000"), RAMP (2000 connects/s), SETTLE (2 s).
 source "$(dirname "$0")/lib.sh"
 NS=${NS:-"2000 10000"} RAMP=${RAMP:-2000} SETTLE=${SETTLE:-2}
 header idle "bench/idle.sh  # NS=\"$NS\" RAMP=$RAMP, wschat on PostgreSQL"
 
 rows=()
-measure_idle() { # WHO N [PROTOCOL]
-    local who=$1 n=$2 protocol=${3:-legacy}
+measure_idle() { # WHO N
+    local who=$1 n=$2
     wait_quiet
     sleep 2
     local rss0 fd0
     rss0=$(python3 "$MEASURE" rss "$SRV_PID")
     fd0=$(python3 "$MEASURE" fds "$SRV_PID")
     local hold=$((n / RAMP + 30))
+    peer_args "$who" --protocol legacy --session-key bench -n "$n" --interval 0 \
+        --duration "$hold" --drain 0 --ramp "$RAMP" --json --no-progress
     # shellcheck disable=SC2046
     $( [[ $PIN == 1 ]] && echo taskset -c "$CLIENT_CPU") "$LOAD_BIN" load "ws://127.0.0.1:$SRV_PORT/" \
-        --protocol "$protocol" --session-key bench -n "$n" --interval 0 --duration "$hold" \
-        --drain 0 --ramp "$RAMP" --json --no-progress >"$WORK/idle-$who-$n.json" 2>"$WORK/idle-$who-$n.err" &
+        "${PEER_ARGS[@]}" >"$WORK/idle-$who-$n.json" 2>"$WORK/idle-$who-$n.err" &
     local client=$!
     _PIDS+=("$client")
     local fds
@@ -46,14 +47,11 @@ for n in $NS; do
     start_wschat "$db"
     measure_idle wschat "$n"
     stop "$SRV_PID"
-    for peer in $PEERS; do
+    for peer in $PEERS node-floor; do
         start_peer "$peer"
-        measure_idle "$peer" "$n" "$([[ $peer == socketio ]] && echo socketio || echo legacy)"
+        measure_idle "$peer" "$n"
         stop "$SRV_PID"
     done
-    start_floor
-    measure_idle node-floor "$n"
-    stop "$SRV_PID"
 done
 
 note ""

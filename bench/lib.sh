@@ -186,13 +186,15 @@ start_wschat() {
 # (bench/peers/node-floor) or socketio (bench/peers/socketio, Socket.IO 4); installs its
 # packages from its package-lock.json on first use. Sets SRV_PID, SRV_PORT.
 start_peer() {
-    local name=$1 dir module
+    local name=$1 dir
     case $name in
-    node-floor) dir=$FLOOR_DIR module=ws ;;
-    socketio) dir=$SOCKETIO_DIR module=@socket.io/redis-adapter ;;
+    node-floor) dir=$FLOOR_DIR ;;
+    socketio) dir=$SOCKETIO_DIR ;;
     *) die "unknown peer $name" ;;
     esac
-    if [[ ! -d $dir/node_modules/$module ]]; then
+    # npm writes node_modules/.package-lock.json last: missing or older than the lock
+    # file means the packages are not (all) installed.
+    if [[ ! $dir/node_modules/.package-lock.json -nt $dir/package-lock.json ]]; then
         (cd "$dir" && npm ci --no-audit --no-fund >&2)
     fi
     SRV_PORT=$(free_port)
@@ -205,9 +207,6 @@ start_peer() {
     log "$name pid $SRV_PID on port $SRV_PORT ${FLOOR_ENV:-}"
 }
 
-# start_floor: the Node.js floor (start_peer node-floor).
-start_floor() { start_peer node-floor; }
-
 # peer_args NAME ARGS…: sets PEER_ARGS to the load client's legacy ARGS as that peer
 # needs them (socketio: `--protocol socketio` instead of `--protocol legacy`).
 peer_args() {
@@ -217,6 +216,22 @@ peer_args() {
     for a in "$@"; do
         [[ $peer == socketio && $a == legacy ]] && a=socketio
         PEER_ARGS+=("$a")
+    done
+}
+
+# load_peers PREFIX ARGS…: for each of $PEERS and then the Node floor: start it
+# (FLOOR_ENV applies), run the load client with ARGS (legacy; adapted by peer_args) into
+# $WORK/PREFIX-NAME.json, stop it. Sets PEER_FILES to those files, the floor's last.
+load_peers() {
+    local prefix=$1 peer
+    shift
+    PEER_FILES=()
+    for peer in $PEERS node-floor; do
+        start_peer "$peer"
+        peer_args "$peer" "$@"
+        load "$peer" "$WORK/$prefix-$peer.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}"
+        stop "$SRV_PID"
+        PEER_FILES+=("$WORK/$prefix-$peer.json")
     done
 }
 
@@ -312,16 +327,6 @@ pair() {
     start_wschat "$db"
     load wschat "$WORK/$title-wschat.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "$@"
     stop "$SRV_PID"
-    local files=("$WORK/$title-wschat.json") peer
-    for peer in $PEERS; do
-        start_peer "$peer"
-        peer_args "$peer" "$@"
-        load "$peer" "$WORK/$title-$peer.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}"
-        stop "$SRV_PID"
-        files+=("$WORK/$title-$peer.json")
-    done
-    start_floor
-    load node-floor "$WORK/$title-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "$@"
-    stop "$SRV_PID"
-    table "$title" "${files[@]}" "$WORK/$title-floor.json"
+    load_peers "$title" "$@"
+    table "$title" "$WORK/$title-wschat.json" "${PEER_FILES[@]}"
 }

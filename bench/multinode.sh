@@ -3,8 +3,8 @@
 # PostgreSQL with NATS (127.0.0.1:4222) as the broker: first one node, then NODES nodes
 # sharing a fresh database and a NATS subject of their own (connections spread
 # round-robin over the nodes by the client), then the Node floor. CPU figures sum all
-# nodes (not NATS or Redis). Issue: deliveries/s over NODES nodes within 80 % of one node's. The socketio peer
-# (PEERS, lib.sh) runs the same way: 1 node, then NODES nodes, each with Socket.IO's Redis
+# nodes (not NATS or Redis). Issue: deliveries/s over NODES nodes within 80 % of one
+# node's. The socketio peer (PEERS, lib.sh) runs the same way: 1 node, then NODES nodes, each with Socket.IO's Redis
 # adapter on REDIS (a channel prefix of its own per cluster).
 # Knobs: N (200), INTERVAL (0.4), DURATION (20), NODES (3), BROKER (nats: $NATS),
 #        REDIS (redis://127.0.0.1:6379).
@@ -53,7 +53,7 @@ for peer in $PEERS; do
     cluster "$NODES" "$peer-$NODES-nodes" "$peer"
     files+=("$WORK/multinode-$peer-$NODES-nodes.json" "$WORK/multinode-$peer-1-node.json")
 done
-start_floor
+start_peer node-floor
 load node-floor "$WORK/multinode-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
 stop "$SRV_PID"
 table multi-node "${files[@]}" "$WORK/multinode-floor.json"

@@ -30,17 +30,8 @@ start_wschat "$db"
 load wschat "$WORK/rooms-wschat.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
 stop "$SRV_PID"
 check_rooms "$WORK/rooms-wschat.json" wschat
-files=("$WORK/rooms-wschat.json")
-for peer in $PEERS; do
-    FLOOR_ENV="FLOOR_ROOMS=$ROOMS" start_peer "$peer"
-    peer_args "$peer" "${args[@]}"
-    load "$peer" "$WORK/rooms-$peer.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}"
-    stop "$SRV_PID"
-    check_rooms "$WORK/rooms-$peer.json" "$peer"
-    files+=("$WORK/rooms-$peer.json")
+FLOOR_ENV="FLOOR_ROOMS=$ROOMS" load_peers rooms "${args[@]}"
+for f in "${PEER_FILES[@]}"; do
+    check_rooms "$f" "$(basename "$f" .json)"
 done
-FLOOR_ENV="FLOOR_ROOMS=$ROOMS" start_floor
-load node-floor "$WORK/rooms-floor.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
-stop "$SRV_PID"
-check_rooms "$WORK/rooms-floor.json" node-floor
-table rooms "${files[@]}" "$WORK/rooms-floor.json"
+table rooms "$WORK/rooms-wschat.json" "${PEER_FILES[@]}"

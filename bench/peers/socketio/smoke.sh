@@ -6,7 +6,9 @@
 set -euo pipefail
 dir=$(cd "$(dirname "$0")" && pwd)
 bin=${1:-$dir/../../../target/release/wschat}
-[[ -d $dir/node_modules/@socket.io/redis-adapter ]] || (cd "$dir" && npm ci --no-audit --no-fund >&2)
+# npm writes node_modules/.package-lock.json last: missing or older than the lock file
+# means the packages are not (all) installed.
+[[ $dir/node_modules/.package-lock.json -nt $dir/package-lock.json ]] || (cd "$dir" && npm ci --no-audit --no-fund >&2)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 FLOOR_ROOMS=5 node "$dir/server.js" "$port" 2>/dev/null &
 server=$!

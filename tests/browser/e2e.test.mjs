@@ -563,6 +563,11 @@ describe('chat page end to end', { timeout: 300000 }, () => {
 
   test('a session bound to a room stays there; a bad key is told so', async () => {
     const carol = await openPerson('carol', await server.createSession('carol', '3'), { width: 390, height: 800 });
+    // The status turns ready at once, the view follows in the next render (16 ms later):
+    // wait for it, then assert (a wrong title still fails below, with its value).
+    await carol.page
+      .waitForFunction(() => document.getElementById('room-title')?.textContent === '#3', null, { timeout: 5000 })
+      .catch(() => {});
     assert.equal(await carol.page.locator('#room-title').textContent(), '#3');
     assert.equal(await carol.page.locator('#join-form').isVisible(), false);
     const text = `in room three (${run})`;

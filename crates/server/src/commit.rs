@@ -2,6 +2,7 @@
 //! in flight, commits them (across rooms) in one transaction, then acknowledges each
 //! sender, delivers to this node's hub and rings the other nodes, in commit order. An ack is only ever sent after commit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use wschat_protocol::v1::{Ref, ServerFrame};
 use wschat_protocol::ErrorCode;
 
-use crate::hub::{frames, Conn, Hub, Item, Protocol};
+use crate::hub::frames::{self, Encoded};
+use crate::hub::{Conn, Hub, Item, Protocol};
 use crate::store::{format_time, CommitOutcome, NewMessage, Store, StoreError};
 
 /// Who waits for a send's outcome.
@@ -219,6 +221,7 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
                 let mut committed = Vec::with_capacity(outcomes.len());
                 let mut repeats = false;
                 let send_ack = metrics::histogram!("wschat_send_ack_seconds");
+                let mut acks = Acks::default();
                 for (queued, outcome) in batch.drain(..).zip(outcomes) {
                     // A retry's first message is rung again: when a commit failed in a way
                     // that left it committed (the connection died during COMMIT), its
@@ -226,9 +229,10 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
                     // skip seqs they already delivered.
                     repeats |= matches!(outcome, CommitOutcome::Duplicate(_));
                     committed.push(outcome.message().clone());
-                    answer(queued.request.reply, outcome);
+                    acks.answer(queued.request.reply, outcome);
                     send_ack.record(queued.at.elapsed().as_secs_f64());
                 }
+                acks.send();
                 metrics::counter!("wschat_messages_acknowledged_total")
                     .increment(committed.len() as u64);
                 if repeats {
@@ -261,25 +265,54 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
     }
 }
 
-fn answer(reply: Reply, outcome: CommitOutcome) {
-    match reply {
-        Reply::Conn { conn, reference } => {
-            if conn.protocol == Protocol::V1 {
-                let m = outcome.message();
-                let ack = frames::v1(&ServerFrame::Ack {
-                    room: m.room.to_string(),
-                    seq: m.seq,
-                    id: m.id,
-                    client_msg_id: m.client_msg_id.clone(),
-                    time: format_time(m.time_ms),
-                    reference,
+/// One batch's answers to connections, gathered by connection: a sender's acks go out
+/// together, in one write when they can.
+#[derive(Default)]
+struct Acks {
+    index: HashMap<u64, usize>,
+    /// Each connection, its ack frames in commit order, and how many of its sends settled.
+    conns: Vec<(Arc<Conn>, Vec<Encoded>, usize)>,
+}
+
+impl Acks {
+    fn answer(&mut self, reply: Reply, outcome: CommitOutcome) {
+        match reply {
+            Reply::Conn { conn, reference } => {
+                let ack = (conn.protocol == Protocol::V1).then(|| {
+                    let m = outcome.message();
+                    frames::v1(&ServerFrame::Ack {
+                        room: m.room.to_string(),
+                        seq: m.seq,
+                        id: m.id,
+                        client_msg_id: m.client_msg_id.clone(),
+                        time: format_time(m.time_ms),
+                        reference,
+                    })
                 });
-                conn.outbox.push(Item::Frame(ack));
+                let Self { index, conns } = self;
+                let i = *index.entry(conn.id).or_insert_with(|| {
+                    conns.push((conn, Vec::new(), 0));
+                    conns.len() - 1
+                });
+                let (_, frames, settled) = &mut conns[i];
+                frames.extend(ack);
+                *settled += 1;
             }
-            conn.send_settled();
+            Reply::Oneshot(tx) => {
+                let _ignored_if_caller_gone = tx.send(Ok(outcome));
+            }
         }
-        Reply::Oneshot(tx) => {
-            let _ignored_if_caller_gone = tx.send(Ok(outcome));
+    }
+
+    /// Push each connection's acks, then count its sends settled.
+    fn send(self) {
+        for (conn, frames, settled) in self.conns {
+            if !frames.is_empty() {
+                conn.outbox.push_frames(frames);
+            }
+            for _ in 0..settled {
+                conn.send_settled();
+            }
         }
     }
 }

@@ -193,7 +193,7 @@ impl Hub {
     }
 
     /// Subscribe `conn` to `room` as `sub`: from now on, every message of the room
-    /// committed after this call reaches the connection's outbox as `Item::Live`.
+    /// committed after this call reaches the connection's outbox (`Outbox::push_live`).
     pub async fn subscribe(
         self: &Arc<Self>,
         name: &RoomName,
@@ -316,22 +316,42 @@ impl Hub {
         push_room_event(&state, origin, &frame, true);
     }
 
-    /// Deliver committed messages (of any rooms, each room's in seq order).
+    /// Deliver committed messages (of any rooms, each room's in seq order). A room's
+    /// messages that follow on from what it delivered go out as one run: each subscriber
+    /// gets them in one write.
     pub fn deliver(self: &Arc<Self>, messages: &[Arc<StoredMessage>]) {
+        let mut by_room: Vec<(&RoomName, Vec<&Arc<StoredMessage>>)> = Vec::new();
+        let mut index: HashMap<&RoomName, usize> = HashMap::new();
         for msg in messages {
-            let Some(room) = self.room(&msg.room) else {
+            let i = *index.entry(&msg.room).or_insert_with(|| {
+                by_room.push((&msg.room, Vec::new()));
+                by_room.len() - 1
+            });
+            by_room[i].1.push(msg);
+        }
+        for (name, msgs) in by_room {
+            let Some(room) = self.room(name) else {
                 continue;
             };
             let mut state = room.lock();
-            if msg.seq <= state.last_delivered {
-                continue;
+            let mut run = Vec::new();
+            let mut gap = false;
+            for msg in msgs {
+                let next = state.last_delivered + run.len() as u64 + 1;
+                if msg.seq < next {
+                    continue;
+                }
+                if msg.seq == next && !state.catching_up && !gap {
+                    run.push(msg.clone());
+                } else {
+                    state.pending.insert(msg.seq, msg.clone());
+                    gap = true;
+                }
             }
-            if msg.seq == state.last_delivered + 1 && !state.catching_up {
-                fan_out(&mut state, msg);
-                continue;
+            fan_out(&mut state, &run);
+            if gap {
+                self.start_catch_up(&room, &mut state);
             }
-            state.pending.insert(msg.seq, msg.clone());
-            self.start_catch_up(&room, &mut state);
         }
     }
 
@@ -523,11 +543,13 @@ impl Hub {
                     if read.is_empty() {
                         empty_reads += 1;
                     }
+                    let mut run = Vec::new();
                     for msg in read {
-                        if msg.seq == state.last_delivered + 1 {
-                            fan_out(&mut state, &Arc::new(msg));
+                        if msg.seq == state.last_delivered + run.len() as u64 + 1 {
+                            run.push(Arc::new(msg));
                         }
                     }
+                    fan_out(&mut state, &run);
                     drain_pending(&mut state);
                     let behind = state.catch_up_to > state.last_delivered;
                     if state.pending.is_empty() && !behind {
@@ -567,37 +589,44 @@ fn catch_up_enabled() -> bool {
     true
 }
 
+/// Deliver the pending messages that now follow on from the last delivered one.
 fn drain_pending(state: &mut RoomState) {
+    let mut run = Vec::new();
     while let Some(entry) = state.pending.first_entry() {
         let seq = *entry.key();
-        if seq <= state.last_delivered {
+        let next = state.last_delivered + run.len() as u64 + 1;
+        if seq < next {
             entry.remove();
-        } else if seq == state.last_delivered + 1 {
-            let msg = entry.remove();
-            fan_out(state, &msg);
+        } else if seq == next {
+            run.push(entry.remove());
         } else {
             break;
         }
     }
+    fan_out(state, &run);
 }
 
-fn fan_out(state: &mut RoomState, msg: &Arc<StoredMessage>) {
-    state.last_delivered = msg.seq;
-    let mut legacy: Option<Encoded> = None;
-    let mut v1: Option<Encoded> = None;
+/// Push `run`, the room's next messages in seq order, to every subscriber: each message
+/// encoded once per protocol, each subscriber's share in one push.
+fn fan_out(state: &mut RoomState, run: &[Arc<StoredMessage>]) {
+    let Some(last) = run.last() else {
+        return;
+    };
+    state.last_delivered = last.seq;
+    let encode = |f: fn(&StoredMessage) -> Encoded| -> Vec<(u64, Encoded)> {
+        run.iter().map(|m| (m.seq, f(m))).collect()
+    };
+    let mut legacy: Option<Vec<(u64, Encoded)>> = None;
+    let mut v1: Option<Vec<(u64, Encoded)>> = None;
     for s in &state.subs {
-        let frame = match s.conn.protocol {
-            Protocol::Legacy => legacy.get_or_insert_with(|| frames::legacy_message(msg)),
-            Protocol::V1 => v1.get_or_insert_with(|| frames::v1_message(msg)),
-        }
-        .clone();
-        s.conn.outbox.push(Item::Live {
-            sub: s.sub,
-            seq: msg.seq,
-            frame,
-        });
+        let frames = match s.conn.protocol {
+            Protocol::Legacy => legacy.get_or_insert_with(|| encode(frames::legacy_message)),
+            Protocol::V1 => v1.get_or_insert_with(|| encode(frames::v1_message)),
+        };
+        s.conn.outbox.push_live(s.sub, frames);
     }
-    metrics::counter!("wschat_messages_delivered_total").increment(state.subs.len() as u64);
+    metrics::counter!("wschat_messages_delivered_total")
+        .increment((state.subs.len() * run.len()) as u64);
 }
 
 fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, droppable: bool) {

@@ -45,12 +45,6 @@ pub type WriteIo = Pin<Box<dyn AsyncWrite + Send>>;
 pub enum Item {
     /// A reply or notice that is not part of a room's message order.
     Frame(Encoded),
-    /// A message of a subscribed room, delivered live by the hub.
-    Live {
-        sub: SubId,
-        seq: u64,
-        frame: Encoded,
-    },
     /// A message of a subscribed room, read from the store on join.
     Backfill {
         sub: SubId,
@@ -206,24 +200,6 @@ impl Outbox {
         }
         match item {
             Item::Frame(frame) => self.send(&mut state, frame),
-            Item::Live { sub, seq, frame } => {
-                let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
-                    return Pushed::Dropped;
-                };
-                if s.syncing {
-                    s.held_bytes += frame.len();
-                    s.held.push((seq, frame));
-                    if s.held_bytes > self.limit {
-                        return self.overflow(&mut state);
-                    }
-                    Pushed::Queued
-                } else if seq > s.last {
-                    s.last = seq;
-                    self.send(&mut state, frame)
-                } else {
-                    Pushed::Dropped
-                }
-            }
             Item::Backfill { sub, seq, frame } => {
                 let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
                     return Pushed::Dropped;
@@ -260,14 +236,7 @@ impl Outbox {
                         release.push(frame);
                     }
                 }
-                let mut pushed = Pushed::Queued;
-                for frame in release {
-                    pushed = self.send(&mut state, frame);
-                    if pushed == Pushed::Overflow {
-                        break;
-                    }
-                }
-                pushed
+                self.send_all(&mut state, release)
             }
             Item::RoomEvent { sub, frame } => self.send_to_synced(&mut state, sub, frame),
             Item::Droppable { sub, frame } => {
@@ -282,6 +251,51 @@ impl Outbox {
                 Pushed::Queued
             }
         }
+    }
+
+    /// Frames that are not part of a room's message order (a batch's acks to one
+    /// sender), in order: in one write when they can go at once.
+    pub fn push_frames(&self, frames: Vec<Encoded>) -> Pushed {
+        let mut state = self.lock();
+        if state.closing {
+            return Pushed::Dropped;
+        }
+        self.send_all(&mut state, frames)
+    }
+
+    /// Live messages of subscription `sub`, delivered by the hub: a run of one room's
+    /// consecutive messages (a commit batch's, or a catch-up read's), in seq order. Held
+    /// while the room's backfill is written; seqs already written are dropped; the rest
+    /// go out together, in one write when they can go at once.
+    pub fn push_live(&self, sub: SubId, run: &[(u64, Encoded)]) -> Pushed {
+        let mut state = self.lock();
+        if state.closing {
+            return Pushed::Dropped;
+        }
+        let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
+            return Pushed::Dropped;
+        };
+        if s.syncing {
+            for (seq, frame) in run {
+                s.held_bytes += frame.len();
+                s.held.push((*seq, frame.clone()));
+            }
+            if s.held_bytes > self.limit {
+                return self.overflow(&mut state);
+            }
+            return Pushed::Queued;
+        }
+        let mut fresh = Vec::with_capacity(run.len());
+        for (seq, frame) in run {
+            if *seq > s.last {
+                s.last = *seq;
+                fresh.push(frame.clone());
+            }
+        }
+        if fresh.is_empty() {
+            return Pushed::Dropped;
+        }
+        self.send_all(&mut state, fresh)
     }
 
     /// A room event goes only to a subscription that is tracked and not syncing.
@@ -344,20 +358,35 @@ impl Outbox {
 
     /// Write `frame` now if it can go at once, else queue it for the writer.
     fn send(&self, state: &mut State, frame: Encoded) -> Pushed {
+        self.send_all(state, vec![frame])
+    }
+
+    /// Write `frames` now, in one write (up to `max_write` bytes of them), if they can
+    /// go at once; queue what the socket did not take for the writer. The queue's byte
+    /// limit counts what is queued: past it, the connection overflows.
+    fn send_all(&self, state: &mut State, frames: Vec<Encoded>) -> Pushed {
+        if frames.is_empty() {
+            return Pushed::Queued;
+        }
         if state.dead {
             return Pushed::Dropped;
         }
-        let size = frame.len() + OVERHEAD;
-        if state.bytes + size > self.limit {
-            return self.overflow(state);
-        }
-        let frame = match self.write_now(state, &frame) {
-            Direct::Written => return Pushed::Queued,
-            Direct::Partial(n) => {
-                state.partial = true;
-                frame.slice(n..)
+        let mut frames = VecDeque::from(frames);
+        let (direct, count) = match frames.len() {
+            1 => (self.write_now(state, &frames[0], 1), 1),
+            _ => {
+                let (joined, count) = join(&frames, self.max_write);
+                (self.write_now(state, &joined, count), count)
             }
-            Direct::Queue => frame,
+        };
+        let mut wake_writer = state.queue.is_empty();
+        match direct {
+            // Everything, or as much as one write carries: the rest is queued.
+            Direct::Written => {
+                frames.drain(..count);
+            }
+            Direct::Partial(n) => state.partial = consume(&mut frames, n),
+            Direct::Queue => {}
             Direct::Held(at) => {
                 // The node's flusher writes it (with whatever joins it) when the hold
                 // ends: no task of this connection is woken for it.
@@ -365,20 +394,23 @@ impl Outbox {
                     state.held_registered = true;
                     self.pacing.hold(at, self.me.clone());
                 }
-                state.bytes += size;
-                state.queue.push_back(frame);
-                return Pushed::Queued;
+                wake_writer = false;
             }
             Direct::Failed => {
                 state.dead = true;
                 self.cancel.cancel();
                 return Pushed::Dropped;
             }
-        };
-        let was_empty = state.queue.is_empty();
-        state.bytes += size;
-        state.queue.push_back(frame);
-        if was_empty {
+        }
+        if frames.is_empty() {
+            return Pushed::Queued;
+        }
+        state.bytes += frames.iter().map(|f| f.len() + OVERHEAD).sum::<usize>();
+        state.queue.extend(frames);
+        if state.bytes > self.limit {
+            return self.overflow(state);
+        }
+        if wake_writer {
             self.ready.notify_one();
         }
         Pushed::Queued
@@ -397,15 +429,7 @@ impl Outbox {
             self.pacing.hold(at, self.me.clone());
             return;
         }
-        let mut joined = Vec::new();
-        let mut frames = 0;
-        for frame in &state.queue {
-            if !joined.is_empty() && joined.len() + frame.len() > self.max_write {
-                break;
-            }
-            joined.extend_from_slice(frame);
-            frames += 1;
-        }
+        let (joined, frames) = join(&state.queue, self.max_write);
         let written = match self.try_write(&mut state, &joined) {
             Direct::Written => joined.len(),
             Direct::Partial(n) => n,
@@ -418,9 +442,8 @@ impl Outbox {
         };
         if written > 0 {
             self.wrote(&mut state, frames);
+            state.partial = consume(&mut state.queue, written);
         }
-        consume(&mut state.queue, written);
-        state.partial = state.queue.front().is_some() && written > 0 && written < joined.len();
         state.bytes = state.queue.iter().map(|f| f.len() + OVERHEAD).sum();
         if !state.queue.is_empty() {
             // The rest (or all of it, the socket being full) is the writer task's.
@@ -428,21 +451,21 @@ impl Outbox {
         }
     }
 
-    /// Try to write `frame` to the socket without waiting: only when nothing is queued
-    /// before it, the writer is not using the socket, and no write is held for pacing. A
-    /// plain connection's TCP socket takes one non-blocking write; a TLS stream is polled
-    /// with a waker that does nothing, and the writer task polls it again with its own
-    /// before it waits.
-    fn write_now(&self, state: &mut State, frame: &[u8]) -> Direct {
+    /// Try to write `bytes` (`frames` frames) to the socket without waiting: only when
+    /// nothing is queued before them, the writer is not using the socket, and no write is
+    /// held for pacing. A plain connection's TCP socket takes one non-blocking write; a TLS
+    /// stream is polled with a waker that does nothing, and the writer task polls it again
+    /// with its own before it waits.
+    fn write_now(&self, state: &mut State, bytes: &[u8], frames: usize) -> Direct {
         if !state.queue.is_empty() || state.flush {
             return Direct::Queue;
         }
         if let Some(at) = self.held(state) {
             return Direct::Held(at);
         }
-        let direct = self.try_write(state, frame);
+        let direct = self.try_write(state, bytes);
         if matches!(direct, Direct::Written | Direct::Partial(_)) {
-            self.wrote(state, 1);
+            self.wrote(state, frames);
         }
         direct
     }
@@ -660,19 +683,11 @@ async fn write_all(
     batch: &mut VecDeque<Encoded>,
     max_write: usize,
 ) -> std::io::Result<()> {
-    let mut joined: Vec<u8> = Vec::new();
     while let Some(first) = batch.front() {
         let n = if batch.len() == 1 || first.len() >= max_write {
             io.write(first).await?
         } else {
-            joined.clear();
-            for frame in batch.iter() {
-                if !joined.is_empty() && joined.len() + frame.len() > max_write {
-                    break;
-                }
-                joined.extend_from_slice(frame);
-            }
-            io.write(&joined).await?
+            io.write(&join(batch, max_write).0).await?
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
@@ -682,20 +697,36 @@ async fn write_all(
     io.flush().await
 }
 
-/// Drop the first `n` bytes of `batch`.
-fn consume(batch: &mut VecDeque<Encoded>, mut n: usize) {
+/// The first frames of `frames` joined into one buffer of at most `max_write` bytes (the
+/// first frame whole, however long), and how many frames that is.
+fn join(frames: &VecDeque<Encoded>, max_write: usize) -> (Vec<u8>, usize) {
+    let mut joined = Vec::new();
+    let mut count = 0;
+    for frame in frames {
+        if count > 0 && joined.len() + frame.len() > max_write {
+            break;
+        }
+        joined.extend_from_slice(frame);
+        count += 1;
+    }
+    (joined, count)
+}
+
+/// Drop the first `n` bytes of `batch`; whether that cut its (new) first frame.
+fn consume(batch: &mut VecDeque<Encoded>, mut n: usize) -> bool {
     while n > 0 {
         let Some(front) = batch.front_mut() else {
-            return;
+            return false;
         };
         if front.len() <= n {
             n -= front.len();
             batch.pop_front();
         } else {
             front.advance(n);
-            n = 0;
+            return true;
         }
     }
+    false
 }
 
 #[cfg(test)]
@@ -865,32 +896,110 @@ mod tests {
     async fn live_messages_wait_for_the_backfill_and_repeats_are_dropped() {
         let (outbox, mut client) = outbox(1 << 20, 1 << 16);
         let m = |seq: u64| frame(&format!("seq {seq}"));
-        let live = |sub, seq| Item::Live {
-            sub,
-            seq,
-            frame: m(seq),
+        let live = |seqs: &[u64]| -> Vec<(u64, Encoded)> {
+            seqs.iter().map(|&seq| (seq, m(seq))).collect()
         };
         let backfill = |seq| Item::Backfill {
             sub: 7,
             seq,
             frame: m(seq),
         };
-        let pushes = [
-            Item::Track { sub: 7 },
-            live(7, 3),
-            live(7, 4),
-            backfill(2),
-            backfill(3),
-            Item::SyncDone { sub: 7, through: 3 },
-            live(7, 4),
-            live(7, 5),
-        ];
-        for item in pushes {
-            outbox.push(item);
-        }
+        outbox.push(Item::Track { sub: 7 });
+        assert_eq!(outbox.push_live(7, &live(&[3, 4])), Pushed::Queued);
+        outbox.push(backfill(2));
+        outbox.push(backfill(3));
+        outbox.push(Item::SyncDone { sub: 7, through: 3 });
+        // 4 went out with the backfill's end: only 5 and 6 of this run are new.
+        assert_eq!(outbox.push_live(7, &live(&[4, 5, 6])), Pushed::Queued);
+        assert_eq!(outbox.push_live(7, &live(&[5])), Pushed::Dropped);
         // Untracked: dropped.
-        assert_eq!(outbox.push(live(8, 1)), Pushed::Dropped);
-        expect(&mut client, &[m(2), m(3), m(4), m(5)]).await;
+        assert_eq!(outbox.push_live(8, &live(&[1])), Pushed::Dropped);
+        expect(&mut client, &[m(2), m(3), m(4), m(5), m(6)]).await;
+    }
+
+    /// Every write a `Recorder` was given, in order.
+    type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// A write half that records every write it is given, taking at most `take` bytes of
+    /// each.
+    struct Recorder {
+        writes: Writes,
+        take: usize,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.take);
+            let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            writes.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// An outbox writing to a `Recorder`, its writer task running; the writes it makes.
+    fn recorded_outbox(take: usize) -> (Arc<Outbox>, Writes) {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder {
+            writes: writes.clone(),
+            take,
+        };
+        let outbox = Outbox::new(
+            Box::pin(recorder),
+            None,
+            1 << 20,
+            64 * 1024,
+            WritePacing::new(Duration::ZERO, 0),
+            CancellationToken::new(),
+        );
+        tokio::spawn(outbox.clone().write_loop());
+        (outbox, writes)
+    }
+
+    #[tokio::test]
+    async fn a_run_of_live_messages_is_one_write() {
+        let (outbox, writes) = recorded_outbox(usize::MAX);
+        outbox.push(Item::Track { sub: 1 });
+        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        let run: Vec<(u64, Encoded)> = (1..=3).map(|s| (s, frame(&format!("m{s}")))).collect();
+        assert_eq!(outbox.push_live(1, &run), Pushed::Queued);
+        let one: Vec<u8> = run.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        let got = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got, vec![one], "three frames, one write, in order");
+    }
+
+    #[tokio::test]
+    async fn a_run_the_socket_takes_in_part_goes_on_whole_and_in_order() {
+        // The socket takes 5 bytes of each write: the direct write cuts the first frame,
+        // and the writer task writes the rest.
+        let (outbox, writes) = recorded_outbox(5);
+        outbox.push(Item::Track { sub: 1 });
+        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        let run: Vec<(u64, Encoded)> = (1..=3)
+            .map(|s| (s, frame(&format!("message {s}"))))
+            .collect();
+        outbox.push_live(1, &run);
+        outbox.push(Item::Frame(frame("after")));
+        let mut want: Vec<u8> = run.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        want.extend_from_slice(&frame("after"));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got: Vec<u8> = writes.lock().unwrap_or_else(|p| p.into_inner()).concat();
+            if got.len() >= want.len() || Instant::now() > deadline {
+                assert_eq!(got, want);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     #[tokio::test]

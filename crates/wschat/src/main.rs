@@ -35,6 +35,19 @@ fn tune_allocator() {
     }
 }
 
+/// Transparent huge pages off for the process, unless the operator set
+/// `MIMALLOC_ALLOW_THP`: mimalloc asks the kernel for them on its arenas, and the first
+/// touch of each 2 MiB page zeroes all of it. A burst of connects into a fresh server spent
+/// 30 % of its CPU in the kernel's `clear_page_erms` under those faults (perf, 2026-12-04);
+/// 5,000 connects at once went in at 5,000–5,600 a second with them, 7,900–8,900 without
+/// (bench/RESULTS.md, connect).
+fn no_transparent_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // A kernel without this prctl serves as before.
+        let _not_fatal = rustix::thread::disable_transparent_huge_pages(true);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "wschat",
@@ -232,6 +245,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     tune_allocator();
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;

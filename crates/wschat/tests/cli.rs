@@ -615,3 +615,34 @@ fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_per
     // Nothing listens any more.
     assert!(http_get(port, "/readyz").is_none());
 }
+
+/// The kernel's view of a process's transparent huge pages: `THP_enabled` in its status.
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .expect("the kernel reports THP_enabled")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn the_server_runs_without_transparent_huge_pages_unless_the_operator_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    for (env, want) in [(None, "0"), (Some("1"), "1")] {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let env: Vec<(&str, &str)> = env.map(|v| ("MIMALLOC_ALLOW_THP", v)).into_iter().collect();
+        let mut child = serve_with(
+            dir.path(),
+            &["--listen", &listen, "--database", "sqlite://thp.db"],
+            &env,
+        );
+        wait_healthy(&mut child, port);
+        let got = thp_enabled(child.id());
+        let (status, out) = terminate(&mut child);
+        assert!(status.success(), "{status:?}: {out}");
+        assert_eq!(got, want, "MIMALLOC_ALLOW_THP={env:?}");
+    }
+}

@@ -220,8 +220,8 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
             Ok(outcomes) => {
                 let mut committed = Vec::with_capacity(outcomes.len());
                 let mut repeats = false;
-                let send_ack = metrics::histogram!("wschat_send_ack_seconds");
                 let mut acks = Acks::default();
+                let mut queued_at = Vec::with_capacity(batch.len());
                 for (queued, outcome) in batch.drain(..).zip(outcomes) {
                     // A retry's first message is rung again: when a commit failed in a way
                     // that left it committed (the connection died during COMMIT), its
@@ -230,9 +230,14 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
                     repeats |= matches!(outcome, CommitOutcome::Duplicate(_));
                     committed.push(outcome.message().clone());
                     acks.answer(queued.request.reply, outcome);
-                    send_ack.record(queued.at.elapsed().as_secs_f64());
+                    queued_at.push(queued.at);
                 }
                 acks.send();
+                // Send to ack: from the queue until the ack is written or queued.
+                let send_ack = metrics::histogram!("wschat_send_ack_seconds");
+                for at in queued_at {
+                    send_ack.record(at.elapsed().as_secs_f64());
+                }
                 metrics::counter!("wschat_messages_acknowledged_total")
                     .increment(committed.len() as u64);
                 if repeats {

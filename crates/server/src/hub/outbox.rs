@@ -361,9 +361,9 @@ impl Outbox {
         self.send_all(state, vec![frame])
     }
 
-    /// Write `frames` now, in one write (up to `max_write` bytes of them), if they can
-    /// go at once; queue what the socket did not take for the writer. The queue's byte
-    /// limit counts what is queued: past it, the connection overflows.
+    /// Write `frames` now, as few writes as `max_write` allows, while the socket takes them
+    /// whole without waiting; queue the rest for the writer. The queue's byte limit counts
+    /// what is queued: past it, the connection overflows.
     fn send_all(&self, state: &mut State, frames: Vec<Encoded>) -> Pushed {
         if frames.is_empty() {
             return Pushed::Queued;
@@ -372,34 +372,43 @@ impl Outbox {
             return Pushed::Dropped;
         }
         let mut frames = VecDeque::from(frames);
-        let (direct, count) = match frames.len() {
-            1 => (self.write_now(state, &frames[0], 1), 1),
-            _ => {
-                let (joined, count) = join(&frames, self.max_write);
-                (self.write_now(state, &joined, count), count)
-            }
-        };
         let mut wake_writer = state.queue.is_empty();
-        match direct {
-            // Everything, or as much as one write carries: the rest is queued.
-            Direct::Written => {
-                frames.drain(..count);
-            }
-            Direct::Partial(n) => state.partial = consume(&mut frames, n),
-            Direct::Queue => {}
-            Direct::Held(at) => {
-                // The node's flusher writes it (with whatever joins it) when the hold
-                // ends: no task of this connection is woken for it.
-                if !state.held_registered {
-                    state.held_registered = true;
-                    self.pacing.hold(at, self.me.clone());
+        while !frames.is_empty() {
+            let (direct, count) = match frames.len() {
+                1 => (self.write_now(state, &frames[0]), 1),
+                _ => {
+                    let (joined, count) = join(&frames, self.max_write);
+                    (self.write_now(state, &joined), count)
                 }
-                wake_writer = false;
-            }
-            Direct::Failed => {
-                state.dead = true;
-                self.cancel.cancel();
-                return Pushed::Dropped;
+            };
+            match direct {
+                Direct::Written => {
+                    self.wrote(state, count);
+                    frames.drain(..count);
+                }
+                Direct::Partial(n) => {
+                    let before = frames.len();
+                    state.partial = consume(&mut frames, n);
+                    // The cut frame is counted when the writer finishes it.
+                    self.wrote(state, before - frames.len());
+                    break;
+                }
+                Direct::Queue => break,
+                Direct::Held(at) => {
+                    // The node's flusher writes it (with whatever joins it) when the hold
+                    // ends: no task of this connection is woken for it.
+                    if !state.held_registered {
+                        state.held_registered = true;
+                        self.pacing.hold(at, self.me.clone());
+                    }
+                    wake_writer = false;
+                    break;
+                }
+                Direct::Failed => {
+                    state.dead = true;
+                    self.cancel.cancel();
+                    return Pushed::Dropped;
+                }
             }
         }
         if frames.is_empty() {
@@ -451,23 +460,19 @@ impl Outbox {
         }
     }
 
-    /// Try to write `bytes` (`frames` frames) to the socket without waiting: only when
-    /// nothing is queued before them, the writer is not using the socket, and no write is
-    /// held for pacing. A plain connection's TCP socket takes one non-blocking write; a TLS
-    /// stream is polled with a waker that does nothing, and the writer task polls it again
-    /// with its own before it waits.
-    fn write_now(&self, state: &mut State, bytes: &[u8], frames: usize) -> Direct {
+    /// Try to write `bytes` to the socket without waiting: only when nothing is queued
+    /// before them, the writer is not using the socket, and no write is held for pacing. A
+    /// plain connection's TCP socket takes one non-blocking write; a TLS stream is polled
+    /// with a waker that does nothing, and the writer task polls it again with its own
+    /// before it waits.
+    fn write_now(&self, state: &mut State, bytes: &[u8]) -> Direct {
         if !state.queue.is_empty() || state.flush {
             return Direct::Queue;
         }
         if let Some(at) = self.held(state) {
             return Direct::Held(at);
         }
-        let direct = self.try_write(state, bytes);
-        if matches!(direct, Direct::Written | Direct::Partial(_)) {
-            self.wrote(state, frames);
-        }
-        direct
+        self.try_write(state, bytes)
     }
 
     /// One write of `bytes` that does not wait, if the writer task is not using the socket.
@@ -946,8 +951,9 @@ mod tests {
         }
     }
 
-    /// An outbox writing to a `Recorder`, its writer task running; the writes it makes.
-    fn recorded_outbox(take: usize) -> (Arc<Outbox>, Writes) {
+    /// An outbox of byte limit `limit` joining at most `max_write` bytes into a write,
+    /// writing to a `Recorder`, its writer task running; the writes it makes.
+    fn recorded_outbox(take: usize, limit: usize, max_write: usize) -> (Arc<Outbox>, Writes) {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let recorder = Recorder {
             writes: writes.clone(),
@@ -956,8 +962,8 @@ mod tests {
         let outbox = Outbox::new(
             Box::pin(recorder),
             None,
-            1 << 20,
-            64 * 1024,
+            limit,
+            max_write,
             WritePacing::new(Duration::ZERO, 0),
             CancellationToken::new(),
         );
@@ -967,7 +973,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_of_live_messages_is_one_write() {
-        let (outbox, writes) = recorded_outbox(usize::MAX);
+        let (outbox, writes) = recorded_outbox(usize::MAX, 1 << 20, 64 * 1024);
         outbox.push(Item::Track { sub: 1 });
         outbox.push(Item::SyncDone { sub: 1, through: 0 });
         let run: Vec<(u64, Encoded)> = (1..=3).map(|s| (s, frame(&format!("m{s}")))).collect();
@@ -978,18 +984,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_run_larger_than_the_queue_limit_goes_to_a_socket_that_takes_it() {
+        // Ten 250-byte frames, 1,000 bytes of queue, writes of at most 600 bytes: the run
+        // goes out in five writes of two frames, and nothing is queued.
+        let (outbox, writes) = recorded_outbox(usize::MAX, 1000, 600);
+        outbox.push(Item::Track { sub: 1 });
+        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        let run: Vec<(u64, Encoded)> = (1..=10)
+            .map(|s| (s, frame(&format!("{s:>3}{}", "x".repeat(243)))))
+            .collect();
+        assert!(run.iter().all(|(_, f)| f.len() == 250));
+        assert_eq!(outbox.push_live(1, &run), Pushed::Queued);
+        assert!(!outbox.cancel.is_cancelled(), "no overflow");
+        let got = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(got.len(), 5, "two frames a write");
+        let want: Vec<u8> = run.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        assert_eq!(got.concat(), want);
+    }
+
+    #[tokio::test]
     async fn a_run_the_socket_takes_in_part_goes_on_whole_and_in_order() {
         // The socket takes 5 bytes of each write: the direct write cuts the first frame,
         // and the writer task writes the rest.
-        let (outbox, writes) = recorded_outbox(5);
+        let (outbox, writes) = recorded_outbox(5, 1 << 20, 64 * 1024);
         outbox.push(Item::Track { sub: 1 });
         outbox.push(Item::SyncDone { sub: 1, through: 0 });
         let run: Vec<(u64, Encoded)> = (1..=3)
             .map(|s| (s, frame(&format!("message {s}"))))
             .collect();
         outbox.push_live(1, &run);
-        outbox.push(Item::Frame(frame("after")));
         let mut want: Vec<u8> = run.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        {
+            // The direct write took 5 bytes; the rest waits for the writer, cut frame first.
+            let got = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            assert_eq!(got, vec![want[..5].to_vec()]);
+            let state = outbox.lock();
+            assert!(
+                state.partial,
+                "the queue starts with the rest of a cut frame"
+            );
+            assert_eq!(state.queue.len(), 3);
+        }
+        outbox.push(Item::Frame(frame("after")));
         want.extend_from_slice(&frame("after"));
         let deadline = Instant::now() + WAIT;
         loop {

@@ -2,7 +2,6 @@
 //! in flight, commits them (across rooms) in one transaction, then acknowledges each
 //! sender, delivers to this node's hub and rings the other nodes, in commit order. An ack is only ever sent after commit.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -220,7 +219,7 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
             Ok(outcomes) => {
                 let mut committed = Vec::with_capacity(outcomes.len());
                 let mut repeats = false;
-                let mut acks = Acks::default();
+                let mut acks = Vec::with_capacity(batch.len());
                 let mut queued_at = Vec::with_capacity(batch.len());
                 for (queued, outcome) in batch.drain(..).zip(outcomes) {
                     // A retry's first message is rung again: when a commit failed in a way
@@ -229,10 +228,10 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
                     // skip seqs they already delivered.
                     repeats |= matches!(outcome, CommitOutcome::Duplicate(_));
                     committed.push(outcome.message().clone());
-                    acks.answer(queued.request.reply, outcome);
+                    answer(queued.request.reply, outcome, &mut acks);
                     queued_at.push(queued.at);
                 }
-                acks.send();
+                send_acks(acks);
                 // Send to ack: from the queue until the ack is written or queued.
                 let send_ack = metrics::histogram!("wschat_send_ack_seconds");
                 for at in queued_at {
@@ -270,54 +269,45 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
     }
 }
 
-/// One batch's answers to connections, gathered by connection: a sender's acks go out
-/// together, in one write when they can.
-#[derive(Default)]
-struct Acks {
-    index: HashMap<u64, usize>,
-    /// Each connection, its ack frames in commit order, and how many of its sends settled.
-    conns: Vec<(Arc<Conn>, Vec<Encoded>, usize)>,
-}
-
-impl Acks {
-    fn answer(&mut self, reply: Reply, outcome: CommitOutcome) {
-        match reply {
-            Reply::Conn { conn, reference } => {
-                let ack = (conn.protocol == Protocol::V1).then(|| {
-                    let m = outcome.message();
-                    frames::v1(&ServerFrame::Ack {
-                        room: m.room.to_string(),
-                        seq: m.seq,
-                        id: m.id,
-                        client_msg_id: m.client_msg_id.clone(),
-                        time: format_time(m.time_ms),
-                        reference,
-                    })
-                });
-                let Self { index, conns } = self;
-                let i = *index.entry(conn.id).or_insert_with(|| {
-                    conns.push((conn, Vec::new(), 0));
-                    conns.len() - 1
-                });
-                let (_, frames, settled) = &mut conns[i];
-                frames.extend(ack);
-                *settled += 1;
-            }
-            Reply::Oneshot(tx) => {
-                let _ignored_if_caller_gone = tx.send(Ok(outcome));
-            }
+/// Answer a send: a connection's (its ack frame, v1 only) is gathered into `acks`, for
+/// `send_acks`; an in-process caller's goes at once.
+fn answer(reply: Reply, outcome: CommitOutcome, acks: &mut Vec<(Arc<Conn>, Option<Encoded>)>) {
+    match reply {
+        Reply::Conn { conn, reference } => {
+            let ack = (conn.protocol == Protocol::V1).then(|| {
+                let m = outcome.message();
+                frames::v1(&ServerFrame::Ack {
+                    room: m.room.to_string(),
+                    seq: m.seq,
+                    id: m.id,
+                    client_msg_id: m.client_msg_id.clone(),
+                    time: format_time(m.time_ms),
+                    reference,
+                })
+            });
+            acks.push((conn, ack));
+        }
+        Reply::Oneshot(tx) => {
+            let _ignored_if_caller_gone = tx.send(Ok(outcome));
         }
     }
+}
 
-    /// Push each connection's acks, then count its sends settled.
-    fn send(self) {
-        for (conn, frames, settled) in self.conns {
-            if !frames.is_empty() {
-                conn.outbox.push_frames(frames);
-            }
-            for _ in 0..settled {
-                conn.send_settled();
-            }
+/// Push one batch's acks, each connection's in one push (one write when it can go at once,
+/// in commit order), then count its sends settled.
+fn send_acks(mut acks: Vec<(Arc<Conn>, Option<Encoded>)>) {
+    // Stable: each connection's acks keep their commit order.
+    acks.sort_by_key(|(conn, _)| conn.id);
+    for group in acks.chunk_by(|a, b| a.0.id == b.0.id) {
+        let Some((conn, _)) = group.first() else {
+            continue;
+        };
+        let frames: Vec<Encoded> = group.iter().filter_map(|(_, ack)| ack.clone()).collect();
+        if !frames.is_empty() {
+            conn.outbox.push_frames(&frames);
+        }
+        for _ in group {
+            conn.send_settled();
         }
     }
 }

@@ -320,29 +320,23 @@ impl Hub {
     /// messages that follow on from what it delivered go out as one run: each subscriber
     /// gets them in one write.
     pub fn deliver(self: &Arc<Self>, messages: &[Arc<StoredMessage>]) {
-        let mut by_room: Vec<(&RoomName, Vec<&Arc<StoredMessage>>)> = Vec::new();
-        let mut index: HashMap<&RoomName, usize> = HashMap::new();
-        for msg in messages {
-            let i = *index.entry(&msg.room).or_insert_with(|| {
-                by_room.push((&msg.room, Vec::new()));
-                by_room.len() - 1
-            });
-            by_room[i].1.push(msg);
-        }
-        for (name, msgs) in by_room {
-            let Some(room) = self.room(name) else {
+        let mut by_room: Vec<&Arc<StoredMessage>> = messages.iter().collect();
+        // Stable: each room's messages keep their seq order.
+        by_room.sort_by(|a, b| a.room.cmp(&b.room));
+        for msgs in by_room.chunk_by(|a, b| a.room == b.room) {
+            let Some(room) = msgs.first().and_then(|m| self.room(&m.room)) else {
                 continue;
             };
             let mut state = room.lock();
             let mut run = Vec::new();
             let mut gap = false;
-            for msg in msgs {
+            for &msg in msgs {
                 let next = state.last_delivered + run.len() as u64 + 1;
                 if msg.seq < next {
                     continue;
                 }
                 if msg.seq == next && !state.catching_up && !gap {
-                    run.push(msg.clone());
+                    run.push(msg);
                 } else {
                     state.pending.insert(msg.seq, msg.clone());
                     gap = true;
@@ -606,24 +600,25 @@ fn drain_pending(state: &mut RoomState) {
     fan_out(state, &run);
 }
 
-/// Push `run`, the room's next messages in seq order, to every subscriber: each message
-/// encoded once per protocol, each subscriber's share in one push.
-fn fan_out(state: &mut RoomState, run: &[Arc<StoredMessage>]) {
-    let Some(last) = run.last() else {
+/// Push `run`, the room's next messages (consecutive seqs), to every subscriber: each
+/// message encoded once per protocol, each subscriber's share in one push.
+fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
         return;
     };
-    state.last_delivered = last.seq;
-    let encode = |f: fn(&StoredMessage) -> Encoded| -> Vec<(u64, Encoded)> {
-        run.iter().map(|m| (m.seq, f(m))).collect()
+    let first = first.as_ref().seq;
+    state.last_delivered = last.as_ref().seq;
+    let encode = |f: fn(&StoredMessage) -> Encoded| -> Vec<Encoded> {
+        run.iter().map(|m| f(m.as_ref())).collect()
     };
-    let mut legacy: Option<Vec<(u64, Encoded)>> = None;
-    let mut v1: Option<Vec<(u64, Encoded)>> = None;
+    let mut legacy: Option<Vec<Encoded>> = None;
+    let mut v1: Option<Vec<Encoded>> = None;
     for s in &state.subs {
         let frames = match s.conn.protocol {
             Protocol::Legacy => legacy.get_or_insert_with(|| encode(frames::legacy_message)),
             Protocol::V1 => v1.get_or_insert_with(|| encode(frames::v1_message)),
         };
-        s.conn.outbox.push_live(s.sub, frames);
+        s.conn.outbox.push_live(s.sub, first, frames);
     }
     metrics::counter!("wschat_messages_delivered_total")
         .increment((state.subs.len() * run.len()) as u64);

@@ -236,7 +236,7 @@ impl Outbox {
                         release.push(frame);
                     }
                 }
-                self.send_all(&mut state, release)
+                self.send_all(&mut state, &release)
             }
             Item::RoomEvent { sub, frame } => self.send_to_synced(&mut state, sub, frame),
             Item::Droppable { sub, frame } => {
@@ -255,7 +255,7 @@ impl Outbox {
 
     /// Frames that are not part of a room's message order (a batch's acks to one
     /// sender), in order: in one write when they can go at once.
-    pub fn push_frames(&self, frames: Vec<Encoded>) -> Pushed {
+    pub fn push_frames(&self, frames: &[Encoded]) -> Pushed {
         let mut state = self.lock();
         if state.closing {
             return Pushed::Dropped;
@@ -264,10 +264,10 @@ impl Outbox {
     }
 
     /// Live messages of subscription `sub`, delivered by the hub: a run of one room's
-    /// consecutive messages (a commit batch's, or a catch-up read's), in seq order. Held
-    /// while the room's backfill is written; seqs already written are dropped; the rest
-    /// go out together, in one write when they can go at once.
-    pub fn push_live(&self, sub: SubId, run: &[(u64, Encoded)]) -> Pushed {
+    /// consecutive messages (a commit batch's, or a catch-up read's), `frames[i]` being
+    /// seq `first + i`. Held while the room's backfill is written; seqs already written
+    /// are dropped; the rest go out together, in one write when they can go at once.
+    pub fn push_live(&self, sub: SubId, first: u64, frames: &[Encoded]) -> Pushed {
         let mut state = self.lock();
         if state.closing {
             return Pushed::Dropped;
@@ -276,25 +276,21 @@ impl Outbox {
             return Pushed::Dropped;
         };
         if s.syncing {
-            for (seq, frame) in run {
+            for (seq, frame) in (first..).zip(frames) {
                 s.held_bytes += frame.len();
-                s.held.push((*seq, frame.clone()));
+                s.held.push((seq, frame.clone()));
             }
             if s.held_bytes > self.limit {
                 return self.overflow(&mut state);
             }
             return Pushed::Queued;
         }
-        let mut fresh = Vec::with_capacity(run.len());
-        for (seq, frame) in run {
-            if *seq > s.last {
-                s.last = *seq;
-                fresh.push(frame.clone());
-            }
-        }
-        if fresh.is_empty() {
+        // The run's seqs up to the last one written are a prefix of it.
+        let written = usize::try_from((s.last + 1).saturating_sub(first)).unwrap_or(usize::MAX);
+        let Some(fresh) = frames.get(written..).filter(|f| !f.is_empty()) else {
             return Pushed::Dropped;
-        }
+        };
+        s.last = first + frames.len() as u64 - 1;
         self.send_all(&mut state, fresh)
     }
 
@@ -358,39 +354,47 @@ impl Outbox {
 
     /// Write `frame` now if it can go at once, else queue it for the writer.
     fn send(&self, state: &mut State, frame: Encoded) -> Pushed {
-        self.send_all(state, vec![frame])
+        self.send_all(state, std::slice::from_ref(&frame))
     }
 
     /// Write `frames` now, as few writes as `max_write` allows, while the socket takes them
     /// whole without waiting; queue the rest for the writer. The queue's byte limit counts
     /// what is queued: past it, the connection overflows.
-    fn send_all(&self, state: &mut State, frames: Vec<Encoded>) -> Pushed {
+    fn send_all(&self, state: &mut State, frames: &[Encoded]) -> Pushed {
         if frames.is_empty() {
             return Pushed::Queued;
         }
         if state.dead {
             return Pushed::Dropped;
         }
-        let mut frames = VecDeque::from(frames);
+        let mut rest = frames;
+        // Bytes of `rest[0]` the socket took.
+        let mut cut = 0;
         let mut wake_writer = state.queue.is_empty();
-        while !frames.is_empty() {
-            let (direct, count) = match frames.len() {
-                1 => (self.write_now(state, &frames[0]), 1),
+        while let [first, ..] = rest {
+            let (direct, count) = match rest.len() {
+                1 => (self.write_now(state, first), 1),
                 _ => {
-                    let (joined, count) = join(&frames, self.max_write);
+                    let (joined, count) = join(rest, self.max_write);
                     (self.write_now(state, &joined), count)
                 }
             };
             match direct {
                 Direct::Written => {
                     self.wrote(state, count);
-                    frames.drain(..count);
+                    rest = &rest[count..];
                 }
-                Direct::Partial(n) => {
-                    let before = frames.len();
-                    state.partial = consume(&mut frames, n);
+                Direct::Partial(mut n) => {
+                    let mut whole = 0;
+                    while n >= rest[whole].len() {
+                        n -= rest[whole].len();
+                        whole += 1;
+                    }
                     // The cut frame is counted when the writer finishes it.
-                    self.wrote(state, before - frames.len());
+                    self.wrote(state, whole);
+                    rest = &rest[whole..];
+                    cut = n;
+                    state.partial = n > 0;
                     break;
                 }
                 Direct::Queue => break,
@@ -411,11 +415,12 @@ impl Outbox {
                 }
             }
         }
-        if frames.is_empty() {
+        let [first, more @ ..] = rest else {
             return Pushed::Queued;
-        }
-        state.bytes += frames.iter().map(|f| f.len() + OVERHEAD).sum::<usize>();
-        state.queue.extend(frames);
+        };
+        state.bytes += rest.iter().map(|f| f.len() + OVERHEAD).sum::<usize>() - cut;
+        state.queue.push_back(first.slice(cut..));
+        state.queue.extend(more.iter().cloned());
         if state.bytes > self.limit {
             return self.overflow(state);
         }
@@ -692,7 +697,7 @@ async fn write_all(
         let n = if batch.len() == 1 || first.len() >= max_write {
             io.write(first).await?
         } else {
-            io.write(&join(batch, max_write).0).await?
+            io.write(&join(batch.iter(), max_write).0).await?
         };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
@@ -704,7 +709,7 @@ async fn write_all(
 
 /// The first frames of `frames` joined into one buffer of at most `max_write` bytes (the
 /// first frame whole, however long), and how many frames that is.
-fn join(frames: &VecDeque<Encoded>, max_write: usize) -> (Vec<u8>, usize) {
+fn join<'a>(frames: impl IntoIterator<Item = &'a Encoded>, max_write: usize) -> (Vec<u8>, usize) {
     let mut joined = Vec::new();
     let mut count = 0;
     for frame in frames {
@@ -901,24 +906,22 @@ mod tests {
     async fn live_messages_wait_for_the_backfill_and_repeats_are_dropped() {
         let (outbox, mut client) = outbox(1 << 20, 1 << 16);
         let m = |seq: u64| frame(&format!("seq {seq}"));
-        let live = |seqs: &[u64]| -> Vec<(u64, Encoded)> {
-            seqs.iter().map(|&seq| (seq, m(seq))).collect()
-        };
+        let live = |seqs: std::ops::RangeInclusive<u64>| -> Vec<Encoded> { seqs.map(m).collect() };
         let backfill = |seq| Item::Backfill {
             sub: 7,
             seq,
             frame: m(seq),
         };
         outbox.push(Item::Track { sub: 7 });
-        assert_eq!(outbox.push_live(7, &live(&[3, 4])), Pushed::Queued);
+        assert_eq!(outbox.push_live(7, 3, &live(3..=4)), Pushed::Queued);
         outbox.push(backfill(2));
         outbox.push(backfill(3));
         outbox.push(Item::SyncDone { sub: 7, through: 3 });
         // 4 went out with the backfill's end: only 5 and 6 of this run are new.
-        assert_eq!(outbox.push_live(7, &live(&[4, 5, 6])), Pushed::Queued);
-        assert_eq!(outbox.push_live(7, &live(&[5])), Pushed::Dropped);
+        assert_eq!(outbox.push_live(7, 4, &live(4..=6)), Pushed::Queued);
+        assert_eq!(outbox.push_live(7, 5, &live(5..=5)), Pushed::Dropped);
         // Untracked: dropped.
-        assert_eq!(outbox.push_live(8, &live(&[1])), Pushed::Dropped);
+        assert_eq!(outbox.push_live(8, 1, &live(1..=1)), Pushed::Dropped);
         expect(&mut client, &[m(2), m(3), m(4), m(5), m(6)]).await;
     }
 
@@ -976,9 +979,9 @@ mod tests {
         let (outbox, writes) = recorded_outbox(usize::MAX, 1 << 20, 64 * 1024);
         outbox.push(Item::Track { sub: 1 });
         outbox.push(Item::SyncDone { sub: 1, through: 0 });
-        let run: Vec<(u64, Encoded)> = (1..=3).map(|s| (s, frame(&format!("m{s}")))).collect();
-        assert_eq!(outbox.push_live(1, &run), Pushed::Queued);
-        let one: Vec<u8> = run.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        let run: Vec<Encoded> = (1..=3).map(|s| frame(&format!("m{s}"))).collect();
+        assert_eq!(outbox.push_live(1, 1, &run), Pushed::Queued);
+        let one: Vec<u8> = run.concat();
         let got = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();
         assert_eq!(got, vec![one], "three frames, one write, in order");
     }
@@ -990,15 +993,15 @@ mod tests {
         let (outbox, writes) = recorded_outbox(usize::MAX, 1000, 600);
         outbox.push(Item::Track { sub: 1 });
         outbox.push(Item::SyncDone { sub: 1, through: 0 });
-        let run: Vec<(u64, Encoded)> = (1..=10)
-            .map(|s| (s, frame(&format!("{s:>3}{}", "x".repeat(243)))))
+        let run: Vec<Encoded> = (1..=10)
+            .map(|s| frame(&format!("{s:>3}{}", "x".repeat(243))))
             .collect();
-        assert!(run.iter().all(|(_, f)| f.len() == 250));
-        assert_eq!(outbox.push_live(1, &run), Pushed::Queued);
+        assert!(run.iter().all(|f| f.len() == 250));
+        assert_eq!(outbox.push_live(1, 1, &run), Pushed::Queued);
         assert!(!outbox.cancel.is_cancelled(), "no overflow");
         let got = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();
         assert_eq!(got.len(), 5, "two frames a write");
-        let want: Vec<u8> = run.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        let want: Vec<u8> = run.concat();
         assert_eq!(got.concat(), want);
     }
 
@@ -1009,11 +1012,9 @@ mod tests {
         let (outbox, writes) = recorded_outbox(5, 1 << 20, 64 * 1024);
         outbox.push(Item::Track { sub: 1 });
         outbox.push(Item::SyncDone { sub: 1, through: 0 });
-        let run: Vec<(u64, Encoded)> = (1..=3)
-            .map(|s| (s, frame(&format!("message {s}"))))
-            .collect();
-        outbox.push_live(1, &run);
-        let mut want: Vec<u8> = run.iter().flat_map(|(_, f)| f.iter().copied()).collect();
+        let run: Vec<Encoded> = (1..=3).map(|s| frame(&format!("message {s}"))).collect();
+        outbox.push_live(1, 1, &run);
+        let mut want: Vec<u8> = run.concat();
         {
             // The direct write took 5 bytes; the rest waits for the writer, cut frame first.
             let got = writes.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -318,34 +318,39 @@ impl Hub {
 
     /// Deliver committed messages (of any rooms, each room's in seq order). A room's
     /// messages that follow on from what it delivered go out as one run: each subscriber
-    /// gets them in one write.
+    /// gets them in one write. Rooms go in the order of their first message in `messages`
+    /// (commit order: the message that waited longest for its commit is not also the last
+    /// to be written).
     pub fn deliver(self: &Arc<Self>, messages: &[Arc<StoredMessage>]) {
-        let mut by_room: Vec<&Arc<StoredMessage>> = messages.iter().collect();
-        // Stable: each room's messages keep their seq order.
-        by_room.sort_by(|a, b| a.room.cmp(&b.room));
-        for msgs in by_room.chunk_by(|a, b| a.room == b.room) {
-            let Some(room) = msgs.first().and_then(|m| self.room(&m.room)) else {
+        let order = arrival_order(messages);
+        for msgs in order.chunk_by(|a, b| a.room == b.room) {
+            self.deliver_room(msgs);
+        }
+    }
+
+    /// Deliver one room's messages (seq order).
+    fn deliver_room(self: &Arc<Self>, msgs: &[&Arc<StoredMessage>]) {
+        let Some(room) = msgs.first().and_then(|m| self.room(&m.room)) else {
+            return;
+        };
+        let mut state = room.lock();
+        let mut run = Vec::new();
+        let mut gap = false;
+        for &msg in msgs {
+            let next = state.last_delivered + run.len() as u64 + 1;
+            if msg.seq < next {
                 continue;
-            };
-            let mut state = room.lock();
-            let mut run = Vec::new();
-            let mut gap = false;
-            for &msg in msgs {
-                let next = state.last_delivered + run.len() as u64 + 1;
-                if msg.seq < next {
-                    continue;
-                }
-                if msg.seq == next && !state.catching_up && !gap {
-                    run.push(msg);
-                } else {
-                    state.pending.insert(msg.seq, msg.clone());
-                    gap = true;
-                }
             }
-            fan_out(&mut state, &run);
-            if gap {
-                self.start_catch_up(&room, &mut state);
+            if msg.seq == next && !state.catching_up && !gap {
+                run.push(msg);
+            } else {
+                state.pending.insert(msg.seq, msg.clone());
+                gap = true;
             }
+        }
+        fan_out(&mut state, &run);
+        if gap {
+            self.start_catch_up(&room, &mut state);
         }
     }
 
@@ -600,6 +605,22 @@ fn drain_pending(state: &mut RoomState) {
     fan_out(state, &run);
 }
 
+/// `messages` grouped by room, each room's in their order in `messages`, the rooms in the
+/// order of their first message.
+fn arrival_order(messages: &[Arc<StoredMessage>]) -> Vec<&Arc<StoredMessage>> {
+    let mut keyed: Vec<(usize, &Arc<StoredMessage>)> = messages.iter().enumerate().collect();
+    // Stable: within a room, the positions (and so the seqs) stay in order.
+    keyed.sort_by(|a, b| a.1.room.cmp(&b.1.room));
+    for room in keyed.chunk_by_mut(|a, b| a.1.room == b.1.room) {
+        let first = room[0].0;
+        for entry in room.iter_mut() {
+            entry.0 = first;
+        }
+    }
+    keyed.sort_by_key(|&(first, _)| first);
+    keyed.into_iter().map(|(_, m)| m).collect()
+}
+
 /// Push `run`, the room's next messages (consecutive seqs), to every subscriber: each
 /// message encoded once per protocol, each subscriber's share in one push.
 fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
@@ -641,5 +662,49 @@ fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, drop
             }
         };
         s.conn.outbox.push(item);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(room: &str, seq: u64) -> Arc<StoredMessage> {
+        Arc::new(StoredMessage {
+            room: RoomName::new(room).expect("a valid room name"),
+            id: seq as i64,
+            seq,
+            user: "u".into(),
+            text: "t".into(),
+            time_ms: 0,
+            client_msg_id: None,
+        })
+    }
+
+    #[test]
+    fn rooms_are_delivered_in_the_order_of_their_first_message() {
+        let batch = [
+            message("zeta", 7),
+            message("alpha", 3),
+            message("zeta", 8),
+            message("mid", 1),
+            message("alpha", 4),
+            message("zeta", 9),
+        ];
+        let order: Vec<(&str, u64)> = arrival_order(&batch)
+            .iter()
+            .map(|m| (m.room.as_str(), m.seq))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("zeta", 7),
+                ("zeta", 8),
+                ("zeta", 9),
+                ("alpha", 3),
+                ("alpha", 4),
+                ("mid", 1)
+            ]
+        );
     }
 }

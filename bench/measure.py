@@ -19,6 +19,8 @@
   measure.py table SCENARIO A.json B.json [C.json…]
                                       a markdown table, side by side, ratios to the last
   measure.py field FILE KEY[.KEY]     one field of a result file
+  measure.py server-side < METRICS    from wschat's /metrics text: its commits, send → ack
+                                      and commit → outboxes (the server's share of latency)
 """
 
 import json
@@ -265,6 +267,57 @@ def cmd_wait_fds(argv):
     sys.exit(1)
 
 
+def histograms(text):
+    """Prometheus histograms in `text`: name → {"sum", "count", "buckets": [(le, n)]}."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, _, value = line.rpartition(" ")
+        for suffix in ("_bucket", "_sum", "_count"):
+            name, brace, labels = key.partition("{")
+            if not name.endswith(suffix):
+                continue
+            h = out.setdefault(name[: -len(suffix)], {"sum": 0.0, "count": 0.0, "buckets": []})
+            if suffix == "_bucket" and 'le="' in labels:
+                le = labels.split('le="', 1)[1].split('"', 1)[0]
+                h["buckets"].append((float(le), float(value)))
+            elif suffix != "_bucket":
+                h[suffix[1:]] = float(value)
+    return out
+
+
+def share_within(h, limit):
+    """Percent of the observations at most `limit` (a bucket bound)."""
+    n = dict(h["buckets"]).get(limit)
+    return None if n is None or not h["count"] else 100.0 * n / h["count"]
+
+
+def cmd_server_side(text):
+    hs = histograms(text)
+    need = ("wschat_commit_seconds", "wschat_commit_batch_size", "wschat_send_ack_seconds",
+            "wschat_fanout_seconds")
+    if any(hs.get(n, {}).get("count", 0) == 0 for n in need):
+        print("server side: no commits in /metrics")
+        return
+    c, b, a, f = (hs[n] for n in need)
+
+    def timing(h):
+        parts = [f"mean {1000 * h['sum'] / h['count']:.1f} ms"]
+        for limit in (0.01, 0.025):
+            p = share_within(h, limit)
+            if p is not None:
+                parts.append(f"≤ {limit * 1000:g} ms {p:.1f} %")
+        return ", ".join(parts)
+
+    print(
+        f"wschat, its own histograms (/metrics, whole run): {c['count']:,.0f} commits of "
+        f"{b['sum'] / b['count']:.1f} messages on average, {1000 * c['sum'] / c['count']:.2f} ms "
+        f"each; send → ack (queue + commit) {timing(a)}; commit end → every outbox, per "
+        f"commit, {timing(f)}"
+    )
+
+
 def main():
     cmd, argv = sys.argv[1], sys.argv[2:]
     if cmd == "load":
@@ -281,6 +334,8 @@ def main():
         cmd_table(argv)
     elif cmd == "field":
         cmd_field(argv)
+    elif cmd == "server-side":
+        cmd_server_side(sys.stdin.read())
     else:
         sys.exit(__doc__)
 

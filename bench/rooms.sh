@@ -28,6 +28,9 @@ db=$(sqlite_db)
 bulk_sessions "$db" "$N" "$ROOMS"
 start_wschat "$db"
 load wschat "$WORK/rooms-wschat.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
+# The server's own share of the latency (its histograms): the client's figures also hold
+# the client's queueing on its core.
+server_side=$(curl -fs "http://127.0.0.1:$SRV_PORT/metrics" | python3 "$MEASURE" server-side)
 stop "$SRV_PID"
 check_rooms "$WORK/rooms-wschat.json" wschat
 FLOOR_ENV="FLOOR_ROOMS=$ROOMS" load_peers rooms "${args[@]}"
@@ -35,3 +38,5 @@ for f in "${PEER_FILES[@]}"; do
     check_rooms "$f" "$(basename "$f" .json)"
 done
 table rooms "$WORK/rooms-wschat.json" "${PEER_FILES[@]}"
+note ""
+note "$server_side"

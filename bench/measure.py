@@ -274,16 +274,16 @@ def histograms(text):
         if line.startswith("#") or not line.strip():
             continue
         key, _, value = line.rpartition(" ")
-        for suffix in ("_bucket", "_sum", "_count"):
-            name, brace, labels = key.partition("{")
-            if not name.endswith(suffix):
-                continue
-            h = out.setdefault(name[: -len(suffix)], {"sum": 0.0, "count": 0.0, "buckets": []})
-            if suffix == "_bucket" and 'le="' in labels:
-                le = labels.split('le="', 1)[1].split('"', 1)[0]
-                h["buckets"].append((float(le), float(value)))
-            elif suffix != "_bucket":
-                h[suffix[1:]] = float(value)
+        name, _, labels = key.partition("{")
+        suffix = next((x for x in ("_bucket", "_sum", "_count") if name.endswith(x)), None)
+        if suffix is None:
+            continue
+        h = out.setdefault(name[: -len(suffix)], {"sum": 0.0, "count": 0.0, "buckets": []})
+        if suffix != "_bucket":
+            h[suffix[1:]] = float(value)
+        elif 'le="' in labels:
+            le = labels.split('le="', 1)[1].split('"', 1)[0]
+            h["buckets"].append((float(le), float(value)))
     return out
 
 

@@ -443,7 +443,7 @@ impl Outbox {
             self.pacing.hold(at, self.me.clone());
             return;
         }
-        let (joined, frames) = join(&state.queue, self.max_write);
+        let (joined, _) = join(&state.queue, self.max_write);
         let written = match self.try_write(&mut state, &joined) {
             Direct::Written => joined.len(),
             Direct::Partial(n) => n,
@@ -455,8 +455,10 @@ impl Outbox {
             }
         };
         if written > 0 {
-            self.wrote(&mut state, frames);
-            state.partial = consume(&mut state.queue, written);
+            // As in `send_all`: a frame the socket took part of counts when it is finished.
+            let (whole, cut) = consume(&mut state.queue, written);
+            self.wrote(&mut state, whole);
+            state.partial = cut;
         }
         state.bytes = state.queue.iter().map(|f| f.len() + OVERHEAD).sum();
         if !state.queue.is_empty() {
@@ -722,21 +724,24 @@ fn join<'a>(frames: impl IntoIterator<Item = &'a Encoded>, max_write: usize) -> 
     (joined, count)
 }
 
-/// Drop the first `n` bytes of `batch`; whether that cut its (new) first frame.
-fn consume(batch: &mut VecDeque<Encoded>, mut n: usize) -> bool {
+/// Drop the first `n` bytes of `batch`: how many frames went whole, and whether that cut
+/// its (new) first frame.
+fn consume(batch: &mut VecDeque<Encoded>, mut n: usize) -> (usize, bool) {
+    let mut whole = 0;
     while n > 0 {
         let Some(front) = batch.front_mut() else {
-            return false;
+            break;
         };
         if front.len() <= n {
             n -= front.len();
             batch.pop_front();
+            whole += 1;
         } else {
             front.advance(n);
-            return true;
+            return (whole, true);
         }
     }
-    false
+    (whole, false)
 }
 
 #[cfg(test)]
@@ -1037,6 +1042,26 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    #[test]
+    fn consume_counts_the_frames_that_went_whole() {
+        let mut batch: VecDeque<Encoded> = ["abc", "de", "fgh"]
+            .iter()
+            .map(|t| Bytes::copy_from_slice(t.as_bytes()))
+            .collect();
+        // Into the third frame: two whole, the third cut.
+        assert_eq!(consume(&mut batch, 6), (2, true));
+        assert_eq!(
+            batch.iter().map(|f| &f[..]).collect::<Vec<_>>(),
+            [&b"gh"[..]]
+        );
+        // The rest of the cut frame counts as one when it goes.
+        assert_eq!(consume(&mut batch, 2), (1, false));
+        assert!(batch.is_empty());
+        // More bytes than queued (cannot happen in use) stops at the end.
+        batch.push_back(Bytes::from_static(b"x"));
+        assert_eq!(consume(&mut batch, 5), (1, false));
     }
 
     #[tokio::test]

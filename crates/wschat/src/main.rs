@@ -226,7 +226,13 @@ const CAPPED: &[&str] = &[
     "sqlx=warn",
 ];
 
-fn init_logging(format: LogFormat) {
+/// Log lines are written to stderr by a thread of their own
+/// (`tracing_appender::non_blocking`), not by the thread that logs: a runtime thread never
+/// waits for a slow reader of the logs (a pipe to journald or docker), and lines that
+/// arrive together (a burst of connects) go out in one write. Past 128,000 waiting lines,
+/// new ones are dropped rather than stall the server. The guard writes what is waiting
+/// when it is dropped: keep it until the process ends.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     for directive in CAPPED {
@@ -234,29 +240,37 @@ fn init_logging(format: LogFormat) {
             filter = filter.add_directive(directive);
         }
     }
+    let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
+        LOG_WRITE_BYTES,
+        std::io::stderr(),
+    ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
+
+/// Most bytes of log lines put into one write to stderr.
+const LOG_WRITE_BYTES: usize = 64 * 1024;
 
 fn main() -> anyhow::Result<()> {
     tune_allocator();
     no_transparent_huge_pages();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log_guard = init_logging(cli.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-    runtime.block_on(async move {
+    let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(*args).await,
+            Command::Serve(args) => serve(*args).await.map(|()| Outcome::Done),
             Command::Migrate { database } => {
                 let store = store::open(&database).await?;
                 store.migrate().await?;
                 eprintln!("migrations applied to {}", store::redact_url(&database));
-                Ok(())
+                Ok(Outcome::Done)
             }
             Command::Session {
                 command:
@@ -274,30 +288,45 @@ fn main() -> anyhow::Result<()> {
                     .create_session(&store::hash_key(&key), &user, room)
                     .await?;
                 println!("{key}");
-                Ok(())
+                Ok(Outcome::Done)
             }
             Command::Config {
                 command: ConfigCommand::Defaults,
             } => {
                 print!("{}", wschat_server::config_doc::defaults_toml());
-                Ok(())
+                Ok(Outcome::Done)
             }
             Command::Config {
                 command: ConfigCommand::Check(args),
             } => {
                 let settings = Settings::load(args.config.as_deref(), &args)?;
                 print!("{}", wschat_server::config_doc::effective_toml(&settings));
-                Ok(())
+                Ok(Outcome::Done)
             }
             Command::Load(args) => {
                 let report = wschat_load::run(args).await?;
-                if report.lost > 0 {
-                    std::process::exit(3);
-                }
-                Ok(())
+                Ok(if report.lost > 0 {
+                    Outcome::LostMessages
+                } else {
+                    Outcome::Done
+                })
             }
         }
-    })
+    });
+    // What is logged is written out before the process ends, however it ends.
+    drop(runtime);
+    drop(log_guard);
+    match outcome? {
+        Outcome::Done => Ok(()),
+        Outcome::LostMessages => std::process::exit(3),
+    }
+}
+
+/// How a command that did not fail ended.
+enum Outcome {
+    Done,
+    /// `wschat load` counted lost messages: exit status 3.
+    LostMessages,
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -22,6 +22,23 @@ fn wschat(dir: &Path, args: &[&str]) -> std::process::Output {
         .expect("runs")
 }
 
+/// A new session in `dir`'s `sqlite://chat.db` (created if missing): its key.
+fn session_key(dir: &Path, user: &str) -> String {
+    let out = wschat(
+        dir,
+        &[
+            "session",
+            "create",
+            "--database",
+            "sqlite://chat.db",
+            "--user",
+            user,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -255,18 +272,7 @@ fn serve_prints_a_demo_url_once_and_stops_cleanly_on_sigterm() {
 #[test]
 fn no_session_key_reaches_the_log_even_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
-    let out = wschat(
-        dir.path(),
-        &[
-            "session",
-            "create",
-            "--database",
-            "sqlite://chat.db",
-            "--user",
-            "secretive",
-        ],
-    );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let key = session_key(dir.path(), "secretive");
     let port = free_port();
     let mut child = serve(dir.path(), "sqlite://chat.db", port, "trace");
     wait_healthy(&mut child, port);
@@ -524,20 +530,80 @@ fn json_logs_have_one_line_per_connection_event_and_no_key_token_or_body() {
 }
 
 #[test]
-fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_period() {
+fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
+    // stderr is a pipe nobody reads: once its buffer (64 KiB) is full, a server that wrote
+    // its log lines itself would wait in that write for good.
     let dir = tempfile::tempdir().unwrap();
-    let out = wschat(
+    let key = session_key(dir.path(), "ada");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = serve_with(
         dir.path(),
         &[
-            "session",
-            "create",
+            "--listen",
+            &listen,
             "--database",
             "sqlite://chat.db",
-            "--user",
-            "idle",
+            "--demo-session",
+            "false",
+        ],
+        &[
+            ("RUST_LOG", "trace"),
+            ("WSCHAT_MAX_CONNECTIONS_PER_SESSION", "0"),
+            ("WSCHAT_MAX_CONNECTIONS_PER_IP", "0"),
         ],
     );
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    wait_healthy(&mut child, port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // Each connection logs at least two lines of about 100 bytes: 1,000 of them are
+    // three times the pipe's buffer.
+    let connected = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let url = format!("ws://127.0.0.1:{port}/?session_key={key}");
+            tasks.push(tokio::spawn(async move {
+                let mut connected = 0;
+                for _ in 0..100 {
+                    let attempt = async {
+                        let (mut ws, _) =
+                            tokio_tungstenite::connect_async(url.as_str()).await.ok()?;
+                        ws.close(None).await.ok()?;
+                        while ws.next().await.is_some() {}
+                        Some(())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+                        Ok(Some(())) => connected += 1,
+                        Ok(None) => {}
+                        Err(_) => return (connected, true),
+                    }
+                }
+                (connected, false)
+            }));
+        }
+        let mut total = 0;
+        for task in tasks {
+            let (connected, stalled) = task.await.unwrap();
+            assert!(
+                !stalled,
+                "a connect hung: the server waited for its log reader"
+            );
+            total += connected;
+        }
+        total
+    });
+    assert_eq!(connected, 1_000, "every connection went through");
+    assert!(
+        http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        "the server still answers"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = session_key(dir.path(), "idle");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = serve_with(

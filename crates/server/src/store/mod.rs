@@ -8,6 +8,7 @@
 pub mod keys;
 pub mod postgres;
 pub mod sqlite;
+mod sqlite_reader;
 mod sqlite_writer;
 
 use std::collections::HashMap;
@@ -123,6 +124,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the SQLite commit thread is gone")]
     WriterGone,
+    #[error("the SQLite read thread is gone")]
+    ReaderGone,
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -1,8 +1,9 @@
 //! The embedded store: SQLite in WAL mode with `synchronous = FULL` (an acknowledged
 //! message survives a crash). Message batches are committed by a thread of their own
 //! (`sqlite_writer`); one sqlx connection does the other, rare, writes (SQLite has one
-//! writer at a time; `BEGIN IMMEDIATE` and the busy timeout order them), and a small pool
-//! reads beside them, so history reads never wait for commits.
+//! writer at a time; `BEGIN IMMEDIATE` and the busy timeout order them). The reads of a
+//! connect (session, history) run on a read thread of their own (`sqlite_reader`), the
+//! other reads on a small pool; in WAL mode no read waits for a commit.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -16,6 +17,7 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use wschat_protocol::RoomName;
 
+use super::sqlite_reader::Reader;
 use super::sqlite_writer::Writer;
 use super::{
     now_ms, CommitOutcome, KeyHash, NewMessage, NodeInfo, RoomHead, Session, Store, StoreError,
@@ -28,6 +30,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// Message batches: the commit thread.
     commit: Writer,
+    /// The reads of a connect: the read thread.
+    connect_reads: Reader,
 }
 
 impl SqliteStore {
@@ -71,11 +75,13 @@ impl SqliteStore {
             .await
             .map_err(StoreError::Unavailable)?;
         // The file exists now (the writer created it).
+        let connect_reads = Reader::start(path.clone(), BUSY_TIMEOUT)?;
         let commit = Writer::start(path, BUSY_TIMEOUT)?;
         Ok(Self {
             writer,
             reader,
             commit,
+            connect_reads,
         })
     }
 }
@@ -138,22 +144,7 @@ impl Store for SqliteStore {
     }
 
     async fn session(&self, hash: &KeyHash) -> Result<Option<Session>, StoreError> {
-        let row = sqlx::query(
-            r#"SELECT "user", room FROM sessions
-               WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)"#,
-        )
-        .bind(hash.as_str())
-        .bind(now_ms())
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(|r| -> Result<Session, StoreError> {
-            Ok(Session {
-                key: hash.clone(),
-                user: r.try_get(0)?,
-                room: r.try_get(1)?,
-            })
-        })
-        .transpose()
+        self.connect_reads.session(hash).await
     }
 
     async fn create_session(
@@ -314,23 +305,9 @@ impl Store for SqliteStore {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
-              WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"
-        ))
-        .bind(room.as_str())
-        .bind(before.map(to_db).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
-        let mut messages = rows
-            .iter()
-            .map(|r| message_from_row(room, r))
-            .collect::<Result<Vec<_>, _>>()?;
-        messages.reverse();
-        Ok(messages)
+        self.connect_reads
+            .messages_before(room, before, limit)
+            .await
     }
 
     async fn revoke_session(&self, hash: &KeyHash) -> Result<u64, StoreError> {

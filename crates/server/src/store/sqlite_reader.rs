@@ -1,0 +1,120 @@
+//! The reads of a connect (the session lookup, the history a join sends) on a thread of our
+//! own that owns a read-only connection: a read is a job handed to the thread and one
+//! answer back, and the thread runs every job waiting before it sleeps, so a burst of
+//! connects costs the thread a wake-up or two, not each read its own.
+//!
+//! Why not sqlx's pool, as for the other reads: each of its SQLite connections runs on a
+//! worker thread, and every query goes there and comes back row by row; with the server
+//! on one core that is two thread switches a query at least (about 18 % of a connect's
+//! CPU). The statements are prepared once and bound per read.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
+use wschat_protocol::RoomName;
+
+use super::{now_ms, KeyHash, Session, StoreError, StoredMessage};
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The handle on the read thread. The thread ends when the handle is dropped.
+pub(super) struct Reader {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Reader {
+    /// Open the database file at `path` (it exists, in WAL mode) read-only and start the
+    /// thread.
+    pub fn start(path: PathBuf, busy_timeout: Duration) -> Result<Self, StoreError> {
+        let mut conn = open(&path, busy_timeout)?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("wschat-sqlite-read".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Run `read` on the thread.
+    async fn run<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (answer, outcome) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ignored_if_the_caller_is_gone = answer.send(read(conn));
+        });
+        if self.jobs.send(job).is_err() {
+            return Err(StoreError::ReaderGone);
+        }
+        outcome.await.unwrap_or(Err(StoreError::ReaderGone))
+    }
+
+    /// The session of key hash `hash`, unless it is missing or expired.
+    pub async fn session(&self, hash: &KeyHash) -> Result<Option<Session>, StoreError> {
+        let key = hash.clone();
+        self.run(move |conn| {
+            let mut find = conn.prepare_cached(FIND_SESSION)?;
+            let found = find
+                .query_row((key.as_str(), now_ms()), |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?))
+                })
+                .optional()?;
+            Ok(found.map(|(user, room)| Session { key, user, room }))
+        })
+        .await
+    }
+
+    /// Up to `limit` of `room`'s messages before seq `before` (all, if `None`), oldest
+    /// first.
+    pub async fn messages_before(
+        &self,
+        room: &RoomName,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let room = room.clone();
+        self.run(move |conn| {
+            let mut read = conn.prepare_cached(MESSAGES_BEFORE)?;
+            let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+            let rows = read.query_map((room.as_str(), before, i64::from(limit)), |row| {
+                Ok(StoredMessage {
+                    room: room.clone(),
+                    id: row.get(0)?,
+                    seq: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+                    user: row.get(2)?,
+                    text: row.get(3)?,
+                    time_ms: row.get(4)?,
+                    client_msg_id: row.get(5)?,
+                })
+            })?;
+            let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
+            messages.reverse();
+            Ok(messages)
+        })
+        .await
+    }
+}
+
+const FIND_SESSION: &str = r#"SELECT "user", room FROM sessions
+    WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)"#;
+
+const MESSAGES_BEFORE: &str = r#"SELECT m.id, m.seq, m."user", m.text, m.created_at, m.client_msg_id
+    FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+    WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"#;
+
+fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(busy_timeout)?;
+    Ok(conn)
+}

@@ -100,11 +100,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-fn to_seq(v: i64) -> u64 {
+pub(super) fn to_seq(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn to_db(v: u64) -> i64 {
+pub(super) fn to_db(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 

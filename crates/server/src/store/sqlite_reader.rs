@@ -1,43 +1,60 @@
-//! The reads of a connect (the session lookup, the history a join sends) on a thread of our
-//! own that owns a read-only connection: a read is a job handed to the thread and one
-//! answer back, and the thread runs every job waiting before it sleeps, so a burst of
-//! connects costs the thread a wake-up or two, not each read its own.
+//! The reads of a connect (the session lookup, the history a join sends) on threads of our
+//! own, each owning a read-only connection: a read is a job handed to a thread and one
+//! answer back, and a thread runs every job waiting before it sleeps, so a burst of
+//! connects costs a wake-up or two, not each read its own. One thread per core the process
+//! may run on, at most four: on one core, one thread.
 //!
 //! Why not sqlx's pool, as for the other reads: each of its SQLite connections runs on a
 //! worker thread, and every query goes there and comes back row by row; with the server
 //! on one core that is two thread switches a query at least (about 18 % of a connect's
-//! CPU). The statements are prepared once and bound per read.
+//! CPU). The statements are prepared once and bound per read. The room head and the pages
+//! of a resume stay on the pool: moved here too, a storm of 5,000 resuming clients took
+//! twice as long to be back (`bench/RESULTS.md`, 2026-12-05).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 use wschat_protocol::RoomName;
 
+use super::sqlite::{to_db, to_seq};
 use super::{now_ms, KeyHash, Session, StoreError, StoredMessage};
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
-/// The handle on the read thread. The thread ends when the handle is dropped.
+/// Most read threads.
+const MAX_THREADS: usize = 4;
+
+/// The handle on the read threads. They end when the handle is dropped.
 pub(super) struct Reader {
     jobs: mpsc::Sender<Job>,
 }
 
 impl Reader {
-    /// Open the database file at `path` (it exists, in WAL mode) read-only and start the
-    /// thread.
+    /// Open the database file at `path` (it exists, in WAL mode) read-only, once per
+    /// thread, and start the threads.
     pub fn start(path: PathBuf, busy_timeout: Duration) -> Result<Self, StoreError> {
-        let mut conn = open(&path, busy_timeout)?;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_THREADS);
         let (jobs, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("wschat-sqlite-read".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job(&mut conn);
-                }
-            })?;
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..threads {
+            let mut conn = open(&path, busy_timeout)?;
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name("wschat-sqlite-read".into())
+                .spawn(move || loop {
+                    // The lock is held only while waiting for a job, not while running it.
+                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
+                    match job {
+                        Ok(job) => job(&mut conn),
+                        Err(mpsc::RecvError) => return,
+                    }
+                })?;
+        }
         Ok(Self { jobs })
     }
 
@@ -83,17 +100,9 @@ impl Reader {
         let room = room.clone();
         self.run(move |conn| {
             let mut read = conn.prepare_cached(MESSAGES_BEFORE)?;
-            let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+            let before = before.map_or(i64::MAX, to_db);
             let rows = read.query_map((room.as_str(), before, i64::from(limit)), |row| {
-                Ok(StoredMessage {
-                    room: room.clone(),
-                    id: row.get(0)?,
-                    seq: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
-                    user: row.get(2)?,
-                    text: row.get(3)?,
-                    time_ms: row.get(4)?,
-                    client_msg_id: row.get(5)?,
-                })
+                message(&room, row)
             })?;
             let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
             messages.reverse();
@@ -103,9 +112,23 @@ impl Reader {
     }
 }
 
+/// A row of `MESSAGES_BEFORE`.
+fn message(room: &RoomName, row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        room: room.clone(),
+        id: row.get(0)?,
+        seq: to_seq(row.get(1)?),
+        user: row.get(2)?,
+        text: row.get(3)?,
+        time_ms: row.get(4)?,
+        client_msg_id: row.get(5)?,
+    })
+}
+
 const FIND_SESSION: &str = r#"SELECT "user", room FROM sessions
     WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)"#;
 
+/// `message` reads the columns in this order.
 const MESSAGES_BEFORE: &str = r#"SELECT m.id, m.seq, m."user", m.text, m.created_at, m.client_msg_id
     FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
     WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"#;

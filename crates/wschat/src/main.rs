@@ -247,8 +247,10 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
             LOG_WRITE_BYTES,
             std::io::stderr(),
         ));
+    // Colours only on a terminal: a file, a pipe or journald gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),

@@ -677,6 +677,10 @@ fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_per
         .read_to_string(&mut log)
         .unwrap();
     assert!(log.contains("draining"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "no terminal colour codes in a log that goes to a pipe: {log}"
+    );
     assert!(!log.contains("outlived the grace period"), "{log}");
     // Nothing listens any more.
     assert!(http_get(port, "/readyz").is_none());

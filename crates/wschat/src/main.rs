@@ -322,7 +322,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     });
-    // What is logged is written out before the process ends, however it ends.
+    // What is logged is written out before `main` returns, with an error or not, or exits 3.
     drop(runtime);
     drop(log_guard);
     match outcome? {

@@ -554,6 +554,8 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
         ],
     );
     wait_healthy(&mut child, port);
+    // Killed however the test ends: a server stuck on its log pipe would outlive it.
+    let _server = KillOnDrop(child);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Each connection logs at least two lines of about 100 bytes: 1,000 of them are
     // three times the pipe's buffer.
@@ -596,8 +598,16 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
         http_get(port, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")),
         "the server still answers"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+}
+
+/// A child process killed (and reaped) when this is dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

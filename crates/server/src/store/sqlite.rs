@@ -2,7 +2,7 @@
 //! message survives a crash). Message batches are committed by a thread of their own
 //! (`sqlite_writer`); one sqlx connection does the other, rare, writes (SQLite has one
 //! writer at a time; `BEGIN IMMEDIATE` and the busy timeout order them). The reads of a
-//! connect (session, history) run on a read thread of their own (`sqlite_reader`), the
+//! connect (session, history) run on read threads of their own (`sqlite_reader`), the
 //! other reads on a small pool; in WAL mode no read waits for a commit.
 
 use std::path::Path;
@@ -30,7 +30,7 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// Message batches: the commit thread.
     commit: Writer,
-    /// The reads of a connect: the read thread.
+    /// The reads of a connect: the read threads.
     connect_reads: Reader,
 }
 
@@ -114,6 +114,8 @@ macro_rules! message_columns {
         r#"m.id, m.seq, m."user", m.text, m.created_at, m.client_msg_id"#
     };
 }
+// The read threads read messages in the same order (`sqlite_reader::message`).
+pub(super) use message_columns;
 
 fn message_from_row(room: &RoomName, row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
     Ok(StoredMessage {

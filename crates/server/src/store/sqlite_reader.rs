@@ -19,7 +19,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 use wschat_protocol::RoomName;
 
-use super::sqlite::{to_db, to_seq};
+use super::sqlite::{message_columns, to_db, to_seq};
 use super::{now_ms, KeyHash, Session, StoreError, StoredMessage};
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -58,7 +58,7 @@ impl Reader {
         Ok(Self { jobs })
     }
 
-    /// Run `read` on the thread.
+    /// Run `read` on one of the threads.
     async fn run<T, F>(&self, read: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -112,7 +112,7 @@ impl Reader {
     }
 }
 
-/// A row of `MESSAGES_BEFORE`.
+/// A row of `message_columns!`, in its order (as `sqlite::message_from_row`).
 fn message(room: &RoomName, row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     Ok(StoredMessage {
         room: room.clone(),
@@ -128,10 +128,12 @@ fn message(room: &RoomName, row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredM
 const FIND_SESSION: &str = r#"SELECT "user", room FROM sessions
     WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)"#;
 
-/// `message` reads the columns in this order.
-const MESSAGES_BEFORE: &str = r#"SELECT m.id, m.seq, m."user", m.text, m.created_at, m.client_msg_id
-    FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
-    WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"#;
+const MESSAGES_BEFORE: &str = concat!(
+    "SELECT ",
+    message_columns!(),
+    " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+      WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"
+);
 
 fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(

@@ -9,6 +9,7 @@ pub mod keys;
 pub mod postgres;
 pub mod sqlite;
 mod sqlite_reader;
+mod sqlite_threads;
 mod sqlite_writer;
 
 use std::collections::HashMap;

@@ -1,35 +1,28 @@
 //! The reads of a connect (the session lookup, the history a join sends) on threads of our
-//! own, each owning a read-only connection: a read is a job handed to a thread and one
-//! answer back, and a thread runs every job waiting before it sleeps, so a burst of
-//! connects costs a wake-up or two, not each read its own. One thread per core the process
-//! may run on, at most four: on one core, one thread.
+//! own (`sqlite_threads`), each owning a read-only connection. One thread per core the
+//! process may run on, at most four: on one core, one thread.
 //!
-//! Why not sqlx's pool, as for the other reads: each of its SQLite connections runs on a
-//! worker thread, and every query goes there and comes back row by row; with the server
-//! on one core that is two thread switches a query at least (about 18 % of a connect's
-//! CPU). The statements are prepared once and bound per read. The room head and the pages
-//! of a resume stay on the pool: moved here too, a storm of 5,000 resuming clients took
-//! twice as long to be back (`bench/RESULTS.md`, 2026-12-05).
+//! Through sqlx's pool, as the other reads go, each query went to a worker thread and
+//! came back row by row: with the server on one core, about 18 % of a connect's CPU. The
+//! room head and the pages of a resume stay on the pool: moved here too, a storm of 5,000
+//! resuming clients took twice as long to be back (`bench/RESULTS.md`, 2026-12-05).
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use tokio::sync::oneshot;
 use wschat_protocol::RoomName;
 
 use super::sqlite::{message_columns, to_db, to_seq};
+use super::sqlite_threads::ConnThreads;
 use super::{now_ms, KeyHash, Session, StoreError, StoredMessage};
-
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// Most read threads.
 const MAX_THREADS: usize = 4;
 
 /// The handle on the read threads. They end when the handle is dropped.
 pub(super) struct Reader {
-    jobs: mpsc::Sender<Job>,
+    threads: ConnThreads,
 }
 
 impl Reader {
@@ -39,54 +32,29 @@ impl Reader {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(MAX_THREADS);
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..threads {
-            let mut conn = open(&path, busy_timeout)?;
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name("wschat-sqlite-read".into())
-                .spawn(move || loop {
-                    // The lock is held only while waiting for a job, not while running it.
-                    let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
-                    match job {
-                        Ok(job) => job(&mut conn),
-                        Err(mpsc::RecvError) => return,
-                    }
-                })?;
-        }
-        Ok(Self { jobs })
-    }
-
-    /// Run `read` on one of the threads.
-    async fn run<T, F>(&self, read: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let (answer, outcome) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let _ignored_if_the_caller_is_gone = answer.send(read(conn));
-        });
-        if self.jobs.send(job).is_err() {
-            return Err(StoreError::ReaderGone);
-        }
-        outcome.await.unwrap_or(Err(StoreError::ReaderGone))
+        let threads = ConnThreads::start(
+            "wschat-sqlite-read",
+            threads,
+            || open(&path, busy_timeout),
+            || StoreError::ReaderGone,
+        )?;
+        Ok(Self { threads })
     }
 
     /// The session of key hash `hash`, unless it is missing or expired.
     pub async fn session(&self, hash: &KeyHash) -> Result<Option<Session>, StoreError> {
         let key = hash.clone();
-        self.run(move |conn| {
-            let mut find = conn.prepare_cached(FIND_SESSION)?;
-            let found = find
-                .query_row((key.as_str(), now_ms()), |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?))
-                })
-                .optional()?;
-            Ok(found.map(|(user, room)| Session { key, user, room }))
-        })
-        .await
+        self.threads
+            .run(move |conn| {
+                let mut find = conn.prepare_cached(FIND_SESSION)?;
+                let found = find
+                    .query_row((key.as_str(), now_ms()), |row| {
+                        Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?))
+                    })
+                    .optional()?;
+                Ok(found.map(|(user, room)| Session { key, user, room }))
+            })
+            .await
     }
 
     /// Up to `limit` of `room`'s messages before seq `before` (all, if `None`), oldest
@@ -98,17 +66,18 @@ impl Reader {
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let room = room.clone();
-        self.run(move |conn| {
-            let mut read = conn.prepare_cached(MESSAGES_BEFORE)?;
-            let before = before.map_or(i64::MAX, to_db);
-            let rows = read.query_map((room.as_str(), before, i64::from(limit)), |row| {
-                message(&room, row)
-            })?;
-            let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
-            messages.reverse();
-            Ok(messages)
-        })
-        .await
+        self.threads
+            .run(move |conn| {
+                let mut read = conn.prepare_cached(MESSAGES_BEFORE)?;
+                let before = before.map_or(i64::MAX, to_db);
+                let rows = read.query_map((room.as_str(), before, i64::from(limit)), |row| {
+                    message(&room, row)
+                })?;
+                let mut messages = rows.collect::<Result<Vec<_>, _>>()?;
+                messages.reverse();
+                Ok(messages)
+            })
+            .await
     }
 }
 

@@ -1,57 +1,40 @@
-//! The SQLite commit thread: one OS thread owns the connection that commits message
-//! batches, and each batch is one job handed to it and one answer back.
-//!
-//! Why not sqlx's SQLite connection, which also runs on a thread of its own: sqlx sends
-//! every statement's result and every returned row back to the async side one by one, and
-//! each send can wake the runtime (on one core, two context switches a send). A batch of
-//! one message was about 15 context switches; here it is two, whatever its size. The
-//! statements are prepared once and bound per message (no JSON round trip).
+//! The SQLite commit thread: one OS thread (`sqlite_threads`) owns the connection that
+//! commits message batches, and each batch is one job handed to it and one answer back.
+//! Through sqlx's SQLite connection a batch of one message was about 15 context switches
+//! on one core; here it is two, whatever its size. The statements are prepared once and
+//! bound per message (no JSON round trip).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
 use wschat_protocol::RoomName;
 
+use super::sqlite_threads::ConnThreads;
 use super::{now_ms, BatchPlan, CommitOutcome, NewMessage, StoreError, StoredMessage};
-
-type Answer = oneshot::Sender<Result<Vec<CommitOutcome>, StoreError>>;
-
-/// A batch for the thread, and where its outcomes go.
-struct Job {
-    batch: Vec<NewMessage>,
-    answer: Answer,
-}
 
 /// The handle on the commit thread. The thread ends when the handle is dropped.
 pub(super) struct Writer {
-    jobs: mpsc::UnboundedSender<Job>,
+    thread: ConnThreads,
 }
 
 impl Writer {
     /// Open the database file at `path` (it exists and is migrated) and start the thread.
     pub fn start(path: PathBuf, busy_timeout: Duration) -> Result<Self, StoreError> {
-        let conn = open(&path, busy_timeout)?;
-        let (jobs, rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new()
-            .name("wschat-sqlite-commit".into())
-            .spawn(move || run(conn, rx))?;
-        Ok(Self { jobs })
+        let thread = ConnThreads::start(
+            "wschat-sqlite-commit",
+            1,
+            || open(&path, busy_timeout),
+            || StoreError::WriterGone,
+        )?;
+        Ok(Self { thread })
     }
 
     /// Commit `batch` in one transaction; the outcomes are in the batch's order.
     pub async fn commit(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
-        let (answer, outcome) = oneshot::channel();
-        let job = Job {
-            batch: batch.to_vec(),
-            answer,
-        };
-        if self.jobs.send(job).is_err() {
-            return Err(StoreError::WriterGone);
-        }
-        outcome.await.unwrap_or(Err(StoreError::WriterGone))
+        let batch = batch.to_vec();
+        self.thread.run(move |conn| commit(conn, &batch)).await
     }
 }
 
@@ -66,13 +49,6 @@ fn open(path: &std::path::Path, busy_timeout: Duration) -> rusqlite::Result<Conn
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
     Ok(conn)
-}
-
-fn run(mut conn: Connection, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    while let Some(job) = jobs.blocking_recv() {
-        let result = commit(&mut conn, &job.batch);
-        let _ignored_if_the_committer_is_gone = job.answer.send(result);
-    }
 }
 
 /// Look a retry up: the first message with this `(user, client_msg_id)`.

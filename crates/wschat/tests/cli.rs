@@ -77,8 +77,8 @@ fn wait_healthy(child: &mut Child, port: u16) {
     panic!("server not healthy in time");
 }
 
-fn serve(dir: &Path, db: &str, port: u16, rust_log: &str) -> Child {
-    Command::new(BIN)
+fn serve(dir: &Path, db: &str, port: u16, rust_log: &str) -> Server {
+    let child = Command::new(BIN)
         .args([
             "serve",
             "--listen",
@@ -91,7 +91,8 @@ fn serve(dir: &Path, db: &str, port: u16, rust_log: &str) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("starts")
+        .expect("starts");
+    Server(child)
 }
 
 fn terminate(child: &mut Child) -> (std::process::ExitStatus, String) {
@@ -318,23 +319,25 @@ fn no_session_key_reaches_the_log_even_at_trace_level() {
     );
 }
 
-fn serve_with_flags(dir: &Path, port: u16, extra: &[&str]) -> Child {
+fn serve_with_flags(dir: &Path, port: u16, extra: &[&str]) -> Server {
     let listen = format!("127.0.0.1:{port}");
     let mut args = vec!["--listen", &listen, "--database", "sqlite://sec.db"];
     args.extend_from_slice(extra);
     serve_with(dir, &args, &[])
 }
 
-fn serve_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+fn serve_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
     let mut cmd = Command::new(BIN);
     cmd.arg("serve").args(args).current_dir(dir);
     for (name, value) in env {
         cmd.env(name, value);
     }
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starts")
+    Server(
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    )
 }
 
 /// The status line of a WebSocket handshake on `path` with extra header lines.
@@ -553,9 +556,9 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
             ("WSCHAT_MAX_CONNECTIONS_PER_IP", "0"),
         ],
     );
+    // However the test ends, `child` kills the server: one stuck on its log pipe would
+    // outlive it.
     wait_healthy(&mut child, port);
-    // Killed however the test ends: a server stuck on its log pipe would outlive it.
-    let _server = KillOnDrop(child);
     let rt = tokio::runtime::Runtime::new().unwrap();
     // Each connection logs at least two lines of about 100 bytes: 1,000 of them are
     // three times the pipe's buffer.
@@ -600,13 +603,30 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
     );
 }
 
-/// A child process killed (and reaped) when this is dropped.
-struct KillOnDrop(Child);
+/// A server process, killed (and reaped) when this is dropped, so a test that fails
+/// midway leaves no server behind.
+struct Server(Child);
 
-impl Drop for KillOnDrop {
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // Already waited for (a test that stopped it): nothing to kill.
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 

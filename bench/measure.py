@@ -178,7 +178,8 @@ def cmd_load(argv):
         json.dump(r, f)
     print(
         f"{opts['--label']}: delivered {r['delivered']}/{r['expected']} lost {r['lost']} "
-        f"p50 {r['latency_ms']['p50']:.2f} p99 {r['latency_ms']['p99']:.2f} ms, "
+        f"p50 {r['latency_ms']['p50']:.2f} p99 {r['latency_ms']['p99']:.2f} ms "
+        f"(client send lag p99 {(r.get('send_lag_ms') or {}).get('p99', float('nan')):.2f}), "
         f"{r['delivery_rate']:.0f} deliveries/s, server CPU {cpu_send:.2f} s in the send phase "
         f"= {r['cpu_per_delivery_us']:.2f} µs/delivery (incl. drain {r['cpu_per_delivery_drain_us']:.2f}); "
         f"client CPU {client_cpu_s:.1f} s; other processes {other_cores:.2f} cores; load avg {load_before} → {load_after}",
@@ -187,6 +188,8 @@ def cmd_load(argv):
 
 
 def fmt(v, nd=2):
+    if v is None:
+        return "—"
     if isinstance(v, float):
         return f"{v:,.{nd}f}"
     if isinstance(v, int):
@@ -213,6 +216,7 @@ def cmd_table(argv):
         ("latency p99 ms", lambda r: r["latency_ms"]["p99"], True),
         ("latency p99.9 ms", lambda r: r["latency_ms"]["p999"], True),
         ("latency max ms", lambda r: r["latency_ms"]["max"], True),
+        ("client send lag p99 ms (inside the latency)", lambda r: (r.get("send_lag_ms") or {}).get("p99"), True),
         ("server CPU in send phase, s", lambda r: r["cpu_send_s"], True),
         ("CPU per delivery µs (send phase)", lambda r: r["cpu_per_delivery_us"], True),
         ("CPU per delivery µs (send+drain)", lambda r: r["cpu_per_delivery_drain_us"], True),

@@ -173,6 +173,8 @@ pub(crate) struct Shared {
     pub live: Live,
     pub latency: Sharded,
     pub ack_latency: Sharded,
+    /// Intended send time to the send's write: the client's own lateness.
+    pub send_lag: Sharded,
     pub printer: Option<Mutex<BufWriter<Stdout>>>,
     /// Tasks whose first connection attempt is over (either way).
     pub settled: AtomicUsize,
@@ -270,6 +272,8 @@ pub(crate) struct Conn {
     new_deliveries: u64,
     new_latencies: Vec<u64>,
     last_delivery_us: u64,
+    /// Intended times of the sends being written now.
+    writing: Vec<u64>,
 }
 
 /// Per-session flags.
@@ -363,6 +367,7 @@ impl Conn {
             new_deliveries: 0,
             new_latencies: Vec::new(),
             last_delivery_us: 0,
+            writing: Vec::new(),
         }
     }
 
@@ -759,6 +764,7 @@ impl Conn {
             }
             self.next_idx += 1;
             batch += 1;
+            self.writing.push(intended_us);
             self.out.sent += 1;
             live.sent.fetch_add(1, Relaxed);
             live.pending_sends.fetch_sub(1, Relaxed);
@@ -778,7 +784,16 @@ impl Conn {
                 }
             }
         }
-        ws.flush().await
+        ws.flush().await?;
+        if !self.writing.is_empty() {
+            let written = clock.now_us();
+            for intended in &mut self.writing {
+                *intended = written.saturating_sub(*intended);
+            }
+            shared.send_lag.record_all(self.plan.idx, &self.writing);
+            self.writing.clear();
+        }
+        Ok(())
     }
 
     /// The legacy frame `{"message": TEXT}` of this message.

@@ -12,7 +12,10 @@
 //!
 //! Every text is `L|<run_id>|<conn>|<counter>|<intended_unix_micros>|<padding>` (see
 //! [`text`]). Receivers ignore anything else, including other runs' messages.
-//! Latency = time of first receipt − intended send time, in an hdrhistogram.
+//! Latency = time of first receipt − intended send time, in an hdrhistogram. The report
+//! also gives the send lag (intended send time → the client had written the message):
+//! the part of the latency that is the client's own lateness, when it is too busy to keep
+//! its schedule.
 //!
 //! # What is expected of whom
 //!
@@ -378,6 +381,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         live: Live::default(),
         latency: Sharded::new()?,
         ack_latency: Sharded::new()?,
+        send_lag: Sharded::new()?,
         printer: args
             .print_sent
             .then(|| Mutex::new(BufWriter::with_capacity(64 * 1024, std::io::stdout()))),
@@ -602,6 +606,8 @@ fn build_report(
         shared.ack_latency.merge_into(&mut h);
         r.ack_latency_ms = Some(LatencyMs::from_histogram(&h));
     }
+    shared.send_lag.merge_into(&mut h);
+    r.send_lag_ms = LatencyMs::from_histogram(&h);
     if t.duration_s > 0.0 {
         r.send_rate = r.sent as f64 / t.duration_s;
     }

@@ -114,6 +114,9 @@ pub struct Report {
     pub latency_ms: LatencyMs,
     /// v1: intended send time to ack.
     pub ack_latency_ms: Option<LatencyMs>,
+    /// Intended send time to the moment the client had written the message: the client's
+    /// own lateness (a busy client), which the latency above includes.
+    pub send_lag_ms: LatencyMs,
 
     /// Seconds spent connecting before the send phase.
     pub connect_s: f64,
@@ -194,6 +197,12 @@ impl Report {
                 a.p50, a.p90, a.p99, a.p999, a.max
             );
         }
+        let g = &self.send_lag_ms;
+        let _ = writeln!(
+            s,
+            "  send lag ms (the client's own lateness, inside the latency): p50 {:.2}, p99 {:.2}, max {:.2}",
+            g.p50, g.p99, g.max
+        );
         if !self.close_codes.is_empty() {
             let _ = writeln!(s, "  close codes: {:?}", self.close_codes);
         }

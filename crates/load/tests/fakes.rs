@@ -37,6 +37,15 @@ async fn legacy_everything_delivered_means_no_loss() {
     assert_eq!(r.out_of_order, 0);
     assert_eq!(r.latency_ms.count, r.delivered);
     assert!(r.acked.is_none());
+    assert_sends_lag_inside_the_latency(&r);
+}
+
+/// Every send's lag was recorded, and a message is written before it arrives anywhere:
+/// with nothing lost, no lag exceeds the largest latency.
+fn assert_sends_lag_inside_the_latency(r: &Report) {
+    assert_eq!(r.send_lag_ms.count, r.sent, "{r:#?}");
+    assert_eq!(r.lost, 0);
+    assert!(r.send_lag_ms.max <= r.latency_ms.max, "{r:#?}");
 }
 
 /// 10 connections of `protocol` with `keys`, 20 messages a second each for 1.5 s.
@@ -175,6 +184,7 @@ async fn v1_everything_acked_and_delivered() {
     assert_eq!(r.out_of_order, 0);
     let ack = r.ack_latency_ms.as_ref().unwrap();
     assert_eq!(ack.count, r.sent);
+    assert_sends_lag_inside_the_latency(&r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,6 +332,7 @@ fn json_report_has_the_promised_fields() {
     }
     for p in ["p50", "p90", "p99", "p999", "max"] {
         assert!(v["latency_ms"].get(p).is_some(), "{p}");
+        assert!(v["send_lag_ms"].get(p).is_some(), "{p}");
     }
 }
 

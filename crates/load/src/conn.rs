@@ -741,6 +741,8 @@ impl Conn {
                 self.out.resent += 1;
             }
         }
+        // What a failed write left here never went out: no lag for it.
+        self.writing.clear();
         let mut batch = 0;
         while let Some(&off) = self.plan.schedule.get(self.next_idx) {
             let intended_us = t0 + off;

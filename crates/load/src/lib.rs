@@ -15,7 +15,7 @@
 //! Latency = time of first receipt − intended send time, in an hdrhistogram. The report
 //! also gives the send lag (intended send time → the client had written the message):
 //! the part of the latency that is the client's own lateness, when it is too busy to keep
-//! its schedule.
+//! its schedule (or, for a message due while its connection was down, the outage).
 //!
 //! # What is expected of whom
 //!

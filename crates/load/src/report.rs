@@ -114,8 +114,10 @@ pub struct Report {
     pub latency_ms: LatencyMs,
     /// v1: intended send time to ack.
     pub ack_latency_ms: Option<LatencyMs>,
-    /// Intended send time to the moment the client had written the message: the client's
-    /// own lateness (a busy client), which the latency above includes.
+    /// Intended send time to the moment the client had written the message (each write
+    /// that went through): the client's own lateness when it is busy, plus, for a message
+    /// that fell due while its connection was down, the time until it was back. The
+    /// latency above includes it.
     pub send_lag_ms: LatencyMs,
 
     /// Seconds spent connecting before the send phase.
@@ -200,7 +202,7 @@ impl Report {
         let g = &self.send_lag_ms;
         let _ = writeln!(
             s,
-            "  send lag ms (the client's own lateness, inside the latency): p50 {:.2}, p99 {:.2}, max {:.2}",
+            "  send lag ms (intended → written: a busy client, or a connection down; inside the latency): p50 {:.2}, p99 {:.2}, max {:.2}",
             g.p50, g.p99, g.max
         );
         if !self.close_codes.is_empty() {

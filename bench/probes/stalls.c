@@ -3,29 +3,19 @@
 // bench/probes.sh builds and runs it.
 //
 //   stalls CPU SECONDS
-#define _GNU_SOURCE
-#include <sched.h>
+#include "probe.h"
+
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
-
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
 
 int main(int argc, char **argv) {
     int cpu = argc > 1 ? atoi(argv[1]) : 1;
     double seconds = argc > 2 ? atof(argv[2]) : 20;
-    cpu_set_t s;
-    CPU_ZERO(&s);
-    CPU_SET(cpu, &s);
-    sched_setaffinity(0, sizeof s, &s);
-    double t0 = now(), last = t0, total = 0, longest = 0;
+    pin(cpu);
+    double t0 = now_s(), last = t0, total = 0, longest = 0;
     int gaps = 0;
     for (;;) {
-        double t = now();
+        double t = now_s();
         double gap = t - last;
         if (gap > 0.002) {
             gaps++;

@@ -9,28 +9,12 @@
 //    core 1 blocks on the pipe: CPU time per wake-up for each.
 // 3. ping-pong on one core: two processes pass a byte back and forth on core 1: CPU time
 //    per round trip, when the core never goes idle.
-#define _GNU_SOURCE
-#include <sched.h>
+#include "probe.h"
+
 #include <stdio.h>
 #include <stdlib.h>
-#include <sys/resource.h>
 #include <sys/wait.h>
-#include <time.h>
 #include <unistd.h>
-
-static void pin(int cpu) {
-    cpu_set_t s;
-    CPU_ZERO(&s);
-    CPU_SET(cpu, &s);
-    sched_setaffinity(0, sizeof s, &s);
-}
-
-static double cpu_s(void) {
-    struct rusage r;
-    getrusage(RUSAGE_SELF, &r);
-    return r.ru_utime.tv_sec + r.ru_utime.tv_usec / 1e6 + r.ru_stime.tv_sec +
-           r.ru_stime.tv_usec / 1e6;
-}
 
 static void nap(int us) {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};

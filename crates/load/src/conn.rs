@@ -272,7 +272,7 @@ pub(crate) struct Conn {
     new_deliveries: u64,
     new_latencies: Vec<u64>,
     last_delivery_us: u64,
-    /// Intended times of the sends being written now.
+    /// Intended times of the sends being written now (kept for its allocation).
     writing: Vec<u64>,
 }
 
@@ -741,7 +741,7 @@ impl Conn {
                 self.out.resent += 1;
             }
         }
-        // What a failed write left here never went out: no lag for it.
+        // Also drops what a failed write left here: it never went out, so it has no lag.
         self.writing.clear();
         let mut batch = 0;
         while let Some(&off) = self.plan.schedule.get(self.next_idx) {
@@ -787,14 +787,12 @@ impl Conn {
             }
         }
         ws.flush().await?;
-        if !self.writing.is_empty() {
-            let written = clock.now_us();
-            for intended in &mut self.writing {
-                *intended = written.saturating_sub(*intended);
-            }
-            shared.send_lag.record_all(self.plan.idx, &self.writing);
-            self.writing.clear();
+        // Written: each intended time becomes its lag (cleared at the next round).
+        let written = clock.now_us();
+        for intended in &mut self.writing {
+            *intended = written.saturating_sub(*intended);
         }
+        shared.send_lag.record_all(self.plan.idx, &self.writing);
         Ok(())
     }
 

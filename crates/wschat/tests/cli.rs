@@ -78,21 +78,12 @@ fn wait_healthy(child: &mut Child, port: u16) {
 }
 
 fn serve(dir: &Path, db: &str, port: u16, rust_log: &str) -> Server {
-    let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--database",
-            db,
-        ])
-        .current_dir(dir)
-        .env("RUST_LOG", rust_log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starts");
-    Server(child)
+    let listen = format!("127.0.0.1:{port}");
+    serve_with(
+        dir,
+        &["--listen", &listen, "--database", db],
+        &[("RUST_LOG", rust_log)],
+    )
 }
 
 fn terminate(child: &mut Child) -> (std::process::ExitStatus, String) {

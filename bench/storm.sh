@@ -68,8 +68,7 @@ storm() { # WHO PROTOCOL-ARGS…
         sleep 0.05
     done
     [[ -n $t_opened ]] && opened_s=$(python3 -c "print(f'{$t_opened - $t_kill:.2f}')")
-    # Says how many did: a client that was itself between connects at the kill has no
-    # socket to lose, and then only N - 1 come back.
+    # When fewer than N did, say how many.
     [[ -n $opened0 && -z $t_opened ]] && opened_s="not within 30 s ($((opened_now - opened0)) did)"
     local back_s="not within 30 s ($n)"
     [[ -n $t_back ]] && back_s=$(python3 -c "print(f'{$t_back - $t_kill:.2f}')")

@@ -628,6 +628,10 @@ fn arrival_order(messages: &[Arc<StoredMessage>]) -> Vec<&Arc<StoredMessage>> {
 
 /// Push `run`, the room's next messages (consecutive seqs), to every subscriber: each
 /// message encoded once per protocol, each subscriber's share in one push.
+/// Subscribers whose outboxes a fan-out loads together before pushing to them: their
+/// cache misses then overlap instead of each stalling its own push (`Outbox::warm`).
+const WARM_AHEAD: usize = 16;
+
 fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
     let (Some(first), Some(last)) = (run.first(), run.last()) else {
         return;
@@ -639,12 +643,17 @@ fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
     };
     let mut legacy: Option<Vec<Encoded>> = None;
     let mut v1: Option<Vec<Encoded>> = None;
-    for s in &state.subs {
-        let frames = match s.protocol {
-            Protocol::Legacy => legacy.get_or_insert_with(|| encode(frames::legacy_message)),
-            Protocol::V1 => v1.get_or_insert_with(|| encode(frames::v1_message)),
-        };
-        s.outbox.push_live(s.sub, first, frames);
+    for chunk in state.subs.chunks(WARM_AHEAD) {
+        for s in chunk {
+            s.outbox.warm();
+        }
+        for s in chunk {
+            let frames = match s.protocol {
+                Protocol::Legacy => legacy.get_or_insert_with(|| encode(frames::legacy_message)),
+                Protocol::V1 => v1.get_or_insert_with(|| encode(frames::v1_message)),
+            };
+            s.outbox.push_live(s.sub, first, frames);
+        }
     }
     metrics::counter!("wschat_messages_delivered_total")
         .increment((state.subs.len() * run.len()) as u64);

@@ -626,12 +626,12 @@ fn arrival_order(messages: &[Arc<StoredMessage>]) -> Vec<&Arc<StoredMessage>> {
     keyed.into_iter().map(|(_, m)| m).collect()
 }
 
-/// Push `run`, the room's next messages (consecutive seqs), to every subscriber: each
-/// message encoded once per protocol, each subscriber's share in one push.
 /// Subscribers whose outboxes a fan-out loads together before pushing to them: their
 /// cache misses then overlap instead of each stalling its own push (`Outbox::warm`).
 const WARM_AHEAD: usize = 16;
 
+/// Push `run`, the room's next messages (consecutive seqs), to every subscriber: each
+/// message encoded once per protocol, each subscriber's share in one push.
 fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
     let (Some(first), Some(last)) = (run.first(), run.last()) else {
         return;

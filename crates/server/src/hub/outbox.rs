@@ -147,8 +147,8 @@ pub enum Pushed {
     Overflow,
 }
 
-/// A direct `send` on a closed socket returns an error, never raises SIGPIPE (as std's
-/// and tokio's writes do).
+/// On Linux a direct `send` on a closed socket returns an error and raises no SIGPIPE, as
+/// std's and tokio's writes do (elsewhere Rust programs ignore SIGPIPE from the start).
 #[cfg(any(target_os = "linux", target_os = "android"))]
 const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
 #[cfg(not(any(target_os = "linux", target_os = "android")))]

@@ -147,7 +147,6 @@ async fn run(
 ) {
     let (settled_tx, settled_rx) = mpsc::unbounded_channel();
     let settler = tokio::spawn(settle(settled_rx, hub));
-    let mut messages: Vec<NewMessage> = Vec::new();
     let mut last_start: Option<tokio::time::Instant> = None;
     loop {
         // Each batch moves to the settler, so it is a new vector: sized by what is queued
@@ -183,18 +182,13 @@ async fn run(
             }
         }
         last_start = Some(tokio::time::Instant::now());
-        messages.clear();
-        messages.extend(batch.iter().map(|q| q.request.msg.clone()));
+        let messages: Arc<[NewMessage]> = batch.iter().map(|q| q.request.msg.clone()).collect();
         let started = Instant::now();
-        let result = store.commit_batch(&messages).await;
+        let result = store.commit_batch(messages).await;
         let committed_at = Instant::now();
         metrics::histogram!("wschat_commit_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("wschat_commit_batch_size").record(messages.len() as f64);
-        tracing::trace!(
-            batch = messages.len(),
-            ok = result.is_ok(),
-            "commit finished"
-        );
+        metrics::histogram!("wschat_commit_batch_size").record(batch.len() as f64);
+        tracing::trace!(batch = batch.len(), ok = result.is_ok(), "commit finished");
         let _settler_ends_only_after_this_loop = settled_tx.send(Settled {
             batch,
             result,

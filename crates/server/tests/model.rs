@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 mod common;
 
@@ -68,7 +69,7 @@ async fn check(store: &dyn store::Store, batches: Vec<Vec<Send>>) -> Result<(), 
         let mut logs: HashMap<&str, Vec<Expected>> = HashMap::new();
         let mut n = 0;
         for batch in batches {
-            let msgs: Vec<NewMessage> = batch
+            let msgs: Arc<[NewMessage]> = batch
                 .iter()
                 .map(|(user, room, cmid)| {
                     n += 1;
@@ -80,7 +81,7 @@ async fn check(store: &dyn store::Store, batches: Vec<Vec<Send>>) -> Result<(), 
                     }
                 })
                 .collect();
-            let outcomes = store.commit_batch(&msgs).await.unwrap();
+            let outcomes = store.commit_batch(msgs.clone()).await.unwrap();
             prop_assert_eq!(outcomes.len(), msgs.len());
             for (msg, outcome) in msgs.iter().zip(&outcomes) {
                 let got = outcome.message();

@@ -168,8 +168,12 @@ pub trait Store: Send + Sync + 'static {
 
     async fn count_sessions(&self) -> Result<i64, StoreError>;
 
-    /// Commit `batch` in one transaction; the outcomes are in the batch's order.
-    async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError>;
+    /// Commit `batch` in one transaction; the outcomes are in the batch's order. Shared,
+    /// so a store that commits on a thread of its own takes it there without a copy.
+    async fn commit_batch(
+        &self,
+        batch: Arc<[NewMessage]>,
+    ) -> Result<Vec<CommitOutcome>, StoreError>;
 
     async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError>;
 

@@ -241,19 +241,22 @@ impl Store for PgStore {
         Ok(n)
     }
 
-    async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
+    async fn commit_batch(
+        &self,
+        batch: Arc<[NewMessage]>,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
         let mut slot = self.writer.lock().await;
         let mut conn = match slot.take() {
             Some(conn) => conn,
             None => self.connect_writer().await?,
         };
-        let outcomes = match commit_one_statement(&mut conn, batch).await {
+        let outcomes = match commit_one_statement(&mut conn, &batch).await {
             Ok(Some(outcomes)) => outcomes,
             // A repeat in the batch, or a `(user, client_msg_id)` already stored (nothing
             // of the statement was committed): the transaction path looks repeats up.
-            Ok(None) => commit_on(&mut conn, batch).await?,
+            Ok(None) => commit_on(&mut conn, &batch).await?,
             Err(StoreError::Query(sqlx::Error::Database(e))) if e.is_unique_violation() => {
-                commit_on(&mut conn, batch).await?
+                commit_on(&mut conn, &batch).await?
             }
             Err(e) => return Err(e),
         };

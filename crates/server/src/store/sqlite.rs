@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -186,7 +187,10 @@ impl Store for SqliteStore {
         Ok(n)
     }
 
-    async fn commit_batch(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
+    async fn commit_batch(
+        &self,
+        batch: Arc<[NewMessage]>,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
         self.commit.commit(batch).await
     }
 

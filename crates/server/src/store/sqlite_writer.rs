@@ -32,8 +32,7 @@ impl Writer {
     }
 
     /// Commit `batch` in one transaction; the outcomes are in the batch's order.
-    pub async fn commit(&self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
-        let batch = batch.to_vec();
+    pub async fn commit(&self, batch: Arc<[NewMessage]>) -> Result<Vec<CommitOutcome>, StoreError> {
         self.thread.run(move |conn| commit(conn, &batch)).await
     }
 }

@@ -118,6 +118,24 @@ macro_rules! message_columns {
 // The read threads read messages in the same order (`sqlite_reader::message`).
 pub(super) use message_columns;
 
+// A bound LIMIT is written `LIMIT +?n`. SQLite's planner reads the value bound to a bare
+// `LIMIT ?n` and marks the statement expired whenever it is bound again, so each run of a
+// cached statement parsed and planned it anew (5,000 times in 5,000 connects, each
+// sending its room's history). The unary plus hides the value from the planner; the limit
+// is applied as before. `tests::no_statement_is_planned_again_for_its_limit` holds to it.
+
+/// A page of a room's messages after a seq, oldest first (resume).
+const MESSAGES_AFTER: &str = concat!(
+    "SELECT ",
+    message_columns!(),
+    " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+      WHERE r.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT +?3"
+);
+
+/// A page of rooms by name, after a name.
+const ROOMS_AFTER: &str =
+    "SELECT name, last_seq FROM wschat_rooms WHERE name > ?1 ORDER BY name LIMIT +?2";
+
 fn message_from_row(room: &RoomName, row: &SqliteRow) -> Result<StoredMessage, sqlx::Error> {
     Ok(StoredMessage {
         room: room.clone(),
@@ -225,17 +243,12 @@ impl Store for SqliteStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            message_columns!(),
-            " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
-              WHERE r.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3"
-        ))
-        .bind(room.as_str())
-        .bind(to_db(after))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(MESSAGES_AFTER)
+            .bind(room.as_str())
+            .bind(to_db(after))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter()
             .map(|r| message_from_row(room, r).map_err(StoreError::from))
             .collect()
@@ -337,13 +350,11 @@ impl Store for SqliteStore {
         after: Option<&RoomName>,
         limit: u32,
     ) -> Result<Vec<(RoomName, u64)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT name, last_seq FROM wschat_rooms WHERE name > ?1 ORDER BY name LIMIT ?2",
-        )
-        .bind(after.map(RoomName::as_str).unwrap_or(""))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(ROOMS_AFTER)
+            .bind(after.map(RoomName::as_str).unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         let mut rooms = Vec::with_capacity(rows.len());
         for row in &rows {
             if let Ok(room) = RoomName::new(row.try_get::<String, _>(0)?) {
@@ -351,5 +362,52 @@ impl Store for SqliteStore {
             }
         }
         Ok(rooms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{Connection, StatementStatus};
+
+    use super::{MESSAGES_AFTER, ROOMS_AFTER};
+    use crate::store::sqlite_reader::MESSAGES_BEFORE;
+
+    /// A connection on the schema, with one room.
+    fn schema() -> Connection {
+        let conn = Connection::open_in_memory().expect("in-memory database");
+        conn.execute_batch(include_str!("../../../../migrations/sqlite/0001_init.sql"))
+            .expect("the schema applies");
+        conn.execute("INSERT INTO wschat_rooms (name) VALUES ('lobby')", [])
+            .expect("a room");
+        conn
+    }
+
+    /// How often `sql` was prepared again over three runs with three limits.
+    fn reprepares(conn: &Connection, sql: &str) -> i32 {
+        let mut statement = conn.prepare(sql).expect("the statement prepares");
+        let limits: i64 = statement.parameter_count().try_into().expect("a count");
+        for limit in [10, 20, 30] {
+            let mut rows = if limits == 3 {
+                statement.query(("lobby", 0_i64, limit))
+            } else {
+                statement.query(("", limit))
+            }
+            .expect("the statement runs");
+            while rows.next().expect("a row or the end").is_some() {}
+        }
+        statement.get_status(StatementStatus::RePrepare)
+    }
+
+    #[test]
+    fn no_statement_is_planned_again_for_its_limit() {
+        let conn = schema();
+        // The cause: a bare bound LIMIT is prepared again each time it is bound.
+        assert_eq!(
+            reprepares(&conn, &MESSAGES_AFTER.replace("LIMIT +?3", "LIMIT ?3")),
+            3
+        );
+        for sql in [MESSAGES_AFTER, MESSAGES_BEFORE, ROOMS_AFTER] {
+            assert_eq!(reprepares(&conn, sql), 0, "{sql}");
+        }
     }
 }

@@ -97,11 +97,12 @@ fn message(room: &RoomName, row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredM
 const FIND_SESSION: &str = r#"SELECT "user", room FROM sessions
     WHERE key = ?1 AND (expires_at IS NULL OR expires_at > ?2)"#;
 
-const MESSAGES_BEFORE: &str = concat!(
+/// `LIMIT +?3`: a bare `LIMIT ?3` is planned again at each run (`sqlite::MESSAGES_AFTER`).
+pub(super) const MESSAGES_BEFORE: &str = concat!(
     "SELECT ",
     message_columns!(),
     " FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
-      WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT ?3"
+      WHERE r.name = ?1 AND m.seq < ?2 ORDER BY m.seq DESC LIMIT +?3"
 );
 
 fn open(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {

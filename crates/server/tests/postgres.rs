@@ -7,7 +7,7 @@ mod common;
 use common::{spawn_with, Backend, Client};
 use serde_json::json;
 use sqlx::Connection;
-use wschat_server::store::StoreKind;
+use wschat_server::store::{hash_key, StoreKind};
 use wschat_server::Application;
 
 #[tokio::test]
@@ -56,6 +56,51 @@ async fn nodejschat_style_session_inserts_work_and_keys_never_rest_in_clear() {
     let url = format!("ws://{}/?session_key=k2", app.addr);
     assert!(tokio_tungstenite::connect_async(url).await.is_err());
     drop(guest);
+    app.stop().await;
+}
+
+/// Lookups asked at the same moment share a query (`PgStore`'s lookup task): each still
+/// gets its own session, duplicates and unknown or expired keys included.
+#[tokio::test]
+async fn session_lookups_asked_together_each_get_their_own_answer() {
+    let (settings, dir) = common::fresh(Backend::Postgres).await;
+    let app = spawn_with(settings, dir).await;
+    let mut db = sqlx::PgConnection::connect(&app.database).await.unwrap();
+    for i in 0..20 {
+        sqlx::query("insert into sessions values($1, $2, $3)")
+            .bind(format!("k{i}"))
+            .bind(format!("user{i}"))
+            .bind((i % 2 == 0).then_some(i))
+            .execute(&mut db)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "update sessions set expires_at = now() - interval '1 minute' where \"user\" = 'user7'",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    // Every key twice; k20 to k29 have no session.
+    let keys: Vec<String> = (0..30)
+        .flat_map(|i| [format!("k{i}"), format!("k{i}")])
+        .collect();
+    let hashes: Vec<_> = keys.iter().map(|k| hash_key(k)).collect();
+    let store = &app.shared.store;
+    let answers =
+        futures_util::future::join_all(hashes.iter().map(|hash| store.session(hash))).await;
+    for ((key, hash), answer) in keys.iter().zip(&hashes).zip(answers) {
+        let i: i32 = key[1..].parse().unwrap();
+        let session = answer.unwrap();
+        if i >= 20 || i == 7 {
+            assert!(session.is_none(), "{key}: {session:?}");
+            continue;
+        }
+        let session = session.unwrap_or_else(|| panic!("{key} has a session"));
+        assert_eq!(session.user, format!("user{i}"));
+        assert_eq!(session.room, (i % 2 == 0).then_some(i64::from(i)));
+        assert_eq!(&session.key, hash);
+    }
     app.stop().await;
 }
 

@@ -127,6 +127,11 @@ pub enum StoreError {
     WriterGone,
     #[error("the SQLite read thread is gone")]
     ReaderGone,
+    #[error("the session lookup task is gone")]
+    LookupsGone,
+    /// One failure answered to every caller that shared the query.
+    #[error(transparent)]
+    Shared(Arc<StoreError>),
 }
 
 impl From<sqlx::Error> for StoreError {

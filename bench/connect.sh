@@ -4,16 +4,19 @@
 # (0 = all at once); the rate is connected ÷ the client's connect phase (until every
 # connection's first attempt is over: upgrade, key check, {"authenticated":true}).
 # wschat (SQLite, then PostgreSQL), the PEERS (lib.sh) and the Node floor. Issue: ≥ 5,000/s.
-# Knobs: N (5000), RAMP (0), STORES ("sqlite pg").
+# Knobs: N (5000), RAMP (0), STORES ("sqlite pg"), USERS (one: one session key for all, as
+# nodejschat's client; distinct: keys k1…kN of users u1…uN, all in room 0, so that every
+# connect is a new user in one big room).
 source "$(dirname "$0")/lib.sh"
-N=${N:-5000} RAMP=${RAMP:-0} STORES=${STORES:-"sqlite pg"}
-header connect "bench/connect.sh  # N=$N RAMP=$RAMP STORES=\"$STORES\""
-args=(--protocol legacy --session-key bench -n "$N" --interval 0 --duration 1 --drain 0
+N=${N:-5000} RAMP=${RAMP:-0} STORES=${STORES:-"sqlite pg"} USERS=${USERS:-one}
+header connect "bench/connect.sh  # N=$N RAMP=$RAMP STORES=\"$STORES\" USERS=$USERS"
+if [[ $USERS == distinct ]]; then keys=(--keys 'k{i}'); else keys=(--session-key bench); fi
+args=(--protocol legacy "${keys[@]}" -n "$N" --interval 0 --duration 1 --drain 0
     --ramp "$RAMP")
 files=()
 for store in $STORES; do
     if [[ $store == pg ]]; then db=$(pg_db); else db=$(sqlite_db); fi
-    session "$db" bench
+    if [[ $USERS == distinct ]]; then bulk_sessions "$db" "$N" 1; else session "$db" bench; fi
     start_wschat "$db"
     load "wschat-$store" "$WORK/connect-wschat-$store.json" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${args[@]}"
     stop "$SRV_PID"

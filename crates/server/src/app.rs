@@ -111,7 +111,7 @@ impl Application {
         check_topology(store.as_ref(), &settings, &node).await?;
         store.heartbeat_node(&node).await?;
         let (outgoing, to_broker) = tokio::sync::mpsc::unbounded_channel();
-        let hub = Hub::new(store.clone(), outgoing);
+        let hub = Hub::new(store.clone(), outgoing, node.broker != "local");
         let background = CancellationToken::new();
         let broker = broker::open(
             &settings.broker,

@@ -23,6 +23,7 @@ suite!(
     bad_frames_get_errors_and_the_connection_goes_on,
     a_session_with_a_room_may_use_only_that_room,
     history_pages_presence_and_typing,
+    a_second_connection_of_a_user_is_no_presence_news,
     graceful_stop_closes_every_websocket_with_1012,
     a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss,
     a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages,
@@ -383,6 +384,43 @@ async fn history_pages_presence_and_typing(backend: Backend) {
     assert_eq!(bob.recv_until("left").await["room"], "h");
     let diff = alice.recv_until("presence_diff").await;
     assert_eq!(diff["left"], json!(["bob"]));
+    app.stop().await;
+}
+
+/// Presence is per user: another connection of a user already in the room, and its
+/// leaving while one stays, change nothing; the last one's leaving does.
+async fn a_second_connection_of_a_user_is_no_presence_news(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let a_key = app.session("alice", None).await;
+    let b_key = app.session("bob", None).await;
+    let mut alice = Client::v1(&app, &a_key).await;
+    alice.join("p", None).await;
+    let mut bob = Client::v1(&app, &b_key).await;
+    bob.join("p", None).await;
+    assert_eq!(
+        alice.recv_until("presence_diff").await["joined"],
+        json!(["bob"])
+    );
+    let mut bob_again = Client::v1(&app, &b_key).await;
+    bob_again.join("p", None).await;
+    let presence = bob_again.recv_until("presence").await;
+    assert_eq!(presence["users"], json!(["alice", "bob"]));
+    bob_again.send(json!({"type": "leave", "room": "p"})).await;
+    assert_eq!(bob_again.recv_until("left").await["room"], "p");
+    // Bob, still in the room, types: everything Alice got before it is no presence news.
+    bob.send(json!({"type": "typing", "room": "p"})).await;
+    loop {
+        let frame = alice.recv().await;
+        assert_ne!(frame["type"], "presence_diff", "{frame}");
+        if frame["type"] == "typing" {
+            break;
+        }
+    }
+    bob.send(json!({"type": "leave", "room": "p"})).await;
+    assert_eq!(
+        alice.recv_until("presence_diff").await["left"],
+        json!(["bob"])
+    );
     app.stop().await;
 }
 

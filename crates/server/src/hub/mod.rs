@@ -131,6 +131,32 @@ impl RoomState {
         self.presence.keys().map(|u| u.to_string()).collect()
     }
 
+    /// Whether another node said `user` is in the room.
+    fn elsewhere(&self, user: &str) -> bool {
+        self.remote
+            .values()
+            .any(|(names, _)| names.iter().any(|n| n == user))
+    }
+
+    /// Tell this node's v1 subscribers that `user`, on no other node, was the first of
+    /// its connections here to join (or the last to leave). A join or leave costs this,
+    /// not the room's whole user list: 10,000 users joining one room took 725 µs of CPU a
+    /// connect when each join compared the list before and after, 7.7 × a small room's.
+    fn announce_one(&self, room: &RoomName, user: &str, joined: bool, except: Option<u64>) {
+        let names = vec![user.to_owned()];
+        let (joined, left) = if joined {
+            (names, Vec::new())
+        } else {
+            (Vec::new(), names)
+        };
+        let diff = frames::v1(&ServerFrame::PresenceDiff {
+            room: room.to_string(),
+            joined,
+            left,
+        });
+        push_room_event(self, except, &diff, false);
+    }
+
     /// Tell this node's v1 subscribers how the room's users changed.
     fn announce(&self, room: &RoomName, before: &BTreeSet<String>, except: Option<u64>) {
         let after = self.users();
@@ -163,17 +189,26 @@ pub struct Hub {
     store: Arc<dyn Store>,
     /// Events for the other nodes (drained by the broker's forwarder).
     outgoing: mpsc::UnboundedSender<BusEvent>,
+    /// Whether other nodes can hear this one (a broker other than `local`): presence is
+    /// only told to them then.
+    others: bool,
     /// Test builds can switch off reading the store to fill gaps, to prove that the
     /// fault suite detects the loss that follows.
     catch_up_enabled: bool,
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, outgoing: mpsc::UnboundedSender<BusEvent>) -> Arc<Self> {
+    /// `others`: other nodes can hear this one (see the field).
+    pub fn new(
+        store: Arc<dyn Store>,
+        outgoing: mpsc::UnboundedSender<BusEvent>,
+        others: bool,
+    ) -> Arc<Self> {
         Arc::new(Self {
             rooms: Mutex::new(HashMap::new()),
             store,
             outgoing,
+            others,
             catch_up_enabled: catch_up_enabled(),
         })
     }
@@ -182,6 +217,16 @@ impl Hub {
         // The forwarder only stops at shutdown; an event for other nodes then has no
         // one to go to.
         let _ignored_at_shutdown = self.outgoing.send(event);
+    }
+
+    /// Tell the other nodes who of `room` is on this one, if any can hear it.
+    fn tell_presence(&self, room: &RoomName, state: &RoomState) {
+        if self.others {
+            self.tell_others(BusEvent::Presence {
+                room: room.clone(),
+                users: state.local_users(),
+            });
+        }
     }
 
     fn rooms(&self) -> MutexGuard<'_, HashMap<RoomName, Arc<Room>>> {
@@ -224,7 +269,7 @@ impl Hub {
                         })
                     })
                     .clone();
-                if created {
+                if created && self.others {
                     self.tell_others(BusEvent::PresenceQuery { room: name.clone() });
                 }
                 room
@@ -237,15 +282,13 @@ impl Hub {
             protocol: conn.protocol,
             outbox: conn.outbox.clone(),
         });
-        let before = state.users();
         let count = state.presence.entry(conn.user.clone()).or_insert(0);
         *count += 1;
         if *count == 1 {
-            state.announce(name, &before, Some(conn.id));
-            self.tell_others(BusEvent::Presence {
-                room: name.clone(),
-                users: state.local_users(),
-            });
+            if !state.elsewhere(&conn.user) {
+                state.announce_one(name, &conn.user, true, Some(conn.id));
+            }
+            self.tell_presence(name, &state);
         }
         Ok(())
     }
@@ -260,16 +303,14 @@ impl Hub {
             let before = state.subs.len();
             state.subs.retain(|s| !(s.id == conn.id && s.sub == sub));
             if state.subs.len() < before {
-                let users_before = state.users();
                 if let Some(count) = state.presence.get_mut(&conn.user) {
                     *count -= 1;
                     if *count == 0 {
                         state.presence.remove(&conn.user);
-                        state.announce(name, &users_before, None);
-                        self.tell_others(BusEvent::Presence {
-                            room: name.clone(),
-                            users: state.local_users(),
-                        });
+                        if !state.elsewhere(&conn.user) {
+                            state.announce_one(name, &conn.user, false, None);
+                        }
+                        self.tell_presence(name, &state);
                     }
                 }
             }
@@ -480,6 +521,9 @@ impl Hub {
 
     /// Tell the other nodes who is here, for every room (refreshes their expiry).
     pub fn refresh_presence(&self) {
+        if !self.others {
+            return;
+        }
         let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
         for room in rooms {
             let users = room.lock().local_users();

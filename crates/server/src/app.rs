@@ -25,6 +25,8 @@ const HEARTBEAT: Duration = Duration::from_secs(4);
 /// `HEARTBEAT` and checks every second, a node that dies without a goodbye leaves the
 /// presence lists within 13 s.
 const PRESENCE_TTL: Duration = Duration::from_secs(12);
+/// How often the rooms whose users changed on this node are told to the other nodes.
+const PRESENCE_TELL: Duration = Duration::from_millis(50);
 
 /// What every request handler and connection shares.
 pub struct Shared {
@@ -306,9 +308,10 @@ async fn check_topology(
     Ok(())
 }
 
-/// The node's periodic work: heartbeat; and with a multi-node broker, refresh presence on
-/// the other nodes, forget theirs when they stop refreshing, and read the store for any
-/// bell that was lost.
+/// The node's periodic work: heartbeat; and with a multi-node broker, tell the other
+/// nodes of the rooms whose users here changed (every `PRESENCE_TELL`), refresh presence
+/// on them, forget theirs when they stop refreshing, and read the store for any bell that
+/// was lost.
 async fn node_upkeep(
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
@@ -318,6 +321,8 @@ async fn node_upkeep(
     let multi_node = node.broker != "local";
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
+    let mut presence = tokio::time::interval(PRESENCE_TELL);
+    presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -331,6 +336,7 @@ async fn node_upkeep(
                 }
             }
             _ = expiry.tick(), if multi_node => hub.expire_presence(PRESENCE_TTL),
+            _ = presence.tick(), if multi_node => hub.tell_changed_presence(),
         }
     }
 }

@@ -12,7 +12,7 @@ pub mod frames;
 pub mod outbox;
 pub mod pacing;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -192,6 +192,9 @@ pub struct Hub {
     /// Whether other nodes can hear this one (a broker other than `local`): presence is
     /// only told to them then.
     others: bool,
+    /// Rooms whose users on this node changed since they were last told to the other
+    /// nodes (`tell_changed_presence`).
+    presence_changed: Mutex<HashSet<RoomName>>,
     /// Test builds can switch off reading the store to fill gaps, to prove that the
     /// fault suite detects the loss that follows.
     catch_up_enabled: bool,
@@ -209,6 +212,7 @@ impl Hub {
             store,
             outgoing,
             others,
+            presence_changed: Mutex::new(HashSet::new()),
             catch_up_enabled: catch_up_enabled(),
         })
     }
@@ -219,13 +223,34 @@ impl Hub {
         let _ignored_at_shutdown = self.outgoing.send(event);
     }
 
-    /// Tell the other nodes who of `room` is on this one, if any can hear it.
-    fn tell_presence(&self, room: &RoomName, state: &RoomState) {
+    /// `room`'s users on this node changed: the other nodes are told at the next
+    /// `tell_changed_presence`, if any can hear this one.
+    fn presence_changed_here(&self, room: &RoomName) {
         if self.others {
-            self.tell_others(BusEvent::Presence {
-                room: room.clone(),
-                users: state.local_users(),
-            });
+            self.presence_changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(room.clone());
+        }
+    }
+
+    /// Tell the other nodes this node's users of every room whose users here changed
+    /// since the last call (`node_upkeep`, every 50 ms). The bus carries whole lists, so a
+    /// burst of joins to one room is one list a period, not one list per join.
+    pub fn tell_changed_presence(&self) {
+        let changed = std::mem::take(
+            &mut *self
+                .presence_changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for room in changed {
+            // A room no longer served here (its last user left) is an empty list.
+            let users = self
+                .room(&room)
+                .map(|r| r.lock().local_users())
+                .unwrap_or_default();
+            self.tell_others(BusEvent::Presence { room, users });
         }
     }
 
@@ -288,7 +313,7 @@ impl Hub {
             if !state.elsewhere(&conn.user) {
                 state.announce_one(name, &conn.user, true, Some(conn.id));
             }
-            self.tell_presence(name, &state);
+            self.presence_changed_here(name);
         }
         Ok(())
     }
@@ -310,7 +335,7 @@ impl Hub {
                         if !state.elsewhere(&conn.user) {
                             state.announce_one(name, &conn.user, false, None);
                         }
-                        self.tell_presence(name, &state);
+                        self.presence_changed_here(name);
                     }
                 }
             }

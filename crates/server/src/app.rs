@@ -247,6 +247,9 @@ impl Application {
         {
             tracing::warn!("some connections outlived the grace period");
         }
+        // The other nodes hear that this node's users left (`tell_changed_presence` runs
+        // every 50 ms until the broker stops, below), while the committer drains.
+        shared.hub.tell_changed_presence();
         shared.committer.stop();
         let _finished = tokio::time::timeout(grace, commit_task).await;
         background.cancel();

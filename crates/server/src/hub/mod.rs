@@ -189,8 +189,8 @@ pub struct Hub {
     store: Arc<dyn Store>,
     /// Events for the other nodes (drained by the broker's forwarder).
     outgoing: mpsc::UnboundedSender<BusEvent>,
-    /// Whether other nodes can hear this one (a broker other than `local`): presence is
-    /// only told to them then.
+    /// Whether other nodes can hear this one (a broker other than `local`): events for
+    /// them (`tell_others`) are queued only then.
     others: bool,
     /// Rooms whose users on this node changed since they were last told to the other
     /// nodes (`tell_changed_presence`).
@@ -217,14 +217,19 @@ impl Hub {
         })
     }
 
+    /// Queue `event` for the other nodes; nothing when none can hear this one (the
+    /// `local` broker would only drop it, after a wake-up of its forwarder per commit).
     fn tell_others(&self, event: BusEvent) {
+        if !self.others {
+            return;
+        }
         // The forwarder only stops at shutdown; an event for other nodes then has no
         // one to go to.
         let _ignored_at_shutdown = self.outgoing.send(event);
     }
 
     /// `room`'s users on this node changed: the other nodes are told at the next
-    /// `tell_changed_presence`, if any can hear this one.
+    /// `tell_changed_presence`, if any can hear this one (else no one would empty the set).
     fn presence_changed_here(&self, room: &RoomName) {
         if self.others {
             self.presence_changed
@@ -294,7 +299,7 @@ impl Hub {
                         })
                     })
                     .clone();
-                if created && self.others {
+                if created {
                     self.tell_others(BusEvent::PresenceQuery { room: name.clone() });
                 }
                 room
@@ -546,9 +551,6 @@ impl Hub {
 
     /// Tell the other nodes who is here, for every room (refreshes their expiry).
     pub fn refresh_presence(&self) {
-        if !self.others {
-            return;
-        }
         let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
         for room in rooms {
             let users = room.lock().local_users();

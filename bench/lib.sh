@@ -6,6 +6,11 @@
 #   PIN=0         do not pin with taskset    [servers on SERVER_CPU, client on CLIENT_CPU]
 #   SERVER_CPU    core for servers           [1]
 #   CLIENT_CPU    core for the load client   [0]
+#   LO_RPS=1      loopback's receive side on the client's core too (receive packet steering
+#                 on lo: rps_cpus set to CLIENT_CPU's mask, put back on exit; needs root and
+#                 PIN=1). On loopback the kernel otherwise processes every frame a server
+#                 writes, up to waking the client, inside the server's own write() on the
+#                 server's core; over a network the client's machine would do it.  [0]
 #   PG            PostgreSQL base URL        [postgres://postgres@127.0.0.1:5432]
 #   NATS          NATS URL                   [nats://127.0.0.1:4222]
 #   KEEP=1        keep the work folder (logs, databases, JSON results)
@@ -63,6 +68,7 @@ _cleanup() {
         kill -KILL "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
     done
+    if [[ -n $_RPS_BEFORE ]]; then echo "$_RPS_BEFORE" >"$RPS_FILE"; fi
     local db
     # pg_db runs in $(…), a subshell: it records its databases in a file, not in a variable.
     if [[ -f $WORK/databases ]]; then
@@ -89,12 +95,26 @@ log() { echo "[$(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)] $*" >&2; }
 [[ -x $BIN ]] || die "no $BIN: run cargo build --release -p wschat"
 "$LOAD_BIN" load --help >/dev/null 2>&1 || die "$LOAD_BIN has no load subcommand (stale build?)"
 
+LO_RPS=${LO_RPS:-0}
+RPS_FILE=/sys/class/net/lo/queues/rx-0/rps_cpus
+_RPS_BEFORE=
+if [[ $LO_RPS == 1 ]]; then
+    [[ $PIN == 1 ]] || die "LO_RPS=1 steers to the client's core: it needs PIN=1"
+    _RPS_BEFORE=$(cat "$RPS_FILE") || die "cannot read $RPS_FILE"
+    printf '%x\n' $((1 << CLIENT_CPU)) >"$RPS_FILE" || die "cannot write $RPS_FILE (root?)"
+fi
+
 server_pin() { if [[ $PIN == 1 ]]; then echo taskset -c "$SERVER_CPU"; fi; }
 client_cpu() { if [[ $PIN == 1 ]]; then echo "$CLIENT_CPU"; else echo -; fi; }
 
 pin_note() {
     if [[ $PIN == 1 ]]; then
-        echo "pinned: servers on core $SERVER_CPU, load client on core $CLIENT_CPU (taskset)"
+        echo -n "pinned: servers on core $SERVER_CPU, load client on core $CLIENT_CPU (taskset)"
+        if [[ $LO_RPS == 1 ]]; then
+            echo "; loopback's receive side on core $CLIENT_CPU (LO_RPS=1)"
+        else
+            echo
+        fi
     else
         echo "not pinned"
     fi

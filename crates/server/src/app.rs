@@ -86,6 +86,9 @@ pub struct Application {
     commit_task: tokio::task::JoinHandle<()>,
     /// Stops the broker's tasks and the periodic ones once the server has drained.
     background: CancellationToken,
+    /// Publishes to the other nodes; after `background` stops it, it publishes what was
+    /// queued by then, and a graceful stop waits for that.
+    forwarder: tokio::task::JoinHandle<()>,
     demo_key: Option<String>,
     tls: Option<crate::tls::Tls>,
 }
@@ -124,7 +127,7 @@ impl Application {
             background.clone(),
         )
         .await?;
-        broker::forward(broker.clone(), to_broker, background.clone());
+        let forwarder = broker::forward(broker.clone(), to_broker, background.clone());
         tokio::spawn(node_upkeep(
             store.clone(),
             hub.clone(),
@@ -194,6 +197,7 @@ impl Application {
             shared,
             commit_task,
             background,
+            forwarder,
             demo_key,
             tls,
         })
@@ -231,6 +235,7 @@ impl Application {
             shared,
             commit_task,
             background,
+            forwarder,
             demo_key: _,
             tls,
         } = self;
@@ -247,12 +252,15 @@ impl Application {
         {
             tracing::warn!("some connections outlived the grace period");
         }
-        // The other nodes hear that this node's users left (`tell_changed_presence` runs
-        // every 50 ms until the broker stops, below), while the committer drains.
+        // The other nodes hear that this node's users left: queued here, published by the
+        // forwarder before it stops (below).
         shared.hub.tell_changed_presence();
         shared.committer.stop();
         let _finished = tokio::time::timeout(grace, commit_task).await;
         background.cancel();
+        if tokio::time::timeout(grace, forwarder).await.is_err() {
+            tracing::warn!("the last events for the other nodes were not all published in time");
+        }
         if let Err(e) = shared.store.remove_node(&shared.node.id).await {
             tracing::warn!(error = %e, "could not deregister this node");
         }

@@ -114,6 +114,54 @@ async fn presence_and_typing_cross_nodes(broker: &str) {
     }
 }
 
+/// A node that stops gracefully tells the other nodes that its users left, as it closes
+/// their connections; the other nodes' expiry of its presence (`PRESENCE_TTL`, 12 s after
+/// its last refresh, refreshed every 4 s) is only for a node that dies without a word.
+async fn a_stopping_node_takes_its_users_off_the_others(broker: &str) {
+    /// Well under the earliest the expiry could forget alice: 12 s after the last refresh,
+    /// which was at most 4 s before the stop.
+    const TOLD_WITHIN: Duration = Duration::from_secs(5);
+    let mut apps = cluster(broker, 2).await;
+    let a_key = apps[0].session("alice", None).await;
+    let b_key = apps[0].session("bob", None).await;
+    let mut alice = Client::v1(&apps[0], &a_key).await;
+    alice.join("p", None).await;
+    let mut bob = Client::v1(&apps[1], &b_key).await;
+    bob.join("p", None).await;
+    let mut bob_sees = bob.recv_until("presence").await["users"].clone();
+    if bob_sees != json!(["alice", "bob"]) {
+        bob_sees = bob.recv_until("presence_diff").await["joined"].clone();
+        assert_eq!(bob_sees, json!(["alice"]));
+    }
+    let first = apps.remove(0);
+    let db = first.database.clone();
+    first.stop_keeping_data().await;
+    assert_eq!(
+        alice.close_code().await,
+        Some(1012),
+        "alice's node went away"
+    );
+    let diff = tokio::time::timeout(TOLD_WITHIN, bob.recv_until("presence_diff"))
+        .await
+        .expect("told that alice left, not left to expire");
+    assert_eq!(diff["left"], json!(["alice"]));
+    assert_eq!(diff["joined"], json!([]));
+    for app in apps {
+        app.stop_keeping_data().await;
+    }
+    common::drop_database(&db).await;
+}
+
+#[tokio::test]
+async fn postgres_broker_a_stopping_node_takes_its_users_off_the_others() {
+    a_stopping_node_takes_its_users_off_the_others("postgres").await;
+}
+
+#[tokio::test]
+async fn nats_broker_a_stopping_node_takes_its_users_off_the_others() {
+    a_stopping_node_takes_its_users_off_the_others(&nats_url()).await;
+}
+
 #[tokio::test]
 async fn postgres_broker_messages_cross_nodes_once_in_order() {
     messages_cross_nodes_once_in_order("postgres").await;

@@ -114,7 +114,9 @@ pub async fn open(
     }
 }
 
-/// Publish what the hub and the committer queue, in order, until `stop`.
+/// Publish what the hub and the committer queue, in order, until `stop`; then what was
+/// queued by then, so that a node stopping gracefully still tells the others its last
+/// commits and that its users left (the caller bounds how long that may take).
 pub fn forward(
     broker: Arc<dyn Broker>,
     mut outgoing: mpsc::UnboundedReceiver<BusEvent>,
@@ -122,34 +124,47 @@ pub fn forward(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
+            // Queued events before the stop: a stop does not drop what waits beside it.
             let event = tokio::select! {
+                biased;
                 event = outgoing.recv() => event,
                 _ = stop.cancelled() => None,
             };
-            let Some(mut event) = event else { break };
-            // Commits that queued up while the last publish ran go out as one event (in
-            // commit order, so each room's seqs still rise).
-            let mut next = None;
-            if let BusEvent::Committed(messages) = &mut event {
-                while let Ok(more) = outgoing.try_recv() {
-                    match more {
-                        BusEvent::Committed(more) => messages.extend(more),
-                        other => {
-                            next = Some(other);
-                            break;
-                        }
-                    }
-                }
-            }
-            for event in std::iter::once(event).chain(next) {
-                if let Err(e) = broker.publish(&event).await {
-                    // Other nodes find the gap by seq or by their periodic check.
-                    metrics::counter!("wschat_broker_publish_errors_total").increment(1);
-                    tracing::warn!(error = %e, "broker publish failed");
+            let Some(event) = event else { break };
+            publish_merged(broker.as_ref(), event, &mut outgoing).await;
+        }
+        while let Ok(event) = outgoing.try_recv() {
+            publish_merged(broker.as_ref(), event, &mut outgoing).await;
+        }
+    })
+}
+
+/// Publish `event`; commits queued behind it go out with it as one event (in commit
+/// order, so each room's seqs still rise).
+async fn publish_merged(
+    broker: &dyn Broker,
+    mut event: BusEvent,
+    outgoing: &mut mpsc::UnboundedReceiver<BusEvent>,
+) {
+    let mut next = None;
+    if let BusEvent::Committed(messages) = &mut event {
+        while let Ok(more) = outgoing.try_recv() {
+            match more {
+                BusEvent::Committed(more) => messages.extend(more),
+                other => {
+                    next = Some(other);
+                    break;
                 }
             }
         }
-    })
+    }
+    for event in std::iter::once(event).chain(next) {
+        if let Err(e) = broker.publish(&event).await {
+            // Other nodes find the gap by seq or by their periodic check.
+            metrics::counter!("wschat_broker_publish_errors_total").increment(1);
+            tracing::warn!(error = %e, "broker publish failed");
+        }
+    }
 }
 
 /// Hand one envelope from another node to the hub; answer presence queries.

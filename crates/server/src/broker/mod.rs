@@ -45,6 +45,8 @@ pub enum BrokerError {
     Nats { url: String, reason: String },
     #[error("NATS publish failed: {0}")]
     NatsPublish(String),
+    #[error("NATS flush failed: {0}")]
+    NatsFlush(String),
     #[error("PostgreSQL broker: {0}")]
     Postgres(#[from] sqlx::Error),
     #[error("broker unreachable: {0}")]
@@ -61,6 +63,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether the other nodes can be reached now (`/readyz`). `local`: always.
     async fn ping(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Hand over everything published so far before the process may exit (NATS buffers
+    /// publishes; a NOTIFY is sent when `publish` returns).
+    async fn flush(&self) -> Result<(), BrokerError> {
         Ok(())
     }
 }
@@ -114,6 +122,9 @@ pub async fn open(
     }
 }
 
+/// How long a stopping node waits for the broker to take its last events.
+const LAST_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Publish what the hub and the committer queue, in order, until `stop`; then what was
 /// queued by then, so that a node stopping gracefully still tells the others its last
 /// commits and that its users left (the caller bounds how long that may take).
@@ -135,6 +146,14 @@ pub fn forward(
         }
         while let Ok(event) = outgoing.try_recv() {
             publish_merged(broker.as_ref(), event, &mut outgoing).await;
+        }
+        // A broker that is down does not hold the stop up for long.
+        match tokio::time::timeout(LAST_FLUSH, broker.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the last events for the other nodes may not have left");
+            }
+            Err(_) => tracing::warn!("the broker did not take the last events in time"),
         }
     })
 }

@@ -98,6 +98,13 @@ impl Broker for NatsBroker {
         Ok(())
     }
 
+    async fn flush(&self) -> Result<(), BrokerError> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| BrokerError::NatsFlush(e.to_string()))
+    }
+
     async fn ping(&self) -> Result<(), BrokerError> {
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),

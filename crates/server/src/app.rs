@@ -329,7 +329,7 @@ async fn node_upkeep(
     node: NodeInfo,
     stop: CancellationToken,
 ) {
-    let multi_node = node.broker != "local";
+    let multi_node = hub.has_others();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let mut presence = tokio::time::interval(PRESENCE_TELL);

@@ -217,14 +217,19 @@ impl Hub {
         })
     }
 
+    /// Whether other nodes can hear this one (a broker other than `local`).
+    pub fn has_others(&self) -> bool {
+        self.others
+    }
+
     /// Queue `event` for the other nodes; nothing when none can hear this one (the
     /// `local` broker would only drop it, after a wake-up of its forwarder per commit).
     fn tell_others(&self, event: BusEvent) {
         if !self.others {
             return;
         }
-        // The forwarder only stops at shutdown; an event for other nodes then has no
-        // one to go to.
+        // The forwarder publishes what is queued when it stops, and is gone only after
+        // that: an event queued then has no one to go to.
         let _ignored_at_shutdown = self.outgoing.send(event);
     }
 

@@ -486,6 +486,12 @@ impl Outbox {
             // The rest (or all of it, the socket being full) is the writer task's.
             self.ready.notify_one();
         }
+        drop(state);
+        if written > 0 {
+            // A backfill waiting for the queue to drain (`wait_below`) goes on: the writer
+            // task, which otherwise tells it, did not write this.
+            self.drained.notify_waiters();
+        }
     }
 
     /// Try to write `bytes` to the socket without waiting: only when nothing is queued
@@ -861,6 +867,39 @@ mod tests {
         assert!(!got_something(&mut b_client).await, "b's has not");
         tokio::time::advance(ms(20)).await;
         assert!(got_something(&mut b_client).await, "now b's has");
+    }
+
+    /// A backfill waits for the queue to drain (`wait_below`) before it queues more; when
+    /// the queue was held and the node's flusher writes it, that wait ends too.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_the_queue_to_drain_ends_when_the_flusher_writes_it() {
+        let delay = Duration::from_millis(50);
+        let limit = 4096;
+        let (outbox, mut client) = paced_outbox(limit, 1 << 16, WritePacing::new(delay, 0));
+        // Hot: a frame a millisecond, read as it comes.
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            outbox.push(Item::Frame(frame("often")));
+            got_something(&mut client).await;
+        }
+        // Now held: queue past half the limit, as a backfill does before it waits.
+        while outbox.queued_bytes() <= limit / 2 {
+            outbox.push(Item::Frame(frame("backfill")));
+        }
+        assert!(!got_something(&mut client).await, "held");
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.wait_below(limit / 4).await }
+        });
+        tokio::time::advance(delay).await;
+        assert!(
+            got_something(&mut client).await,
+            "the flusher wrote the held queue"
+        );
+        tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("the wait for the queue ended with the flusher's write")
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -182,8 +182,10 @@ impl Application {
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         });
-        tokio::spawn(shared.pacing.clone().run(shared.shutdown.clone()));
-        tokio::spawn(shared.pacing.clone().flush_held(shared.shutdown.clone()));
+        // Pacing lasts as long as connections do: through the drain, when a connection
+        // still writes its acks and a backfill its pages, until `background` stops.
+        tokio::spawn(shared.pacing.clone().run(background.clone()));
+        tokio::spawn(shared.pacing.clone().flush_held(background.clone()));
         tokio::spawn(shared.sessions.clone().run(
             shared.store.clone(),
             shared.settings.session_check_interval(),

@@ -7,7 +7,9 @@ mod common;
 use std::collections::{HashMap, HashSet};
 
 use common::{fresh, spawn_app, spawn_with, Backend, Client, TestApp};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 use wschat_protocol::close;
 use wschat_server::Settings;
 
@@ -25,6 +27,7 @@ suite!(
     history_pages_presence_and_typing,
     a_second_connection_of_a_user_is_no_presence_news,
     graceful_stop_closes_every_websocket_with_1012,
+    a_stop_during_a_paced_backfill_lets_it_finish,
     a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss,
     a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages,
     the_key_can_travel_in_the_subprotocol_header_or_the_query,
@@ -439,6 +442,65 @@ async fn graceful_stop_closes_every_websocket_with_1012(backend: Backend) {
     shutdown.cancel();
     assert_eq!(v1.close_code().await, Some(close::SERVICE_RESTART));
     assert_eq!(legacy.close_code().await, Some(close::SERVICE_RESTART));
+    stopping.await.unwrap();
+}
+
+/// A backfill bigger than the outbound queue waits for the queue to drain between pages;
+/// with pacing on, the node's flusher writes the held queue. A stop that begins meanwhile
+/// lets the backfill finish (the flusher runs until the connections are gone), and the
+/// client gets every message, then 1012.
+async fn a_stop_during_a_paced_backfill_lets_it_finish(backend: Backend) {
+    const MESSAGES: u64 = 300;
+    let (settings, dir) = fresh(backend).await;
+    let settings = Settings {
+        write_delay_ms: 100,
+        write_delay_above_per_sec: 0,
+        outbound_queue_bytes: 8 * 1024,
+        ..settings
+    };
+    let app = spawn_with(settings, dir).await;
+    let key = app.session("ada", None).await;
+    let mut writer = Client::v1(&app, &key).await;
+    // About 60 KiB of backfill: many times the queue. Sent without waiting for each ack
+    // (with pacing on, each would wait for a held write).
+    for i in 0..MESSAGES {
+        writer
+            .send(json!({"type": "send", "room": "b", "text": format!("{i:0>180}"), "client_msg_id": format!("m{i}")}))
+            .await;
+    }
+    for _ in 0..MESSAGES {
+        writer.recv_until("ack").await;
+    }
+    let mut reader = Client::v1(&app, &key).await;
+    reader.join("b", Some(0)).await;
+    let first = reader.recv_until("message").await["seq"].as_u64().unwrap();
+    let shutdown = app.shutdown.clone();
+    let stopping = tokio::spawn(app.stop());
+    shutdown.cancel();
+    let mut seqs = vec![first];
+    let code = loop {
+        let frame = tokio::time::timeout(common::WAIT, reader.ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("stream open")
+            .expect("frame ok");
+        match frame {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "message" {
+                    seqs.push(v["seq"].as_u64().unwrap());
+                }
+            }
+            Message::Close(c) => break c.map(|c| u16::from(c.code)),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        seqs,
+        (1..=MESSAGES).collect::<Vec<_>>(),
+        "the whole backfill"
+    );
+    assert_eq!(code, Some(close::SERVICE_RESTART));
     stopping.await.unwrap();
 }
 

@@ -321,10 +321,11 @@ async fn check_topology(
     Ok(())
 }
 
-/// The node's periodic work: heartbeat; and with a multi-node broker, tell the other
-/// nodes of the rooms whose users here changed (every `PRESENCE_TELL`), refresh presence
-/// on them, forget theirs when they stop refreshing, and read the store for any bell that
-/// was lost.
+/// The node's periodic work: heartbeat, and read the store for any commit this node's hub
+/// did not hear of (a bell lost on the bus, or a commit whose answer was lost); with a
+/// multi-node broker, also tell the other nodes of the rooms whose users here changed
+/// (every `PRESENCE_TELL`), refresh presence on them, and forget theirs when they stop
+/// refreshing.
 async fn node_upkeep(
     store: Arc<dyn Store>,
     hub: Arc<Hub>,
@@ -345,8 +346,11 @@ async fn node_upkeep(
                 }
                 if multi_node {
                     hub.refresh_presence();
-                    tokio::spawn(hub.clone().resync());
                 }
+                // Whatever the broker: a commit can be stored and not announced (its answer
+                // lost with the connection during COMMIT, the sender told to retry), and
+                // reading the rooms' heads finds it.
+                tokio::spawn(hub.clone().resync());
             }
             _ = expiry.tick(), if multi_node => hub.expire_presence(PRESENCE_TTL),
             _ = presence.tick(), if multi_node => hub.tell_changed_presence(),

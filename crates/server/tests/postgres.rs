@@ -7,7 +7,10 @@ mod common;
 use common::{spawn_with, Backend, Client};
 use serde_json::json;
 use sqlx::Connection;
-use wschat_server::store::{hash_key, StoreKind};
+use std::sync::Arc;
+
+use wschat_protocol::RoomName;
+use wschat_server::store::{hash_key, NewMessage, StoreKind};
 use wschat_server::Application;
 
 #[tokio::test]
@@ -342,5 +345,44 @@ async fn a_nodejschat_database_is_upgraded_in_place() {
         .unwrap();
     assert_eq!(app_users, vec!["Michael Redman", "ada"]);
     drop(db);
+    app.stop().await;
+}
+
+/// A message the store committed without the hub hearing of it (a commit whose answer was
+/// lost when the connection died during COMMIT: its sender was told `unavailable`, and a
+/// legacy sender does not retry) still reaches the room's subscribers on a single
+/// PostgreSQL node, with no later message in the room to reveal the gap: the node reads
+/// its rooms' heads from the store at every heartbeat (every 4 s), whatever its broker.
+#[tokio::test]
+async fn a_commit_the_hub_never_heard_of_reaches_the_subscribers() {
+    for broker in ["postgres", "local"] {
+        a_commit_the_hub_never_heard_of_reaches_the_subscribers_with(broker).await;
+    }
+}
+
+async fn a_commit_the_hub_never_heard_of_reaches_the_subscribers_with(broker: &str) {
+    let (mut settings, dir) = common::fresh(Backend::Postgres).await;
+    settings.broker = broker.to_owned();
+    let app = spawn_with(settings, dir).await;
+    let key = app.session("ada", None).await;
+    let mut client = Client::v1(&app, &key).await;
+    client.join("q", None).await;
+    let unannounced = NewMessage {
+        room: RoomName::new("q").unwrap(),
+        user: "ada".into(),
+        text: "committed, never announced".into(),
+        client_msg_id: None,
+    };
+    app.shared
+        .store
+        .commit_batch(Arc::from(vec![unannounced]))
+        .await
+        .unwrap();
+    let m = client.recv_until("message").await;
+    assert_eq!(
+        (m["seq"].as_u64(), m["text"].as_str()),
+        (Some(1), Some("committed, never announced")),
+        "broker {broker}"
+    );
     app.stop().await;
 }

@@ -115,7 +115,7 @@ impl Application {
         };
         check_topology(store.as_ref(), &settings, &node).await?;
         store.heartbeat_node(&node).await?;
-        let (outgoing, to_broker) = tokio::sync::mpsc::unbounded_channel();
+        let (outgoing, to_broker) = tokio::sync::mpsc::channel(broker::QUEUE_EVENTS);
         let hub = Hub::new(store.clone(), outgoing, node.broker != "local");
         let background = CancellationToken::new();
         let broker = broker::open(

@@ -152,6 +152,12 @@ pub const METRICS: &[Metric] = &[
         "Broker (NATS or LISTEN) connections (re)established; each is followed by a read of the store.",
     ),
     m(
+        "wschat_broker_events_dropped_total",
+        Kind::Counter,
+        &[],
+        "Events for the other nodes dropped because the broker did not keep up (they catch up from the store).",
+    ),
+    m(
         "wschat_broker_publish_errors_total",
         Kind::Counter,
         &[],

@@ -122,6 +122,10 @@ pub async fn open(
     }
 }
 
+/// Most events for the other nodes waiting for the forwarder (a commit's messages are one
+/// event, and commits queued together are published as one); past it the hub drops them.
+pub const QUEUE_EVENTS: usize = 4096;
+
 /// How long a stopping node waits for the broker to take its last events.
 const LAST_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -130,7 +134,7 @@ const LAST_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 /// commits and that its users left (the caller bounds how long that may take).
 pub fn forward(
     broker: Arc<dyn Broker>,
-    mut outgoing: mpsc::UnboundedReceiver<BusEvent>,
+    mut outgoing: mpsc::Receiver<BusEvent>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -163,7 +167,7 @@ pub fn forward(
 async fn publish_merged(
     broker: &dyn Broker,
     mut event: BusEvent,
-    outgoing: &mut mpsc::UnboundedReceiver<BusEvent>,
+    outgoing: &mut mpsc::Receiver<BusEvent>,
 ) {
     let mut next = None;
     if let BusEvent::Committed(messages) = &mut event {

@@ -13,7 +13,7 @@ pub mod outbox;
 pub mod pacing;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -187,8 +187,11 @@ impl Room {
 pub struct Hub {
     rooms: Mutex<HashMap<RoomName, Arc<Room>>>,
     store: Arc<dyn Store>,
-    /// Events for the other nodes (drained by the broker's forwarder).
-    outgoing: mpsc::UnboundedSender<BusEvent>,
+    /// Events for the other nodes (drained by the broker's forwarder), at most
+    /// `broker::QUEUE_EVENTS` waiting.
+    outgoing: mpsc::Sender<BusEvent>,
+    /// Whether the last event for the other nodes found the queue full (for the log).
+    dropping: AtomicBool,
     /// Whether other nodes can hear this one (a broker other than `local`): events for
     /// them (`tell_others`) are queued only then.
     others: bool,
@@ -202,15 +205,12 @@ pub struct Hub {
 
 impl Hub {
     /// `others`: other nodes can hear this one (see the field).
-    pub fn new(
-        store: Arc<dyn Store>,
-        outgoing: mpsc::UnboundedSender<BusEvent>,
-        others: bool,
-    ) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, outgoing: mpsc::Sender<BusEvent>, others: bool) -> Arc<Self> {
         Arc::new(Self {
             rooms: Mutex::new(HashMap::new()),
             store,
             outgoing,
+            dropping: AtomicBool::new(false),
             others,
             presence_changed: Mutex::new(HashSet::new()),
             catch_up_enabled: catch_up_enabled(),
@@ -228,9 +228,28 @@ impl Hub {
         if !self.others {
             return;
         }
-        // The forwarder publishes what is queued when it stops, and is gone only after
-        // that: an event queued then has no one to go to.
-        let _ignored_at_shutdown = self.outgoing.send(event);
+        match self.outgoing.try_send(event) {
+            Ok(()) => {
+                if self.dropping.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the broker takes events for the other nodes again");
+                }
+            }
+            // The broker does not keep up (NATS reconnecting, a NOTIFY stuck): drop rather
+            // than hold every commit in memory. The other nodes find the messages by seq
+            // or at their next read of the room heads, and presence is refreshed at every
+            // heartbeat.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("wschat_broker_events_dropped_total").increment(1);
+                if !self.dropping.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the broker does not keep up: events for the other nodes are dropped"
+                    );
+                }
+            }
+            // The forwarder publishes what is queued when it stops, and is gone only
+            // after that: an event queued then has no one to go to.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     /// `room`'s users on this node changed: the other nodes are told at the next
@@ -758,6 +777,7 @@ fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, drop
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::QUEUE_EVENTS;
 
     fn message(room: &str, seq: u64) -> Arc<StoredMessage> {
         Arc::new(StoredMessage {
@@ -796,5 +816,28 @@ mod tests {
                 ("mid", 1)
             ]
         );
+    }
+
+    /// A broker that does not take events (NATS reconnecting) does not make the hub hold
+    /// every commit: at most `QUEUE_EVENTS` wait, the rest are dropped, and the queue
+    /// takes events again once the forwarder does.
+    #[tokio::test]
+    async fn events_for_other_nodes_wait_in_a_bounded_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("hub.db").display());
+        let store = crate::store::open(&url).await.unwrap();
+        let (outgoing, mut forwarder) = mpsc::channel(QUEUE_EVENTS);
+        let hub = Hub::new(store, outgoing, true);
+        let room = RoomName::new("r").unwrap();
+        for _ in 0..QUEUE_EVENTS + 100 {
+            hub.typing_from(&room, "ada", 1);
+        }
+        assert_eq!(forwarder.len(), QUEUE_EVENTS, "the rest were dropped");
+        assert!(hub.dropping.load(Ordering::Relaxed));
+        // The forwarder takes one: the next event is queued again.
+        assert!(forwarder.recv().await.is_some());
+        hub.typing_from(&room, "ada", 1);
+        assert_eq!(forwarder.len(), QUEUE_EVENTS);
+        assert!(!hub.dropping.load(Ordering::Relaxed));
     }
 }

@@ -321,9 +321,9 @@ async fn check_topology(
     Ok(())
 }
 
-/// The node's periodic work: heartbeat, and read the store for any commit this node's hub
-/// did not hear of (a bell lost on the bus, or a commit whose answer was lost); with a
-/// multi-node broker, also tell the other nodes of the rooms whose users here changed
+/// The node's periodic work: heartbeat, and (with a multi-node broker or on PostgreSQL)
+/// read the store for any commit this node's hub did not hear of (a bell lost on the bus,
+/// or a commit whose answer was lost); with a multi-node broker, also tell the other nodes of the rooms whose users here changed
 /// (every `PRESENCE_TELL`), refresh presence on them, and forget theirs when they stop
 /// refreshing.
 async fn node_upkeep(
@@ -333,6 +333,11 @@ async fn node_upkeep(
     stop: CancellationToken,
 ) {
     let multi_node = hub.has_others();
+    // A PostgreSQL commit can be stored while its sender hears it failed (the connection
+    // died during COMMIT): its bell never rings, so the rooms' heads are read now and then,
+    // whatever the broker. SQLite's commit answers on the thread that committed: no such
+    // commit, and no read of every room a heartbeat for it.
+    let read_heads = multi_node || store.kind() == StoreKind::Postgres;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let mut presence = tokio::time::interval(PRESENCE_TELL);
@@ -347,10 +352,9 @@ async fn node_upkeep(
                 if multi_node {
                     hub.refresh_presence();
                 }
-                // Whatever the broker: a commit can be stored and not announced (its answer
-                // lost with the connection during COMMIT, the sender told to retry), and
-                // reading the rooms' heads finds it.
-                tokio::spawn(hub.clone().resync());
+                if read_heads {
+                    tokio::spawn(hub.clone().resync());
+                }
             }
             _ = expiry.tick(), if multi_node => hub.expire_presence(PRESENCE_TTL),
             _ = presence.tick(), if multi_node => hub.tell_changed_presence(),

@@ -54,12 +54,10 @@ int main(int argc, char **argv) {
     }
     int n = atoi(argv[1]), period_us = atoi(argv[2]), secs = atoi(argv[3]);
     int frame = argc > 4 ? atoi(argv[4]) : 120, per = argc > 5 ? atoi(argv[5]) : 1;
-    int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof addr;
-    if (bind(l, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(l, 4096) < 0) die("listen");
-    getsockname(l, (struct sockaddr *)&addr, &len);
+    int one = 1;
+    struct sockaddr_in addr;
+    int l = listen_loopback(&addr);
+    if (l < 0) die("listen");
     pid_t kid = fork();
     if (kid == 0) reader(n, &addr);
     pin(1);

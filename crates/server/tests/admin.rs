@@ -297,6 +297,10 @@ async fn a_posted_message_gets_a_seq_and_reaches_every_member(backend: Backend) 
             "/admin/v1/rooms/lobby/messages",
             json!({"text": "a", "client_msg_id": ""}),
         ),
+        (
+            "/admin/v1/rooms/lobby/messages",
+            json!({"text": "a", "client_msg_id": "a\u{0}b"}),
+        ),
     ] {
         let r = post(app.addr, path, t, &body).await;
         assert_eq!(r.status, 400, "{path} {body}: {}", r.body);

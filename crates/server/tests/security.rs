@@ -1084,6 +1084,17 @@ async fn application_errors_are_answered_and_nothing_is_stored() {
             r#"{"type":"send","room":"7","text":"a\u0000b"}"#,
             "invalid_text",
         ),
+        // PostgreSQL refuses a NUL in a text value: it would fail the whole batch.
+        (
+            true,
+            r#"{"type":"send","room":"7","text":"x","client_msg_id":"a\u0000b"}"#,
+            "invalid_client_msg_id",
+        ),
+        (
+            true,
+            r#"{"type":"send","room":"7","text":"x","client_msg_id":""}"#,
+            "invalid_client_msg_id",
+        ),
         // A position in the future.
         (
             false,

@@ -142,6 +142,25 @@ pub(crate) fn check_text(settings: &Settings, text: &str) -> Result<(), (ErrorCo
     Ok(())
 }
 
+/// A send's idempotency key: 1 to `MAX_CLIENT_MSG_ID_BYTES` bytes, no control characters
+/// (PostgreSQL refuses a NUL in a text value, and would fail the whole batch it is in).
+pub(crate) fn check_client_msg_id(id: &str) -> Result<(), (ErrorCode, String)> {
+    use v1::MAX_CLIENT_MSG_ID_BYTES;
+    if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES {
+        return Err((
+            ErrorCode::InvalidClientMsgId,
+            format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err((
+            ErrorCode::InvalidClientMsgId,
+            "client_msg_id contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// tungstenite's limits for a connection's reader.
 fn ws_config(settings: &Settings) -> WebSocketConfig {
     // A frame carries the text JSON-escaped plus the envelope: allow for both, and let the

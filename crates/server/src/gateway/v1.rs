@@ -515,12 +515,7 @@ impl Client {
         let room = self.room(name)?;
         super::check_text(&self.shared.settings, &text)?;
         if let Some(id) = &client_msg_id {
-            if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES {
-                return Err((
-                    ErrorCode::InvalidClientMsgId,
-                    format!("client_msg_id must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"),
-                ));
-            }
+            super::check_client_msg_id(id)?;
         }
         self.shared
             .committer

@@ -271,12 +271,8 @@ async fn post_message(
     crate::gateway::check_text(&shared.settings, &request.text)
         .map_err(|(_code, message)| ApiError::bad_request(message))?;
     if let Some(cmid) = &request.client_msg_id {
-        if cmid.is_empty() || cmid.len() > crate::gateway::v1::MAX_CLIENT_MSG_ID_BYTES {
-            return Err(ApiError::bad_request(format!(
-                "`client_msg_id` must be 1 to {} bytes",
-                crate::gateway::v1::MAX_CLIENT_MSG_ID_BYTES
-            )));
-        }
+        crate::gateway::check_client_msg_id(cmid)
+            .map_err(|(_code, message)| ApiError::bad_request(message))?;
     }
     let outcome = shared
         .committer

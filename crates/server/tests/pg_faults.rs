@@ -705,3 +705,88 @@ async fn history_reads_never_block_writes_of_another_room() {
     );
     app.stop_keeping_data().await;
 }
+
+/// Sends SIGCONT to a paused process when dropped (a failed test leaves none paused).
+struct Paused(i32);
+
+impl Paused {
+    fn pause(pid: i32) -> Self {
+        run("kill", &["-STOP", &pid.to_string()]);
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// The next `ack` or `error` frame on `ws`, within `limit`.
+async fn answer(ws: &mut Ws, limit: Duration) -> Value {
+    let end = Instant::now() + limit;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, ws.next())
+            .await
+            .expect("an answer in time");
+        let Some(Ok(Message::Text(t))) = frame else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        if v["type"] == "ack" || v["type"] == "error" {
+            return v;
+        }
+    }
+}
+
+/// A PostgreSQL that takes the commit statement and never answers (its host gone, or
+/// paused: the connection stays open, so no error comes either) holds no send forever:
+/// the committer gives up on the connection, the sender is told `unavailable`, and its
+/// retry with the same `client_msg_id` is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_gets_sends_answered_unavailable() {
+    let cluster = Cluster::create().await;
+    let app = spawn_on(&cluster, |_| {}).await;
+    let key = app.session("ada", None).await;
+    let mut ws = connect(app.addr, &key).await;
+    let send = |n: u64| {
+        Message::text(
+            json!({"type": "send", "room": "p", "text": format!("m{n}"),
+                   "client_msg_id": format!("m-{n}"), "ref": n})
+            .to_string(),
+        )
+    };
+    ws.send(send(1)).await.unwrap();
+    assert_eq!(answer(&mut ws, common::WAIT).await["type"], "ack");
+    let mut admin = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
+    let committer: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'wschat-commit'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    let paused = Paused::pause(committer);
+    ws.send(send(2)).await.unwrap();
+    // Well past the committer's own bound: without it, no answer until the backend runs.
+    let told = answer(&mut ws, Duration::from_secs(60)).await;
+    assert_eq!(told["type"], "error", "{told}");
+    assert_eq!(told["code"], "unavailable", "{told}");
+    assert_eq!(told["ref"], 2, "{told}");
+    drop(paused);
+    ws.send(send(2)).await.unwrap();
+    let ack = answer(&mut ws, common::WAIT).await;
+    assert_eq!(
+        (&ack["type"], &ack["seq"]),
+        (&json!("ack"), &json!(2)),
+        "{ack}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM wschat_messages")
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2, "the retry is stored once");
+    app.stop_keeping_data().await;
+}

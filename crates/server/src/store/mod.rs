@@ -118,6 +118,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Query(#[source] sqlx::Error),
+    #[error("no answer from the database within {0:?}")]
+    NoAnswer(std::time::Duration),
     #[error("i/o error preparing the database: {0}")]
     Io(#[from] std::io::Error),
     /// From the SQLite commit thread.

@@ -38,6 +38,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A statement of a commit that runs longer (a locked table, a stuck disk) is cancelled by
 /// the server: the batch is answered `unavailable` and retried, never left hanging.
 const COMMIT_STATEMENT_TIMEOUT: &str = "5s";
+/// Longest the committer waits for the answer to a batch (its statements, each bounded
+/// by `COMMIT_STATEMENT_TIMEOUT` on the server, included).
+const COMMIT_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// A pooled connection idle for longer than this is pinged before it is used.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 /// A commit transaction that sits idle this long (its node was paused or hung between two
@@ -331,15 +334,26 @@ impl Store for PgStore {
             Some(conn) => conn,
             None => self.connect_writer().await?,
         };
-        let outcomes = match commit_one_statement(&mut conn, &batch).await {
-            Ok(Some(outcomes)) => outcomes,
-            // A repeat in the batch, or a `(user, client_msg_id)` already stored (nothing
-            // of the statement was committed): the transaction path looks repeats up.
-            Ok(None) => commit_on(&mut conn, &batch).await?,
-            Err(StoreError::Query(sqlx::Error::Database(e))) if e.is_unique_violation() => {
-                commit_on(&mut conn, &batch).await?
+        let committing = async {
+            match commit_one_statement(&mut conn, &batch).await {
+                Ok(Some(outcomes)) => Ok(outcomes),
+                // A repeat in the batch, or a `(user, client_msg_id)` already stored
+                // (nothing of the statement was committed): the transaction path looks
+                // repeats up.
+                Ok(None) => commit_on(&mut conn, &batch).await,
+                Err(StoreError::Query(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                    commit_on(&mut conn, &batch).await
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => return Err(e),
+        };
+        // The server's statement timeout cannot end a wait for a server that does not
+        // answer at all (its host gone, or paused): bounded here, the connection dropped.
+        // Had the batch committed, a retry with the same `client_msg_id` finds it and the
+        // heartbeat's read of room heads delivers it.
+        let outcomes = match tokio::time::timeout(COMMIT_ANSWER_TIMEOUT, committing).await {
+            Ok(outcomes) => outcomes?,
+            Err(_elapsed) => return Err(StoreError::NoAnswer(COMMIT_ANSWER_TIMEOUT)),
         };
         *slot = Some(conn);
         Ok(outcomes)

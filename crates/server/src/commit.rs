@@ -127,6 +127,10 @@ pub struct Spacing {
     pub pacing: Arc<crate::hub::pacing::WritePacing>,
 }
 
+/// Committed batches that may wait for the settler (answers and fan-out) before the
+/// committer waits too.
+const SETTLING_BATCHES: usize = 4;
+
 /// What the committer hands to the settler: a batch and its outcome.
 struct Settled {
     batch: Vec<Queued>,
@@ -145,7 +149,7 @@ async fn run(
     spacing: Spacing,
     stop: CancellationToken,
 ) {
-    let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+    let (settled_tx, settled_rx) = mpsc::channel(SETTLING_BATCHES);
     let settler = tokio::spawn(settle(settled_rx, hub));
     let mut last_start: Option<tokio::time::Instant> = None;
     loop {
@@ -189,11 +193,16 @@ async fn run(
         metrics::histogram!("wschat_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::histogram!("wschat_commit_batch_size").record(batch.len() as f64);
         tracing::trace!(batch = batch.len(), ok = result.is_ok(), "commit finished");
-        let _settler_ends_only_after_this_loop = settled_tx.send(Settled {
-            batch,
-            result,
-            committed_at,
-        });
+        // Waits while the settler is `SETTLING_BATCHES` behind: a fan-out slower than
+        // the commits holds the next commit back (and the senders, through the queue)
+        // instead of piling committed batches up.
+        let _settler_ends_only_after_this_loop = settled_tx
+            .send(Settled {
+                batch,
+                result,
+                committed_at,
+            })
+            .await;
     }
     drop(settled_tx);
     if let Err(e) = settler.await {
@@ -202,7 +211,7 @@ async fn run(
 }
 
 /// Answers each batch's senders and hands its messages to the hub, in commit order.
-async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
+async fn settle(mut rx: mpsc::Receiver<Settled>, hub: Arc<Hub>) {
     while let Some(Settled {
         mut batch,
         result,
@@ -213,6 +222,7 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
             Ok(outcomes) => {
                 let mut committed = Vec::with_capacity(outcomes.len());
                 let mut repeats = false;
+                let mut stored = 0u64;
                 let mut acks = Vec::with_capacity(batch.len());
                 let mut queued_at = Vec::with_capacity(batch.len());
                 for (queued, outcome) in batch.drain(..).zip(outcomes) {
@@ -220,7 +230,10 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
                     // that left it committed (the connection died during COMMIT), its
                     // senders were told `unavailable` and no member was told of it. Hubs
                     // skip seqs they already delivered.
-                    repeats |= matches!(outcome, CommitOutcome::Duplicate(_));
+                    match outcome {
+                        CommitOutcome::Duplicate(_) => repeats = true,
+                        CommitOutcome::Stored(_) => stored += 1,
+                    }
                     committed.push(outcome.message().clone());
                     answer(queued.request.reply, outcome, &mut acks);
                     queued_at.push(queued.at);
@@ -231,8 +244,8 @@ async fn settle(mut rx: mpsc::UnboundedReceiver<Settled>, hub: Arc<Hub>) {
                 for at in queued_at {
                     send_ack.record(at.elapsed().as_secs_f64());
                 }
-                metrics::counter!("wschat_messages_acknowledged_total")
-                    .increment(committed.len() as u64);
+                // A retry of a stored message is acknowledged again, not counted again.
+                metrics::counter!("wschat_messages_acknowledged_total").increment(stored);
                 if repeats {
                     // Each room's messages in seq order, once (a repeat may be older than
                     // the batch's new messages, or repeated within it).

@@ -103,6 +103,19 @@ async fn metrics_follow_connections_and_traffic() {
     at_least(r#"wschat_send_ack_seconds_bucket{le="+Inf"}"#, 2.0).await;
     at_least(r#"wschat_commit_batch_size_bucket{le="1"}"#, 1.0).await;
 
+    // A retry of a stored message is acknowledged again (the first message's seq), but
+    // counted once: four sends, three messages.
+    let again = v1_auth_frame.say("1", "counted", "m-1").await;
+    assert_eq!(again["seq"], 1);
+    assert_eq!(v1_auth_frame.say("1", "fresh", "m-2").await["seq"], 3);
+    at_least("wschat_send_ack_seconds_count", 4.0).await;
+    // The counter moves right after the batch's histogram: let that moment pass.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        sample(&app, "wschat_messages_acknowledged_total").await,
+        Some(3.0)
+    );
+
     // Closing: each kind is counted down, whatever way it ends.
     legacy_a.ws.close(None).await.unwrap();
     v1_pending.ws.close(None).await.unwrap();

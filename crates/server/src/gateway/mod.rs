@@ -423,6 +423,8 @@ pub(crate) async fn backfill(
 ) -> Result<(), StoreError> {
     const PAGE: u32 = 500;
     let limit = shared.settings.outbound_queue_bytes;
+    // A client that reads nothing for as long as a silent one may stay is a slow consumer.
+    let stall = shared.settings.idle_timeout();
     // Paced by the writer: a backfill larger than the queue waits for the client to read
     // rather than overflowing it.
     let push = |m: &crate::store::StoredMessage| {
@@ -445,7 +447,7 @@ pub(crate) async fn backfill(
                 .await?;
             for m in &messages {
                 if push(m) {
-                    conn.outbox.wait_below(limit / 4).await;
+                    conn.outbox.wait_below(limit / 4, stall).await;
                 }
             }
             // Subscribed before the read: what was committed after it comes live.
@@ -458,10 +460,12 @@ pub(crate) async fn backfill(
                 for m in page.iter().take_while(|m| m.seq <= head) {
                     cursor = m.seq;
                     if push(m) {
-                        conn.outbox.wait_below(limit / 4).await;
+                        conn.outbox.wait_below(limit / 4, stall).await;
                     }
                 }
-                if page.len() < PAGE as usize {
+                // A short page is the end; so is a page past `head` (retention deleted
+                // the rest of the range meanwhile: the same read would come back forever).
+                if page.len() < PAGE as usize || page.last().is_some_and(|m| m.seq > head) {
                     break;
                 }
             }

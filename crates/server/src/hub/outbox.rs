@@ -590,8 +590,11 @@ impl Outbox {
     }
 
     /// Wait until the queue holds at most `bytes` (for pacing a long backfill), or the
-    /// connection is closing or cancelled.
-    pub async fn wait_below(&self, bytes: usize) {
+    /// connection is closing or cancelled. A client that takes nothing for `stall` (its
+    /// socket full, the writer blocked) is a slow consumer: closed with 4008, as a live
+    /// queue that overflows is. The waiting backfill holds the connection's reader, so
+    /// nothing else (idle timeout, shutdown) would end the wait.
+    pub async fn wait_below(&self, bytes: usize, stall: Duration) {
         loop {
             if self.cancel.is_cancelled() {
                 return;
@@ -608,6 +611,14 @@ impl Outbox {
             tokio::select! {
                 _ = notified => {}
                 _ = self.cancel.cancelled() => return,
+                _ = tokio::time::sleep(stall) => {
+                    let mut state = self.lock();
+                    if !state.closing && !state.dead {
+                        tracing::info!(stall_ms = stall.as_millis() as u64, "backfill stalled: the client reads nothing");
+                        self.overflow(&mut state);
+                    }
+                    return;
+                }
             }
         }
     }
@@ -889,7 +900,7 @@ mod tests {
         assert!(!got_something(&mut client).await, "held");
         let waiting = tokio::spawn({
             let outbox = outbox.clone();
-            async move { outbox.wait_below(limit / 4).await }
+            async move { outbox.wait_below(limit / 4, Duration::from_secs(60)).await }
         });
         tokio::time::advance(delay).await;
         assert!(
@@ -900,6 +911,44 @@ mod tests {
             .await
             .expect("the wait for the queue ended with the flusher's write")
             .unwrap();
+    }
+
+    /// A backfill waiting for a client that reads nothing does not wait forever: after
+    /// the stall it gives, the connection is closed as a slow consumer (4008).
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_client_that_reads_nothing_ends_in_a_slow_consumer_close() {
+        let limit = 4096;
+        let (outbox, mut client) = outbox(limit, 256);
+        let fill = || {
+            while outbox.queued_bytes() <= limit / 2 {
+                outbox.push(Item::Frame(frame(&"b".repeat(200))));
+            }
+        };
+        // The writer takes what is queued and blocks on the full pipe; the backfill queues
+        // past half the limit again and waits.
+        fill();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        fill();
+        let stall = Duration::from_secs(30);
+        let waiting = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.wait_below(limit / 4, stall).await }
+        });
+        tokio::time::advance(stall / 2).await;
+        assert!(!waiting.is_finished(), "still within the stall");
+        assert!(!outbox.cancel.is_cancelled());
+        tokio::time::advance(stall).await;
+        tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("the wait ended after the stall")
+            .unwrap();
+        assert!(outbox.cancel.is_cancelled(), "the connection is ended");
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, client.read_to_end(&mut got)).await;
+        let close = frames::close(close::SLOW_CONSUMER, "slow consumer: resume");
+        assert!(got.ends_with(&close), "ends with the 4008 close");
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,10 +19,39 @@ pub struct Envelope {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum Body {
-    Messages { msgs: Vec<WireMessage> },
-    Typing { room: String, user: String },
-    Presence { room: String, users: Vec<String> },
-    PresenceQuery { room: String },
+    Messages {
+        msgs: Vec<WireMessage>,
+    },
+    Typing {
+        room: String,
+        user: String,
+    },
+    /// A node's users in a room. A list too long for one envelope goes in `parts`
+    /// envelopes, published one after the other; the receiver takes the list when it has
+    /// the last part (an envelope without the fields is the whole list).
+    Presence {
+        room: String,
+        users: Vec<String>,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        part: u32,
+        #[serde(default = "one_part", skip_serializing_if = "is_one")]
+        parts: u32,
+    },
+    PresenceQuery {
+        room: String,
+    },
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+fn one_part() -> u32 {
+    1
 }
 
 /// A committed message; `payload` is absent when it travels by reference.
@@ -148,10 +177,41 @@ pub fn encode(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
             room: room.to_string(),
             user: user.clone(),
         })],
-        BusEvent::Presence { room, users } => vec![one(Body::Presence {
-            room: room.to_string(),
-            users: users.clone(),
-        })],
+        BusEvent::Presence { room, users } => {
+            // Cut where the next name could pass the limit (JSON escapes grow a name up
+            // to 6×); always at least one name a part.
+            let room = room.to_string();
+            let overhead = envelope_bound(node) + room.len() * 6 + 64;
+            let mut chunks: Vec<Vec<String>> = vec![Vec::new()];
+            let mut size = overhead;
+            for user in users {
+                let bound = user.len() * 6 + 4;
+                let last = chunks
+                    .last_mut()
+                    .filter(|c| c.is_empty() || size + bound <= max_bytes);
+                match last {
+                    Some(chunk) => chunk.push(user.clone()),
+                    None => {
+                        chunks.push(vec![user.clone()]);
+                        size = overhead;
+                    }
+                }
+                size += bound;
+            }
+            let parts = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+            chunks
+                .into_iter()
+                .zip(0..)
+                .map(|(users, part)| {
+                    one(Body::Presence {
+                        room: room.clone(),
+                        users,
+                        part,
+                        parts,
+                    })
+                })
+                .collect()
+        }
         BusEvent::PresenceQuery { room } => vec![one(Body::PresenceQuery {
             room: room.to_string(),
         })],
@@ -237,5 +297,58 @@ mod tests {
             heads,
             vec![("q".to_owned(), 7, false), ("r".to_owned(), 200, false)]
         );
+    }
+
+    /// PostgreSQL's NOTIFY takes at most 8,000 bytes: a room's list of a few hundred
+    /// users goes in parts, each under the limit, numbered, together the whole list.
+    #[test]
+    fn a_long_presence_list_goes_in_parts_that_fit() {
+        let users: Vec<String> = (0..2000).map(|i| format!("user-é-{i:04}")).collect();
+        let event = BusEvent::Presence {
+            room: RoomName::new("lobby").unwrap(),
+            users: users.clone(),
+        };
+        let envelopes = encode("n1", &event, 7900);
+        assert!(envelopes.len() > 1);
+        let mut got = Vec::new();
+        for (i, e) in envelopes.iter().enumerate() {
+            assert!(e.len() <= 7900, "{}", e.len());
+            let Envelope { body, .. } = serde_json::from_str(e).unwrap();
+            let Body::Presence {
+                room,
+                users,
+                part,
+                parts,
+            } = body
+            else {
+                panic!("presence")
+            };
+            assert_eq!(room, "lobby");
+            assert_eq!((part as usize, parts as usize), (i, envelopes.len()));
+            got.extend(users);
+        }
+        assert_eq!(got, users);
+        // A short list is one envelope without the part fields, as before them.
+        let short = encode(
+            "n1",
+            &BusEvent::Presence {
+                room: RoomName::new("lobby").unwrap(),
+                users: vec!["ada".into()],
+            },
+            7900,
+        );
+        assert_eq!(short.len(), 1);
+        assert!(!short[0].contains("part"), "{}", short[0]);
+        let Envelope { body, .. } =
+            serde_json::from_str(r#"{"node":"n0","t":"presence","room":"r","users":["x"]}"#)
+                .unwrap();
+        assert!(matches!(
+            body,
+            Body::Presence {
+                part: 0,
+                parts: 1,
+                ..
+            }
+        ));
     }
 }

@@ -109,6 +109,8 @@ struct RoomState {
     presence: BTreeMap<Arc<str>, usize>,
     /// Users present on other nodes, by node, with when that node last said so.
     remote: HashMap<String, (Vec<String>, Instant)>,
+    /// A node's list that came in parts, gathered until its last part.
+    remote_parts: HashMap<String, Vec<String>>,
     /// Messages beyond a gap, waiting for the gap to be read from the store.
     pending: BTreeMap<u64, Arc<StoredMessage>>,
     /// The store has messages up to at least this seq (from a bell without payload, or
@@ -304,7 +306,7 @@ impl Hub {
         conn: &Arc<Conn>,
         sub: SubId,
     ) -> Result<(), StoreError> {
-        let room = match self.room(name) {
+        let found = match self.room(name) {
             Some(room) => room,
             None => {
                 let head = self.store.room_head(name).await?;
@@ -329,7 +331,20 @@ impl Hub {
                 room
             }
         };
+        self.enter(name, found, conn, sub);
+        Ok(())
+    }
+
+    /// Put `conn` in the room `found` (looked up or created by `subscribe`). If the room's
+    /// last subscriber left since, `unsubscribe` took it out of the map and nothing would
+    /// ever be delivered to it: it goes back in (a room whose `last_delivered` is behind
+    /// reads the store on its next message), or the room that replaced it is used. The
+    /// room is locked before the map is let go, so no `unsubscribe` sees it empty again.
+    fn enter(&self, name: &RoomName, found: Arc<Room>, conn: &Conn, sub: SubId) {
+        let mut rooms = self.rooms();
+        let room = rooms.entry(name.clone()).or_insert(found).clone();
         let mut state = room.lock();
+        drop(rooms);
         state.subs.push(Subscriber {
             sub,
             id: conn.id,
@@ -344,7 +359,6 @@ impl Hub {
             }
             self.presence_changed_here(name);
         }
-        Ok(())
     }
 
     /// Undo `subscribe`.
@@ -543,11 +557,30 @@ impl Hub {
                     self.typing(&room, &user, None);
                 }
             }
-            Body::Presence { room, users } => {
+            Body::Presence {
+                room,
+                mut users,
+                part,
+                parts,
+            } => {
                 let Some(room) = RoomName::new(room).ok().and_then(|r| self.room(&r)) else {
                     return;
                 };
                 let mut state = room.lock();
+                if parts > 1 {
+                    // Parts come in order from one node: the first starts the list, the
+                    // last completes it (a list whose parts were not all heard waits for
+                    // the next refresh).
+                    let gathered = state.remote_parts.entry(node.to_owned()).or_default();
+                    if part == 0 {
+                        gathered.clear();
+                    }
+                    gathered.append(&mut users);
+                    if part + 1 < parts {
+                        return;
+                    }
+                    users = state.remote_parts.remove(node).unwrap_or_default();
+                }
                 let before = state.users();
                 if users.is_empty() {
                     state.remote.remove(node);
@@ -642,9 +675,23 @@ impl Hub {
                     if read.is_empty() {
                         empty_reads += 1;
                     }
+                    let mut next = state.last_delivered + 1;
+                    if let Some(first) = read.first().filter(|m| m.seq > next) {
+                        // A room's seqs commit in order, so a seq the store has means every
+                        // lower one was committed: the missing ones were deleted by
+                        // retention before this node delivered them. They cannot be
+                        // delivered; what follows them can.
+                        tracing::warn!(
+                            room = %room.name,
+                            from = next,
+                            to = first.seq - 1,
+                            "messages deleted by retention before this node delivered them"
+                        );
+                        next = first.seq;
+                    }
                     let mut run = Vec::new();
                     for msg in read {
-                        if msg.seq == state.last_delivered + run.len() as u64 + 1 {
+                        if msg.seq == next + run.len() as u64 {
                             run.push(Arc::new(msg));
                         }
                     }
@@ -778,6 +825,7 @@ fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, drop
 mod tests {
     use super::*;
     use crate::broker::QUEUE_EVENTS;
+    use crate::store::NewMessage;
 
     fn message(room: &str, seq: u64) -> Arc<StoredMessage> {
         Arc::new(StoredMessage {
@@ -816,6 +864,137 @@ mod tests {
                 ("mid", 1)
             ]
         );
+    }
+
+    /// A legacy connection whose outbox writes into one end of an in-memory pipe (the
+    /// other end is returned: what the client reads), tracked and synced for sub 0.
+    fn connection(id: u64) -> (Arc<Conn>, tokio::io::DuplexStream) {
+        use tokio_util::sync::CancellationToken;
+        let (server, client) = tokio::io::duplex(1 << 16);
+        let outbox = Outbox::new(
+            Box::pin(server),
+            None,
+            1 << 20,
+            64 * 1024,
+            pacing::WritePacing::new(Duration::ZERO, 0),
+            CancellationToken::new(),
+        );
+        tokio::spawn(outbox.clone().write_loop());
+        outbox.push(Item::Track { sub: 0 });
+        outbox.push(Item::SyncDone { sub: 0, through: 0 });
+        let conn = Conn::new(id, "u".into(), Protocol::Legacy, outbox);
+        (Arc::new(conn), client)
+    }
+
+    async fn sqlite_hub(dir: &tempfile::TempDir) -> (Arc<Hub>, Arc<dyn Store>) {
+        let url = format!("sqlite://{}", dir.path().join("hub.db").display());
+        let store = crate::store::open(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        let (outgoing, _) = mpsc::channel(QUEUE_EVENTS);
+        (Hub::new(store.clone(), outgoing, false), store)
+    }
+
+    /// What the client end of `connection` gets within a while (all of it by then).
+    async fn read_for(client: &mut tokio::io::DuplexStream, wanted: &str) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !String::from_utf8_lossy(&got).contains(wanted) {
+            match tokio::time::timeout_at(deadline, client.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// A join that looked its room up just before the room's last member left (and the
+    /// room left the map) still ends up in the map, and live messages reach it.
+    #[tokio::test]
+    async fn a_join_racing_the_last_leave_still_gets_live_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, _store) = sqlite_hub(&dir).await;
+        let room = RoomName::new("r").unwrap();
+        let (leaving, _) = connection(1);
+        hub.subscribe(&room, &leaving, 0).await.unwrap();
+        // The joiner's lookup, then the last member's leave.
+        let found = hub.room(&room).unwrap();
+        hub.unsubscribe(&room, &leaving, 0);
+        assert!(hub.room(&room).is_none(), "the empty room left the map");
+        let (joiner, mut client) = connection(2);
+        hub.enter(&room, found, &joiner, 0);
+        let served = hub.room(&room).expect("the room is back in the map");
+        assert!(served.lock().subs.iter().any(|s| s.id == 2));
+        hub.committed(vec![message("r", 1)]);
+        assert!(read_for(&mut client, "\"t\"").await.contains("\"t\""));
+    }
+
+    /// A node that fell behind by more than retention keeps: the catch-up read finds the
+    /// missing seqs deleted, delivers what the store still has, and ends.
+    #[tokio::test]
+    async fn a_catch_up_past_messages_retention_deleted_delivers_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, store) = sqlite_hub(&dir).await;
+        let room = RoomName::new("r").unwrap();
+        let (member, mut client) = connection(1);
+        hub.subscribe(&room, &member, 0).await.unwrap();
+        // Ten commits the hub never heard of, then retention keeps the last three.
+        let batch: Vec<NewMessage> = (1..=10)
+            .map(|i| NewMessage {
+                room: room.clone(),
+                user: "u".into(),
+                text: format!("text-{i:02}"),
+                client_msg_id: None,
+            })
+            .collect();
+        store.commit_batch(Arc::from(batch)).await.unwrap();
+        assert_eq!(store.prune(3).await.unwrap(), 7);
+        hub.clone().resync().await;
+        let got = read_for(&mut client, "text-10").await;
+        for kept in ["text-08", "text-09", "text-10"] {
+            assert!(got.contains(kept), "{kept} in {got}");
+        }
+        assert!(!got.contains("text-07"));
+        let served = hub.room(&room).unwrap();
+        let state = served.lock();
+        assert_eq!(state.last_delivered, 10);
+        assert!(!state.catching_up, "the catch-up ended");
+    }
+
+    /// Another node's list in parts is taken when its last part comes, not before (a
+    /// partial list would tell the room that the rest left).
+    #[tokio::test]
+    async fn another_nodes_presence_in_parts_is_taken_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, _store) = sqlite_hub(&dir).await;
+        let room = RoomName::new("r").unwrap();
+        let (member, _client) = connection(1);
+        hub.subscribe(&room, &member, 0).await.unwrap();
+        let part = |part: u32, users: &[&str]| Body::Presence {
+            room: "r".into(),
+            users: users.iter().map(|u| u.to_string()).collect(),
+            part,
+            parts: 3,
+        };
+        let remote = |hub: &Hub| {
+            let served = hub.room(&room).unwrap();
+            let state = served.lock();
+            state.remote.get("n2").map(|(users, _)| users.clone())
+        };
+        hub.on_remote("n2", part(0, &["a", "b"]));
+        hub.on_remote("n2", part(1, &["c"]));
+        assert_eq!(remote(&hub), None, "not before the last part");
+        hub.on_remote("n2", part(2, &["d"]));
+        assert_eq!(
+            remote(&hub),
+            Some(vec!["a".into(), "b".into(), "c".into(), "d".into()])
+        );
+        // A new list starts over at part 0.
+        hub.on_remote("n2", part(0, &["e"]));
+        hub.on_remote("n2", part(1, &[]));
+        hub.on_remote("n2", part(2, &["f"]));
+        assert_eq!(remote(&hub), Some(vec!["e".into(), "f".into()]));
     }
 
     /// A broker that does not take events (NATS reconnecting) does not make the hub hold

@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::os::fd::AsFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -128,6 +129,9 @@ pub struct Outbox {
     raw: Option<Arc<TcpStream>>,
     ready: Notify,
     drained: Notify,
+    /// Bytes the writer task has written so far: a wait for the queue to drain tells a
+    /// client that reads slowly from one that reads nothing.
+    written: AtomicU64,
     limit: usize,
     /// Most bytes of queued frames joined into one write.
     max_write: usize,
@@ -193,6 +197,7 @@ impl Outbox {
             raw,
             ready: Notify::new(),
             drained: Notify::new(),
+            written: AtomicU64::new(0),
             limit,
             max_write: max_write.max(1),
             pacing,
@@ -595,6 +600,7 @@ impl Outbox {
     /// queue that overflows is. The waiting backfill holds the connection's reader, so
     /// nothing else (idle timeout, shutdown) would end the wait.
     pub async fn wait_below(&self, bytes: usize, stall: Duration) {
+        let mut seen = self.written.load(Ordering::Relaxed);
         loop {
             if self.cancel.is_cancelled() {
                 return;
@@ -612,6 +618,12 @@ impl Outbox {
                 _ = notified => {}
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep(stall) => {
+                    // A slow reader: the writer's write is under way, a piece at a time.
+                    let now = self.written.load(Ordering::Relaxed);
+                    if now != seen {
+                        seen = now;
+                        continue;
+                    }
                     let mut state = self.lock();
                     if !state.closing && !state.dead {
                         tracing::info!(stall_ms = stall.as_millis() as u64, "backfill stalled: the client reads nothing");
@@ -683,7 +695,7 @@ impl Outbox {
             };
             let frames = batch.len();
             let result = tokio::select! {
-                result = write_all(&mut io, &mut batch, self.max_write) => result,
+                result = write_all(&mut io, &mut batch, self.max_write, &self.written) => result,
                 _ = self.cancel.cancelled() => return self.last_words(Some(io), batch).await,
             };
             {
@@ -715,9 +727,11 @@ impl Outbox {
             io.or_else(|| state.io.take())
         };
         if let Some(mut io) = io {
-            let _best_effort =
-                tokio::time::timeout(CLOSE_GRACE, write_all(&mut io, &mut batch, self.max_write))
-                    .await;
+            let _best_effort = tokio::time::timeout(
+                CLOSE_GRACE,
+                write_all(&mut io, &mut batch, self.max_write, &self.written),
+            )
+            .await;
         }
         self.drained.notify_waiters();
     }
@@ -736,6 +750,7 @@ async fn write_all(
     io: &mut WriteIo,
     batch: &mut VecDeque<Encoded>,
     max_write: usize,
+    written: &AtomicU64,
 ) -> std::io::Result<()> {
     while let Some(first) = batch.front() {
         let n = if batch.len() == 1 || first.len() >= max_write {
@@ -746,6 +761,7 @@ async fn write_all(
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
+        written.fetch_add(n as u64, Ordering::Relaxed);
         consume(batch, n);
     }
     io.flush().await
@@ -913,29 +929,41 @@ mod tests {
             .unwrap();
     }
 
-    /// A backfill waiting for a client that reads nothing does not wait forever: after
-    /// the stall it gives, the connection is closed as a slow consumer (4008).
-    #[tokio::test(start_paused = true)]
-    async fn a_wait_for_a_client_that_reads_nothing_ends_in_a_slow_consumer_close() {
+    /// A backfill's wait (`wait_below`, the given stall) on an outbox over a 256-byte pipe
+    /// that nobody reads yet: the writer took what was queued and blocks on the full pipe,
+    /// and the backfill queued past half the limit again.
+    async fn backfill_waiting(
+        stall: Duration,
+    ) -> (
+        Arc<Outbox>,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+    ) {
         let limit = 4096;
-        let (outbox, mut client) = outbox(limit, 256);
+        let (outbox, client) = outbox(limit, 256);
         let fill = || {
             while outbox.queued_bytes() <= limit / 2 {
                 outbox.push(Item::Frame(frame(&"b".repeat(200))));
             }
         };
-        // The writer takes what is queued and blocks on the full pipe; the backfill queues
-        // past half the limit again and waits.
         fill();
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
         fill();
-        let stall = Duration::from_secs(30);
         let waiting = tokio::spawn({
             let outbox = outbox.clone();
             async move { outbox.wait_below(limit / 4, stall).await }
         });
+        (outbox, client, waiting)
+    }
+
+    /// A backfill waiting for a client that reads nothing does not wait forever: after
+    /// the stall it gives, the connection is closed as a slow consumer (4008).
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_client_that_reads_nothing_ends_in_a_slow_consumer_close() {
+        let stall = Duration::from_secs(30);
+        let (outbox, mut client, waiting) = backfill_waiting(stall).await;
         tokio::time::advance(stall / 2).await;
         assert!(!waiting.is_finished(), "still within the stall");
         assert!(!outbox.cancel.is_cancelled());
@@ -949,6 +977,38 @@ mod tests {
         let _ = tokio::time::timeout(WAIT, client.read_to_end(&mut got)).await;
         let close = frames::close(close::SLOW_CONSUMER, "slow consumer: resume");
         assert!(got.ends_with(&close), "ends with the 4008 close");
+    }
+
+    /// A client that reads, however slowly, is not a stalled one: the wait goes on past
+    /// the stall as long as the writer gets something out within each.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_client_that_reads_slowly_goes_on() {
+        use tokio::io::AsyncReadExt;
+        let stall = Duration::from_secs(30);
+        let (outbox, mut client, waiting) = backfill_waiting(stall).await;
+        tokio::task::yield_now().await;
+        let mut sip = [0u8; 100];
+        for _ in 0..4 {
+            tokio::time::advance(stall * 3 / 4).await;
+            assert!(client.read(&mut sip).await.unwrap() > 0);
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert!(!waiting.is_finished(), "three stalls' time, read all along");
+        assert!(!outbox.cancel.is_cancelled());
+        // It stops reading: a stall later (the last sip still counts once), it is closed.
+        for _ in 0..3 {
+            tokio::time::advance(stall).await;
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        tokio::time::timeout(WAIT, waiting)
+            .await
+            .expect("the wait ended")
+            .unwrap();
+        assert!(outbox.cancel.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]

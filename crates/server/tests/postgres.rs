@@ -386,3 +386,53 @@ async fn a_commit_the_hub_never_heard_of_reaches_the_subscribers_with(broker: &s
     );
     app.stop().await;
 }
+
+/// Two nodes committing to the same rooms, one of them creating a room the other also
+/// creates: the one-statement path (no repeat) and the transaction path (a repeated
+/// `client_msg_id`) take the rooms' locks in the same order, so PostgreSQL never has to
+/// break a deadlock between them (it would fail a batch, answered `unavailable`). The
+/// second node starts a moment later each time, to land in the other's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_creating_the_same_room_never_deadlock() {
+    let (settings, _dir) = common::fresh(Backend::Postgres).await;
+    let a = wschat_server::store::open(&settings.database)
+        .await
+        .unwrap();
+    a.migrate().await.unwrap();
+    let b = wschat_server::store::open(&settings.database)
+        .await
+        .unwrap();
+    let msg = |room: &str, user: &str, cmid: Option<String>| NewMessage {
+        room: RoomName::new(room).unwrap(),
+        user: user.into(),
+        text: "t".into(),
+        client_msg_id: cmid,
+    };
+    let mut failed = Vec::new();
+    for i in 0..300u64 {
+        let (old, new) = (format!("d{i:03}a"), format!("d{i:03}n"));
+        a.commit_batch(Arc::from(vec![msg(&old, "seed", None)]))
+            .await
+            .unwrap();
+        let repeat = Some(format!("r{i}"));
+        let on_a: Arc<[NewMessage]> = Arc::from(vec![
+            msg(&old, "ada", repeat.clone()),
+            msg(&new, "ada", None),
+            msg(&old, "ada", repeat),
+        ]);
+        let on_b: Arc<[NewMessage]> =
+            Arc::from(vec![msg(&old, "bob", None), msg(&new, "bob", None)]);
+        let delay = std::time::Duration::from_micros(100 * (i % 20));
+        let (ra, rb) = tokio::join!(a.commit_batch(on_a), async {
+            tokio::time::sleep(delay).await;
+            b.commit_batch(on_b).await
+        });
+        failed.extend(ra.err().map(|e| format!("{i} transaction path: {e}")));
+        failed.extend(rb.err().map(|e| format!("{i} one statement: {e}")));
+    }
+    assert!(
+        failed.is_empty(),
+        "{} batches failed: {failed:?}",
+        failed.len()
+    );
+}

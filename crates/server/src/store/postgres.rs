@@ -660,27 +660,17 @@ async fn commit_on(
     if !by_room.is_empty() {
         let names: Vec<&str> = by_room.keys().map(|r| r.as_str()).collect();
         let counts: Vec<i64> = by_room.values().map(|v| v.len() as i64).collect();
-        sqlx::query(
-            r#"INSERT INTO wschat_rooms (name)
-                 SELECT n FROM UNNEST($1::text[]) AS n ORDER BY n COLLATE "C"
-                 ON CONFLICT (name) DO NOTHING"#,
-        )
-        .bind(&names)
-        .execute(&mut *tx)
-        .await?;
-        // Lock the rooms' counter rows in name order: nodes never deadlock.
-        sqlx::query(
-            r#"SELECT id FROM wschat_rooms WHERE name = ANY($1::text[])
-                 ORDER BY name COLLATE "C" FOR UPDATE"#,
-        )
-        .bind(&names)
-        .execute(&mut *tx)
-        .await?;
+        // Each room's counter bumped (a new room created) in name order, one row after
+        // the other, as the one-statement path does: a new room's row is locked only
+        // after every room before it by name, so two nodes never wait for each other
+        // (inserting every new room first, then locking the existing ones, deadlocked
+        // against the one-statement path).
         let rows = sqlx::query(
-            "UPDATE wschat_rooms r SET last_seq = r.last_seq + c.n
-                 FROM UNNEST($1::text[], $2::bigint[]) AS c(name, n)
-                 WHERE r.name = c.name
-                 RETURNING r.name, r.id, r.last_seq",
+            r#"INSERT INTO wschat_rooms AS r (name, last_seq)
+                 SELECT c.name, c.n FROM UNNEST($1::text[], $2::bigint[]) AS c(name, n)
+                 ORDER BY c.name COLLATE "C"
+                 ON CONFLICT (name) DO UPDATE SET last_seq = r.last_seq + excluded.last_seq
+                 RETURNING r.name, r.id, r.last_seq"#,
         )
         .bind(&names)
         .bind(&counts)

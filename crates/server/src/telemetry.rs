@@ -101,7 +101,7 @@ pub const METRICS: &[Metric] = &[
         "wschat_messages_delivered_total",
         Kind::Counter,
         &[],
-        "Messages queued to a recipient connection on this node (one per recipient).",
+        "Messages handed to recipient connections on this node, one per recipient (the outbox still drops a repeat, and what a closing connection no longer takes).",
     ),
     m(
         "wschat_commit_errors_total",

@@ -89,6 +89,9 @@ pub struct Application {
     /// Publishes to the other nodes; after `background` stops it, it publishes what was
     /// queued by then, and a graceful stop waits for that.
     forwarder: tokio::task::JoinHandle<()>,
+    /// Heartbeats; a stop waits for a heartbeat in flight before deregistering the node
+    /// (else it could land after, and register the stopped node again).
+    upkeep: tokio::task::JoinHandle<()>,
     demo_key: Option<String>,
     tls: Option<crate::tls::Tls>,
 }
@@ -128,7 +131,7 @@ impl Application {
         )
         .await?;
         let forwarder = broker::forward(broker.clone(), to_broker, background.clone());
-        tokio::spawn(node_upkeep(
+        let upkeep = tokio::spawn(node_upkeep(
             store.clone(),
             hub.clone(),
             node.clone(),
@@ -200,6 +203,7 @@ impl Application {
             commit_task,
             background,
             forwarder,
+            upkeep,
             demo_key,
             tls,
         })
@@ -238,6 +242,7 @@ impl Application {
             commit_task,
             background,
             forwarder,
+            upkeep,
             demo_key: _,
             tls,
         } = self;
@@ -262,6 +267,11 @@ impl Application {
         background.cancel();
         if tokio::time::timeout(grace, forwarder).await.is_err() {
             tracing::warn!("the last events for the other nodes were not all published in time");
+        }
+        if tokio::time::timeout(grace, upkeep).await.is_err() {
+            tracing::warn!(
+                "a heartbeat was still running; the node may stay registered until it expires"
+            );
         }
         if let Err(e) = shared.store.remove_node(&shared.node.id).await {
             tracing::warn!(error = %e, "could not deregister this node");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use wschat_protocol::RoomName;
 use wschat_server::store::{hash_key, NewMessage, StoreKind};
-use wschat_server::Application;
+use wschat_server::{Application, Settings};
 
 #[tokio::test]
 async fn nodejschat_style_session_inserts_work_and_keys_never_rest_in_clear() {
@@ -435,4 +435,25 @@ async fn two_nodes_creating_the_same_room_never_deadlock() {
         "{} batches failed: {failed:?}",
         failed.len()
     );
+}
+
+/// A node that stops gracefully deregisters (after any heartbeat still in flight): a node
+/// with a local broker refuses to start beside a live node, and a node with a shared
+/// broker beside a live local one, so each start below needs the node before it gone.
+#[tokio::test]
+async fn a_stopped_node_deregisters_so_a_local_node_may_follow_at_once() {
+    let (settings, dir) = common::fresh(Backend::Postgres).await;
+    for broker in [
+        "postgres", "local", "postgres", "local", "postgres", "local",
+    ] {
+        let node = Settings {
+            broker: broker.into(),
+            ..settings.clone()
+        };
+        spawn_with(node, dir.clone())
+            .await
+            .stop_keeping_data()
+            .await;
+    }
+    common::drop_database(&settings.database).await;
 }

@@ -239,15 +239,27 @@ pub struct LegacyReceiver {
     pub windows: Vec<Window>,
 }
 
+/// Legacy: who shares a room (the protocol never says which room a session is in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegacyRooms {
+    /// One session key for all: one room.
+    One,
+    /// Connection `c` uses key `c + 1`, whose session is in room `(c + 1) % n` (as the
+    /// benchmarks insert them): a receiver is expected to get its room's messages even if
+    /// nothing reached it, and a message from another room is unexpected.
+    ByKey(u32),
+    /// Inferred: a receiver that got anything from a sender shares its room, transitively
+    /// (a receiver that got nothing is expected to get only its own messages).
+    Inferred,
+}
+
 /// Legacy: receiver `c` is expected to receive message `m` of sender `s` when `c` and `s`
-/// are in the same room and `m` was sent inside one of `c`'s windows (in its firm part,
-/// or in its grace part if `m` arrived). With one session key for all, everyone is in one
-/// room; otherwise rooms are inferred (a receiver that got anything from a sender shares
-/// its room, transitively).
+/// are in the same room (`rooms`) and `m` was sent inside one of `c`'s windows (in its
+/// firm part, or in its grace part if `m` arrived).
 pub fn legacy_expectation(
     senders: &[LegacySender],
     receivers: &[LegacyReceiver],
-    one_room: bool,
+    rooms: LegacyRooms,
 ) -> Expectation {
     let n = senders.len();
     let bases: Vec<u64> = senders.iter().map(|s| s.base_g).collect();
@@ -257,15 +269,25 @@ pub fn legacy_expectation(
         (k < senders[s].sent_at.len()).then_some((s, k))
     };
     let mut groups = UnionFind::new(n);
-    if one_room {
-        for i in 1..n {
-            groups.union(0, i as u32);
+    match rooms {
+        LegacyRooms::One => {
+            for i in 1..n {
+                groups.union(0, i as u32);
+            }
         }
-    } else {
-        for r in receivers {
-            for g in r.seen.iter() {
-                if let Some((s, _)) = locate(g) {
-                    groups.union(r.conn, s as u32);
+        LegacyRooms::ByKey(rooms) => {
+            let rooms = rooms.max(1) as usize;
+            // Connection c and c + rooms hold keys in the same room.
+            for c in rooms..n {
+                groups.union((c - rooms) as u32, c as u32);
+            }
+        }
+        LegacyRooms::Inferred => {
+            for r in receivers {
+                for g in r.seen.iter() {
+                    if let Some((s, _)) = locate(g) {
+                        groups.union(r.conn, s as u32);
+                    }
                 }
             }
         }
@@ -442,12 +464,12 @@ mod tests {
                 windows: vec![w(0, u64::MAX)],
             },
         ];
-        let e = legacy_expectation(&senders, &receivers, false);
+        let e = legacy_expectation(&senders, &receivers, LegacyRooms::Inferred);
         assert_eq!(e.expected, 3 + 1 + 1);
         assert_eq!(e.delivered, 2 + 1 + 1);
         assert_eq!(e.unexpected, 1);
         // One room for all: receiver 2 now expects 0, 1, 2 (own room's 3 sent + own).
-        let e = legacy_expectation(&senders, &receivers, true);
+        let e = legacy_expectation(&senders, &receivers, LegacyRooms::One);
         assert_eq!(e.expected, 4 + 1 + 4);
     }
 
@@ -473,7 +495,61 @@ mod tests {
                 end: 450,
             }],
         }];
-        let e = legacy_expectation(&senders, &receivers, true);
+        let e = legacy_expectation(&senders, &receivers, LegacyRooms::One);
         assert_eq!((e.expected, e.delivered, e.unexpected), (2, 2, 0));
+    }
+
+    /// Rooms by key: a receiver that got nothing is expected to get its whole room's
+    /// messages (inferred, it would be expected to get only its own), and a message from
+    /// another room is unexpected (inferred, it would merge the two rooms).
+    #[test]
+    fn legacy_rooms_by_key_expect_a_silent_receivers_room() {
+        // Four connections, keys 1..4 in rooms 1, 0, 1, 0: connections 0 and 2 share one
+        // room, 1 and 3 the other. One message each.
+        let senders: Vec<LegacySender> = (0..4)
+            .map(|c| LegacySender {
+                base_g: c,
+                sent_at: vec![100 + c],
+            })
+            .collect();
+        let set = |v: &[u64]| {
+            let mut s = ChunkSet::new();
+            for &g in v {
+                s.insert(g);
+            }
+            s
+        };
+        let always = vec![Window {
+            start: 0,
+            firm_start: 0,
+            firm_end: u64::MAX,
+            end: u64::MAX,
+        }];
+        let receivers: Vec<LegacyReceiver> = [
+            set(&[0, 2]),
+            // Got nothing at all.
+            set(&[]),
+            // Got its room's two and one from the other room.
+            set(&[0, 2, 1]),
+            set(&[1, 3]),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(c, seen)| LegacyReceiver {
+            conn: c as u32,
+            seen,
+            windows: always.clone(),
+        })
+        .collect();
+        let e = legacy_expectation(&senders, &receivers, LegacyRooms::ByKey(2));
+        assert_eq!(e.expected, 2 * 4, "every receiver its room's two");
+        assert_eq!(
+            e.delivered, 6,
+            "0, 2 and 3 got their room's two; 1 got nothing"
+        );
+        assert_eq!(e.unexpected, 1);
+        // Inferred, the stray message merges the two rooms: each receiver expects all 4.
+        let inferred = legacy_expectation(&senders, &receivers, LegacyRooms::Inferred);
+        assert_eq!(inferred.expected, 4 * 4);
     }
 }

@@ -50,8 +50,10 @@
 //! only if it came, since it may still have been in flight; so does what was sent between
 //! the upgrade and the `authenticated` frame). With one `--session-key` for all,
 //! everyone is in one room; with `--keys` the rooms come from the session rows, which the
-//! client cannot see, so they are inferred: a receiver that got any message of a sender
-//! shares its room (transitively). Legacy connections reconnect too (with backoff, no
+//! client cannot see: `--key-rooms N` says key i's session is in room i % N (as the
+//! benchmarks insert them), so a connection that got nothing is still expected to get its
+//! room's messages; without it they are inferred: a receiver that got any message of a
+//! sender shares its room (transitively). Legacy connections reconnect too (with backoff, no
 //! resume): what was sent while a connection was down is not expected of it; what the
 //! server replays on reconnect counts as `replayed` if it was received before, and as
 //! `unexpected` if it predates the connection. `duplicated`: a message received twice on
@@ -145,6 +147,12 @@ pub struct LoadArgs {
     /// A session key per connection: `{i}` is replaced by 1, 2, … (e.g. `k{i}`).
     #[arg(long)]
     pub keys: Option<String>,
+
+    /// Legacy with `--keys`: the session of key i is in room i % N (as the benchmarks
+    /// insert them). Each connection is then expected to receive its room's messages even
+    /// if none reached it; without this, rooms are inferred from what arrives.
+    #[arg(long, requires = "keys")]
+    pub key_rooms: Option<u32>,
 
     /// Mean seconds between messages of one connection (Poisson arrivals); 0: never send.
     #[arg(long, default_value_t = 1.0)]
@@ -319,6 +327,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         }
     }
     let rooms = room_names(&args.rooms)?;
+    match args.key_rooms {
+        Some(0) => bail!("--key-rooms must be at least 1"),
+        Some(_) if args.protocol == Protocol::V1 => {
+            bail!("--key-rooms is for the legacy protocols; v1 joins the rooms --rooms names")
+        }
+        _ => {}
+    }
 
     // Raise the soft open-files limit to the hard one; fine to fail (small runs work).
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
@@ -451,13 +466,19 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     let mut lost_tasks = 0u64;
     let join_deadline = Instant::now() + Duration::from_secs(10);
     for h in handles {
+        // A task that did not report keeps its place (an empty record): connection i's
+        // record is outputs[i], which the legacy accounting relies on.
         match tokio::time::timeout_at(join_deadline, h).await {
             Ok(Ok(o)) => outputs.push(o),
             Ok(Err(e)) => {
                 lost_tasks += 1;
                 tracing::error!("a connection task failed: {e}");
+                outputs.push(conn::Output::default());
             }
-            Err(_) => lost_tasks += 1,
+            Err(_) => {
+                lost_tasks += 1;
+                outputs.push(conn::Output::default());
+            }
         }
     }
     if lost_tasks > 0 {
@@ -588,7 +609,12 @@ fn build_report(
         r.ack_conflicts = Some(conflicts);
         account::v1_expectation(&acked_seqs, &v1_rooms)
     } else {
-        account::legacy_expectation(&senders, &receivers, args.session_key.is_some())
+        let rooms = match (&args.session_key, args.key_rooms) {
+            (Some(_), _) => account::LegacyRooms::One,
+            (None, Some(n)) => account::LegacyRooms::ByKey(n),
+            (None, None) => account::LegacyRooms::Inferred,
+        };
+        account::legacy_expectation(&senders, &receivers, rooms)
     };
     r.expected = e.expected;
     r.delivered = e.delivered;

@@ -156,6 +156,24 @@ impl Store for SqliteStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         super::migrator(MIGRATIONS).run(&self.writer).await?;
+        // `sessions` belongs to the embedding application, which may have made it before
+        // wschat did (the migration then leaves it as it is): add the columns wschat reads
+        // that it lacks, as the PostgreSQL migration does.
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('sessions')")
+                .fetch_all(&self.writer)
+                .await?;
+        for (column, add) in [
+            ("room", "ALTER TABLE sessions ADD COLUMN room INTEGER"),
+            (
+                "expires_at",
+                "ALTER TABLE sessions ADD COLUMN expires_at INTEGER",
+            ),
+        ] {
+            if !columns.iter().any(|c| c == column) {
+                sqlx::query(add).execute(&self.writer).await?;
+            }
+        }
         Ok(())
     }
 
@@ -396,6 +414,42 @@ mod tests {
             while rows.next().expect("a row or the end").is_some() {}
         }
         statement.get_status(StatementStatus::RePrepare)
+    }
+
+    /// An application that made `sessions` before wschat, with only the key and the user:
+    /// the migration adds `room` and `expires_at`, and its sessions work.
+    #[tokio::test]
+    async fn a_sessions_table_made_by_the_application_gets_wschats_columns() {
+        use crate::store::{hash_key, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            r#"CREATE TABLE sessions (key TEXT NOT NULL UNIQUE, "user" TEXT NOT NULL)"#,
+        )
+        .unwrap();
+        let key = hash_key("k1");
+        conn.execute(
+            r#"INSERT INTO sessions (key, "user") VALUES (?1, 'Michael Redman')"#,
+            [key.as_str()],
+        )
+        .unwrap();
+        drop(conn);
+        let store = super::SqliteStore::open(&format!("sqlite://{}", path.display()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        store.migrate().await.unwrap();
+        let session = store
+            .session(&key)
+            .await
+            .unwrap()
+            .expect("the session is found");
+        assert_eq!(
+            (session.user.as_str(), session.room),
+            ("Michael Redman", None)
+        );
+        assert!(store.revoked_sessions(&[key]).await.unwrap().is_empty());
     }
 
     #[test]

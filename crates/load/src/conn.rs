@@ -994,6 +994,14 @@ impl Conn {
                         }
                     }
                     Some(Ref::Str(r)) if r == JOIN_REF && !s.established => {
+                        if matches!(
+                            code,
+                            ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal
+                        ) {
+                            // The server could not join now (its store away, a restart):
+                            // reconnect with backoff and join again, resuming.
+                            return Ok(Some(End::Lost));
+                        }
                         for r in &mut self.rooms {
                             if r.base.is_none() {
                                 r.refused = true;

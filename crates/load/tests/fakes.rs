@@ -191,6 +191,32 @@ async fn v1_everything_acked_and_delivered() {
     assert_sends_lag_inside_the_latency(&r);
 }
 
+/// A join answered `unavailable` (the server's store away for a moment) is not a refusal:
+/// the connection reconnects and joins again, and its room counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_join_answered_unavailable_is_tried_again() {
+    let addr = v1_fake(V1Fake {
+        refuse_joins: Some(3),
+        ..V1Fake::default()
+    })
+    .await;
+    let url = format!("ws://{addr}/ws");
+    let r = load(&[
+        &url,
+        "--session-key=k",
+        "--connections=6",
+        "--interval=0.05",
+        "--duration=1.5",
+        "--drain=5",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.refused, Some(0), "{r:#?}");
+    assert_eq!(r.expected, r.sent * 6, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_dropped_deliveries_are_lost() {
     let addr = v1_fake(V1Fake {

@@ -137,6 +137,8 @@ pub struct V1Fake {
     /// After this many stored messages, every connection open then goes silent once: it
     /// stays open but nothing is read or sent on it any more (a paused server).
     pub hang_after: Option<u64>,
+    /// The first this many join frames are answered `unavailable` (the store away).
+    pub refuse_joins: Option<u64>,
 }
 
 #[derive(Default)]
@@ -155,6 +157,7 @@ struct Hub {
     hung: Option<std::collections::HashSet<u64>>,
     conns: HashMap<u64, Tx>,
     delivered: u64,
+    joins_refused: u64,
 }
 
 fn frame(f: &ServerFrame) -> Message {
@@ -221,6 +224,15 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                     _ if !authed => {}
                     ClientFrame::Join { rooms, reference } => {
                         let mut hub = hub.lock().unwrap();
+                        if opts.refuse_joins.is_some_and(|n| hub.joins_refused < n) {
+                            hub.joins_refused += 1;
+                            let _ = tx.send(frame(&ServerFrame::Error {
+                                code: wschat_protocol::ErrorCode::Unavailable,
+                                message: "the store is unavailable".into(),
+                                reference,
+                            }));
+                            continue;
+                        }
                         for jr in rooms {
                             let room = hub.rooms.entry(jr.room.clone()).or_default();
                             room.members.insert(id, tx.clone());

@@ -212,8 +212,12 @@ async fn v1_a_join_answered_unavailable_is_tried_again() {
     ])
     .await;
     assert_counts_add_up(&r);
-    assert_eq!(r.refused, Some(0), "{r:#?}");
-    assert_eq!(r.expected, r.sent * 6, "{r:#?}");
+    // The three refused joins reconnected.
+    assert_eq!(r.disconnects, 3, "{r:#?}");
+    // Each of the six expects every message from its first `joined` on: the three that
+    // joined late miss at most what was sent before (a refused room would expect
+    // nothing, as before the fix: expected = sent × 3).
+    assert!(r.expected > r.sent * 5, "{r:#?}");
     assert_eq!(r.lost, 0, "{r:#?}");
 }
 

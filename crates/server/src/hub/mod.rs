@@ -886,12 +886,35 @@ mod tests {
         (Arc::new(conn), client)
     }
 
-    async fn sqlite_hub(dir: &tempfile::TempDir) -> (Arc<Hub>, Arc<dyn Store>) {
+    /// A one-node hub on a fresh SQLite store, with connection 1 subscribed to room "r".
+    struct OneMember {
+        _dir: tempfile::TempDir,
+        hub: Arc<Hub>,
+        store: Arc<dyn Store>,
+        room: RoomName,
+        member: Arc<Conn>,
+        /// What the member's client reads.
+        client: tokio::io::DuplexStream,
+    }
+
+    async fn one_member() -> OneMember {
+        let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("hub.db").display());
         let store = crate::store::open(&url).await.unwrap();
         store.migrate().await.unwrap();
         let (outgoing, _) = mpsc::channel(QUEUE_EVENTS);
-        (Hub::new(store.clone(), outgoing, false), store)
+        let hub = Hub::new(store.clone(), outgoing, false);
+        let room = RoomName::new("r").unwrap();
+        let (member, client) = connection(1);
+        hub.subscribe(&room, &member, 0).await.unwrap();
+        OneMember {
+            _dir: dir,
+            hub,
+            store,
+            room,
+            member,
+            client,
+        }
     }
 
     /// What the client end of `connection` gets within a while (all of it by then).
@@ -913,11 +936,14 @@ mod tests {
     /// room left the map) still ends up in the map, and live messages reach it.
     #[tokio::test]
     async fn a_join_racing_the_last_leave_still_gets_live_messages() {
-        let dir = tempfile::tempdir().unwrap();
-        let (hub, _store) = sqlite_hub(&dir).await;
-        let room = RoomName::new("r").unwrap();
-        let (leaving, _) = connection(1);
-        hub.subscribe(&room, &leaving, 0).await.unwrap();
+        // `_dir` is bound, not left to `..`: the store's folder lives to the test's end.
+        let OneMember {
+            _dir,
+            hub,
+            room,
+            member: leaving,
+            ..
+        } = one_member().await;
         // The joiner's lookup, then the last member's leave.
         let found = hub.room(&room).unwrap();
         hub.unsubscribe(&room, &leaving, 0);
@@ -934,11 +960,14 @@ mod tests {
     /// missing seqs deleted, delivers what the store still has, and ends.
     #[tokio::test]
     async fn a_catch_up_past_messages_retention_deleted_delivers_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let (hub, store) = sqlite_hub(&dir).await;
-        let room = RoomName::new("r").unwrap();
-        let (member, mut client) = connection(1);
-        hub.subscribe(&room, &member, 0).await.unwrap();
+        let OneMember {
+            _dir,
+            hub,
+            store,
+            room,
+            mut client,
+            ..
+        } = one_member().await;
         // Ten commits the hub never heard of, then retention keeps the last three.
         let batch: Vec<NewMessage> = (1..=10)
             .map(|i| NewMessage {
@@ -966,11 +995,13 @@ mod tests {
     /// partial list would tell the room that the rest left).
     #[tokio::test]
     async fn another_nodes_presence_in_parts_is_taken_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let (hub, _store) = sqlite_hub(&dir).await;
-        let room = RoomName::new("r").unwrap();
-        let (member, _client) = connection(1);
-        hub.subscribe(&room, &member, 0).await.unwrap();
+        let OneMember {
+            _dir,
+            hub,
+            room,
+            client: _client,
+            ..
+        } = one_member().await;
         let part = |part: u32, users: &[&str]| Body::Presence {
             room: "r".into(),
             users: users.iter().map(|u| u.to_string()).collect(),

@@ -30,6 +30,7 @@ suite!(
     a_stop_during_a_paced_backfill_lets_it_finish,
     a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss,
     a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages,
+    retention_during_a_paced_resume_gets_a_reset_not_a_silent_gap,
     the_key_can_travel_in_the_subprotocol_header_or_the_query,
     a_deleted_or_expired_session_closes_its_connections_with_1008,
 );
@@ -605,6 +606,68 @@ async fn a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages(bac
         seqs.push(stale.recv_until("message").await["seq"].as_u64().unwrap());
     }
     assert_eq!(seqs, vec![8, 9, 10]);
+    app.stop().await;
+}
+
+/// A resume whose backfill waits for the client to read (its socket and queue full) while
+/// retention deletes the rest of its range: the client is told with a `reset`, then gets
+/// the room's last messages; never a silent gap.
+async fn retention_during_a_paced_resume_gets_a_reset_not_a_silent_gap(backend: Backend) {
+    const SENT: u64 = 3000;
+    let (mut settings, dir) = common::fresh(backend).await;
+    settings.outbound_queue_bytes = 64 * 1024;
+    settings.history_limit = 3;
+    let app = spawn_with(settings, dir).await;
+    let key = app.session("archivist", None).await;
+    let mut writer = Client::v1(&app, &key).await;
+    // 24 MB: more than the two sockets' buffers and the queue hold.
+    let big = "x".repeat(8000);
+    for chunk in 0..SENT / 50 {
+        for n in 0..50 {
+            let id = (chunk * 50 + n).to_string();
+            writer
+                .send(json!({"type": "send", "room": "pruned", "text": big, "client_msg_id": id}))
+                .await;
+        }
+        for _ in 0..50 {
+            writer.recv_until("ack").await;
+        }
+    }
+    let mut reader = Client::v1(&app, &key).await;
+    assert_eq!(reader.join("pruned", Some(0)).await, SENT);
+    // The backfill fills the sockets and the queue, then waits for the reader, who reads
+    // nothing until retention has kept only the last 3.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(app.shared.store.prune(3).await.unwrap(), SENT - 3);
+    let (mut last, mut resets) = (0, Vec::new());
+    while last < SENT {
+        let v = reader.recv().await;
+        match v["type"].as_str() {
+            Some("message") => {
+                let seq = v["seq"].as_u64().unwrap();
+                match resets.last() {
+                    // Right after the reset: the last messages, past what was sent.
+                    Some(&(at, first_seq)) if at == last => {
+                        assert!(seq > last && seq >= first_seq, "{seq} after {last}: {v}")
+                    }
+                    _ => assert_eq!(seq, last + 1, "a gap without a reset"),
+                }
+                last = seq;
+            }
+            Some("reset") => {
+                assert_eq!(v["since"], 0, "{v}");
+                resets.push((last, v["first_seq"].as_u64().unwrap()));
+            }
+            _ => {}
+        }
+    }
+    // The pause came before the end of the range (else this test tests nothing).
+    assert_eq!(resets.len(), 1, "one reset: {resets:?}");
+    assert_eq!(resets[0].1, SENT - 2, "the oldest kept seq");
+    assert!(
+        resets[0].0 < SENT - 3,
+        "the reset came mid-backfill: {resets:?}"
+    );
     app.stop().await;
 }
 

@@ -25,6 +25,7 @@ use tokio::time::{interval_at, Interval, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
+use wschat_protocol::v1::ServerFrame;
 use wschat_protocol::{close, ErrorCode, RoomName};
 
 use crate::app::Shared;
@@ -457,6 +458,30 @@ pub(crate) async fn backfill(
             let mut cursor = since;
             while cursor < head {
                 let page = shared.store.messages_after(room, cursor, PAGE).await?;
+                if let Some(first_seq) = page.first().map(|m| m.seq).filter(|&s| s > cursor + 1) {
+                    // Retention deleted what follows `cursor` while this backfill waited
+                    // for the client to read: never a silent gap. As for a join whose
+                    // `since` is that old: a `reset`, then the room's last messages (those
+                    // not sent already).
+                    if conn.protocol == Protocol::V1 {
+                        conn.outbox
+                            .push(Item::Frame(frames::v1(&ServerFrame::Reset {
+                                room: room.to_string(),
+                                since,
+                                first_seq,
+                            })));
+                    }
+                    let last = shared
+                        .store
+                        .messages_before(room, Some(head + 1), shared.settings.history_limit)
+                        .await?;
+                    for m in last.iter().filter(|m| m.seq > cursor) {
+                        if push(m) {
+                            conn.outbox.wait_below(limit / 4, stall).await;
+                        }
+                    }
+                    break;
+                }
                 for m in page.iter().take_while(|m| m.seq <= head) {
                     cursor = m.seq;
                     if push(m) {

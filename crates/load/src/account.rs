@@ -253,6 +253,15 @@ pub enum LegacyRooms {
     Inferred,
 }
 
+/// Legacy: whether a message's first receipt goes into the latency histogram. A message
+/// sent while the receiver could receive is timed: in its current connection (attempted
+/// at `opened_at`), or in one of its `earlier` windows and late (it came only after a
+/// reconnect, when the server replayed its history: the outage is part of its latency).
+/// One sent while the receiver was down is history, not timed.
+pub fn legacy_timed(intended: u64, opened_at: u64, earlier: &[Window]) -> bool {
+    intended >= opened_at || earlier.iter().any(|w| w.contains(intended))
+}
+
 /// Legacy: receiver `c` is expected to receive message `m` of sender `s` when `c` and `s`
 /// are in the same room (`rooms`) and `m` was sent inside one of `c`'s windows (in its
 /// firm part, or in its grace part if `m` arrived).
@@ -412,6 +421,32 @@ mod tests {
         assert_eq!(r.on_message(0, 0, 0), Receipt::Duplicate);
         assert_eq!(r.on_message(3, 0, 3), Receipt::New);
         assert_eq!((r.duplicated, r.replayed, r.out_of_order), (2, 1, 1));
+    }
+
+    #[test]
+    fn legacy_times_what_was_sent_while_the_receiver_could_receive() {
+        // An earlier connection attempted at 100, authenticated at 110, lost at 200; the
+        // current one attempted at 300.
+        let earlier = [Window {
+            start: 100,
+            firm_start: 110,
+            firm_end: 200,
+            end: 200,
+        }];
+        assert!(legacy_timed(310, 300, &earlier), "sent in this connection");
+        assert!(
+            legacy_timed(150, 300, &earlier),
+            "sent in the earlier one, came only after the reconnect: late, and timed"
+        );
+        assert!(
+            !legacy_timed(250, 300, &earlier),
+            "sent while down: history"
+        );
+        assert!(
+            !legacy_timed(50, 300, &earlier),
+            "sent before the first: history"
+        );
+        assert!(!legacy_timed(150, 300, &[]), "no earlier window");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use wschat_protocol::close;
 use wschat_protocol::v1::{ClientFrame, JoinRoom, Ref, ServerFrame};
 use wschat_protocol::ErrorCode;
 
-use crate::account::{LegacyRecv, Receipt, V1Room, V1RoomOut, Window};
+use crate::account::{self, LegacyRecv, Receipt, V1Room, V1RoomOut, Window};
 use crate::stats::{Clock, Live, Sharded};
 use crate::text::{self, Tag};
 use crate::Protocol;
@@ -1178,8 +1178,7 @@ impl Conn {
         if self.recv.on_message(g, tag.conn, tag.counter) == Receipt::New {
             let now = self.shared.clock.now_us();
             let intended = self.shared.clock.since_anchor_us(tag.intended_unix_us);
-            // History of before this connection is not timed.
-            let timed = intended >= s.opened_at;
+            let timed = account::legacy_timed(intended, s.opened_at, &self.out.windows);
             self.count_delivery(tag.intended_unix_us, now, timed);
         }
     }

@@ -12,7 +12,10 @@
 //!
 //! Every text is `L|<run_id>|<conn>|<counter>|<intended_unix_micros>|<padding>` (see
 //! [`text`]). Receivers ignore anything else, including other runs' messages.
-//! Latency = time of first receipt − intended send time, in an hdrhistogram. The report
+//! Latency = time of first receipt − intended send time, in an hdrhistogram, for every
+//! message the receiver was expected to get (legacy: also one that came only in a later
+//! connection's history replay, outage included; not history it was never expected to
+//! get, nor v1 history from before its first join). The report
 //! also gives the send lag (intended send time → the client had written the message):
 //! the part of the latency that is the client's own lateness, when it is too busy to keep
 //! its schedule (or, for a message due while its connection was down, the outage).

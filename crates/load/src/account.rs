@@ -20,6 +20,15 @@ pub enum Receipt {
     Held,
 }
 
+/// v1: what a received message of ours carries in its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ours {
+    /// Intended send time (unix µs).
+    pub intended_us: u64,
+    /// The message's global index (its sender's first index + its counter).
+    pub g: u64,
+}
+
 /// Most messages kept for a room before its first `joined` arrives.
 const MAX_HELD: usize = 100_000;
 
@@ -35,6 +44,12 @@ pub struct V1Room {
     pub max_ours: u64,
     /// Seqs of our messages received (all above `base`).
     pub ours: ChunkSet,
+    /// The global indices of those messages: one that comes again under another seq was
+    /// stored twice.
+    tags: ChunkSet,
+    /// Seqs that carried a message this receiver already had under another seq: copies
+    /// (a send stored twice), counted as duplicates and not as messages of the room.
+    pub copies: Vec<u64>,
     pub duplicated: u64,
     pub out_of_order: u64,
     pub resets: u64,
@@ -42,9 +57,9 @@ pub struct V1Room {
     pub refused: bool,
     /// Set when the receiver gave up: the last seq it is expected to have.
     pub upper: Option<u64>,
-    /// Messages that came before the first `joined`: (seq, intended unix µs if ours,
-    /// receive time µs).
-    held: Vec<(u64, Option<u64>, u64)>,
+    /// Messages that came before the first `joined`: (seq, the tag if ours, receive time
+    /// µs).
+    held: Vec<(u64, Option<Ours>, u64)>,
 }
 
 impl V1Room {
@@ -60,22 +75,29 @@ impl V1Room {
         self.base.map(|b| b.max(self.max_any))
     }
 
-    /// A message of this room arrived; `intended` (unix µs) is set when it is ours.
-    pub fn on_message(&mut self, seq: u64, intended: Option<u64>, now_us: u64) -> Receipt {
+    /// A message of this room arrived; `ours` is set when it is one of ours.
+    pub fn on_message(&mut self, seq: u64, ours: Option<Ours>, now_us: u64) -> Receipt {
         self.max_any = self.max_any.max(seq);
         let Some(base) = self.base else {
             if self.held.len() < MAX_HELD {
-                self.held.push((seq, intended, now_us));
+                self.held.push((seq, ours, now_us));
             }
             return Receipt::Held;
         };
-        if seq <= base || intended.is_none() {
+        let Some(tag) = ours.filter(|_| seq > base) else {
             return Receipt::Ignored;
-        }
-        if !self.ours.insert(seq) {
+        };
+        if self.ours.contains(seq) {
             self.duplicated += 1;
             return Receipt::Duplicate;
         }
+        if !self.tags.insert(tag.g) {
+            // The same message under a second seq: the server stored it twice.
+            self.duplicated += 1;
+            self.copies.push(seq);
+            return Receipt::Duplicate;
+        }
+        self.ours.insert(seq);
         if seq < self.max_ours {
             self.out_of_order += 1;
         }
@@ -85,7 +107,7 @@ impl V1Room {
 
     /// The room was joined with `last_seq`. The first time, fixes `base`, and returns the
     /// held messages (seq, intended, receive time) for the caller to count again.
-    pub fn on_joined(&mut self, last_seq: u64) -> Vec<(u64, Option<u64>, u64)> {
+    pub fn on_joined(&mut self, last_seq: u64) -> Vec<(u64, Option<Ours>, u64)> {
         if self.base.is_some() {
             return Vec::new();
         }
@@ -155,6 +177,8 @@ pub struct V1RoomOut {
     /// Last seq the receiver is expected to have: `u64::MAX` unless it gave up.
     pub upper: u64,
     pub ours: ChunkSet,
+    /// Seqs this receiver found to be copies of a message it had (`V1Room::copies`).
+    pub copies: Vec<u64>,
 }
 
 /// Totals of expected and delivered (message, receiver) pairs.
@@ -168,10 +192,12 @@ pub struct Expectation {
 }
 
 /// v1: the universe of our messages in each room is every acked (room, seq) plus every
-/// (room, seq) of ours that anybody received; each member is expected to receive those
-/// with seq in `(base, upper]`.
+/// (room, seq) of ours that anybody received, less the seqs any receiver found to be
+/// copies (a message stored twice is one message); each member is expected to receive
+/// those with seq in `(base, upper]`.
 pub fn v1_expectation(acked: &[(String, u64)], rooms: &[V1RoomOut]) -> Expectation {
     let mut universe: std::collections::HashMap<&str, ChunkSet> = Default::default();
+    let mut copies: std::collections::HashMap<&str, ChunkSet> = Default::default();
     for (room, seq) in acked {
         universe.entry(room.as_str()).or_default().insert(*seq);
     }
@@ -180,22 +206,43 @@ pub fn v1_expectation(acked: &[(String, u64)], rooms: &[V1RoomOut]) -> Expectati
             .entry(r.name.as_str())
             .or_default()
             .union_with(&r.ours);
+        let c = copies.entry(r.name.as_str()).or_default();
+        for &seq in &r.copies {
+            c.insert(seq);
+        }
     }
-    let frozen: std::collections::HashMap<&str, SortedSet> =
-        universe.iter().map(|(k, v)| (*k, v.freeze())).collect();
+    let no_copies = ChunkSet::new();
+    let copies_of = |room: &str| copies.get(room).unwrap_or(&no_copies);
+    let frozen: std::collections::HashMap<&str, SortedSet> = universe
+        .iter()
+        .map(|(k, v)| {
+            let c = copies_of(k);
+            let mut kept = ChunkSet::new();
+            for seq in v.iter().filter(|&s| !c.contains(s)) {
+                kept.insert(seq);
+            }
+            (*k, kept.freeze())
+        })
+        .collect();
     let mut out = Expectation::default();
     for r in rooms {
         let Some(u) = frozen.get(r.name.as_str()) else {
             continue;
         };
+        let c = copies_of(&r.name);
         out.expected += u.count_in(r.base, r.upper);
-        let got = r
-            .ours
-            .iter()
-            .filter(|&s| s > r.base && s <= r.upper)
-            .count() as u64;
+        let (mut got, mut copy) = (0, 0);
+        for s in r.ours.iter() {
+            if c.contains(s) {
+                // A copy (another receiver had the message under its first seq): not a
+                // message of the room; the first seq is.
+                copy += 1;
+            } else if s > r.base && s <= r.upper {
+                got += 1;
+            }
+        }
         out.delivered += got;
-        out.unexpected += r.ours.len() - got;
+        out.unexpected += r.ours.len() - got - copy;
     }
     out
 }
@@ -349,23 +396,78 @@ pub fn legacy_expectation(
 mod tests {
     use super::*;
 
+    /// One of our messages, the `g`-th of the run.
+    fn ours(g: u64) -> Option<Ours> {
+        Some(Ours { intended_us: 1, g })
+    }
+
     #[test]
     fn v1_detects_duplicates_and_out_of_order() {
         let mut r = V1Room::new("a".into());
-        let ours = Some(1);
-        assert_eq!(r.on_message(5, ours, 7), Receipt::Held);
-        assert_eq!(r.on_joined(4), vec![(5, ours, 7)]);
-        assert_eq!(r.on_message(5, ours, 7), Receipt::New);
-        assert_eq!(r.on_message(3, ours, 0), Receipt::Ignored, "history");
-        assert_eq!(r.on_message(8, ours, 0), Receipt::New);
-        assert_eq!(r.on_message(6, ours, 0), Receipt::New);
+        assert_eq!(r.on_message(5, ours(50), 7), Receipt::Held);
+        assert_eq!(r.on_joined(4), vec![(5, ours(50), 7)]);
+        assert_eq!(r.on_message(5, ours(50), 7), Receipt::New);
+        assert_eq!(r.on_message(3, ours(30), 0), Receipt::Ignored, "history");
+        assert_eq!(r.on_message(8, ours(80), 0), Receipt::New);
+        assert_eq!(r.on_message(6, ours(60), 0), Receipt::New);
         assert_eq!(r.out_of_order, 1);
-        assert_eq!(r.on_message(8, ours, 0), Receipt::Duplicate);
+        assert_eq!(r.on_message(8, ours(80), 0), Receipt::Duplicate);
         assert_eq!(r.on_message(9, None, 0), Receipt::Ignored, "not ours");
         assert_eq!(r.duplicated, 1);
         assert_eq!(r.since(), Some(9));
         assert!(r.on_joined(100).is_empty(), "a resume keeps the base");
         assert_eq!(r.base, Some(4));
+        assert!(r.copies.is_empty());
+    }
+
+    #[test]
+    fn v1_a_message_under_a_second_seq_is_a_copy() {
+        let mut r = V1Room::new("a".into());
+        r.on_joined(0);
+        assert_eq!(r.on_message(1, ours(10), 0), Receipt::New);
+        // The server stored message 10 again, as seq 2.
+        assert_eq!(r.on_message(2, ours(10), 0), Receipt::Duplicate);
+        assert_eq!(r.on_message(3, ours(11), 0), Receipt::New);
+        // The copy again (a resume sends it again): still a duplicate, not a message.
+        assert_eq!(r.on_message(2, ours(10), 0), Receipt::Duplicate);
+        assert_eq!((r.duplicated, r.out_of_order), (2, 0));
+        assert_eq!(r.copies, vec![2, 2]);
+        assert_eq!(r.ours.iter().collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn v1_expectation_leaves_copies_out() {
+        let set = |seqs: &[u64]| {
+            let mut c = ChunkSet::new();
+            for &s in seqs {
+                c.insert(s);
+            }
+            c
+        };
+        // Message stored as 1 and again as 2 (the retry's ack said 2); then 3.
+        let rooms = vec![
+            // Got all three: 2 is its copy.
+            V1RoomOut {
+                name: "r".into(),
+                base: 0,
+                upper: u64::MAX,
+                ours: set(&[1, 3]),
+                copies: vec![2],
+            },
+            // Joined after 1: got the copy and 3, and is expected 3 only.
+            V1RoomOut {
+                name: "r".into(),
+                base: 1,
+                upper: u64::MAX,
+                ours: set(&[2, 3]),
+                copies: vec![],
+            },
+        ];
+        let acked = vec![("r".to_string(), 2), ("r".to_string(), 3)];
+        let e = v1_expectation(&acked, &rooms);
+        assert_eq!(e.expected, 2 + 1);
+        assert_eq!(e.delivered, 2 + 1);
+        assert_eq!(e.unexpected, 0);
     }
 
     #[test]
@@ -384,6 +486,7 @@ mod tests {
                 base: 10,
                 upper: u64::MAX,
                 ours: a,
+                copies: vec![],
             },
             // Joined later: not expected to get 11 and 12.
             V1RoomOut {
@@ -391,6 +494,7 @@ mod tests {
                 base: 12,
                 upper: u64::MAX,
                 ours: b,
+                copies: vec![],
             },
         ];
         // 15 was acked but nobody got it; 13 nobody acked (sender cut off) but b got it.

@@ -62,7 +62,6 @@ impl ChunkSet {
         true
     }
 
-    #[cfg(test)]
     pub fn contains(&self, i: u64) -> bool {
         self.words
             .get(&(i >> 6))

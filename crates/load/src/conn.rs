@@ -24,7 +24,7 @@ use wschat_protocol::close;
 use wschat_protocol::v1::{ClientFrame, JoinRoom, Ref, ServerFrame};
 use wschat_protocol::ErrorCode;
 
-use crate::account::{self, LegacyRecv, Receipt, V1Room, V1RoomOut, Window};
+use crate::account::{self, LegacyRecv, Ours, Receipt, V1Room, V1RoomOut, Window};
 use crate::stats::{Clock, Live, Sharded};
 use crate::text::{self, Tag};
 use crate::Protocol;
@@ -161,9 +161,22 @@ pub(crate) struct Config {
     /// Deliberate closes per connection per second.
     pub churn_per_s: f64,
     pub size: usize,
-    /// Legacy: each connection's schedule length and the global index of its message 0.
+    /// Each connection's schedule length and the global index of its message 0.
     pub sched_len: Vec<u32>,
     pub base_g: Vec<u64>,
+}
+
+impl Config {
+    /// The tag of one of this run's messages, and its global index; `None` for anything
+    /// else (another run's, or a counter past its sender's schedule).
+    fn tag(&self, body: &str) -> Option<(text::Tag, u64)> {
+        let tag = text::parse(body, &self.run_id)?;
+        let &len = self.sched_len.get(tag.conn as usize)?;
+        if tag.counter >= len {
+            return None;
+        }
+        Some((tag, self.base_g[tag.conn as usize] + u64::from(tag.counter)))
+    }
 }
 
 /// What all tasks share.
@@ -885,10 +898,13 @@ impl Conn {
         let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) else {
             return;
         };
-        let intended = text::parse(body, &self.shared.cfg.run_id).map(|t| t.intended_unix_us);
-        if r.on_message(seq, intended, now) == Receipt::New {
-            if let Some(i) = intended {
-                self.count_delivery(i, now, true);
+        let ours = self.shared.cfg.tag(body).map(|(t, g)| Ours {
+            intended_us: t.intended_unix_us,
+            g,
+        });
+        if r.on_message(seq, ours, now) == Receipt::New {
+            if let Some(o) = ours {
+                self.count_delivery(o.intended_us, now, true);
             }
         }
     }
@@ -946,9 +962,9 @@ impl Conn {
                 if let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) {
                     let held = r.on_joined(last_seq);
                     let mut new = Vec::new();
-                    for (seq, intended, at) in held {
-                        if r.on_message(seq, intended, at) == Receipt::New {
-                            new.extend(intended.map(|i| (i, at)));
+                    for (seq, ours, at) in held {
+                        if r.on_message(seq, ours, at) == Receipt::New {
+                            new.extend(ours.map(|o| (o.intended_us, at)));
                         }
                     }
                     for (i, at) in new {
@@ -1164,17 +1180,9 @@ impl Conn {
         if !self.plan.receives {
             return;
         }
-        let cfg = &self.shared.cfg;
-        let Some(tag) = text::parse(body, &cfg.run_id) else {
+        let Some((tag, g)) = self.shared.cfg.tag(body) else {
             return;
         };
-        let Some(&len) = cfg.sched_len.get(tag.conn as usize) else {
-            return;
-        };
-        if tag.counter >= len {
-            return;
-        }
-        let g = cfg.base_g[tag.conn as usize] + u64::from(tag.counter);
         if self.recv.on_message(g, tag.conn, tag.counter) == Receipt::New {
             let now = self.shared.clock.now_us();
             let intended = self.shared.clock.since_anchor_us(tag.intended_unix_us);
@@ -1198,6 +1206,7 @@ impl Conn {
                     base,
                     upper: r.upper.unwrap_or(u64::MAX),
                     ours: r.ours,
+                    copies: r.copies,
                 });
             }
         }

@@ -26,9 +26,9 @@
 //! own copy counts when the sender also receives. `lost = expected − delivered`, and it is
 //! never negative: a pair is delivered only if it was expected.
 //!
-//! **v1.** A message is identified by (room, seq). The room's messages of this run are
-//! every (room, seq) that was acked to one of our senders, plus every (room, seq) of ours
-//! that any receiver got (a message can be stored and delivered while its sender was cut
+//! **v1.** A message is identified by (room, seq), and checked by its tag. The room's
+//! messages of this run are every (room, seq) that was acked to one of our senders, plus
+//! every (room, seq) of ours that any receiver got (a message can be stored and delivered while its sender was cut
 //! off before the ack). A receiving connection becomes a member of its room at its first
 //! `joined`, whose `last_seq` is its base; from then on it is expected to receive every
 //! one of the room's messages of this run with seq above its base, whether it is
@@ -42,8 +42,11 @@
 //! `shutting_down`, `internal`, `rate_limited`) and sends that were not acked before a
 //! reconnect are sent again with the same `client_msg_id`; two acks with different seqs
 //! for one message count as `ack_conflicts`. `duplicated`: a (room, seq) of ours a
-//! receiver got more than once; `out_of_order`: one that came after a higher seq of ours
-//! in the same room at the same receiver.
+//! receiver got more than once, or one of our messages it got under a second seq (the
+//! server stored a send twice: the text carries the sender and counter). Such a copy's
+//! seq is left out of the room's messages (the first seq is the message), so a copy is
+//! never a delivery; `out_of_order`: one that came after a higher seq of ours in the same
+//! room at the same receiver.
 //!
 //! **legacy.** A message is identified by (sender, counter). The legacy protocol has no
 //! ids, acks or resume, so a receiving connection is expected to receive a message when

@@ -221,15 +221,10 @@ async fn v1_a_join_answered_unavailable_is_tried_again() {
     assert_eq!(r.lost, 0, "{r:#?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_dropped_deliveries_are_lost() {
-    let addr = v1_fake(V1Fake {
-        drop_every: Some(10),
-        ..V1Fake::default()
-    })
-    .await;
+/// 10 v1 connections in 2 rooms against `addr`, 20 messages a second each for 1.5 s.
+async fn ten_in_two_rooms(addr: std::net::SocketAddr) -> Report {
     let url = format!("ws://{addr}/ws");
-    let r = load(&[
+    load(&[
         &url,
         "--session-key=k",
         "--connections=10",
@@ -239,11 +234,42 @@ async fn v1_dropped_deliveries_are_lost() {
         "--drain=3",
         "--no-progress",
     ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_dropped_deliveries_are_lost() {
+    let addr = v1_fake(V1Fake {
+        drop_every: Some(10),
+        ..V1Fake::default()
+    })
     .await;
+    let r = ten_in_two_rooms(addr).await;
     assert_counts_add_up(&r);
     assert_eq!(r.acked, Some(r.sent));
     assert!((0.07..=0.13).contains(&r.loss_ratio), "{r:#?}");
     assert_eq!(r.duplicated, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_message_stored_twice_is_a_duplicate_not_two_deliveries() {
+    let addr = v1_fake(V1Fake {
+        store_twice_every: Some(10),
+        ..V1Fake::default()
+    })
+    .await;
+    let r = ten_in_two_rooms(addr).await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.acked, Some(r.sent));
+    assert_eq!(r.lost, 0, "{r:#?}");
+    // Each room's every 10th message (by the fake's count over both rooms, so about a
+    // tenth of all) came twice to each of the room's 5 members.
+    let copies = r.sent / 10;
+    assert!(
+        r.duplicated >= (copies - 2) * 5 && r.duplicated <= (copies + 2) * 5,
+        "{copies} copies: {r:#?}"
+    );
+    assert_eq!(r.delivered, r.expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -139,6 +139,9 @@ pub struct V1Fake {
     pub hang_after: Option<u64>,
     /// The first this many join frames are answered `unavailable` (the store away).
     pub refuse_joins: Option<u64>,
+    /// Every n-th stored message is stored again right after, under the next seq, and
+    /// sent to every member twice (a retry stored twice).
+    pub store_twice_every: Option<u64>,
 }
 
 #[derive(Default)]
@@ -284,6 +287,7 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                         }
                         hub.next_id += 1;
                         let mid = hub.next_id;
+                        let hub_stored = hub.stored;
                         let r = hub.rooms.entry(room.clone()).or_default();
                         let seq = r.log.len() as u64 + 1;
                         let body = MessageBody {
@@ -295,6 +299,18 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             time: TIME.into(),
                         };
                         r.log.push(body.clone());
+                        let copy = opts
+                            .store_twice_every
+                            .is_some_and(|n| (hub_stored + 1).is_multiple_of(n))
+                            .then(|| {
+                                let copy = MessageBody {
+                                    seq: seq + 1,
+                                    id: mid + 1_000_000,
+                                    ..body.clone()
+                                };
+                                r.log.push(copy.clone());
+                                frame(&ServerFrame::Message(copy))
+                            });
                         let out = frame(&ServerFrame::Message(body));
                         let members: Vec<Tx> = r.members.values().cloned().collect();
                         if let Some(c) = client_msg_id.clone() {
@@ -317,6 +333,9 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                                 continue;
                             }
                             let _ = m.send(out.clone());
+                            if let Some(copy) = &copy {
+                                let _ = m.send(copy.clone());
+                            }
                         }
                         hub.stored += 1;
                         if opts.kick_after.is_some_and(|k| hub.stored >= k) && !hub.kicked {

@@ -28,22 +28,22 @@
 //!
 //! **v1.** A message is identified by (room, seq), and checked by its tag. The room's
 //! messages of this run are every (room, seq) that was acked to one of our senders, plus
-//! every (room, seq) of ours that any receiver got (a message can be stored and delivered while its sender was cut
-//! off before the ack). A receiving connection becomes a member of its room at its first
-//! `joined`, whose `last_seq` is its base; from then on it is expected to receive every
-//! one of the room's messages of this run with seq above its base, whether it is
-//! connected at the time or not: it reconnects with backoff (close codes 1012 and 4008,
-//! and any broken connection) and resumes each room with `since` = the last seq it
-//! received, so what it gets on resume counts as delivered and what never comes counts as
-//! lost. A connection that gives up for good (bad key, policy close) is expected to have
-//! only up to what it had received. Messages sent and never acked nor seen by anyone
-//! (`unacked`) were not stored, as far as anyone knows, and are expected of no one; error
-//! frames that refuse a send for good count as `refused`. Retryable errors (`unavailable`,
-//! `shutting_down`, `internal`, `rate_limited`) and sends that were not acked before a
-//! reconnect are sent again with the same `client_msg_id`; two acks with different seqs
-//! for one message count as `ack_conflicts`. `duplicated`: a (room, seq) of ours a
-//! receiver got more than once, or one of our messages it got under a second seq (the
-//! server stored a send twice: the text carries the sender and counter). Such a copy's
+//! every (room, seq) of ours that any receiver got (a message can be stored and delivered
+//! while its sender was cut off before the ack). A receiving connection becomes a member of
+//! its room at its first `joined`, whose `last_seq` is its base; from then on it is
+//! expected to receive every one of the room's messages of this run with seq above its
+//! base, whether it is connected at the time or not: it reconnects with backoff (close
+//! codes 1012 and 4008, and any broken connection) and resumes each room with `since` = the
+//! last seq it received, so what it gets on resume counts as delivered and what never comes
+//! counts as lost. A connection that gives up for good (bad key, policy close) is expected
+//! to have only up to what it had received. Messages sent and never acked nor seen by
+//! anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no one;
+//! error frames that refuse a send for good count as `refused`. Retryable errors
+//! (`unavailable`, `shutting_down`, `internal`, `rate_limited`) and sends that were not
+//! acked before a reconnect are sent again with the same `client_msg_id`; two acks with
+//! different seqs for one message count as `ack_conflicts`. `duplicated`: a (room, seq) of
+//! ours a receiver got more than once, or one of our messages it got under a second seq
+//! (the server stored a send twice: the text carries the sender and counter). Such a copy's
 //! seq is left out of the room's messages (the first seq is the message), so a copy is
 //! never a delivery; `out_of_order`: one that came after a higher seq of ours in the same
 //! room at the same receiver.

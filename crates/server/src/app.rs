@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -103,6 +104,12 @@ impl Application {
             settings.tls_cert.as_deref(),
             settings.tls_key.as_deref(),
         )?;
+        // Bound first: a port in use fails the start before this node is registered (a
+        // registered node that never served would refuse the restart for the node TTL).
+        let listener = listen(settings.listen).map_err(|source| StartError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
         let store = store::open(&settings.database).await?;
         if !settings.no_migrate {
             store.migrate().await?;
@@ -121,7 +128,7 @@ impl Application {
         let (outgoing, to_broker) = tokio::sync::mpsc::channel(broker::QUEUE_EVENTS);
         let hub = Hub::new(store.clone(), outgoing, node.broker != "local");
         let background = CancellationToken::new();
-        let broker = broker::open(
+        let broker = match broker::open(
             &settings.broker,
             &settings.database,
             &settings.nats_subject,
@@ -129,7 +136,18 @@ impl Application {
             hub.clone(),
             background.clone(),
         )
-        .await?;
+        .await
+        {
+            Ok(broker) => broker,
+            Err(e) => {
+                // This node never served: deregistered at once, not after the TTL.
+                background.cancel();
+                if let Err(gone) = store.remove_node(&node.id).await {
+                    tracing::warn!(error = %gone, "could not deregister the node that failed to start");
+                }
+                return Err(e.into());
+            }
+        };
         let forwarder = broker::forward(broker.clone(), to_broker, background.clone());
         let upkeep = tokio::spawn(node_upkeep(
             store.clone(),
@@ -165,10 +183,6 @@ impl Application {
             settings.max_commit_batch,
             spacing,
         );
-        let listener = listen(settings.listen).map_err(|source| StartError::Listen {
-            addr: settings.listen,
-            source,
-        })?;
         crate::http::install_metrics();
         let shared = Arc::new(Shared {
             settings,
@@ -247,13 +261,25 @@ impl Application {
             tls,
         } = self;
         let router = crate::http::router(shared.clone());
+        // When the stop began: the grace bounds the whole stop from then, not each step.
+        let stop_began = {
+            let stop = shared.shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                tokio::time::Instant::now()
+            })
+        };
         // TLS, TCP_NODELAY, the header size and handshake time limits: `serve.rs`.
         let served = crate::serve::serve(listener, router, &shared, tls).await;
+        let began = match stop_began.now_or_never() {
+            Some(Ok(at)) => at,
+            _ => tokio::time::Instant::now(),
+        };
+        let deadline = began + shared.settings.shutdown_grace() + Duration::from_secs(1);
         shared.draining.store(true, Ordering::Release);
         tracing::info!("draining: closing WebSockets with 1012");
         shared.tracker.close();
-        let grace = shared.settings.shutdown_grace() + Duration::from_secs(1);
-        if tokio::time::timeout(grace, shared.tracker.wait())
+        if tokio::time::timeout_at(deadline, shared.tracker.wait())
             .await
             .is_err()
         {
@@ -263,18 +289,23 @@ impl Application {
         // forwarder before it stops (below).
         shared.hub.tell_changed_presence();
         shared.committer.stop();
-        let _finished = tokio::time::timeout(grace, commit_task).await;
+        let _finished = tokio::time::timeout_at(deadline, commit_task).await;
         background.cancel();
-        if tokio::time::timeout(grace, forwarder).await.is_err() {
+        if tokio::time::timeout_at(deadline, forwarder).await.is_err() {
             tracing::warn!("the last events for the other nodes were not all published in time");
         }
-        if tokio::time::timeout(grace, upkeep).await.is_err() {
+        if tokio::time::timeout_at(deadline, upkeep).await.is_err() {
             tracing::warn!(
                 "a heartbeat was still running; the node may stay registered until it expires"
             );
         }
-        if let Err(e) = shared.store.remove_node(&shared.node.id).await {
-            tracing::warn!(error = %e, "could not deregister this node");
+        // Past the grace too, a moment to deregister (else the node stays registered for
+        // its TTL, and a local-broker restart is refused meanwhile).
+        let last = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        match tokio::time::timeout_at(last, shared.store.remove_node(&shared.node.id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not deregister this node"),
+            Err(_) => tracing::warn!("deregistering this node took too long; it expires"),
         }
         tracing::info!("stopped");
         served

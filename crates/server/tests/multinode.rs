@@ -191,6 +191,23 @@ async fn sqlite_with_a_multi_node_broker_is_refused() {
     assert!(err.to_string().contains("SQLite"), "{err}");
 }
 
+/// A start that fails on its port (in use) leaves no node registered: the next start on
+/// the same database goes ahead at once, not after the node TTL.
+#[tokio::test]
+async fn a_start_that_cannot_listen_registers_no_node() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut settings, dir) = common::fresh(Backend::Sqlite).await;
+    settings.listen = taken.local_addr().unwrap();
+    let err = Application::build(settings.clone())
+        .await
+        .err()
+        .expect("the port is taken");
+    assert!(matches!(err, StartError::Listen { .. }), "{err}");
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    let app = spawn_with(settings, dir).await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_local_broker_beside_a_live_node_is_refused() {
     let apps = cluster("postgres", 1).await;

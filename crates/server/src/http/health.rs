@@ -13,7 +13,7 @@ use crate::app::Shared;
 use crate::broker::BrokerError;
 
 /// A check that has not answered in this long has failed.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.is_draining() {

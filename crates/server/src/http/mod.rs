@@ -78,12 +78,19 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response();
     }
-    match shared.store.ping().await {
-        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => {
+    // Bounded as `/readyz`'s checks are: a stalled database answers 503 in 2 s, not when
+    // its statement timeout ends the ping.
+    match tokio::time::timeout(health::CHECK_TIMEOUT, shared.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "health check: store unreachable");
             (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
         }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store unreachable: no answer in 2 s\n",
+        )
+            .into_response(),
     }
 }
 

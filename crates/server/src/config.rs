@@ -83,9 +83,12 @@ pub struct Settings {
     pub allowed_origins: Vec<String>,
     /// Refuse (403) handshakes that carry no Origin header (needs `allowed_origins`).
     pub require_origin: bool,
-    /// Peers (CIDR, or one address) whose `Forwarded` / `X-Forwarded-For` headers are
-    /// believed for the client address (limits and logs).
+    /// Peers (CIDR, or one address) whose `proxy_header` is believed for the client
+    /// address (limits and logs).
     pub trusted_proxies: Vec<String>,
+    /// The header the trusted proxies write: `x-forwarded-for` or `forwarded` (RFC 7239).
+    /// Only that one is read: a proxy passes the other through as the client sent it.
+    pub proxy_header: String,
     /// Largest HTTP request head (request line and headers), bytes; over it: 431.
     pub max_header_bytes: usize,
     /// Time a client has for the TLS handshake, and then for its request head; then the
@@ -153,6 +156,7 @@ impl Default for Settings {
             allowed_origins: Vec::new(),
             require_origin: false,
             trusted_proxies: Vec::new(),
+            proxy_header: "x-forwarded-for".into(),
             max_header_bytes: 16 * 1024,
             handshake_timeout_secs: 10,
             rate_per_sec: 10,
@@ -327,7 +331,7 @@ mod tests {
             let file = dir.path().join("wschat.toml");
             std::fs::write(
                 &file,
-                "allowed_origins = [\"https://chat.example\"]\ntls_cert = \"c.pem\"\nrate_per_sec = 0\n",
+                "allowed_origins = [\"https://chat.example\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nrate_per_sec = 0\n",
             )
             .unwrap();
             let none = Flags {
@@ -336,10 +340,19 @@ mod tests {
             let s = Settings::load(Some(&file), &none).unwrap();
             assert_eq!(s.allowed_origins, vec!["https://chat.example".to_owned()]);
             assert_eq!(s.tls_cert.as_deref(), Some(Path::new("c.pem")));
-            assert_eq!((s.tls_key, s.rate_per_sec), (None, 0));
+            assert_eq!(s.tls_key.as_deref(), Some(Path::new("k.pem")));
+            assert_eq!(s.rate_per_sec, 0);
             let s = Settings::load(None, &none).unwrap();
             assert_eq!(s, Settings::default());
         });
+    }
+
+    /// The error of loading `file` (with no flags), as printed.
+    fn load_error(file: &Path) -> String {
+        let flags = Flags {
+            history_limit: None,
+        };
+        Settings::load(Some(file), &flags).unwrap_err().to_string()
     }
 
     #[test]
@@ -349,16 +362,48 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let file = dir.path().join("bad.toml");
             std::fs::write(&file, "histroy_limit = 7\n").unwrap();
-            let err = Settings::load(
+            let err = load_error(&file);
+            assert!(err.contains("histroy_limit"), "{err}");
+            assert!(err.contains("bad.toml"), "{err}");
+        });
+    }
+
+    #[test]
+    fn values_serve_would_refuse_are_refused_with_their_key_and_file() {
+        // Inside a Jail: the environment test beside this one sets WSCHAT_* variables.
+        jailed(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("wschat.toml");
+            for (text, key) in [
+                (
+                    "allowed_origins = [\"https://x/chat\"]\n",
+                    "allowed_origins",
+                ),
+                ("allowed_origins = [\"https://x:abc\"]\n", "allowed_origins"),
+                ("require_origin = true\n", "require_origin"),
+                ("trusted_proxies = [\"proxy.example\"]\n", "trusted_proxies"),
+                ("proxy_header = \"x-real-ip\"\n", "proxy_header"),
+                ("tls_cert = \"/etc/cert.pem\"\n", "needs tls_key"),
+                ("max_history_page = 0\n", "max_history_page"),
+                ("admin_token = \"0123456789abcdef0123\\n\"\n", "admin_token"),
+            ] {
+                std::fs::write(&file, text).unwrap();
+                let err = load_error(&file);
+                assert!(err.contains(key), "{text}: {err}");
+                assert!(err.contains("wschat.toml"), "{text}: {err}");
+            }
+            std::fs::write(
+                &file,
+                "allowed_origins = [\"https://x:443\"]\nproxy_header = \"Forwarded\"\n",
+            )
+            .unwrap();
+            let ok = Settings::load(
                 Some(&file),
                 &Flags {
                     history_limit: None,
                 },
-            )
-            .unwrap_err()
-            .to_string();
-            assert!(err.contains("histroy_limit"), "{err}");
-            assert!(err.contains("bad.toml"), "{err}");
+            );
+            assert!(ok.is_ok(), "{ok:?}");
         });
     }
 }

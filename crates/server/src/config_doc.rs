@@ -115,7 +115,11 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "trusted_proxies",
-        "Proxies (CIDR or address) whose Forwarded / X-Forwarded-For headers give the client address.",
+        "Proxies (CIDR or address) whose proxy_header gives the client address.",
+    ),
+    (
+        "proxy_header",
+        "The header the trusted proxies write, x-forwarded-for or forwarded (RFC 7239); only that one is read (a proxy passes the other through as the client sent it).",
     ),
     (
         "max_header_bytes",
@@ -286,6 +290,66 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
                 origin: origin("admin_token"),
             });
         }
+        // A request's token has its surrounding white space trimmed (HTTP does): a
+        // configured one with some (a secret file written with `echo`) never matches.
+        if token.expose().trim() != token.expose() {
+            return Err(ConfigError::Value {
+                key: "admin_token",
+                problem: "starts or ends with white space (a newline from `echo`?); no request could match it".into(),
+                origin: origin("admin_token"),
+            });
+        }
+    }
+    if settings.max_history_page == 0 {
+        return Err(ConfigError::Value {
+            key: "max_history_page",
+            problem: "must be at least 1".into(),
+            origin: origin("max_history_page"),
+        });
+    }
+    // What `serve` would refuse at start, refused here with the key and its origin (so
+    // that `config check` catches it too).
+    if let Err(problem) =
+        crate::http::origin::OriginPolicy::new(&settings.allowed_origins, settings.require_origin)
+    {
+        let key = if settings.allowed_origins.is_empty() {
+            "require_origin"
+        } else {
+            "allowed_origins"
+        };
+        return Err(ConfigError::Value {
+            key,
+            problem,
+            origin: origin(key),
+        });
+    }
+    if let Err(problem) = crate::limits::proxy::TrustedProxies::parse(
+        &settings.trusted_proxies,
+        &settings.proxy_header,
+    ) {
+        let key = if problem.starts_with("proxy header") {
+            "proxy_header"
+        } else {
+            "trusted_proxies"
+        };
+        return Err(ConfigError::Value {
+            key,
+            problem,
+            origin: origin(key),
+        });
+    }
+    if settings.tls_cert.is_some() != settings.tls_key.is_some() {
+        // Named by the one that is set, where it was set.
+        let (key, missing) = if settings.tls_cert.is_some() {
+            ("tls_cert", "tls_key")
+        } else {
+            ("tls_key", "tls_cert")
+        };
+        return Err(ConfigError::Value {
+            key,
+            problem: format!("needs {missing} too (set both, or neither)"),
+            origin: origin(key),
+        });
     }
     if settings.idle_timeout_secs <= settings.ping_interval_secs {
         return Err(ConfigError::Value {
@@ -319,10 +383,45 @@ pub fn effective_toml(settings: &Settings) -> String {
     if shown.admin_token.is_some() {
         shown.admin_token = Some(crate::config::Secret::new("********"));
     }
+    // Printed by `config check`, which the systemd unit runs (into the journal).
+    shown.database = without_password(&shown.database);
+    shown.broker = without_password(&shown.broker);
     render(
         &shown,
         "# wschat settings in effect (defaults, then the file, WSCHAT_* variables and flags).\n",
     )
+}
+
+/// `url` with the password in its user part (`scheme://user:PASSWORD@host`) and in a
+/// `password=` query parameter replaced by `********`.
+fn without_password(url: &str) -> String {
+    const HIDDEN: &str = "********";
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = out[authority_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| authority_start + i);
+        if let Some(at) = out[authority_start..authority_end].rfind('@') {
+            let userinfo = authority_start..authority_start + at;
+            if let Some(colon) = out[userinfo.clone()].find(':') {
+                out.replace_range(userinfo.start + colon + 1..userinfo.end, HIDDEN);
+            }
+        }
+    }
+    if let Some(query_start) = out.find('?') {
+        let mut query: Vec<String> = out[query_start + 1..]
+            .split('&')
+            .map(str::to_owned)
+            .collect();
+        for pair in &mut query {
+            if pair.starts_with("password=") {
+                *pair = format!("password={HIDDEN}");
+            }
+        }
+        out.replace_range(query_start + 1.., &query.join("&"));
+    }
+    out
 }
 
 fn render(settings: &Settings, header: &str) -> String {
@@ -434,6 +533,39 @@ mod tests {
         assert_eq!(
             toml_value(&serde_json::json!(["https://a.example", "b\"c"])),
             r#"["https://a.example", "b\"c"]"#
+        );
+    }
+
+    #[test]
+    fn the_settings_in_effect_hide_passwords() {
+        assert_eq!(
+            without_password("postgres://wschat:s3cret@db.internal:5432/chat?sslmode=require"),
+            "postgres://wschat:********@db.internal:5432/chat?sslmode=require"
+        );
+        assert_eq!(
+            without_password("postgres://db/chat?user=w&password=s3cret&x=1"),
+            "postgres://db/chat?user=w&password=********&x=1"
+        );
+        assert_eq!(
+            without_password("nats://u:p@a@nats:4222"),
+            "nats://u:********@nats:4222"
+        );
+        for kept in ["sqlite://wschat.db", "postgres://wschat@db/chat", "auto"] {
+            assert_eq!(without_password(kept), kept);
+        }
+        let settings = Settings {
+            database: "postgres://wschat:s3cret@db/chat".into(),
+            broker: "nats://n:natspass@nats:4222".into(),
+            admin_token: Some(crate::config::Secret::new("0123456789abcdef0123")),
+            ..Settings::default()
+        };
+        let shown = effective_toml(&settings);
+        for secret in ["s3cret", "natspass", "0123456789abcdef0123"] {
+            assert!(!shown.contains(secret), "{secret} shown: {shown}");
+        }
+        assert!(
+            shown.contains("postgres://wschat:********@db/chat"),
+            "{shown}"
         );
     }
 

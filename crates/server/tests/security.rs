@@ -163,6 +163,18 @@ async fn raw_close_code(stream: &mut TcpStream) -> Option<u16> {
 
 /// Read everything a raw socket holds: the number of `message` frames, and the close code.
 async fn drain(stream: &mut TcpStream) -> (usize, Option<u16>) {
+    drain_counting(stream, |opcode, payload| {
+        opcode == TEXT && payload.starts_with(br#"{"type":"message""#)
+    })
+    .await
+}
+
+/// Read everything a raw socket holds: the number of frames `counted` (by opcode and
+/// payload), and the close code (`None` when the stream ends without one).
+async fn drain_counting(
+    stream: &mut TcpStream,
+    counted: impl Fn(u8, &[u8]) -> bool,
+) -> (usize, Option<u16>) {
     let mut messages = 0;
     loop {
         let mut head = [0u8; 2];
@@ -196,7 +208,7 @@ async fn drain(stream: &mut TcpStream) -> (usize, Option<u16>) {
         }
         match head[0] & 0x0f {
             8 => return (messages, Some(u16::from_be_bytes([payload[0], payload[1]]))),
-            1 if payload.starts_with(br#"{"type":"message""#) => messages += 1,
+            opcode if counted(opcode, &payload) => messages += 1,
             _ => {}
         }
     }
@@ -453,20 +465,19 @@ async fn websocket_violations_get_their_close_codes() {
         ),
     ];
     for (what, bytes, code) in cases {
-        for v1 in [false, true] {
-            let mut ws = if v1 {
-                let key = app.session("offender", None).await;
-                raw_ws(app.addr, &format!("/ws?session_key={key}")).await
-            } else {
-                raw_legacy(&app, "offender").await
+        // Legacy, v1 with its key in the URL, and v1 before its `auth` frame.
+        for how in ["legacy", "v1", "v1 before auth"] {
+            let mut ws = match how {
+                "legacy" => raw_legacy(&app, "offender").await,
+                "v1" => {
+                    let key = app.session("offender", None).await;
+                    raw_ws(app.addr, &format!("/ws?session_key={key}")).await
+                }
+                _ => raw_ws(app.addr, "/ws").await,
             };
             ws.write_all(&bytes).await.unwrap();
             let started = Instant::now();
-            assert_eq!(
-                raw_close_code(&mut ws).await,
-                Some(code),
-                "{what} (v1: {v1})"
-            );
+            assert_eq!(raw_close_code(&mut ws).await, Some(code), "{what} ({how})");
             assert!(
                 started.elapsed() < Duration::from_secs(3),
                 "{what}: slow close"
@@ -919,6 +930,99 @@ async fn unknown_keys_from_one_address_get_it_blocked_with_429() {
     app.stop().await;
 }
 
+/// A client that never authenticates and never reads, its socket full of the server's
+/// pongs: when the auth timeout closes it, its writer is not left waiting for room
+/// forever (holding the socket and the queue); the client that reads later finds the
+/// stream cut short, not every pong and the close.
+#[tokio::test]
+async fn an_unauthenticated_client_that_reads_nothing_is_let_go() {
+    // 7.6 MB of pongs: more than the two sockets' buffers hold (the server's grows to 4
+    // MB), less than the queue's limit (raised here), so the writer is left waiting.
+    const PINGS: usize = 60_000;
+    let app = app_with(|s| {
+        s.auth_timeout_secs = 1;
+        s.outbound_queue_bytes = 64 << 20;
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(app.addr).await.unwrap();
+    let request = format!("GET /ws HTTP/1.1\r\nHost: {}\r\n{HANDSHAKE}\r\n", app.addr);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_head(&mut stream).await.status, 101);
+    let ping = frame(9, &[b'p'; 125], true, 0);
+    for _ in 0..PINGS {
+        stream.write_all(&ping).await.unwrap();
+    }
+    // The auth timeout (1 s), the 2 s the close gets, and the writer's 1 s of grace.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (pongs, code) = drain_counting(&mut stream, |opcode, _| opcode == 0xA).await;
+    assert!(
+        pongs < PINGS,
+        "{pongs} pongs: the writer waited for the reader"
+    );
+    assert_eq!(code, None, "the writer was still there to write the close");
+    app.stop().await;
+}
+
+/// The frames `c` gets until the `pong` of a ping sent now: what its previous frame
+/// brought, in order.
+async fn frames_until_pong(c: &mut Client) -> Vec<Value> {
+    c.send(json!({"type": "ping", "ref": "fence"})).await;
+    let mut got = Vec::new();
+    loop {
+        let v = c.recv().await;
+        if v["type"] == "pong" && v["ref"] == "fence" {
+            return got;
+        }
+        got.push(v);
+    }
+}
+
+#[tokio::test]
+async fn a_join_is_one_frame_capped_deduplicated_and_one_error() {
+    let app = app_with(|s| s.rate_per_sec = 0).await;
+    let free = app.session("free", None).await;
+    let mut c = Client::v1(&app, &free).await;
+    let kinds = |frames: &[Value]| -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| format!("{} {}", f["type"], f["code"]))
+            .collect()
+    };
+    // More rooms than a connection may be in: refused whole, one error, nothing joined.
+    let rooms: Vec<Value> = (0..101).map(|i| json!({"room": format!("r{i}")})).collect();
+    c.send(json!({"type": "join", "rooms": rooms})).await;
+    assert_eq!(
+        kinds(&frames_until_pong(&mut c).await),
+        ["\"error\" \"too_many_rooms\""]
+    );
+    // A room named three times: joined once.
+    let same = json!({"room": "dup"});
+    c.send(json!({"type": "join", "rooms": [same, same, same]}))
+        .await;
+    let got = frames_until_pong(&mut c).await;
+    let joined = got.iter().filter(|f| f["type"] == "joined").count();
+    assert_eq!(joined, 1, "{got:?}");
+    // A session bound to room 7: a join of 12 other rooms is 12 errors but one bad
+    // frame, so ten such frames in a row do not reach the 4009 limit (more than 10).
+    let bound = app.session("bound", Some(7)).await;
+    let mut b = Client::v1(&app, &bound).await;
+    let join = json!({"type": "join", "rooms": (0..12).map(|i| json!({"room": format!("x{i}")})).collect::<Vec<_>>()});
+    for _ in 0..10 {
+        b.send(join.clone()).await;
+    }
+    let got = frames_until_pong(&mut b).await;
+    assert_eq!(got.len(), 120, "{got:?}");
+    assert!(got.iter().all(|f| f["code"] == "forbidden_room"), "{got:?}");
+    // The pong ended the run of errors; eleven such frames in a row: 4009.
+    for _ in 0..11 {
+        b.send(join.clone()).await;
+    }
+    assert_eq!(b.close_code().await, Some(close::TOO_MANY_ERRORS));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn forwarded_addresses_count_only_from_trusted_proxies() {
     // Not trusted: X-Forwarded-For is ignored, every connection is 127.0.0.1's.
@@ -933,8 +1037,10 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     );
     app.stop().await;
 
-    // Trusted: each forwarded client has its own count, and a spoofed hop left of the
-    // proxy's does not help.
+    // Trusted, writing X-Forwarded-For (the default): each forwarded client has its own
+    // count, a spoofed hop left of the proxy's does not help, and a `Forwarded` header
+    // (which such a proxy passes through as the client wrote it) is not read: that
+    // connection is the proxy's own address, as one without a header is.
     let app = app_with(|s| {
         s.max_connections_per_ip = 1;
         s.trusted_proxies = vec!["127.0.0.0/8".into()];
@@ -946,7 +1052,7 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     for header in [
         "X-Forwarded-For: 203.0.113.1\r\n",
         "X-Forwarded-For: 203.0.113.2\r\n",
-        "Forwarded: for=\"[2001:db8::1]:5000\"\r\n",
+        "Forwarded: for=192.0.2.77\r\n",
     ] {
         let (head, s) = handshake(app.addr, &path, header).await;
         assert_eq!(head.status, 101, "{header}");
@@ -955,14 +1061,40 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     for header in [
         "X-Forwarded-For: 203.0.113.1\r\n",
         "X-Forwarded-For: 198.51.100.9, 203.0.113.2\r\n",
-        "Forwarded: for=192.0.2.1, for=\"[2001:db8::2]\"\r\n",
+        "Forwarded: for=192.0.2.78\r\n",
+        "",
     ] {
         assert_eq!(status_of(app.addr, &path, header).await, 429, "{header}");
     }
-    // Without a header, the proxy's own address.
-    let (head, _s) = handshake(app.addr, &path, "").await;
-    assert_eq!(head.status, 101);
-    assert_eq!(status_of(app.addr, &path, "").await, 429);
+    app.stop().await;
+
+    // Trusted, writing `Forwarded` (RFC 7239): its hops count, X-Forwarded-For is not read.
+    let app = app_with(|s| {
+        s.max_connections_per_ip = 1;
+        s.trusted_proxies = vec!["127.0.0.0/8".into()];
+        s.proxy_header = "forwarded".into();
+    })
+    .await;
+    let key = app.session("proxied", None).await;
+    let path = format!("/ws?session_key={key}");
+    let mut keep = Vec::new();
+    for header in [
+        "Forwarded: for=\"[2001:db8::1]:5000\"\r\n",
+        "Forwarded: for=192.0.2.1\r\n",
+        "X-Forwarded-For: 203.0.113.1\r\n",
+    ] {
+        let (head, s) = handshake(app.addr, &path, header).await;
+        assert_eq!(head.status, 101, "{header}");
+        keep.push(s);
+    }
+    for header in [
+        // The same /64.
+        "Forwarded: for=198.51.100.9, for=\"[2001:db8::2]\"\r\n",
+        "X-Forwarded-For: 203.0.113.2\r\n",
+        "",
+    ] {
+        assert_eq!(status_of(app.addr, &path, header).await, 429, "{header}");
+    }
     app.stop().await;
 }
 

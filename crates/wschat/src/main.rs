@@ -172,10 +172,15 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     require_origin: bool,
-    /// A proxy (CIDR or address) whose Forwarded / X-Forwarded-For is believed; repeatable.
+    /// A proxy (CIDR or address) whose --proxy-header is believed; repeatable.
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     #[serde(rename = "trusted_proxies", skip_serializing_if = "Vec::is_empty")]
     trusted_proxy: Vec<String>,
+    /// The header the trusted proxies write: x-forwarded-for or forwarded [default:
+    /// x-forwarded-for].
+    #[arg(long, value_name = "HEADER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_header: Option<String>,
     /// Frames per second per connection; 0 = unlimited [default: 10].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -117,6 +117,7 @@ fn other_value(key: &str, default: Option<&str>) -> (String, String) {
             r#"["https://chat.example"]"#.into(),
         ),
         ("trusted_proxies", _) => (r#"["10.0.0.0/8"]"#.into(), r#"["10.0.0.0/8"]"#.into()),
+        ("proxy_header", _) => ("forwarded".into(), "\"forwarded\"".into()),
         // An all-digit token with a leading zero stays a string, as written.
         (_, None) => ("01234567890123456".into(), "\"********\"".into()),
         (_, Some("true")) => ("false".into(), "false".into()),

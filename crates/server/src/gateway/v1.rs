@@ -2,7 +2,7 @@
 //! resume by `since`, sends acknowledged after commit, history pages, presence, typing,
 //! application pings, and an `error` frame for every bad request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,8 +95,15 @@ pub(crate) async fn handle(
             None => match Box::pin(await_auth(&shared, &mut reader, &outbox, peer, &gate)).await {
                 Some(authenticated) => authenticated,
                 None => {
-                    // The answer (a close) goes out before the socket does.
-                    let _bounded = tokio::time::timeout(Duration::from_secs(2), writer).await;
+                    // The answer (a close) goes out before the socket does. A client that
+                    // reads nothing would keep the writer (and the socket, and the queue)
+                    // waiting for room forever: after the bound, it is cancelled.
+                    if tokio::time::timeout(Duration::from_secs(2), writer)
+                        .await
+                        .is_err()
+                    {
+                        outbox.cancel.cancel();
+                    }
                     return;
                 }
             },
@@ -223,7 +230,16 @@ async fn await_auth(
                 return None;
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+            // A frame over the size limit, bad UTF-8, a protocol violation: the same close
+            // code as after authentication.
+            Some(Err(e)) => {
+                match super::classify_error(e) {
+                    super::End::Close(code, reason) => outbox.close(code, reason),
+                    _ => outbox.finish(),
+                }
+                return None;
+            }
+            Some(Ok(Message::Close(_))) | None => {
                 outbox.finish();
                 return None;
             }
@@ -328,12 +344,8 @@ impl Client {
                 self.reply(&ServerFrame::Pong { reference });
                 Ok(())
             }
-            ClientFrame::Join { rooms, reference } => {
-                if let Some(end) = self.join(rooms, reference).await {
-                    return Some(end);
-                }
-                Ok(())
-            }
+            // Counts its own errors: one frame, one error at most.
+            ClientFrame::Join { rooms, reference } => return self.join(rooms, reference).await,
             ClientFrame::Leave { room, reference } => self.leave(&room, reference),
             ClientFrame::Send {
                 room,
@@ -362,10 +374,19 @@ impl Client {
         self.conn.outbox.push(Item::Frame(frames::v1(frame)));
     }
 
-    fn refuse(&mut self, (code, message): Refusal, reference: Option<Ref>) -> Option<End> {
+    fn refuse(&mut self, refusal: Refusal, reference: Option<Ref>) -> Option<End> {
+        self.answer_error(refusal, reference);
+        self.count_error()
+    }
+
+    fn answer_error(&self, (code, message): Refusal, reference: Option<Ref>) {
         self.conn
             .outbox
             .push(Item::Frame(frames::v1_error(code, message, reference)));
+    }
+
+    /// One more frame in a row answered with an error: past the limit, the close.
+    fn count_error(&mut self) -> Option<End> {
         self.errors_in_a_row += 1;
         (self.errors_in_a_row > super::MAX_ERRORS_IN_A_ROW)
             .then_some(End::Close(close::TOO_MANY_ERRORS, "too many bad frames"))
@@ -383,15 +404,38 @@ impl Client {
         }
     }
 
-    /// Join each room; a refused one gets its own error and the others go on.
+    /// Join each room; a refused one gets its own error and the others go on. A frame that
+    /// names more rooms than a connection may be in is refused whole; a room named twice
+    /// is joined once. The frame counts as one error (towards 4009) when no room of it
+    /// was joined, however many it named.
     async fn join(&mut self, rooms: Vec<JoinRoom>, reference: Option<Ref>) -> Option<End> {
+        let max = self.shared.settings.max_rooms_per_connection;
+        if rooms.len() > max {
+            let refusal = (
+                ErrorCode::TooManyRooms,
+                format!(
+                    "a join names {} rooms; a connection may be in {max} at once",
+                    rooms.len()
+                ),
+            );
+            return self.refuse(refusal, reference);
+        }
+        let mut named = HashSet::with_capacity(rooms.len());
+        let (mut tried, mut refused) = (0, 0);
         for JoinRoom { room, since } in rooms {
+            if !named.insert(room.clone()) {
+                continue;
+            }
+            tried += 1;
             if let Err(refusal) = self.join_one(&room, since, reference.clone()).await {
-                if let Some(end) = self.refuse(refusal, reference.clone()) {
-                    return Some(end);
-                }
+                self.answer_error(refusal, reference.clone());
+                refused += 1;
             }
         }
+        if refused > 0 && refused == tried {
+            return self.count_error();
+        }
+        self.errors_in_a_row = 0;
         None
     }
 
@@ -545,7 +589,7 @@ impl Client {
         let room = self.room(name)?;
         let limit = limit
             .unwrap_or(self.shared.settings.history_limit)
-            .clamp(1, self.shared.settings.max_history_page);
+            .clamp(1, self.shared.settings.max_history_page.max(1));
         let mut messages = self
             .shared
             .store

@@ -72,8 +72,10 @@ impl OriginPolicy {
     }
 }
 
-/// `https://Chat.Example:8443` → `https://chat.example:8443`; refuses paths, queries,
-/// user info, other schemes and `null`.
+/// `https://Chat.Example:8443` → `https://chat.example:8443`, and the scheme's default
+/// port dropped (`https://x:443` → `https://x`: browsers send the origin without it);
+/// refuses paths, queries, user info, a port that is not a number, other schemes and
+/// `null`.
 fn normalize(origin: &str) -> Result<String, String> {
     let bad = |why: &str| Err(format!("allowed origin {origin:?}: {why}"));
     let lower = origin.trim().to_ascii_lowercase();
@@ -87,7 +89,21 @@ fn normalize(origin: &str) -> Result<String, String> {
     if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
         return bad("expected scheme://host[:port], with no path, query or user");
     }
-    Ok(format!("{scheme}://{host}"))
+    // The port follows the last ':' outside an IPv6 address's brackets.
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => (name, Some(port)),
+        _ => (host, None),
+    };
+    if name.is_empty() {
+        return bad("expected scheme://host[:port]: no host");
+    }
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    match port.map(str::parse::<u16>) {
+        None => Ok(format!("{scheme}://{host}")),
+        Some(Ok(port)) if port == default_port => Ok(format!("{scheme}://{name}")),
+        Some(Ok(port)) if port > 0 => Ok(format!("{scheme}://{name}:{port}")),
+        Some(_) => bad("the port must be a number from 1 to 65535"),
+    }
 }
 
 #[cfg(test)]
@@ -133,6 +149,47 @@ mod tests {
         assert_eq!(p.check(&HeaderMap::new()), Ok(()));
         let strict = OriginPolicy::new(&["https://good.example".into()], true).unwrap();
         assert_eq!(strict.check(&HeaderMap::new()), Err(OriginRefusal::Missing));
+    }
+
+    #[test]
+    fn the_default_port_is_dropped_as_browsers_do() {
+        let p = OriginPolicy::new(
+            &[
+                "https://chat.example:443".into(),
+                "http://plain.example:80".into(),
+                "https://alt.example:8443".into(),
+                "https://[::1]:443".into(),
+            ],
+            false,
+        )
+        .unwrap();
+        for good in [
+            "https://chat.example",
+            "http://plain.example",
+            "https://alt.example:8443",
+            "https://[::1]",
+        ] {
+            assert_eq!(p.check(&with_origin(&[good])), Ok(()), "{good}");
+        }
+        for bad in [
+            "https://plain.example",
+            "http://chat.example",
+            "https://alt.example",
+        ] {
+            assert_eq!(
+                p.check(&with_origin(&[bad])),
+                Err(OriginRefusal::NotAllowed),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "https://x:abc",
+            "https://x:0",
+            "https://x:70000",
+            "https://:443",
+        ] {
+            assert!(OriginPolicy::new(&[bad.into()], false).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -29,6 +29,13 @@ pub const FAILED_KEY_WINDOW: Duration = Duration::from_secs(60);
 /// Entries kept per table before stale ones are swept.
 const SWEEP_ABOVE: usize = 10_000;
 
+/// Unknown keys per address, swept of stale entries now and then.
+struct FailureTable {
+    by_address: HashMap<IpAddr, Failures>,
+    /// Size above which the next failure sweeps the table first.
+    sweep_above: usize,
+}
+
 /// Why a handshake was refused before (or instead of) looking at its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -214,7 +221,7 @@ pub struct Limits {
     per_session: Arc<Counter<KeyHash>>,
     max_failed_keys: u32,
     block: Duration,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    failures: Mutex<FailureTable>,
 }
 
 impl Limits {
@@ -222,12 +229,15 @@ impl Limits {
     pub fn new(settings: &Settings) -> Result<Self, String> {
         Ok(Self {
             origins: OriginPolicy::new(&settings.allowed_origins, settings.require_origin)?,
-            proxies: TrustedProxies::parse(&settings.trusted_proxies)?,
+            proxies: TrustedProxies::parse(&settings.trusted_proxies, &settings.proxy_header)?,
             per_address: Counter::new(settings.max_connections_per_ip),
             per_session: Counter::new(settings.max_connections_per_session),
             max_failed_keys: settings.max_failed_keys_per_minute,
             block: Duration::from_secs(settings.failed_key_block_secs),
-            failures: Mutex::new(HashMap::new()),
+            failures: Mutex::new(FailureTable {
+                by_address: HashMap::new(),
+                sweep_above: SWEEP_ABOVE,
+            }),
         })
     }
 
@@ -267,7 +277,10 @@ impl Limits {
             return None;
         }
         let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        let until = failures.get(&address_key(client))?.blocked_until?;
+        let until = failures
+            .by_address
+            .get(&address_key(client))?
+            .blocked_until?;
         until.checked_duration_since(Instant::now())
     }
 
@@ -278,14 +291,20 @@ impl Limits {
             return;
         }
         let now = Instant::now();
-        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        if failures.len() > SWEEP_ABOVE {
-            failures.retain(|_, f| {
+        let mut guard = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let failures = &mut *guard;
+        if failures.by_address.len() > failures.sweep_above {
+            failures.by_address.retain(|_, f| {
                 now.duration_since(f.window_start) < FAILED_KEY_WINDOW
                     || f.blocked_until.is_some_and(|until| until > now)
             });
+            // When most entries are fresh (many addresses failing at once), the next sweep
+            // waits until the table has doubled: each failure pays for a sweep once, not a
+            // scan of the whole table every time.
+            failures.sweep_above = SWEEP_ABOVE.max(failures.by_address.len() * 2);
         }
         let entry = failures
+            .by_address
             .entry(address_key(client))
             .or_insert_with(|| Failures {
                 window_start: now,

@@ -1,5 +1,7 @@
 //! The client's address: the TCP peer, or, when the peer is a trusted proxy, the nearest
-//! untrusted hop of `Forwarded` (RFC 7239) or else `X-Forwarded-For`.
+//! untrusted hop of the header the proxies write (`X-Forwarded-For`, or `Forwarded`, RFC
+//! 7239). Only that header is read: a proxy that writes one passes the other through as
+//! the client sent it, so believing it would let a client choose its address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -53,20 +55,42 @@ impl Cidr {
     }
 }
 
-/// The proxies whose forwarding headers are believed.
+/// Which forwarding header the proxies write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyHeader {
+    #[default]
+    XForwardedFor,
+    Forwarded,
+}
+
+/// The proxies whose forwarding header is believed.
 #[derive(Debug, Clone, Default)]
-pub struct TrustedProxies(Vec<Cidr>);
+pub struct TrustedProxies {
+    ranges: Vec<Cidr>,
+    header: ProxyHeader,
+}
 
 impl TrustedProxies {
-    pub fn parse(list: &[String]) -> Result<Self, String> {
-        list.iter()
+    /// `list` of ranges, and `header` (`x-forwarded-for` or `forwarded`, any case).
+    pub fn parse(list: &[String], header: &str) -> Result<Self, String> {
+        let header = match header.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => ProxyHeader::XForwardedFor,
+            "forwarded" => ProxyHeader::Forwarded,
+            other => {
+                return Err(format!(
+                    "proxy header {other:?}: expected x-forwarded-for or forwarded"
+                ))
+            }
+        };
+        let ranges = list
+            .iter()
             .map(|c| Cidr::parse(c))
-            .collect::<Result<_, _>>()
-            .map(Self)
+            .collect::<Result<_, _>>()?;
+        Ok(Self { ranges, header })
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
-        self.0.iter().any(|c| c.contains(ip))
+        self.ranges.iter().any(|c| c.contains(ip))
     }
 
     /// The client's address. Without trusted proxies, or when the peer is not one, the
@@ -76,10 +100,13 @@ impl TrustedProxies {
     /// trusted hop: nothing left of it can be believed.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = peer.to_canonical();
-        if self.0.is_empty() || !self.trusts(peer) {
+        if self.ranges.is_empty() || !self.trusts(peer) {
             return peer;
         }
-        let hops = forwarded_hops(headers).unwrap_or_else(|| x_forwarded_for_hops(headers));
+        let hops = match self.header {
+            ProxyHeader::XForwardedFor => x_forwarded_for_hops(headers),
+            ProxyHeader::Forwarded => forwarded_hops(headers).unwrap_or_default(),
+        };
         let mut client = peer;
         for hop in hops.iter().rev() {
             let Some(ip) = hop else {
@@ -183,7 +210,8 @@ mod tests {
 
     #[test]
     fn forwarding_headers_are_believed_only_from_trusted_peers() {
-        let proxies = TrustedProxies::parse(&["127.0.0.0/8".into(), "10.0.0.0/8".into()]).unwrap();
+        let ranges = ["127.0.0.0/8".into(), "10.0.0.0/8".into()];
+        let proxies = TrustedProxies::parse(&ranges, "x-forwarded-for").unwrap();
         let xff = headers(&[("x-forwarded-for", "203.0.113.9, 198.51.100.7, 10.0.0.2")]);
         // Not from a proxy: the peer, whatever the header says.
         assert_eq!(proxies.client_ip(ip("192.0.2.1"), &xff), ip("192.0.2.1"));
@@ -194,7 +222,8 @@ mod tests {
             proxies.client_ip(ip("127.0.0.1"), &HeaderMap::new()),
             ip("127.0.0.1")
         );
-        // Forwarded wins over X-Forwarded-For; quoted IPv6 with a port.
+        // Only the header the proxies write is read: a client's own `Forwarded` passes
+        // through a proxy that writes X-Forwarded-For, and the other way round.
         let fwd = headers(&[
             ("x-forwarded-for", "192.0.2.200"),
             (
@@ -202,13 +231,15 @@ mod tests {
                 "for=192.0.2.43, for=\"[2001:db8:cafe::17]:4711\";proto=https",
             ),
         ]);
-        assert_eq!(
-            proxies.client_ip(ip("10.9.9.9"), &fwd),
-            ip("2001:db8:cafe::17")
-        );
+        assert_eq!(proxies.client_ip(ip("10.9.9.9"), &fwd), ip("192.0.2.200"));
+        let rfc = TrustedProxies::parse(&ranges, "Forwarded").unwrap();
+        // Quoted IPv6 with a port.
+        assert_eq!(rfc.client_ip(ip("10.9.9.9"), &fwd), ip("2001:db8:cafe::17"));
+        assert_eq!(rfc.client_ip(ip("10.9.9.9"), &xff), ip("10.9.9.9"));
         // An unreadable hop stops the walk at the last trusted one.
         let hidden = headers(&[("forwarded", "for=192.0.2.43, for=_hidden, for=10.0.0.5")]);
-        assert_eq!(proxies.client_ip(ip("10.0.0.1"), &hidden), ip("10.0.0.5"));
+        assert_eq!(rfc.client_ip(ip("10.0.0.1"), &hidden), ip("10.0.0.5"));
+        assert!(TrustedProxies::parse(&ranges, "x-real-ip").is_err());
         // No trusted proxies configured: always the peer.
         assert_eq!(
             TrustedProxies::default().client_ip(ip("127.0.0.1"), &xff),

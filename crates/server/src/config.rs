@@ -385,6 +385,15 @@ mod tests {
                 ("proxy_header = \"x-real-ip\"\n", "proxy_header"),
                 ("tls_cert = \"/etc/cert.pem\"\n", "needs tls_key"),
                 ("max_history_page = 0\n", "max_history_page"),
+                (
+                    "shutdown_grace_secs = 18446744073709551615\n",
+                    "shutdown_grace_secs",
+                ),
+                (
+                    "session_check_secs = 9300000000000000000\n",
+                    "session_check_secs",
+                ),
+                ("write_delay_ms = 86400001\n", "write_delay_ms"),
                 ("admin_token = \"0123456789abcdef0123\\n\"\n", "admin_token"),
             ] {
                 std::fs::write(&file, text).unwrap();

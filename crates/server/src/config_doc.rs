@@ -278,6 +278,11 @@ pub(crate) fn warn_unknown_env() {
     }
 }
 
+/// The longest `*_secs` setting accepted: ten years.
+const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+/// The longest `*_ms` setting accepted: a day.
+const MAX_MS: u64 = 24 * 3600 * 1000;
+
 /// Checks beyond the types: a value that would make the server misbehave stops it at
 /// start, naming the key and where it was set.
 pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), ConfigError> {
@@ -297,6 +302,28 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
                 key: "admin_token",
                 problem: "starts or ends with white space (a newline from `echo`?); no request could match it".into(),
                 origin: origin("admin_token"),
+            });
+        }
+    }
+    // Durations are added to the clock: one past these bounds would overflow it (a panic
+    // in the task that adds it), and none is meant.
+    let values = serde_json::to_value(settings).unwrap_or_default();
+    for (key, _) in DOCS {
+        let Some(value) = values.get(key).and_then(serde_json::Value::as_u64) else {
+            continue;
+        };
+        let (max, unit) = if key.ends_with("_secs") {
+            (MAX_SECS, "seconds (ten years)")
+        } else if key.ends_with("_ms") {
+            (MAX_MS, "milliseconds (a day)")
+        } else {
+            continue;
+        };
+        if value > max {
+            return Err(ConfigError::Value {
+                key,
+                problem: format!("{value} is too long: at most {max} {unit}"),
+                origin: origin(key),
             });
         }
     }

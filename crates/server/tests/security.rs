@@ -1024,6 +1024,32 @@ async fn a_join_is_one_frame_capped_deduplicated_and_one_error() {
 }
 
 #[tokio::test]
+async fn bad_frames_before_auth_count_towards_4009_too() {
+    let app = app_with(|s| s.rate_per_sec = 0).await;
+    let mut c = Client::connect(&app.v1_url()).await;
+    let early = json!({"type": "join", "rooms": [{"room": "a"}]});
+    for _ in 0..10 {
+        c.send(early.clone()).await;
+    }
+    c.send_raw("{not json").await;
+    // Ten answered, then the eleventh: 4009 (before, the auth timeout closed it: 4002).
+    for _ in 0..10 {
+        assert_eq!(c.recv().await["code"], "not_authenticated");
+    }
+    assert_eq!(c.recv().await["code"], "bad_json");
+    assert_eq!(c.close_code().await, Some(close::TOO_MANY_ERRORS));
+    // A ping between them starts the count again.
+    let mut c = Client::connect(&app.v1_url()).await;
+    for _ in 0..2 {
+        for _ in 0..10 {
+            c.send(early.clone()).await;
+        }
+        assert_eq!(frames_until_pong(&mut c).await.len(), 10);
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn forwarded_addresses_count_only_from_trusted_proxies() {
     // Not trusted: X-Forwarded-For is ignored, every connection is 127.0.0.1's.
     let app = app_with(|s| s.max_connections_per_ip = 1).await;

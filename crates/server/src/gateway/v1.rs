@@ -208,6 +208,7 @@ async fn await_auth(
     gate: &RateGate,
 ) -> Option<super::Authenticated> {
     let deadline = tokio::time::Instant::now() + shared.settings.auth_timeout();
+    let mut errors_in_a_row = 0u32;
     let reply = |frame: Encoded| {
         outbox.push(Item::Frame(frame));
     };
@@ -295,15 +296,30 @@ async fn await_auth(
                     }
                 }
             }
-            Ok(ClientFrame::Ping { reference }) => frames::v1(&ServerFrame::Pong { reference }),
-            Ok(other) => frames::v1_error(
-                ErrorCode::NotAuthenticated,
-                "send {\"type\":\"auth\",\"key\":…} first",
-                other.reference().cloned(),
-            ),
-            Err(e) => frames::v1_error(e.code, e.message, e.reference),
+            Ok(ClientFrame::Ping { reference }) => {
+                errors_in_a_row = 0;
+                frames::v1(&ServerFrame::Pong { reference })
+            }
+            Ok(other) => {
+                errors_in_a_row += 1;
+                frames::v1_error(
+                    ErrorCode::NotAuthenticated,
+                    "send {\"type\":\"auth\",\"key\":…} first",
+                    other.reference().cloned(),
+                )
+            }
+            Err(e) => {
+                errors_in_a_row += 1;
+                frames::v1_error(e.code, e.message, e.reference)
+            }
         };
         reply(answer);
+        // The client's own mistakes count towards 4009 here too (not a store that
+        // could not check the key).
+        if errors_in_a_row > super::MAX_ERRORS_IN_A_ROW {
+            outbox.close(close::TOO_MANY_ERRORS, "too many bad frames");
+            return None;
+        }
     }
 }
 

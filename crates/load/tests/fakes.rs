@@ -221,10 +221,11 @@ async fn v1_a_join_answered_unavailable_is_tried_again() {
     assert_eq!(r.lost, 0, "{r:#?}");
 }
 
-/// 10 v1 connections in 2 rooms against `addr`, 20 messages a second each for 1.5 s.
-async fn ten_in_two_rooms(addr: std::net::SocketAddr) -> Report {
-    let url = format!("ws://{addr}/ws");
-    load(&[
+/// 10 v1 connections in 2 rooms against a v1 fake with `opts`, 20 messages a second each
+/// for 1.5 s; the counts add up and every send was acked.
+async fn ten_in_two_rooms(opts: V1Fake) -> Report {
+    let url = format!("ws://{}/ws", v1_fake(opts).await);
+    let r = load(&[
         &url,
         "--session-key=k",
         "--connections=10",
@@ -234,33 +235,30 @@ async fn ten_in_two_rooms(addr: std::net::SocketAddr) -> Report {
         "--drain=3",
         "--no-progress",
     ])
-    .await
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.acked, Some(r.sent));
+    r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_dropped_deliveries_are_lost() {
-    let addr = v1_fake(V1Fake {
+    let r = ten_in_two_rooms(V1Fake {
         drop_every: Some(10),
         ..V1Fake::default()
     })
     .await;
-    let r = ten_in_two_rooms(addr).await;
-    assert_counts_add_up(&r);
-    assert_eq!(r.acked, Some(r.sent));
     assert!((0.07..=0.13).contains(&r.loss_ratio), "{r:#?}");
     assert_eq!(r.duplicated, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_message_stored_twice_is_a_duplicate_not_two_deliveries() {
-    let addr = v1_fake(V1Fake {
+    let r = ten_in_two_rooms(V1Fake {
         store_twice_every: Some(10),
         ..V1Fake::default()
     })
     .await;
-    let r = ten_in_two_rooms(addr).await;
-    assert_counts_add_up(&r);
-    assert_eq!(r.acked, Some(r.sent));
     assert_eq!(r.lost, 0, "{r:#?}");
     // Each room's every 10th message (by the fake's count over both rooms, so about a
     // tenth of all) came twice to each of the room's 5 members.

@@ -428,7 +428,7 @@ pub(crate) async fn backfill(
     let stall = shared.settings.idle_timeout();
     // Paced by the writer: a backfill larger than the queue waits for the client to read
     // rather than overflowing it.
-    let push = |m: &crate::store::StoredMessage| {
+    let send = async |m: &crate::store::StoredMessage| {
         let frame = match conn.protocol {
             Protocol::Legacy => frames::legacy_message(m),
             Protocol::V1 => frames::v1_message(m),
@@ -438,7 +438,9 @@ pub(crate) async fn backfill(
             seq: m.seq,
             frame,
         });
-        conn.outbox.queued_bytes() > limit / 2
+        if conn.outbox.queued_bytes() > limit / 2 {
+            conn.outbox.wait_below(limit / 4, stall).await;
+        }
     };
     let through = match from {
         Backfill::Last { n, head } => {
@@ -447,9 +449,7 @@ pub(crate) async fn backfill(
                 .messages_before(room, head.map(|h| h + 1), n)
                 .await?;
             for m in &messages {
-                if push(m) {
-                    conn.outbox.wait_below(limit / 4, stall).await;
-                }
+                send(m).await;
             }
             // Subscribed before the read: what was committed after it comes live.
             head.unwrap_or_else(|| messages.last().map_or(0, |m| m.seq))
@@ -476,20 +476,15 @@ pub(crate) async fn backfill(
                         .messages_before(room, Some(head + 1), shared.settings.history_limit)
                         .await?;
                     for m in last.iter().filter(|m| m.seq > cursor) {
-                        if push(m) {
-                            conn.outbox.wait_below(limit / 4, stall).await;
-                        }
+                        send(m).await;
                     }
                     break;
                 }
                 for m in page.iter().take_while(|m| m.seq <= head) {
                     cursor = m.seq;
-                    if push(m) {
-                        conn.outbox.wait_below(limit / 4, stall).await;
-                    }
+                    send(m).await;
                 }
-                // A short page is the end; so is a page past `head` (retention deleted
-                // the rest of the range meanwhile: the same read would come back forever).
+                // A short page is the end; so is a page that reaches past `head`.
                 if page.len() < PAGE as usize || page.last().is_some_and(|m| m.seq > head) {
                     break;
                 }

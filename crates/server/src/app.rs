@@ -262,7 +262,7 @@ impl Application {
         } = self;
         let router = crate::http::router(shared.clone());
         // When the stop began: the grace bounds the whole stop from then, not each step.
-        let stop_began = {
+        let mut stop_began = {
             let stop = shared.shutdown.clone();
             tokio::spawn(async move {
                 stop.cancelled().await;
@@ -271,10 +271,12 @@ impl Application {
         };
         // TLS, TCP_NODELAY, the header size and handshake time limits: `serve.rs`.
         let served = crate::serve::serve(listener, router, &shared, tls).await;
-        let began = match stop_began.now_or_never() {
+        // Not stopped by the token (serving failed): the stop begins now.
+        let began = match (&mut stop_began).now_or_never() {
             Some(Ok(at)) => at,
             _ => tokio::time::Instant::now(),
         };
+        stop_began.abort();
         let deadline = began + shared.settings.shutdown_grace() + Duration::from_secs(1);
         shared.draining.store(true, Ordering::Release);
         tracing::info!("draining: closing WebSockets with 1012");

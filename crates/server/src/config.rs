@@ -347,12 +347,17 @@ mod tests {
         });
     }
 
-    /// The error of loading `file` (with no flags), as printed.
-    fn load_error(file: &Path) -> String {
+    /// Load `file` with no flags.
+    fn load(file: &Path) -> Result<Settings, ConfigError> {
         let flags = Flags {
             history_limit: None,
         };
-        Settings::load(Some(file), &flags).unwrap_err().to_string()
+        Settings::load(Some(file), &flags)
+    }
+
+    /// The error of loading `file` (with no flags), as printed.
+    fn load_error(file: &Path) -> String {
+        load(file).unwrap_err().to_string()
     }
 
     #[test]
@@ -406,12 +411,7 @@ mod tests {
                 "allowed_origins = [\"https://x:443\"]\nproxy_header = \"Forwarded\"\n",
             )
             .unwrap();
-            let ok = Settings::load(
-                Some(&file),
-                &Flags {
-                    history_limit: None,
-                },
-            );
+            let ok = load(&file);
             assert!(ok.is_ok(), "{ok:?}");
         });
     }

@@ -350,19 +350,18 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
             origin: origin(key),
         });
     }
-    if let Err(problem) = crate::limits::proxy::TrustedProxies::parse(
-        &settings.trusted_proxies,
-        &settings.proxy_header,
-    ) {
-        let key = if problem.starts_with("proxy header") {
-            "proxy_header"
-        } else {
-            "trusted_proxies"
-        };
-        return Err(ConfigError::Value {
-            key,
+    use crate::limits::proxy::{ProxyHeader, TrustedProxies};
+    let header =
+        ProxyHeader::parse(&settings.proxy_header).map_err(|problem| ConfigError::Value {
+            key: "proxy_header",
             problem,
-            origin: origin(key),
+            origin: origin("proxy_header"),
+        })?;
+    if let Err(problem) = TrustedProxies::parse(&settings.trusted_proxies, header) {
+        return Err(ConfigError::Value {
+            key: "trusted_proxies",
+            problem,
+            origin: origin("trusted_proxies"),
         });
     }
     if settings.tls_cert.is_some() != settings.tls_key.is_some() {

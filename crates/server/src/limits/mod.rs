@@ -229,7 +229,10 @@ impl Limits {
     pub fn new(settings: &Settings) -> Result<Self, String> {
         Ok(Self {
             origins: OriginPolicy::new(&settings.allowed_origins, settings.require_origin)?,
-            proxies: TrustedProxies::parse(&settings.trusted_proxies, &settings.proxy_header)?,
+            proxies: TrustedProxies::parse(
+                &settings.trusted_proxies,
+                proxy::ProxyHeader::parse(&settings.proxy_header)?,
+            )?,
             per_address: Counter::new(settings.max_connections_per_ip),
             per_session: Counter::new(settings.max_connections_per_session),
             max_failed_keys: settings.max_failed_keys_per_minute,

@@ -70,18 +70,22 @@ pub struct TrustedProxies {
     header: ProxyHeader,
 }
 
+impl ProxyHeader {
+    /// `x-forwarded-for` or `forwarded`, any case.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(Self::XForwardedFor),
+            "forwarded" => Ok(Self::Forwarded),
+            other => Err(format!(
+                "proxy header {other:?}: expected x-forwarded-for or forwarded"
+            )),
+        }
+    }
+}
+
 impl TrustedProxies {
-    /// `list` of ranges, and `header` (`x-forwarded-for` or `forwarded`, any case).
-    pub fn parse(list: &[String], header: &str) -> Result<Self, String> {
-        let header = match header.trim().to_ascii_lowercase().as_str() {
-            "x-forwarded-for" => ProxyHeader::XForwardedFor,
-            "forwarded" => ProxyHeader::Forwarded,
-            other => {
-                return Err(format!(
-                    "proxy header {other:?}: expected x-forwarded-for or forwarded"
-                ))
-            }
-        };
+    /// `list` of ranges, whose proxies write `header`.
+    pub fn parse(list: &[String], header: ProxyHeader) -> Result<Self, String> {
         let ranges = list
             .iter()
             .map(|c| Cidr::parse(c))
@@ -211,7 +215,7 @@ mod tests {
     #[test]
     fn forwarding_headers_are_believed_only_from_trusted_peers() {
         let ranges = ["127.0.0.0/8".into(), "10.0.0.0/8".into()];
-        let proxies = TrustedProxies::parse(&ranges, "x-forwarded-for").unwrap();
+        let proxies = TrustedProxies::parse(&ranges, ProxyHeader::XForwardedFor).unwrap();
         let xff = headers(&[("x-forwarded-for", "203.0.113.9, 198.51.100.7, 10.0.0.2")]);
         // Not from a proxy: the peer, whatever the header says.
         assert_eq!(proxies.client_ip(ip("192.0.2.1"), &xff), ip("192.0.2.1"));
@@ -232,14 +236,14 @@ mod tests {
             ),
         ]);
         assert_eq!(proxies.client_ip(ip("10.9.9.9"), &fwd), ip("192.0.2.200"));
-        let rfc = TrustedProxies::parse(&ranges, "Forwarded").unwrap();
+        let rfc = TrustedProxies::parse(&ranges, ProxyHeader::parse("Forwarded").unwrap()).unwrap();
         // Quoted IPv6 with a port.
         assert_eq!(rfc.client_ip(ip("10.9.9.9"), &fwd), ip("2001:db8:cafe::17"));
         assert_eq!(rfc.client_ip(ip("10.9.9.9"), &xff), ip("10.9.9.9"));
         // An unreadable hop stops the walk at the last trusted one.
         let hidden = headers(&[("forwarded", "for=192.0.2.43, for=_hidden, for=10.0.0.5")]);
         assert_eq!(rfc.client_ip(ip("10.0.0.1"), &hidden), ip("10.0.0.5"));
-        assert!(TrustedProxies::parse(&ranges, "x-real-ip").is_err());
+        assert!(ProxyHeader::parse("x-real-ip").is_err());
         // No trusted proxies configured: always the peer.
         assert_eq!(
             TrustedProxies::default().client_ip(ip("127.0.0.1"), &xff),

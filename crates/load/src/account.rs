@@ -206,10 +206,10 @@ pub fn v1_expectation(acked: &[(String, u64)], rooms: &[V1RoomOut]) -> Expectati
             .entry(r.name.as_str())
             .or_default()
             .union_with(&r.ours);
-        let c = copies.entry(r.name.as_str()).or_default();
-        for &seq in &r.copies {
-            c.insert(seq);
-        }
+        copies
+            .entry(r.name.as_str())
+            .or_default()
+            .extend(r.copies.iter().copied());
     }
     let no_copies = ChunkSet::new();
     let copies_of = |room: &str| copies.get(room).unwrap_or(&no_copies);
@@ -217,10 +217,7 @@ pub fn v1_expectation(acked: &[(String, u64)], rooms: &[V1RoomOut]) -> Expectati
         .iter()
         .map(|(k, v)| {
             let c = copies_of(k);
-            let mut kept = ChunkSet::new();
-            for seq in v.iter().filter(|&s| !c.contains(s)) {
-                kept.insert(seq);
-            }
+            let kept: ChunkSet = v.iter().filter(|&s| !c.contains(s)).collect();
             (*k, kept.freeze())
         })
         .collect();
@@ -437,13 +434,7 @@ mod tests {
 
     #[test]
     fn v1_expectation_leaves_copies_out() {
-        let set = |seqs: &[u64]| {
-            let mut c = ChunkSet::new();
-            for &s in seqs {
-                c.insert(s);
-            }
-            c
-        };
+        let set = |seqs: &[u64]| seqs.iter().copied().collect::<ChunkSet>();
         // Message stored as 1 and again as 2 (the retry's ack said 2); then 3.
         let rooms = vec![
             // Got all three: 2 is its copy.

@@ -123,6 +123,22 @@ impl ChunkSet {
     }
 }
 
+impl Extend<u64> for ChunkSet {
+    fn extend<T: IntoIterator<Item = u64>>(&mut self, members: T) {
+        for i in members {
+            self.insert(i);
+        }
+    }
+}
+
+impl FromIterator<u64> for ChunkSet {
+    fn from_iter<T: IntoIterator<Item = u64>>(members: T) -> Self {
+        let mut set = Self::new();
+        set.extend(members);
+        set
+    }
+}
+
 struct BitIter {
     base: u64,
     word: u64,

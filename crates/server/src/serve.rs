@@ -26,7 +26,7 @@ use axum_server::tls_rustls::RustlsAcceptor;
 use axum_server::Handle;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::Shared;
@@ -142,7 +142,11 @@ impl AsyncRead for SharedTcp {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.0.poll_read_ready(cx))?;
-            match self.0.try_read(buf.initialize_unfilled()) {
+            let unfilled = buf.initialize_unfilled();
+            let len = unfilled.len();
+            match once(&self.0, Interest::READABLE, len, || {
+                self.0.try_read(unfilled)
+            }) {
                 Ok(n) => {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
@@ -154,6 +158,32 @@ impl AsyncRead for SharedTcp {
     }
 }
 
+/// One non-blocking call on the socket. A call that moved fewer bytes than asked drained
+/// the socket (or filled it): its readiness is cleared, as tokio's own `TcpStream` does,
+/// so that the next call waits for the next event instead of a system call that would
+/// only say `WouldBlock` (one `recvfrom` too many per inbound message).
+fn once(
+    tcp: &TcpStream,
+    interest: Interest,
+    len: usize,
+    call: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut moved = 0;
+    let result = tcp.try_io(interest, || {
+        moved = call()?;
+        if moved > 0 && moved < len {
+            // Clears the readiness this call was made under (not a newer event's).
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(moved)
+        }
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved > 0 => Ok(moved),
+        other => other,
+    }
+}
+
 impl AsyncWrite for SharedTcp {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -162,7 +192,9 @@ impl AsyncWrite for SharedTcp {
     ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
+            match once(&self.0, Interest::WRITABLE, buf.len(), || {
+                self.0.try_write(buf)
+            }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 result => return Poll::Ready(result),
             }
@@ -174,9 +206,12 @@ impl AsyncWrite for SharedTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
         loop {
             ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write_vectored(bufs) {
+            match once(&self.0, Interest::WRITABLE, len, || {
+                self.0.try_write_vectored(bufs)
+            }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 result => return Poll::Ready(result),
             }
@@ -197,5 +232,53 @@ impl AsyncWrite for SharedTcp {
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
             other => other,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Whether tokio still holds the socket readable: asked without a system call (the
+    /// closure runs only when it does, and leaves the readiness as it is).
+    fn still_readable(tcp: &TcpStream) -> bool {
+        tcp.try_io(Interest::READABLE, || Ok(())).is_ok()
+    }
+
+    /// A read that took less than the buffer drained the socket: the next read waits for
+    /// the next event rather than calling `recvfrom` to learn that nothing is there. A
+    /// read that filled the buffer may have left more behind: it stays readable.
+    #[tokio::test]
+    async fn a_short_read_clears_the_readiness_and_a_full_one_keeps_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let tcp = Arc::new(server);
+        let mut shared = SharedTcp(Arc::clone(&tcp));
+
+        client.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 64];
+        assert_eq!(shared.read(&mut buf).await.expect("read"), 5);
+        assert!(
+            !still_readable(&tcp),
+            "a short read left the socket readable"
+        );
+
+        client.write_all(&[7u8; 100]).await.expect("write");
+        let mut small = [0u8; 64];
+        assert_eq!(shared.read(&mut small).await.expect("read"), 64);
+        assert!(
+            still_readable(&tcp),
+            "a full read may have left bytes behind"
+        );
+        assert_eq!(shared.read(&mut small).await.expect("read"), 36);
+
+        // What comes next is read: the cleared readiness comes back with the next event.
+        client.write_all(b"again").await.expect("write");
+        assert_eq!(shared.read(&mut buf).await.expect("read"), 5);
+        assert_eq!(&buf[..5], b"again");
     }
 }

@@ -109,8 +109,10 @@ struct RoomState {
     presence: BTreeMap<Arc<str>, usize>,
     /// Users present on other nodes, by node, with when that node last said so.
     remote: HashMap<String, (Vec<String>, Instant)>,
-    /// A node's list that came in parts, gathered until its last part.
-    remote_parts: HashMap<String, Vec<String>>,
+    /// A node's list that came in parts, gathered until its last part, with when its
+    /// latest part came (a node that dies between parts leaves one behind: it expires as
+    /// `remote` does).
+    remote_parts: HashMap<String, (Vec<String>, Instant)>,
     /// Messages beyond a gap, waiting for the gap to be read from the store.
     pending: BTreeMap<u64, Arc<StoredMessage>>,
     /// The store has messages up to at least this seq (from a bell without payload, or
@@ -571,15 +573,23 @@ impl Hub {
                     // Parts come in order from one node: the first starts the list, the
                     // last completes it (a list whose parts were not all heard waits for
                     // the next refresh).
-                    let gathered = state.remote_parts.entry(node.to_owned()).or_default();
+                    let (gathered, heard) = state
+                        .remote_parts
+                        .entry(node.to_owned())
+                        .or_insert_with(|| (Vec::new(), Instant::now()));
                     if part == 0 {
                         gathered.clear();
                     }
                     gathered.append(&mut users);
+                    *heard = Instant::now();
                     if part + 1 < parts {
                         return;
                     }
-                    users = state.remote_parts.remove(node).unwrap_or_default();
+                    users = state
+                        .remote_parts
+                        .remove(node)
+                        .map(|(users, _)| users)
+                        .unwrap_or_default();
                 }
                 let before = state.users();
                 if users.is_empty() {
@@ -626,6 +636,9 @@ impl Hub {
         let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
         for room in rooms {
             let mut state = room.lock();
+            state
+                .remote_parts
+                .retain(|_, (_, heard)| heard.elapsed() <= max_age);
             if state
                 .remote
                 .values()
@@ -992,9 +1005,10 @@ mod tests {
     }
 
     /// Another node's list in parts is taken when its last part comes, not before (a
-    /// partial list would tell the room that the rest left).
+    /// partial list would tell the room that the rest left); the parts of a node that dies
+    /// between them expire with its presence.
     #[tokio::test]
-    async fn another_nodes_presence_in_parts_is_taken_whole() {
+    async fn another_nodes_presence_in_parts_is_taken_whole_and_a_partial_one_expires() {
         let OneMember {
             _dir,
             hub,
@@ -1026,6 +1040,20 @@ mod tests {
         hub.on_remote("n2", part(1, &[]));
         hub.on_remote("n2", part(2, &["f"]));
         assert_eq!(remote(&hub), Some(vec!["e".into(), "f".into()]));
+        // A node that dies between parts: what it sent of its list expires with it.
+        hub.on_remote("n3", part(0, &["g"]));
+        let gathering = |hub: &Hub| hub.room(&room).unwrap().lock().remote_parts.len();
+        assert_eq!(gathering(&hub), 1);
+        hub.expire_presence(Duration::from_secs(60));
+        assert_eq!(
+            gathering(&hub),
+            1,
+            "kept while the node may still send the rest"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hub.expire_presence(Duration::from_millis(10));
+        assert_eq!(gathering(&hub), 0, "expired");
+        assert_eq!(remote(&hub), None, "n2's complete list expired too");
     }
 
     /// A broker that does not take events (NATS reconnecting) does not make the hub hold

@@ -27,7 +27,8 @@ suite!(
     history_pages_presence_and_typing,
     a_second_connection_of_a_user_is_no_presence_news,
     graceful_stop_closes_every_websocket_with_1012,
-    a_stop_during_a_paced_backfill_lets_it_finish,
+    a_stop_during_a_paced_backfill_ends_it_with_1012_and_a_resume_gets_the_rest,
+    a_client_behind_on_reading_at_a_stop_still_gets_its_1012,
     a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss,
     a_since_older_than_what_is_kept_gets_a_reset_then_the_last_messages,
     retention_during_a_paced_resume_gets_a_reset_not_a_silent_gap,
@@ -455,11 +456,13 @@ async fn graceful_stop_closes_every_websocket_with_1012(backend: Backend) {
     stopping.await.unwrap();
 }
 
-/// A backfill bigger than the outbound queue waits for the queue to drain between pages;
-/// with pacing on, the node's flusher writes the held queue. A stop that begins meanwhile
-/// lets the backfill finish (the flusher runs until the connections are gone), and the
-/// client gets every message, then 1012.
-async fn a_stop_during_a_paced_backfill_lets_it_finish(backend: Backend) {
+/// A backfill bigger than the outbound queue waits for the queue to drain between pages
+/// (here with pacing on: the node's flusher writes the held queue). A stop that begins
+/// meanwhile ends it: the client gets a gap-free start of the backfill, then 1012, and
+/// its resume on the restarted server gets the rest.
+async fn a_stop_during_a_paced_backfill_ends_it_with_1012_and_a_resume_gets_the_rest(
+    backend: Backend,
+) {
     const MESSAGES: u64 = 300;
     let (settings, dir) = fresh(backend).await;
     let settings = Settings {
@@ -468,7 +471,7 @@ async fn a_stop_during_a_paced_backfill_lets_it_finish(backend: Backend) {
         outbound_queue_bytes: 8 * 1024,
         ..settings
     };
-    let app = spawn_with(settings, dir).await;
+    let app = spawn_with(settings.clone(), dir).await;
     let key = app.session("ada", None).await;
     let mut writer = Client::v1(&app, &key).await;
     // About 60 KiB of backfill: many times the queue. Sent without waiting for each ack
@@ -484,34 +487,103 @@ async fn a_stop_during_a_paced_backfill_lets_it_finish(backend: Backend) {
     let mut reader = Client::v1(&app, &key).await;
     reader.join("b", Some(0)).await;
     let first = reader.recv_until("message").await["seq"].as_u64().unwrap();
-    let shutdown = app.shutdown.clone();
+    let stopping = tokio::spawn(app.stop_keeping_data());
+    let (mut seqs, code) = messages_then_close(&mut reader, None).await;
+    seqs.insert(0, first);
+    let last = *seqs.last().unwrap();
+    assert_eq!(code, Some(close::SERVICE_RESTART));
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "gap-free");
+    assert!(last < MESSAGES, "the stop ended the backfill");
+
+    let app = spawn_with(settings, stopping.await.unwrap()).await;
+    let mut resumed = Client::v1(&app, &key).await;
+    assert_eq!(resumed.join("b", Some(last)).await, MESSAGES);
+    for seq in last + 1..=MESSAGES {
+        assert_eq!(resumed.recv_until("message").await["seq"], seq);
+    }
+    app.stop().await;
+}
+
+/// A client far behind on reading when the stop comes, that also sent a frame the server
+/// will not read: the server keeps the socket until the client's close reply, else the
+/// kernel would reset it and throw away what it had not sent yet, the 1012 with it.
+async fn a_client_behind_on_reading_at_a_stop_still_gets_its_1012(backend: Backend) {
+    const SENT: u64 = 3000;
+    let (mut settings, dir) = common::fresh(backend).await;
+    settings.outbound_queue_bytes = 64 * 1024;
+    let app = spawn_with(settings, dir).await;
+    let key = app.session("laggard", None).await;
+    store_big_messages(&app, &key, "far", SENT).await;
+    let mut reader = Client::v1(&app, &key).await;
+    assert_eq!(reader.join("far", Some(0)).await, SENT);
+    // The backfill fills the sockets and the queue and waits; the stop ends it.
     let stopping = tokio::spawn(app.stop());
-    shutdown.cancel();
-    let mut seqs = vec![first];
-    let code = loop {
-        let frame = tokio::time::timeout(common::WAIT, reader.ws.next())
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Input the stopping server does not read.
+    reader.send(json!({"type": "ping"})).await;
+    // Read in bursts, as a client on a busy device does: the server's last write (the
+    // close) goes out while the client pauses, with the sockets still full.
+    let (seqs, code) = messages_then_close(&mut reader, Some(25)).await;
+    assert_eq!(
+        code,
+        Some(close::SERVICE_RESTART),
+        "after {} messages",
+        seqs.len()
+    );
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "gap-free"
+    );
+    assert!((seqs.len() as u64) < SENT, "the stop ended the backfill");
+    stopping.await.unwrap();
+}
+
+/// Store `n` messages of 8 KB in `room`, 50 at a time: 3,000 are 24 MB, more than a
+/// reader's two socket buffers and its outbound queue (64 KiB) hold.
+async fn store_big_messages(app: &TestApp, key: &str, room: &str, n: u64) {
+    let mut writer = Client::v1(app, key).await;
+    let big = "x".repeat(8000);
+    for chunk in 0..n.div_ceil(50) {
+        let ids: Vec<u64> = (chunk * 50..n.min(chunk * 50 + 50)).collect();
+        for id in &ids {
+            writer
+                .send(json!({"type": "send", "room": room, "text": big, "client_msg_id": id.to_string()}))
+                .await;
+        }
+        for _ in &ids {
+            writer.recv_until("ack").await;
+        }
+    }
+}
+
+/// The seqs of the `message` frames until the close, and the close's code (`None` when
+/// the connection ended without one). With `pause_every`, a pause of 100 ms after that
+/// many messages.
+async fn messages_then_close(
+    client: &mut Client,
+    pause_every: Option<usize>,
+) -> (Vec<u64>, Option<u16>) {
+    let mut seqs = Vec::new();
+    loop {
+        if pause_every.is_some_and(|n| !seqs.is_empty() && seqs.len() % n == 0) {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let frame = tokio::time::timeout(common::WAIT, client.ws.next())
             .await
-            .expect("a frame in time")
-            .expect("stream open")
-            .expect("frame ok");
+            .expect("a frame in time");
         match frame {
-            Message::Text(t) => {
+            Some(Ok(Message::Text(t))) => {
                 let v: Value = serde_json::from_str(&t).unwrap();
                 if v["type"] == "message" {
                     seqs.push(v["seq"].as_u64().unwrap());
                 }
             }
-            Message::Close(c) => break c.map(|c| u16::from(c.code)),
-            _ => {}
+            Some(Ok(Message::Close(c))) => return (seqs, c.map(|c| u16::from(c.code))),
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (seqs, None),
         }
-    };
-    assert_eq!(
-        seqs,
-        (1..=MESSAGES).collect::<Vec<_>>(),
-        "the whole backfill"
-    );
-    assert_eq!(code, Some(close::SERVICE_RESTART));
-    stopping.await.unwrap();
+    }
 }
 
 async fn a_client_that_does_not_read_is_closed_with_4008_and_resumes_without_loss(
@@ -619,20 +691,7 @@ async fn retention_during_a_paced_resume_gets_a_reset_not_a_silent_gap(backend: 
     settings.history_limit = 3;
     let app = spawn_with(settings, dir).await;
     let key = app.session("archivist", None).await;
-    let mut writer = Client::v1(&app, &key).await;
-    // 24 MB: more than the two sockets' buffers and the queue hold.
-    let big = "x".repeat(8000);
-    for chunk in 0..SENT / 50 {
-        for n in 0..50 {
-            let id = (chunk * 50 + n).to_string();
-            writer
-                .send(json!({"type": "send", "room": "pruned", "text": big, "client_msg_id": id}))
-                .await;
-        }
-        for _ in 0..50 {
-            writer.recv_until("ack").await;
-        }
-    }
+    store_big_messages(&app, &key, "pruned", SENT).await;
     let mut reader = Client::v1(&app, &key).await;
     assert_eq!(reader.join("pruned", Some(0)).await, SENT);
     // The backfill fills the sockets and the queue, then waits for the reader, who reads

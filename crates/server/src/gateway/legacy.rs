@@ -113,7 +113,7 @@ pub(super) fn serve(
         guard.reason = end.reason();
         // Boxed, as the join: the end's state is large and lives only at the end.
         Box::pin(finish(&shared, &conn, end, [(room, SUB)], writer)).await;
-        if let End::Close(..) = end {
+        if let End::Close(..) | End::Shutdown = end {
             Box::pin(driver.linger()).await;
         }
         drop(held);

@@ -14,6 +14,7 @@ mod upgrade;
 pub mod v1;
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -369,10 +370,12 @@ impl Driver {
 }
 
 impl Driver {
-    /// After a close the server chose (a limit, a bad frame) went out: read (and drop)
-    /// what the client still sends, until its close reply, the end of the stream, or 2 s. Dropping a socket with unread input
-    /// makes the kernel reset the connection, and a reset can destroy the close frame
-    /// before the client reads it (a flooder would see 1006 instead of 1008).
+    /// After a close the server chose (a limit, a bad frame, the stop's 1012) went out:
+    /// read (and drop) what the client still sends, until its close reply, the end of the
+    /// stream, or 2 s. Dropping a socket with unread input makes the kernel reset the
+    /// connection, and a reset destroys what the socket has not sent yet, the close frame
+    /// too (a flooder would see 1006 instead of 1008, a client behind on reading 1006
+    /// instead of 1012).
     pub async fn linger(mut self) {
         let _bounded = tokio::time::timeout(Duration::from_secs(2), async {
             while let Some(Ok(frame)) = self.stream.next().await {
@@ -415,6 +418,11 @@ pub(crate) enum Backfill {
 
 /// Queue a room's backfill for `sub` (already subscribed and tracked), paced by the
 /// writer, then `SyncDone`. Messages newer than the backfill's head come live.
+///
+/// A stop ends a backfill that waits for the client: what is queued goes out, gap-free
+/// from the start, and the reader goes on to the stop's 1012; the client resumes from
+/// its last seq on the next node. Without this, a client reading slowly would hold the
+/// stop until its deadline and get no close frame at all.
 pub(crate) async fn backfill(
     shared: &Shared,
     conn: &Conn,
@@ -427,7 +435,7 @@ pub(crate) async fn backfill(
     // A client that reads nothing for as long as a silent one may stay is a slow consumer.
     let stall = shared.settings.idle_timeout();
     // Paced by the writer: a backfill larger than the queue waits for the client to read
-    // rather than overflowing it.
+    // rather than overflowing it. `Break` once the server is stopping.
     let send = async |m: &crate::store::StoredMessage| {
         let frame = match conn.protocol {
             Protocol::Legacy => frames::legacy_message(m),
@@ -439,18 +447,31 @@ pub(crate) async fn backfill(
             frame,
         });
         if conn.outbox.queued_bytes() > limit / 2 {
-            conn.outbox.wait_below(limit / 4, stall).await;
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return ControlFlow::Break(()),
+                _ = conn.outbox.wait_below(limit / 4, stall) => {}
+            }
         }
+        ControlFlow::Continue(())
     };
+    // Each message in turn, until a stop: then the backfill ends without `SyncDone`.
+    macro_rules! send_each {
+        ($messages:expr) => {
+            for m in $messages {
+                if send(m).await.is_break() {
+                    return Ok(());
+                }
+            }
+        };
+    }
     let through = match from {
         Backfill::Last { n, head } => {
             let messages = shared
                 .store
                 .messages_before(room, head.map(|h| h + 1), n)
                 .await?;
-            for m in &messages {
-                send(m).await;
-            }
+            send_each!(&messages);
             // Subscribed before the read: what was committed after it comes live.
             head.unwrap_or_else(|| messages.last().map_or(0, |m| m.seq))
         }
@@ -475,15 +496,13 @@ pub(crate) async fn backfill(
                         .store
                         .messages_before(room, Some(head + 1), shared.settings.history_limit)
                         .await?;
-                    for m in last.iter().filter(|m| m.seq > cursor) {
-                        send(m).await;
-                    }
+                    send_each!(last.iter().filter(|m| m.seq > cursor));
                     break;
                 }
-                for m in page.iter().take_while(|m| m.seq <= head) {
-                    cursor = m.seq;
-                    send(m).await;
-                }
+                send_each!(page
+                    .iter()
+                    .take_while(|m| m.seq <= head)
+                    .inspect(|m| cursor = m.seq));
                 // A short page is the end; so is a page that reaches past `head`.
                 if page.len() < PAGE as usize || page.last().is_some_and(|m| m.seq > head) {
                     break;

@@ -178,7 +178,7 @@ pub(super) fn serve(
         guard.reason = end.reason();
         // Boxed: the end's state is large and lives only at the end.
         Box::pin(finish(&shared, &conn, end, client.rooms.drain(), writer)).await;
-        if let End::Close(..) = end {
+        if let End::Close(..) | End::Shutdown = end {
             Box::pin(driver.linger()).await;
         }
         drop(held);

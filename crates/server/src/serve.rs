@@ -171,7 +171,8 @@ fn once(
     let mut moved = 0;
     let result = tcp.try_io(interest, || {
         moved = call()?;
-        if moved > 0 && moved < len {
+        // Where readiness is edge-triggered (epoll, kqueue), as tokio's own check.
+        if cfg!(not(windows)) && moved > 0 && moved < len {
             // Clears the readiness this call was made under (not a newer event's).
             Err(io::ErrorKind::WouldBlock.into())
         } else {
@@ -206,12 +207,11 @@ impl AsyncWrite for SharedTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let len = bufs.iter().map(|b| b.len()).sum();
+        // Not through `once`, as in tokio: a short `writev` may only mean more slices
+        // than one call takes (IOV_MAX), on a socket that is still writable.
         loop {
             ready!(self.0.poll_write_ready(cx))?;
-            match once(&self.0, Interest::WRITABLE, len, || {
-                self.0.try_write_vectored(bufs)
-            }) {
+            match self.0.try_write_vectored(bufs) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 result => return Poll::Ready(result),
             }

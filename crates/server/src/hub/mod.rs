@@ -101,6 +101,16 @@ struct Subscriber {
     outbox: Arc<Outbox>,
 }
 
+/// Another node's presence list, part by part.
+struct Parts {
+    users: Vec<String>,
+    /// The part that must come next; any other breaks the list.
+    next: u32,
+    /// When the latest part came: a node that dies between parts leaves its list
+    /// behind, and it expires as `remote` does.
+    heard: Instant,
+}
+
 #[derive(Default)]
 struct RoomState {
     last_delivered: u64,
@@ -109,10 +119,8 @@ struct RoomState {
     presence: BTreeMap<Arc<str>, usize>,
     /// Users present on other nodes, by node, with when that node last said so.
     remote: HashMap<String, (Vec<String>, Instant)>,
-    /// A node's list that came in parts, gathered until its last part, with when its
-    /// latest part came (a node that dies between parts leaves one behind: it expires as
-    /// `remote` does).
-    remote_parts: HashMap<String, (Vec<String>, Instant)>,
+    /// A node's list that came in parts, gathered until its last part (`Parts`).
+    remote_parts: HashMap<String, Parts>,
     /// Messages beyond a gap, waiting for the gap to be read from the store.
     pending: BTreeMap<u64, Arc<StoredMessage>>,
     /// The store has messages up to at least this seq (from a bell without payload, or
@@ -570,25 +578,38 @@ impl Hub {
                 };
                 let mut state = room.lock();
                 if parts > 1 {
-                    // Parts come in order from one node: the first starts the list, the
-                    // last completes it (a list whose parts were not all heard waits for
-                    // the next refresh).
-                    let (gathered, heard) = state
-                        .remote_parts
-                        .entry(node.to_owned())
-                        .or_insert_with(|| (Vec::new(), Instant::now()));
+                    // Parts come in order from one node: the first starts the list, each
+                    // next one adds to it, the last completes it. A list with a part
+                    // missing (not heard, or expired before the rest came) is dropped and
+                    // waits for the next refresh: taken, it would tell the room that the
+                    // users of the missing part left.
+                    let now = Instant::now();
                     if part == 0 {
-                        gathered.clear();
+                        state.remote_parts.insert(
+                            node.to_owned(),
+                            Parts {
+                                users: Vec::new(),
+                                next: 0,
+                                heard: now,
+                            },
+                        );
                     }
-                    gathered.append(&mut users);
-                    *heard = Instant::now();
+                    let Some(gathered) =
+                        state.remote_parts.get_mut(node).filter(|g| g.next == part)
+                    else {
+                        state.remote_parts.remove(node);
+                        return;
+                    };
+                    gathered.users.append(&mut users);
+                    gathered.next = part + 1;
+                    gathered.heard = now;
                     if part + 1 < parts {
                         return;
                     }
                     users = state
                         .remote_parts
                         .remove(node)
-                        .map(|(users, _)| users)
+                        .map(|g| g.users)
                         .unwrap_or_default();
                 }
                 let before = state.users();
@@ -638,7 +659,7 @@ impl Hub {
             let mut state = room.lock();
             state
                 .remote_parts
-                .retain(|_, (_, heard)| heard.elapsed() <= max_age);
+                .retain(|_, parts| parts.heard.elapsed() <= max_age);
             if state
                 .remote
                 .values()
@@ -1054,6 +1075,16 @@ mod tests {
         hub.expire_presence(Duration::from_millis(10));
         assert_eq!(gathering(&hub), 0, "expired");
         assert_eq!(remote(&hub), None, "n2's complete list expired too");
+        // The rest of an expired list, or of one whose first part was missed, is no list.
+        hub.on_remote("n3", part(1, &["h"]));
+        hub.on_remote("n3", part(2, &["i"]));
+        let n3 = |hub: &Hub| hub.room(&room).unwrap().lock().remote.contains_key("n3");
+        assert!(!n3(&hub), "a list without its first part");
+        // Nor is one with a part missing in the middle.
+        hub.on_remote("n3", part(0, &["j"]));
+        hub.on_remote("n3", part(2, &["k"]));
+        assert!(!n3(&hub), "a list without its middle part");
+        assert_eq!(gathering(&hub), 0);
     }
 
     /// A broker that does not take events (NATS reconnecting) does not make the hub hold

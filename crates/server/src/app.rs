@@ -48,6 +48,9 @@ pub struct Shared {
     pub limits: crate::limits::Limits,
     /// Whether busy connections hold their writes now (the node's frame rate).
     pub pacing: Arc<crate::hub::pacing::WritePacing>,
+    /// When a stop must be over (`shutdown_grace_secs` + 1 s from when it began): set
+    /// once the stop begins.
+    stop_deadline: std::sync::OnceLock<tokio::time::Instant>,
     draining: AtomicBool,
     next_conn: AtomicU64,
 }
@@ -59,6 +62,23 @@ impl Shared {
 
     pub fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The stop's deadline: set (once) from when the stop began.
+    fn stop_began(&self, at: tokio::time::Instant) -> tokio::time::Instant {
+        *self
+            .stop_deadline
+            .get_or_init(|| at + self.settings.shutdown_grace() + Duration::from_secs(1))
+    }
+
+    /// Once the server is stopping: until when a connection may still spend time on its
+    /// own close, up to `want` from now and never into the last second before the stop's
+    /// deadline, which the steps after the connections (the committer, the other nodes,
+    /// deregistering) need.
+    pub fn stop_budget(&self, want: Duration) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let deadline = self.stop_began(now);
+        (now + want).min(deadline.checked_sub(Duration::from_secs(1)).unwrap_or(now))
     }
 }
 
@@ -196,6 +216,7 @@ impl Application {
             tracker: TaskTracker::new(),
             limits,
             pacing,
+            stop_deadline: std::sync::OnceLock::new(),
             draining: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         });
@@ -263,21 +284,20 @@ impl Application {
         let router = crate::http::router(shared.clone());
         // When the stop began: the grace bounds the whole stop from then, not each step.
         let mut stop_began = {
-            let stop = shared.shutdown.clone();
+            let shared = shared.clone();
             tokio::spawn(async move {
-                stop.cancelled().await;
-                tokio::time::Instant::now()
+                shared.shutdown.cancelled().await;
+                shared.stop_began(tokio::time::Instant::now())
             })
         };
         // TLS, TCP_NODELAY, the header size and handshake time limits: `serve.rs`.
         let served = crate::serve::serve(listener, router, &shared, tls).await;
         // Not stopped by the token (serving failed): the stop begins now.
-        let began = match (&mut stop_began).now_or_never() {
-            Some(Ok(at)) => at,
-            _ => tokio::time::Instant::now(),
+        let deadline = match (&mut stop_began).now_or_never() {
+            Some(Ok(deadline)) => deadline,
+            _ => shared.stop_began(tokio::time::Instant::now()),
         };
         stop_began.abort();
-        let deadline = began + shared.settings.shutdown_grace() + Duration::from_secs(1);
         shared.draining.store(true, Ordering::Release);
         tracing::info!("draining: closing WebSockets with 1012");
         shared.tracker.close();

@@ -518,7 +518,10 @@ async fn a_client_behind_on_reading_at_a_stop_still_gets_its_1012(backend: Backe
     assert_eq!(reader.join("far", Some(0)).await, SENT);
     // The backfill fills the sockets and the queue and waits; the stop ends it.
     let stopping = tokio::spawn(app.stop());
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Long enough for the server to be past reading (its store's page read included, on
+    // a busy machine): a frame it did read would leave nothing unread, and the test
+    // would pass without the linger.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     // Input the stopping server does not read.
     reader.send(json!({"type": "ping"})).await;
     // Read in bursts, as a client on a busy device does: the server's last write (the

@@ -114,7 +114,7 @@ pub(super) fn serve(
         // Boxed, as the join: the end's state is large and lives only at the end.
         Box::pin(finish(&shared, &conn, end, [(room, SUB)], writer)).await;
         if let End::Close(..) | End::Shutdown = end {
-            Box::pin(driver.linger()).await;
+            Box::pin(driver.linger(end)).await;
         }
         drop(held);
     }

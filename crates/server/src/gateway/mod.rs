@@ -372,12 +372,19 @@ impl Driver {
 impl Driver {
     /// After a close the server chose (a limit, a bad frame, the stop's 1012) went out:
     /// read (and drop) what the client still sends, until its close reply, the end of the
-    /// stream, or 2 s. Dropping a socket with unread input makes the kernel reset the
-    /// connection, and a reset destroys what the socket has not sent yet, the close frame
-    /// too (a flooder would see 1006 instead of 1008, a client behind on reading 1006
-    /// instead of 1012).
-    pub async fn linger(mut self) {
-        let _bounded = tokio::time::timeout(Duration::from_secs(2), async {
+    /// stream, or 2 s (on a stop, no later than a second before its deadline). Dropping a
+    /// socket with unread input makes the kernel reset the connection, and a reset
+    /// destroys what the socket has not sent yet, the close frame too (a flooder would see
+    /// 1006 instead of 1008, a client behind on reading 1006 instead of 1012). A client
+    /// that neither reads nor answers within that time may still get the reset.
+    pub async fn linger(mut self, end: End) {
+        const LINGER: Duration = Duration::from_secs(2);
+        let until = match end {
+            // Within the stop's own deadline.
+            End::Shutdown => self.shared.stop_budget(LINGER),
+            _ => tokio::time::Instant::now() + LINGER,
+        };
+        let _bounded = tokio::time::timeout_at(until, async {
             while let Some(Ok(frame)) = self.stream.next().await {
                 if matches!(frame, Message::Close(_)) {
                     break;
@@ -419,10 +426,11 @@ pub(crate) enum Backfill {
 /// Queue a room's backfill for `sub` (already subscribed and tracked), paced by the
 /// writer, then `SyncDone`. Messages newer than the backfill's head come live.
 ///
-/// A stop ends a backfill that waits for the client: what is queued goes out, gap-free
-/// from the start, and the reader goes on to the stop's 1012; the client resumes from
-/// its last seq on the next node. Without this, a client reading slowly would hold the
-/// stop until its deadline and get no close frame at all.
+/// A stop ends a backfill at its next page or its next wait for the client: what is
+/// queued goes out, gap-free from the start, without `SyncDone`, and the reader goes on
+/// to the stop's 1012; the client resumes from its last seq on the next node. Without
+/// this, a long resume or a client reading slowly would hold the stop until its deadline
+/// and get no close frame at all.
 pub(crate) async fn backfill(
     shared: &Shared,
     conn: &Conn,
@@ -478,6 +486,10 @@ pub(crate) async fn backfill(
         Backfill::After { since, head } => {
             let mut cursor = since;
             while cursor < head {
+                // A client that reads fast never waits: the stop is looked at each page.
+                if shared.shutdown.is_cancelled() {
+                    return Ok(());
+                }
                 let page = shared.store.messages_after(room, cursor, PAGE).await?;
                 if let Some(first_seq) = page.first().map(|m| m.seq).filter(|&s| s > cursor + 1) {
                     // Retention deleted what follows `cursor` while this backfill waited

@@ -179,7 +179,7 @@ pub(super) fn serve(
         // Boxed: the end's state is large and lives only at the end.
         Box::pin(finish(&shared, &conn, end, client.rooms.drain(), writer)).await;
         if let End::Close(..) | End::Shutdown = end {
-            Box::pin(driver.linger()).await;
+            Box::pin(driver.linger(end)).await;
         }
         drop(held);
     }
@@ -439,6 +439,11 @@ impl Client {
         let mut named = HashSet::with_capacity(rooms.len());
         let (mut tried, mut refused) = (0, 0);
         for JoinRoom { room, since } in rooms {
+            if self.shared.shutdown.is_cancelled() {
+                // The connection is about to close with 1012: the client joins again
+                // after its reconnect.
+                break;
+            }
             if !named.insert(room.clone()) {
                 continue;
             }
@@ -546,7 +551,10 @@ impl Client {
             leave();
             return Err(unavailable(e));
         }
-        shared.hub.send_presence(&room, conn);
+        // `presence` marks the end of the backfill: not after one a stop cut short.
+        if !shared.shutdown.is_cancelled() {
+            shared.hub.send_presence(&room, conn);
+        }
         self.rooms.insert(room, sub);
         Ok(())
     }

@@ -139,7 +139,9 @@ def cmd_load(argv):
         sys.stderr.write(open(err_path).read()[-3000:])
         sys.exit(1)
     r = json.loads(lines[-1])
-    send0 = t_start + r["connect_s"] + 0.01
+    # The send phase as the client timed it; an older client without that field: from
+    # when it was started (which takes in its own start-up, tens of milliseconds).
+    send0 = r.get("send_start_unix_s") or t_start + r["connect_s"] + 0.01
     send1 = send0 + r["duration_s"]
     drain1 = send1 + r["drain_s"]
     cpu_send = (sampler.ticks_at(send1) - sampler.ticks_at(send0)) / TCK

@@ -269,6 +269,8 @@ pub(crate) struct Conn {
     settled: bool,
     /// The last session got as far as authentication.
     last_session_up: bool,
+    /// v1: down after it had been up, and trying to get back (counted in `Live::away`).
+    away: bool,
     next_idx: usize,
     // v1
     rooms: Vec<V1Room>,
@@ -367,6 +369,7 @@ impl Conn {
             urls,
             settled: false,
             last_session_up: false,
+            away: false,
             next_idx: 0,
             rooms,
             unacked: BTreeMap::new(),
@@ -406,6 +409,9 @@ impl Conn {
             self.last_session_up = false;
             let end = self.attempt(&url).await;
             self.settle();
+            if matches!(end, End::Churn | End::Lost) {
+                self.set_away(true);
+            }
             match end {
                 End::Stop => break,
                 End::Fatal => {
@@ -426,8 +432,22 @@ impl Conn {
                 }
             }
         }
+        self.set_away(false);
         self.settle();
         self.finish()
+    }
+
+    /// v1: whether the connection is down after it had been up and will come back, to
+    /// resume what it missed (the drain waits for it: `Live::away`).
+    fn set_away(&mut self, away: bool) {
+        let away = away && self.v1() && self.out.connected_once;
+        if away != self.away {
+            self.away = away;
+            self.shared
+                .live
+                .away
+                .fetch_add(if away { 1 } else { -1 }, Relaxed);
+        }
     }
 
     /// Sleeps for `d`, following phase changes; false if the run stopped.
@@ -924,6 +944,7 @@ impl Conn {
                 s.up = true;
                 self.out.connected_once = true;
                 self.shared.live.connected.fetch_add(1, Relaxed);
+                self.set_away(false);
                 // A session tied to one room can only use that room.
                 if let Some(sr) = session_room {
                     if sr != self.room_names[0] && self.rooms.iter().all(|r| r.base.is_none()) {

@@ -37,7 +37,8 @@
 //! last seq it received, so what it gets on resume counts as delivered and what never comes
 //! counts as lost. A connection that gives up for good (bad key, policy close) is expected
 //! to have only up to what it had received. Messages sent and never acked nor seen by
-//! anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no one;
+//! anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no one
+//! (they fail the run all the same: see [`Report::failure`]);
 //! error frames that refuse a send for good count as `refused`. Retryable errors
 //! (`unavailable`, `shutting_down`, `internal`, `rate_limited`) and sends that were not
 //! acked before a reconnect are sent again with the same `client_msg_id`; two acks with
@@ -245,11 +246,26 @@ impl LoadArgs {
     }
 }
 
+/// The longest time an option may give: beyond it, the arithmetic on instants that the
+/// run does with it could overflow (a panic in every connection task).
+const A_YEAR_S: f64 = 365.0 * 86_400.0;
+
 fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
     if !v.is_finite() || v < 0.0 {
         bail!("--{name} must be a non-negative number of seconds, not {v}");
     }
+    if v > A_YEAR_S {
+        bail!("--{name} must be at most a year ({A_YEAR_S} seconds), not {v}");
+    }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// A rate: 0 (off) or at least one a year.
+fn rate(name: &str, what: &str, v: f64, max: f64) -> anyhow::Result<()> {
+    if !v.is_finite() || !(v == 0.0 || (1.0 / A_YEAR_S..=max).contains(&v)) {
+        bail!("--{name} must be 0 or {what} between once a year and {max} a second, not {v}");
+    }
+    Ok(())
 }
 
 fn room_names(spec: &str) -> anyhow::Result<Vec<String>> {
@@ -287,15 +303,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
                 0.0
             }),
     )?;
-    if !args.interval.is_finite() || args.interval < 0.0 {
-        bail!("--interval must be a non-negative number of seconds");
-    }
-    if !args.ramp.is_finite() || args.ramp < 0.0 {
-        bail!("--ramp must be a non-negative rate");
-    }
-    if !args.churn.is_finite() || !(0.0..=1000.0).contains(&args.churn) {
-        bail!("--churn must be a fraction per second");
-    }
+    seconds("interval", args.interval)?;
+    rate("ramp", "a rate of connects", args.ramp, f64::MAX)?;
+    rate("churn", "a fraction of the connections", args.churn, 1000.0)?;
     let n = args.connections as usize;
     if n == 0 {
         bail!("--connections must be at least 1");
@@ -443,8 +453,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     phase_bus.send(Phase::Send { t0_us });
     tokio::time::sleep_until(clock.instant(t0_us) + duration).await;
 
-    // Drain: until nothing is due or unacknowledged and deliveries have stopped for a
-    // second, or `--drain` is over.
+    // Drain: until nothing is due or unacknowledged, no v1 connection is away (it would
+    // resume what it missed), and deliveries have stopped for a second; or `--drain` is
+    // over.
     phase_bus.send(Phase::Drain { t0_us });
     let drain_started = Instant::now();
     let quiet_us = Duration::from_secs(1).min(drain).as_micros() as u64;
@@ -453,7 +464,9 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         let live = &shared.live;
         let last = live.last_delivery_us.load(Relaxed).max(drain_start_us);
         let quiet = clock.now_us().saturating_sub(last) >= quiet_us;
-        let idle = live.pending_sends.load(Relaxed) <= 0 && live.in_flight.load(Relaxed) <= 0;
+        let idle = live.pending_sends.load(Relaxed) <= 0
+            && live.in_flight.load(Relaxed) <= 0
+            && live.away.load(Relaxed) <= 0;
         if (quiet && idle) || drain_started.elapsed() >= drain {
             break;
         }
@@ -498,7 +511,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         p.flush()?;
     }
 
-    let report = build_report(
+    let mut report = build_report(
         &args,
         &shared,
         outputs,
@@ -508,11 +521,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             urls,
             scheduled,
             connect_s,
+            send_start_unix_s: clock.unix_us(t0_us) as f64 / 1e6,
             duration_s: duration.as_secs_f64(),
             drain_s,
             last_delivery_after_send_s,
         },
     )?;
+    report.lost_tasks = lost_tasks;
     let human = report.human();
     let mut stdout = std::io::stdout().lock();
     if args.json || args.print_sent {
@@ -532,6 +547,7 @@ struct ReportTimes {
     urls: Vec<String>,
     scheduled: u64,
     connect_s: f64,
+    send_start_unix_s: f64,
     duration_s: f64,
     drain_s: f64,
     last_delivery_after_send_s: f64,
@@ -552,6 +568,7 @@ fn build_report(
         connections: u64::from(args.connections),
         scheduled: t.scheduled,
         connect_s: t.connect_s,
+        send_start_unix_s: t.send_start_unix_s,
         duration_s: t.duration_s,
         drain_s: t.drain_s,
         last_delivery_after_send_s: t.last_delivery_after_send_s,

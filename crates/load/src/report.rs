@@ -109,6 +109,10 @@ pub struct Report {
     pub resets: u64,
     /// Frames that could not be decoded.
     pub bad_frames: u64,
+    /// Connection tasks that did not report within 10 s of the end (blocked on a server
+    /// that stopped reading, or failed): their connections are missing from every count
+    /// above, so `lost` understates.
+    pub lost_tasks: u64,
 
     /// Intended send time to first receipt.
     pub latency_ms: LatencyMs,
@@ -122,6 +126,9 @@ pub struct Report {
 
     /// Seconds spent connecting before the send phase.
     pub connect_s: f64,
+    /// When the send phase began, in seconds since the Unix epoch (for a harness that
+    /// measures the server over exactly that phase).
+    pub send_start_unix_s: f64,
     /// Length of the send phase (`--duration`).
     pub duration_s: f64,
     /// Seconds spent waiting for in-flight deliveries after it (it ends after a quiet
@@ -137,6 +144,27 @@ pub struct Report {
 }
 
 impl Report {
+    /// What makes this run a failure (`wschat load` then exits with status 3), if
+    /// anything: messages lost; v1 sends the server never answered (neither acked nor
+    /// refused, after the retries and the drain: a server that drops sends silently loses
+    /// messages that no receiver can count); connection tasks whose figures are missing.
+    pub fn failure(&self) -> Option<String> {
+        let mut why = Vec::new();
+        if self.lost > 0 {
+            why.push(format!("{} deliveries lost", self.lost));
+        }
+        if let Some(unacked) = self.unacked.filter(|&n| n > 0) {
+            why.push(format!("{unacked} sends never answered"));
+        }
+        if self.lost_tasks > 0 {
+            why.push(format!(
+                "{} connection tasks did not report",
+                self.lost_tasks
+            ));
+        }
+        (!why.is_empty()).then(|| why.join(", "))
+    }
+
     /// A few lines for a person.
     pub fn human(&self) -> String {
         let mut s = String::new();
@@ -214,6 +242,13 @@ impl Report {
         if !self.connect_errors.is_empty() {
             let _ = writeln!(s, "  connect errors: {:?}", self.connect_errors);
         }
+        if self.lost_tasks > 0 {
+            let _ = writeln!(
+                s,
+                "  MISSING: {} connection tasks did not report; their figures are left out of every count",
+                self.lost_tasks
+            );
+        }
         if self.resets + self.bad_frames + self.ack_conflicts.unwrap_or(0) > 0 {
             let _ = writeln!(
                 s,
@@ -224,5 +259,45 @@ impl Report {
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Report;
+
+    /// A run fails on lost deliveries, on v1 sends never answered (a server that drops
+    /// sends silently: no receiver can count those as lost), and on missing figures.
+    #[test]
+    fn a_run_fails_on_loss_on_unanswered_sends_and_on_missing_figures() {
+        let clean = Report {
+            acked: Some(10),
+            unacked: Some(0),
+            ..Report::default()
+        };
+        assert_eq!(clean.failure(), None);
+        assert_eq!(Report::default().failure(), None, "legacy: no acks to miss");
+        let lost = Report {
+            lost: 3,
+            ..clean.clone()
+        };
+        assert_eq!(lost.failure().as_deref(), Some("3 deliveries lost"));
+        let unanswered = Report {
+            unacked: Some(2),
+            ..clean.clone()
+        };
+        assert_eq!(
+            unanswered.failure().as_deref(),
+            Some("2 sends never answered")
+        );
+        let missing = Report {
+            lost_tasks: 1,
+            lost: 1,
+            ..clean
+        };
+        assert_eq!(
+            missing.failure().as_deref(),
+            Some("1 deliveries lost, 1 connection tasks did not report")
+        );
     }
 }

@@ -65,6 +65,8 @@ pub struct Live {
     pub pending_sends: AtomicI64,
     /// v1: sent and neither acked nor finally refused.
     pub in_flight: AtomicI64,
+    /// v1: connections down after they had been up, reconnecting to resume.
+    pub away: AtomicI64,
 }
 
 impl Live {

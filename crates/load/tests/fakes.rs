@@ -422,3 +422,22 @@ fn args_parse_like_the_spec() {
     );
     assert!(LoadArgs::parse_from(["ws://a/", "--session-key=a", "--keys=b"]).is_err());
 }
+
+/// Times and rates that the run's arithmetic cannot hold are refused up front, naming
+/// the option, instead of panicking in every connection task.
+#[tokio::test]
+async fn absurd_times_and_rates_are_refused_by_name() {
+    for (arg, name) in [
+        ("--duration=1e20", "--duration"),
+        ("--interval=1e300", "--interval"),
+        ("--drain=-1", "--drain"),
+        ("--ramp=1e-30", "--ramp"),
+        ("--ramp=NaN", "--ramp"),
+        ("--churn=1e-30", "--churn"),
+        ("--churn=2000", "--churn"),
+    ] {
+        let args = LoadArgs::parse_from(["ws://127.0.0.1:9/", "--session-key=k", arg]).unwrap();
+        let e = run(args).await.expect_err(arg).to_string();
+        assert!(e.contains(name), "{arg}: {e}");
+    }
+}

@@ -88,7 +88,8 @@ enum Command {
         #[command(subcommand)]
         command: SessionCommand,
     },
-    /// Load, latency and loss client.
+    /// Load, latency and loss client. Exits 3 when deliveries were lost, v1 sends were
+    /// never answered, or connection tasks did not report.
     Load(wschat_load::LoadArgs),
     /// Print the settings: every default, or those in effect.
     Config {
@@ -319,10 +320,12 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Load(args) => {
                 let report = wschat_load::run(args).await?;
-                Ok(if report.lost > 0 {
-                    Outcome::LostMessages
-                } else {
-                    Outcome::Done
+                Ok(match report.failure() {
+                    Some(why) => {
+                        eprintln!("wschat load: {why}");
+                        Outcome::LoadFailed
+                    }
+                    None => Outcome::Done,
                 })
             }
         }
@@ -332,15 +335,16 @@ fn main() -> anyhow::Result<()> {
     drop(log_guard);
     match outcome? {
         Outcome::Done => Ok(()),
-        Outcome::LostMessages => std::process::exit(3),
+        Outcome::LoadFailed => std::process::exit(3),
     }
 }
 
 /// How a command that did not fail ended.
 enum Outcome {
     Done,
-    /// `wschat load` counted lost messages: exit status 3.
-    LostMessages,
+    /// `wschat load` counted lost messages, unanswered sends or missing figures
+    /// (`Report::failure`): exit status 3.
+    LoadFailed,
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -298,6 +298,8 @@ impl Application {
             _ => shared.stop_began(tokio::time::Instant::now()),
         };
         stop_began.abort();
+        // Serving failed: the connections are told to stop too (a no-op after a stop).
+        shared.shutdown.cancel();
         shared.draining.store(true, Ordering::Release);
         tracing::info!("draining: closing WebSockets with 1012");
         shared.tracker.close();

@@ -379,10 +379,11 @@ impl Driver {
     /// that neither reads nor answers within that time may still get the reset.
     pub async fn linger(mut self, end: End) {
         const LINGER: Duration = Duration::from_secs(2);
-        let until = match end {
-            // Within the stop's own deadline.
-            End::Shutdown => self.shared.stop_budget(LINGER),
-            _ => tokio::time::Instant::now() + LINGER,
+        // During a stop (its 1012, or any close it overtook), within the stop's deadline.
+        let until = if matches!(end, End::Shutdown) || self.shared.shutdown.is_cancelled() {
+            self.shared.stop_budget(LINGER)
+        } else {
+            tokio::time::Instant::now() + LINGER
         };
         let _bounded = tokio::time::timeout_at(until, async {
             while let Some(Ok(frame)) = self.stream.next().await {

@@ -299,6 +299,9 @@ struct Session {
     /// Ready for the run: v1 joins answered; legacy authenticated.
     established: bool,
     joins_waiting: usize,
+    /// v1: joined rooms whose backfill has not ended yet (the server's `presence` after
+    /// it marks the end): until none is left, a connection that was away still is.
+    syncs_waiting: usize,
     /// Legacy: when the connection attempt began and when it was authenticated (µs).
     opened_at: u64,
     window_start: u64,
@@ -944,7 +947,6 @@ impl Conn {
                 s.up = true;
                 self.out.connected_once = true;
                 self.shared.live.connected.fetch_add(1, Relaxed);
-                self.set_away(false);
                 // A session tied to one room can only use that room.
                 if let Some(sr) = session_room {
                     if sr != self.room_names[0] && self.rooms.iter().all(|r| r.base.is_none()) {
@@ -969,8 +971,10 @@ impl Conn {
                     })
                     .collect();
                 s.joins_waiting = rooms.len();
+                s.syncs_waiting = rooms.len();
                 if rooms.is_empty() {
                     s.established = true;
+                    self.set_away(false);
                 } else {
                     let join = ClientFrame::Join {
                         rooms,
@@ -995,6 +999,13 @@ impl Conn {
                 s.joins_waiting = s.joins_waiting.saturating_sub(1);
                 if s.joins_waiting == 0 {
                     s.established = true;
+                }
+            }
+            ServerFrame::Presence { .. } if s.syncs_waiting > 0 => {
+                // A join's backfill ended (resumed, if the connection was away).
+                s.syncs_waiting -= 1;
+                if s.syncs_waiting == 0 {
+                    self.set_away(false);
                 }
             }
             ServerFrame::Reset { room, .. } => {
@@ -1046,6 +1057,8 @@ impl Conn {
                         }
                         s.joins_waiting = 0;
                         s.established = true;
+                        s.syncs_waiting = 0;
+                        self.set_away(false);
                     }
                     _ if code == ErrorCode::AuthFailed => {
                         self.connect_failed("auth_failed".into());

@@ -169,7 +169,10 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
 
-    /// Most seconds to wait after the sending phase for in-flight deliveries.
+    /// Most seconds to wait after the sending phase for in-flight deliveries. The wait
+    /// ends sooner once nothing is due or unacknowledged, no v1 connection is away
+    /// (reconnecting to resume), and nothing has arrived for a second: a v1 connection
+    /// that cannot get back (its only node down) holds it to the end.
     #[arg(long, default_value_t = 10.0)]
     pub drain: f64,
 
@@ -260,13 +263,20 @@ fn seconds(name: &str, v: f64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// A rate: 0 (off) or at least one a year.
-fn rate(name: &str, what: &str, v: f64, max: f64) -> anyhow::Result<()> {
-    if !v.is_finite() || !(v == 0.0 || (1.0 / A_YEAR_S..=max).contains(&v)) {
-        bail!("--{name} must be 0 or {what} between once a year and {max} a second, not {v}");
+/// A rate: 0 (off) or at least once a year, and at most `max` a second if given.
+fn rate(name: &str, what: &str, v: f64, max: Option<f64>) -> anyhow::Result<()> {
+    let top = max.unwrap_or(f64::MAX);
+    if !v.is_finite() || !(v == 0.0 || (1.0 / A_YEAR_S..=top).contains(&v)) {
+        let most = max
+            .map(|m| format!(" and at most {m} a second"))
+            .unwrap_or_default();
+        bail!("--{name} must be 0 or {what} of at least once a year{most}, not {v}");
     }
     Ok(())
 }
+
+/// The most messages the send schedules may hold (drawn before the run, 8 bytes each).
+const MAX_SCHEDULED: f64 = 1e9;
 
 fn room_names(spec: &str) -> anyhow::Result<Vec<String>> {
     let spec = spec.trim();
@@ -304,11 +314,26 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             }),
     )?;
     seconds("interval", args.interval)?;
-    rate("ramp", "a rate of connects", args.ramp, f64::MAX)?;
-    rate("churn", "a fraction of the connections", args.churn, 1000.0)?;
+    rate("ramp", "a rate of connects", args.ramp, None)?;
+    rate(
+        "churn",
+        "a fraction of the connections",
+        args.churn,
+        Some(1000.0),
+    )?;
     let n = args.connections as usize;
     if n == 0 {
         bail!("--connections must be at least 1");
+    }
+    if args.interval > 0.0 {
+        let scheduled = n as f64 * duration.as_secs_f64() / args.interval;
+        if scheduled > MAX_SCHEDULED {
+            bail!(
+                "--interval {}: {n} connections for {} s would schedule about {scheduled:.0} messages, more than {MAX_SCHEDULED:.0}",
+                args.interval,
+                duration.as_secs_f64()
+            );
+        }
     }
     let key_for = |i: usize| -> anyhow::Result<String> {
         match (&args.session_key, &args.keys) {

@@ -300,6 +300,43 @@ async fn v1_resume_after_restart_loses_nothing() {
     assert_eq!(r.ack_conflicts, Some(0));
 }
 
+/// Receivers kept away after a restart for longer than the drain's quiet second (their
+/// joins refused for 2.5 s; the sender's are not) are waited for: they come back, resume
+/// what they missed, and nothing counts as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_the_drain_waits_for_connections_still_away() {
+    let addr = v1_fake(V1Fake {
+        kick_after: Some(20),
+        slow_resume_ms: Some(2500),
+        ..V1Fake::default()
+    })
+    .await;
+    let url = format!("ws://{addr}/ws");
+    let r = load(&[
+        &url,
+        "--keys=k{i}",
+        "--connections=5",
+        "--send-only=1",
+        "--receive-only",
+        "--interval=0.05",
+        "--duration=2",
+        "--drain=10",
+        "--no-progress",
+    ])
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.close_codes.get(&1012), Some(&5), "{r:#?}");
+    assert_eq!(r.connected_at_end, 5, "{r:#?}");
+    // The four receivers each expect every message (the sender only sends).
+    assert_eq!(r.expected, r.sent * 4, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    // They were away long enough to matter: their joins were refused after the kick.
+    assert!(
+        r.errors.get("unavailable").is_some_and(|&n| n > 4),
+        "{r:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_silent_server_is_dropped_and_resumed_without_loss() {
     let addr = v1_fake(V1Fake {
@@ -430,6 +467,7 @@ async fn absurd_times_and_rates_are_refused_by_name() {
     for (arg, name) in [
         ("--duration=1e20", "--duration"),
         ("--interval=1e300", "--interval"),
+        ("--interval=1e-12", "--interval"),
         ("--drain=-1", "--drain"),
         ("--ramp=1e-30", "--ramp"),
         ("--ramp=NaN", "--ramp"),

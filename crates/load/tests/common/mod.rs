@@ -142,6 +142,10 @@ pub struct V1Fake {
     /// Every n-th stored message is stored again right after, under the next seq, and
     /// sent to every member twice (a retry stored twice).
     pub store_twice_every: Option<u64>,
+    /// For this many milliseconds after the kick (`kick_after`), joins are answered
+    /// `unavailable`, but those of user `k1`: every other connection stays away (in its
+    /// backoff) for that long.
+    pub slow_resume_ms: Option<u64>,
 }
 
 #[derive(Default)]
@@ -157,6 +161,7 @@ struct Hub {
     next_id: i64,
     stored: u64,
     kicked: bool,
+    kicked_at: Option<std::time::Instant>,
     hung: Option<std::collections::HashSet<u64>>,
     conns: HashMap<u64, Tx>,
     delivered: u64,
@@ -193,7 +198,7 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                     }
                 }
             });
-            let mut authed = false;
+            let mut user = String::new();
             while let Some(Ok(msg)) = stream.next().await {
                 if hub
                     .lock()
@@ -210,9 +215,9 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                 };
                 match cmd {
                     ClientFrame::Auth { key, .. } => {
-                        authed = true;
+                        user = key;
                         let _ = tx.send(frame(&ServerFrame::Hello {
-                            user: key,
+                            user: user.clone(),
                             protocol: 1,
                             server: "fake".into(),
                             session_room: None,
@@ -224,10 +229,18 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             },
                         }));
                     }
-                    _ if !authed => {}
+                    _ if user.is_empty() => {}
                     ClientFrame::Join { rooms, reference } => {
                         let mut hub = hub.lock().unwrap();
-                        if opts.refuse_joins.is_some_and(|n| hub.joins_refused < n) {
+                        let resuming_slowly = opts.slow_resume_ms.is_some_and(|ms| {
+                            user != "k1"
+                                && hub
+                                    .kicked_at
+                                    .is_some_and(|at| at.elapsed().as_millis() < u128::from(ms))
+                        });
+                        if resuming_slowly
+                            || opts.refuse_joins.is_some_and(|n| hub.joins_refused < n)
+                        {
                             hub.joins_refused += 1;
                             let _ = tx.send(frame(&ServerFrame::Error {
                                 code: wschat_protocol::ErrorCode::Unavailable,
@@ -252,6 +265,11 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             for m in &room.log[from.min(room.log.len())..] {
                                 let _ = tx.send(frame(&ServerFrame::Message(m.clone())));
                             }
+                            // As wschat: `presence` ends a join's backfill.
+                            let _ = tx.send(frame(&ServerFrame::Presence {
+                                room: jr.room.clone(),
+                                users: Vec::new(),
+                            }));
                         }
                     }
                     ClientFrame::Send {
@@ -340,6 +358,7 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                         hub.stored += 1;
                         if opts.kick_after.is_some_and(|k| hub.stored >= k) && !hub.kicked {
                             hub.kicked = true;
+                            hub.kicked_at = Some(std::time::Instant::now());
                             for c in hub.conns.values() {
                                 let _ = c.send(Message::Close(Some(CloseFrame {
                                     code: CloseCode::from(1012),

@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -64,8 +63,9 @@ impl Shared {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The stop's deadline: set (once) from when the stop began.
-    fn stop_began(&self, at: tokio::time::Instant) -> tokio::time::Instant {
+    /// The stop's deadline: set (once, the first caller's `at` wins) from when the stop
+    /// began.
+    pub(crate) fn stop_began(&self, at: tokio::time::Instant) -> tokio::time::Instant {
         *self
             .stop_deadline
             .get_or_init(|| at + self.settings.shutdown_grace() + Duration::from_secs(1))
@@ -282,23 +282,12 @@ impl Application {
             tls,
         } = self;
         let router = crate::http::router(shared.clone());
-        // When the stop began: the grace bounds the whole stop from then, not each step.
-        let mut stop_began = {
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                shared.shutdown.cancelled().await;
-                shared.stop_began(tokio::time::Instant::now())
-            })
-        };
-        // TLS, TCP_NODELAY, the header size and handshake time limits: `serve.rs`.
+        // TLS, TCP_NODELAY, the header size and handshake time limits: `serve.rs`, which
+        // also records when a stop by the token began.
         let served = crate::serve::serve(listener, router, &shared, tls).await;
-        // Not stopped by the token (serving failed): the stop begins now.
-        let deadline = match (&mut stop_began).now_or_never() {
-            Some(Ok(deadline)) => deadline,
-            _ => shared.stop_began(tokio::time::Instant::now()),
-        };
-        stop_began.abort();
-        // Serving failed: the connections are told to stop too (a no-op after a stop).
+        // The grace bounds the whole stop from when it began, not each step; when serving
+        // failed, the stop begins now, and the connections are told to stop too.
+        let deadline = shared.stop_began(tokio::time::Instant::now());
         shared.shutdown.cancel();
         shared.draining.store(true, Ordering::Release);
         tracing::info!("draining: closing WebSockets with 1012");

@@ -46,10 +46,12 @@ pub async fn serve(
     let settings = &shared.settings;
     let handle: Handle<SocketAddr> = Handle::new();
     let stopper = handle.clone();
-    let stop = shared.shutdown.clone();
     let grace = settings.shutdown_grace();
+    let stopping = Arc::clone(shared);
     tokio::spawn(async move {
-        stop.cancelled().await;
+        stopping.shutdown.cancelled().await;
+        // The stop's deadline counts from here (`Shared::stop_began`).
+        stopping.stop_began(tokio::time::Instant::now());
         stopper.graceful_shutdown(Some(grace));
     });
     let mut server = axum_server::Server::<SocketAddr>::from_listener(listener)

@@ -108,13 +108,14 @@ pub(super) fn serve(
                 )));
                 End::Close(wschat_protocol::close::INTERNAL_ERROR, "store unavailable")
             }
-            Ok(()) => read_loop(&shared, &conn, &room, &mut driver).await,
+            // A backfill a stop cut short: the reader sees the stop at once.
+            Ok(_) => read_loop(&shared, &conn, &room, &mut driver).await,
         };
         guard.reason = end.reason();
         // Boxed, as the join: the end's state is large and lives only at the end.
         Box::pin(finish(&shared, &conn, end, [(room, SUB)], writer)).await;
         if let End::Close(..) | End::Shutdown = end {
-            Box::pin(driver.linger(end)).await;
+            Box::pin(driver.linger()).await;
         }
         drop(held);
     }

@@ -377,10 +377,10 @@ impl Driver {
     /// destroys what the socket has not sent yet, the close frame too (a flooder would see
     /// 1006 instead of 1008, a client behind on reading 1006 instead of 1012). A client
     /// that neither reads nor answers within that time may still get the reset.
-    pub async fn linger(mut self, end: End) {
+    pub async fn linger(mut self) {
         const LINGER: Duration = Duration::from_secs(2);
         // During a stop (its 1012, or any close it overtook), within the stop's deadline.
-        let until = if matches!(end, End::Shutdown) || self.shared.shutdown.is_cancelled() {
+        let until = if self.shared.shutdown.is_cancelled() {
             self.shared.stop_budget(LINGER)
         } else {
             tokio::time::Instant::now() + LINGER
@@ -427,18 +427,18 @@ pub(crate) enum Backfill {
 /// Queue a room's backfill for `sub` (already subscribed and tracked), paced by the
 /// writer, then `SyncDone`. Messages newer than the backfill's head come live.
 ///
-/// A stop ends a backfill at its next page or its next wait for the client: what is
-/// queued goes out, gap-free from the start, without `SyncDone`, and the reader goes on
-/// to the stop's 1012; the client resumes from its last seq on the next node. Without
-/// this, a long resume or a client reading slowly would hold the stop until its deadline
-/// and get no close frame at all.
+/// A stop ends a backfill at its next page or its next wait for the client (`Break`):
+/// what is queued goes out, gap-free from the start, without `SyncDone`, and the reader
+/// goes on to the stop's 1012; the client resumes from its last seq on the next node.
+/// Without this, a long resume or a client reading slowly would hold the stop until its
+/// deadline and get no close frame at all.
 pub(crate) async fn backfill(
     shared: &Shared,
     conn: &Conn,
     room: &RoomName,
     sub: SubId,
     from: Backfill,
-) -> Result<(), StoreError> {
+) -> Result<ControlFlow<()>, StoreError> {
     const PAGE: u32 = 500;
     let limit = shared.settings.outbound_queue_bytes;
     // A client that reads nothing for as long as a silent one may stay is a slow consumer.
@@ -469,7 +469,7 @@ pub(crate) async fn backfill(
         ($messages:expr) => {
             for m in $messages {
                 if send(m).await.is_break() {
-                    return Ok(());
+                    return Ok(ControlFlow::Break(()));
                 }
             }
         };
@@ -489,7 +489,7 @@ pub(crate) async fn backfill(
             while cursor < head {
                 // A client that reads fast never waits: the stop is looked at each page.
                 if shared.shutdown.is_cancelled() {
-                    return Ok(());
+                    return Ok(ControlFlow::Break(()));
                 }
                 let page = shared.store.messages_after(room, cursor, PAGE).await?;
                 if let Some(first_seq) = page.first().map(|m| m.seq).filter(|&s| s > cursor + 1) {
@@ -525,7 +525,7 @@ pub(crate) async fn backfill(
         }
     };
     conn.outbox.push(Item::SyncDone { sub, through });
-    Ok(())
+    Ok(ControlFlow::Continue(()))
 }
 
 /// End a connection: answer in-flight sends (on shutdown), queue the close, leave every

@@ -179,7 +179,7 @@ pub(super) fn serve(
         // Boxed: the end's state is large and lives only at the end.
         Box::pin(finish(&shared, &conn, end, client.rooms.drain(), writer)).await;
         if let End::Close(..) | End::Shutdown = end {
-            Box::pin(driver.linger(end)).await;
+            Box::pin(driver.linger()).await;
         }
         drop(held);
     }
@@ -547,12 +547,15 @@ impl Client {
             }
             None => last,
         };
-        if let Err(e) = backfill(shared, conn, &room, sub, from).await {
-            leave();
-            return Err(unavailable(e));
-        }
+        let backfilled = match backfill(shared, conn, &room, sub, from).await {
+            Ok(backfilled) => backfilled,
+            Err(e) => {
+                leave();
+                return Err(unavailable(e));
+            }
+        };
         // `presence` marks the end of the backfill: not after one a stop cut short.
-        if !shared.shutdown.is_cancelled() {
+        if backfilled.is_continue() {
             shared.hub.send_presence(&room, conn);
         }
         self.rooms.insert(room, sub);

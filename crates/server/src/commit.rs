@@ -1,8 +1,9 @@
-//! Group commit: one task takes every send that queued up while the previous commit was
-//! in flight, commits them (across rooms) in one transaction, then acknowledges each
-//! sender, delivers to this node's hub and rings the other nodes, in commit order. An ack is only ever sent after commit.
+//! Group commit: one loop (a task, or on SQLite the store's commit thread) takes every send
+//! that queued up while the previous commit was in flight, commits them (across rooms) in
+//! one transaction; a task then acknowledges each sender, delivers to this node's hub and
+//! rings the other nodes, in commit order. An ack is only ever sent after commit.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
@@ -12,7 +13,9 @@ use wschat_protocol::ErrorCode;
 
 use crate::hub::frames::{self, Encoded};
 use crate::hub::{Conn, Hub, Item, Protocol};
-use crate::store::{format_time, CommitOutcome, NewMessage, Store, StoreError};
+use crate::store::{
+    format_time, CommitFn, CommitLoop, CommitOutcome, NewMessage, Store, StoreError,
+};
 
 /// Who waits for a send's outcome.
 pub enum Reply {
@@ -44,10 +47,17 @@ struct Queued {
     at: Instant,
 }
 
+/// What the committer's queue carries: sends, and the stop (put in by `Committer::start`'s
+/// watcher when `stop` fires), which a loop waiting on a thread would not see otherwise.
+enum Entry {
+    Send(Queued),
+    Stop,
+}
+
 /// The handle connections use to send.
 #[derive(Clone)]
 pub struct Committer {
-    tx: mpsc::Sender<Queued>,
+    tx: mpsc::Sender<Entry>,
     stop: CancellationToken,
 }
 
@@ -61,7 +71,29 @@ impl Committer {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(rx, store, hub, max_batch.max(1), spacing, stop.clone()));
+        // Weak: dropping every `Committer` still ends the loop without a stop (and this
+        // watcher with it).
+        let watcher = tx.downgrade();
+        let stopped = stop.clone();
+        let done = CancellationToken::new();
+        let loop_done = done.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stopped.cancelled() => {
+                    if let Some(tx) = watcher.upgrade() {
+                        let _loop_already_ended = tx.send(Entry::Stop).await;
+                    }
+                }
+                _ = loop_done.cancelled() => {}
+            }
+        });
+        let batches = Batches {
+            rx,
+            max_batch: max_batch.max(1),
+            spacing,
+            stop: stop.clone(),
+        };
+        let task = tokio::spawn(run(batches, store, hub, done));
         (Self { tx, stop }, task)
     }
 
@@ -91,18 +123,25 @@ impl Committer {
             request,
             at: Instant::now(),
         };
-        let wait = match self.tx.try_send(queued) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(queued)) => Some(Box::pin(self.tx.send(queued))),
-            Err(mpsc::error::TrySendError::Closed(queued)) => {
-                answer_error(queued.request.reply, CommitError::ShuttingDown);
-                None
+        // After the stop, refused at once, not only once the loop reaches the `Stop`
+        // entry behind what was queued before it.
+        let wait = if self.stop.is_cancelled() {
+            refuse(Entry::Send(queued));
+            None
+        } else {
+            match self.tx.try_send(Entry::Send(queued)) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(entry)) => Some(Box::pin(self.tx.send(entry))),
+                Err(mpsc::error::TrySendError::Closed(entry)) => {
+                    refuse(entry);
+                    None
+                }
             }
         };
         async move {
             if let Some(wait) = wait {
-                if let Err(mpsc::error::SendError(queued)) = wait.await {
-                    answer_error(queued.request.reply, CommitError::ShuttingDown);
+                if let Err(mpsc::error::SendError(entry)) = wait.await {
+                    refuse(entry);
                 }
             }
         }
@@ -138,73 +177,184 @@ struct Settled {
     committed_at: Instant,
 }
 
-/// The commit loop: the next batch's commit starts as soon as the previous one returns,
-/// while a second task (`settle`) answers the senders and delivers, in commit order. The
-/// database and this node's fan-out work at the same time.
-async fn run(
-    mut rx: mpsc::Receiver<Queued>,
-    store: Arc<dyn Store>,
-    hub: Arc<Hub>,
+/// A send that found the queue closed: the server is stopping.
+fn refuse(entry: Entry) {
+    if let Entry::Send(queued) = entry {
+        answer_error(queued.request.reply, CommitError::ShuttingDown);
+    }
+}
+
+/// The committer's queue and how it turns into batches.
+struct Batches {
+    rx: mpsc::Receiver<Entry>,
     max_batch: usize,
     spacing: Spacing,
     stop: CancellationToken,
-) {
-    let (settled_tx, settled_rx) = mpsc::channel(SETTLING_BATCHES);
-    let settler = tokio::spawn(settle(settled_rx, hub));
-    let mut last_start: Option<tokio::time::Instant> = None;
-    loop {
-        // Each batch moves to the settler, so it is a new vector: sized by what is queued
-        // now, not by `max_batch` (10,000 entries for a batch that is mostly one message).
-        let mut batch: Vec<Queued> = Vec::with_capacity(rx.len().clamp(1, max_batch));
-        let received = tokio::select! {
-            n = rx.recv_many(&mut batch, max_batch) => n,
-            _ = stop.cancelled(), if !rx.is_closed() => {
-                // Later submits fail (and are answered shutting_down); drain the rest.
-                rx.close();
+}
+
+impl Batches {
+    /// A vector for what is queued now (each batch moves to the settler, so each is a new
+    /// one): sized by the queue, not by `max_batch` (10,000 entries for a batch that is
+    /// mostly one message).
+    fn buffer(&self) -> Vec<Entry> {
+        Vec::with_capacity(self.rx.len().clamp(1, self.max_batch))
+    }
+
+    /// The sends among `entries`; at the stop, the queue closes (later submits are
+    /// answered `shutting_down`) and what is in it is still committed.
+    fn sends(&mut self, entries: Vec<Entry>) -> Vec<Queued> {
+        let mut batch = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match entry {
+                Entry::Send(queued) => batch.push(queued),
+                Entry::Stop => self.rx.close(),
+            }
+        }
+        batch
+    }
+
+    /// While the node is busy, a commit starts at most every `spacing.delay`: what arrives
+    /// in the first moments joins it, and each commit (each fsync) carries more. Until
+    /// when the batch waits, if it does.
+    fn hold_until(&self, last_start: Option<Instant>, batch: &[Queued]) -> Option<Instant> {
+        let at = last_start? + self.spacing.delay;
+        let hold = !self.spacing.delay.is_zero()
+            && !self.spacing.pacing.delay().is_zero()
+            && batch.len() < self.max_batch
+            && at > Instant::now()
+            && !self.stop.is_cancelled();
+        hold.then_some(at)
+    }
+
+    /// What queued during the hold joins the batch.
+    fn top_up(&mut self, batch: &mut Vec<Queued>) {
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(Entry::Send(queued)) => batch.push(queued),
+                Ok(Entry::Stop) => self.rx.close(),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// The async loop (`commit_batch` from a task): PostgreSQL's.
+    async fn run(mut self, store: &dyn Store, settled: mpsc::Sender<Settled>) {
+        let mut last_start = None;
+        loop {
+            let mut entries = self.buffer();
+            if self.rx.recv_many(&mut entries, self.max_batch).await == 0 {
+                break;
+            }
+            let mut batch = self.sends(entries);
+            if let Some(at) = self.hold_until(last_start, &batch) {
+                tokio::time::sleep_until(at.into()).await;
+                self.top_up(&mut batch);
+            }
+            if batch.is_empty() {
                 continue;
             }
-        };
-        if received == 0 {
-            break;
+            let messages: Arc<[NewMessage]> = batch.iter().map(|q| q.request.msg.clone()).collect();
+            let started = Instant::now();
+            last_start = Some(started);
+            let result = store.commit_batch(messages).await;
+            // Waits while the settler is `SETTLING_BATCHES` behind: a fan-out slower than
+            // the commits holds the next commit back (and the senders, through the queue)
+            // instead of piling committed batches up.
+            let _settler_ends_only_after_this_loop =
+                settled.send(Settled::new(batch, result, started)).await;
         }
-        // While the node is busy, a commit starts at most every `spacing.delay`: what
-        // arrives in the first moments joins it, and each commit (each fsync) carries more.
-        if let (Some(last), false) = (last_start, spacing.delay.is_zero()) {
-            let at = last + spacing.delay;
-            if !spacing.pacing.delay().is_zero()
-                && batch.len() < max_batch
-                && at > tokio::time::Instant::now()
-                && !stop.is_cancelled()
-            {
-                tokio::time::sleep_until(at).await;
-                while batch.len() < max_batch {
-                    match rx.try_recv() {
-                        Ok(queued) => batch.push(queued),
-                        Err(_) => break,
+    }
+
+    /// The same loop on the store's commit thread (SQLite): blocking waits, and each
+    /// commit on the thread's own connection.
+    fn run_blocking(mut self, commit: CommitFn<'_>, settled: mpsc::Sender<Settled>) {
+        let mut last_start = None;
+        loop {
+            let mut entries = self.buffer();
+            if self.rx.blocking_recv_many(&mut entries, self.max_batch) == 0 {
+                break;
+            }
+            let mut batch = self.sends(entries);
+            if let Some(at) = self.hold_until(last_start, &batch) {
+                std::thread::sleep(at.saturating_duration_since(Instant::now()));
+                self.top_up(&mut batch);
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let messages: Vec<NewMessage> = batch.iter().map(|q| q.request.msg.clone()).collect();
+            let started = Instant::now();
+            last_start = Some(started);
+            // A panic in a commit (a bug) fails its batch, answered `unavailable`, and the
+            // loop goes on: it must not take the queue, and every sender in it, down.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(&messages)))
+                    .unwrap_or_else(|_| Err(StoreError::CommitPanicked));
+            let _settler_ends_only_after_this_loop =
+                settled.blocking_send(Settled::new(batch, result, started));
+        }
+    }
+}
+
+impl Settled {
+    /// A batch whose commit started at `started` and just ended with `result`.
+    fn new(
+        batch: Vec<Queued>,
+        result: Result<Vec<CommitOutcome>, StoreError>,
+        started: Instant,
+    ) -> Self {
+        let committed_at = Instant::now();
+        metrics::histogram!("wschat_commit_seconds").record((committed_at - started).as_secs_f64());
+        metrics::histogram!("wschat_commit_batch_size").record(batch.len() as f64);
+        tracing::trace!(batch = batch.len(), ok = result.is_ok(), "commit finished");
+        Self {
+            batch,
+            result,
+            committed_at,
+        }
+    }
+}
+
+/// The commit loop: the next batch's commit starts as soon as the previous one returns,
+/// while a second task (`settle`) answers the senders and delivers, in commit order. The
+/// database and this node's fan-out work at the same time. On a store with a commit
+/// thread the loop runs there: on one core, a loop that is a task waits for the runtime
+/// to finish the previous batch's fan-out before it can start the next commit.
+async fn run(batches: Batches, store: Arc<dyn Store>, hub: Arc<Hub>, done: CancellationToken) {
+    let _watcher_ends_with_the_loop = done.drop_guard();
+    let (settled_tx, settled_rx) = mpsc::channel(SETTLING_BATCHES);
+    let settler = tokio::spawn(settle(settled_rx, hub));
+    match store.commit_thread() {
+        Some(thread) => {
+            // The loop's parts stay here until the thread takes them: when it cannot, the
+            // loop runs as a task after all, and what is queued is still answered.
+            let parts = Arc::new(std::sync::Mutex::new(Some((batches, settled_tx))));
+            let lent = parts.clone();
+            let (ended_tx, ended) = oneshot::channel::<()>();
+            let body: CommitLoop = Box::new(move |commit| {
+                let taken = lent.lock().unwrap_or_else(PoisonError::into_inner).take();
+                if let Some((batches, settled)) = taken {
+                    batches.run_blocking(commit, settled);
+                    let _run_may_be_gone = ended_tx.send(());
+                }
+            });
+            match thread.run_loop(body) {
+                Ok(()) => {
+                    if ended.await.is_err() {
+                        tracing::error!("the commit loop ended by a panic");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the commit thread is gone; committing from a task");
+                    let taken = parts.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    if let Some((batches, settled)) = taken {
+                        batches.run(store.as_ref(), settled).await;
                     }
                 }
             }
         }
-        last_start = Some(tokio::time::Instant::now());
-        let messages: Arc<[NewMessage]> = batch.iter().map(|q| q.request.msg.clone()).collect();
-        let started = Instant::now();
-        let result = store.commit_batch(messages).await;
-        let committed_at = Instant::now();
-        metrics::histogram!("wschat_commit_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("wschat_commit_batch_size").record(batch.len() as f64);
-        tracing::trace!(batch = batch.len(), ok = result.is_ok(), "commit finished");
-        // Waits while the settler is `SETTLING_BATCHES` behind: a fan-out slower than
-        // the commits holds the next commit back (and the senders, through the queue)
-        // instead of piling committed batches up.
-        let _settler_ends_only_after_this_loop = settled_tx
-            .send(Settled {
-                batch,
-                result,
-                committed_at,
-            })
-            .await;
+        None => batches.run(store.as_ref(), settled_tx).await,
     }
-    drop(settled_tx);
     if let Err(e) = settler.await {
         tracing::error!(error = %e, "the commit settler failed");
     }
@@ -337,5 +487,169 @@ fn answer_error(reply: Reply, error: CommitError) {
         Reply::Oneshot(tx) => {
             let _ignored_if_caller_gone = tx.send(Err(error));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use wschat_protocol::RoomName;
+
+    use super::*;
+    use crate::hub::pacing::WritePacing;
+
+    /// A committer on a fresh SQLite store (its loop on the store's commit thread), with
+    /// `delay` between commits while busy and pacing always on (so the delay applies).
+    async fn committer(
+        delay: Duration,
+    ) -> (tempfile::TempDir, Committer, tokio::task::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("commit.db").display());
+        let store = crate::store::open(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        assert!(
+            store.commit_thread().is_some(),
+            "SQLite commits on a thread"
+        );
+        let (outgoing, _) = mpsc::channel(16);
+        let hub = Hub::new(store.clone(), outgoing, false);
+        let spacing = Spacing {
+            delay,
+            pacing: WritePacing::new(Duration::from_millis(10), 0),
+        };
+        let (committer, task) = Committer::start(store, hub, 100, spacing);
+        (dir, committer, task)
+    }
+
+    fn message(text: &str, id: Option<&str>) -> NewMessage {
+        NewMessage {
+            room: RoomName::new("r").unwrap(),
+            user: "u".into(),
+            text: text.into(),
+            client_msg_id: id.map(str::to_owned),
+        }
+    }
+
+    fn seq(outcome: &Result<CommitOutcome, CommitError>) -> u64 {
+        match outcome {
+            Ok(outcome) => outcome.message().seq,
+            Err(e) => panic!("not committed: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn sends_are_committed_in_order_on_the_commit_thread() {
+        for delay in [Duration::ZERO, Duration::from_millis(20)] {
+            let (_dir, committer, _task) = committer(delay).await;
+            // Many at once: they share commits (and, with the delay, wait for one another).
+            let sends = (1..=50).map(|i| committer.send_and_wait(message(&format!("m{i}"), None)));
+            let outcomes = futures_util::future::join_all(sends).await;
+            let mut seqs: Vec<u64> = outcomes.iter().map(seq).collect();
+            seqs.sort_unstable();
+            assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "delay {delay:?}");
+            // A retry returns the first commit's seq.
+            let first = committer.send_and_wait(message("x", Some("c1"))).await;
+            let again = committer.send_and_wait(message("x", Some("c1"))).await;
+            assert_eq!(seq(&first), 51);
+            assert!(
+                matches!(again, Ok(CommitOutcome::Duplicate(ref m)) if m.seq == 51),
+                "{again:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_commits_what_was_queued_then_refuses_and_ends() {
+        let (_dir, committer, task) = committer(Duration::ZERO).await;
+        let queued: Vec<_> = (1..=20)
+            .map(|i| {
+                let (tx, rx) = oneshot::channel();
+                let request = SendRequest {
+                    msg: message(&format!("m{i}"), None),
+                    reply: Reply::Oneshot(tx),
+                };
+                (committer.submit(request), rx)
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for (submitted, answer) in queued {
+            submitted.await;
+            answers.push(answer);
+        }
+        committer.stop();
+        // Refused at once, though what was queued before the stop is still in the queue.
+        let late = committer.send_and_wait(message("late", None)).await;
+        assert!(matches!(late, Err(CommitError::ShuttingDown)), "{late:?}");
+        for answer in answers {
+            let outcome = answer.await.expect("answered");
+            assert!(seq(&outcome) >= 1);
+        }
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the commit task ends after a stop")
+            .expect("and does not panic");
+        let after = committer.send_and_wait(message("later", None)).await;
+        assert!(matches!(after, Err(CommitError::ShuttingDown)), "{after:?}");
+    }
+
+    #[test]
+    fn a_panic_in_a_commit_fails_its_batch_not_the_loop() {
+        let (tx, rx) = mpsc::channel(16);
+        let batches = Batches {
+            rx,
+            max_batch: 1,
+            spacing: Spacing {
+                delay: Duration::ZERO,
+                pacing: WritePacing::new(Duration::ZERO, 0),
+            },
+            stop: CancellationToken::new(),
+        };
+        for text in ["first", "second"] {
+            let (reply, _) = oneshot::channel();
+            let request = SendRequest {
+                msg: message(text, None),
+                reply: Reply::Oneshot(reply),
+            };
+            let entry = Entry::Send(Queued {
+                request,
+                at: Instant::now(),
+            });
+            assert!(tx.blocking_send(entry).is_ok());
+        }
+        drop(tx);
+        let (settled_tx, mut settled) = mpsc::channel(4);
+        let mut commits = 0;
+        batches.run_blocking(
+            &mut |batch: &[NewMessage]| {
+                commits += 1;
+                assert!(commits > 1, "the first commit panics on purpose");
+                Ok(batch.iter().map(|m| m.stored(1, 1, 0)).collect())
+            },
+            settled_tx,
+        );
+        let first = settled.blocking_recv().expect("the first batch is settled");
+        assert!(
+            matches!(first.result, Err(StoreError::CommitPanicked)),
+            "{:?}",
+            first.result.map(|o| o.len())
+        );
+        let second = settled.blocking_recv().expect("the loop went on");
+        assert_eq!(second.result.map(|o| o.len()).ok(), Some(1));
+        assert!(
+            settled.blocking_recv().is_none(),
+            "the loop ended with the queue"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_every_handle_ends_the_loop() {
+        let (_dir, committer, task) = committer(Duration::ZERO).await;
+        assert_eq!(seq(&committer.send_and_wait(message("m", None)).await), 1);
+        drop(committer);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the commit task ends without a stop once no one can send")
+            .expect("and does not panic");
     }
 }

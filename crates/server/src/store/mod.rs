@@ -127,6 +127,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the SQLite commit thread is gone")]
     WriterGone,
+    /// A commit on a commit thread panicked (a bug): that batch failed, rolled back.
+    #[error("the commit failed unexpectedly (see the server's log)")]
+    CommitPanicked,
     #[error("the SQLite read thread is gone")]
     ReaderGone,
     #[error("the session lookup task is gone")]
@@ -147,6 +150,23 @@ impl From<sqlx::Error> for StoreError {
             other => Self::Query(other),
         }
     }
+}
+
+/// Commits one batch on a commit thread's connection (see `CommitThread`); the outcomes
+/// are in the batch's order.
+pub type CommitFn<'a> = &'a mut dyn FnMut(&[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError>;
+
+/// A commit loop to run on a store's commit thread: it gets that thread's commit function
+/// and keeps the thread until it returns.
+pub type CommitLoop = Box<dyn for<'a> FnOnce(CommitFn<'a>) + Send>;
+
+/// A store that commits on an OS thread of its own (SQLite) lends that thread to the
+/// committer's whole loop, so that the next commit starts the moment the last one ends,
+/// not when the async side gets round to asking for it (`crate::commit`).
+pub trait CommitThread {
+    /// Start `body` on the commit thread. While it runs, `Store::commit_batch` waits for
+    /// it (the thread is busy): the committer runs it only in place of its own loop.
+    fn run_loop(&self, body: CommitLoop) -> Result<(), StoreError>;
 }
 
 #[async_trait]
@@ -181,6 +201,12 @@ pub trait Store: Send + Sync + 'static {
         &self,
         batch: Arc<[NewMessage]>,
     ) -> Result<Vec<CommitOutcome>, StoreError>;
+
+    /// The store's commit thread, where it has one (SQLite); `None` commits through
+    /// `commit_batch` from a task (PostgreSQL, where the commit's work is the server's).
+    fn commit_thread(&self) -> Option<&dyn CommitThread> {
+        None
+    }
 
     async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError>;
 

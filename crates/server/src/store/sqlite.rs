@@ -230,6 +230,10 @@ impl Store for SqliteStore {
         self.commit.commit(batch).await
     }
 
+    fn commit_thread(&self) -> Option<&dyn super::CommitThread> {
+        Some(&self.commit)
+    }
+
     async fn room_head(&self, room: &RoomName) -> Result<RoomHead, StoreError> {
         let row = sqlx::query(
             r#"SELECT r.last_seq,

@@ -1,5 +1,6 @@
 //! SQLite connections on OS threads of their own, fed by one queue of jobs: a job is a
-//! closure handed to a thread and one answer back. A thread runs every waiting job before
+//! closure handed to a thread and, through `run`, one answer back (`spawn` waits for
+//! none: the committer's loop, which keeps its thread until it ends). A thread runs every waiting job before
 //! it sleeps again, so a burst costs a wake-up or two, not one per job. The commit thread
 //! (`sqlite_writer`) is one such thread; the connect reads (`sqlite_reader`) are a few.
 //!
@@ -53,6 +54,14 @@ impl ConnThreads {
         Ok(Self { jobs, gone })
     }
 
+    /// Start `job` on one of the threads, without waiting for it.
+    pub fn spawn(
+        &self,
+        job: impl FnOnce(&mut Connection) + Send + 'static,
+    ) -> Result<(), StoreError> {
+        self.jobs.send(Box::new(job)).map_err(|_| (self.gone)())
+    }
+
     /// Run `job` on one of the threads and wait for its answer.
     pub async fn run<T, F>(&self, job: F) -> Result<T, StoreError>
     where
@@ -60,12 +69,9 @@ impl ConnThreads {
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (answer, outcome) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        self.spawn(move |conn| {
             let _ignored_if_the_caller_is_gone = answer.send(job(conn));
-        });
-        if self.jobs.send(job).is_err() {
-            return Err((self.gone)());
-        }
+        })?;
         outcome.await.unwrap_or_else(|_| Err((self.gone)()))
     }
 }

@@ -1,7 +1,9 @@
 //! The SQLite commit thread: one OS thread (`sqlite_threads`) owns the connection that
-//! commits message batches, and each batch is one job handed to it and one answer back.
+//! commits message batches. Each batch is one job handed to it and one answer back
+//! (`commit`), or the committer's whole loop runs on it (`CommitThread`) and commits each
+//! batch there, without the hand-offs.
 //! Through sqlx's SQLite connection a batch of one message was about 15 context switches
-//! on one core; here it is two, whatever its size. The statements are prepared once and
+//! on one core; as a job it is two, whatever its size. The statements are prepared once and
 //! bound per message (no JSON round trip).
 
 use std::path::PathBuf;
@@ -12,7 +14,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use wschat_protocol::RoomName;
 
 use super::sqlite_threads::ConnThreads;
-use super::{now_ms, BatchPlan, CommitOutcome, NewMessage, StoreError, StoredMessage};
+use super::{
+    now_ms, BatchPlan, CommitLoop, CommitOutcome, CommitThread, NewMessage, StoreError,
+    StoredMessage,
+};
 
 /// The handle on the commit thread. The thread ends when the handle is dropped.
 pub(super) struct Writer {
@@ -34,6 +39,13 @@ impl Writer {
     /// Commit `batch` in one transaction; the outcomes are in the batch's order.
     pub async fn commit(&self, batch: Arc<[NewMessage]>) -> Result<Vec<CommitOutcome>, StoreError> {
         self.thread.run(move |conn| commit(conn, &batch)).await
+    }
+}
+
+impl CommitThread for Writer {
+    fn run_loop(&self, body: CommitLoop) -> Result<(), StoreError> {
+        self.thread
+            .spawn(move |conn| body(&mut |batch: &[NewMessage]| commit(conn, batch)))
     }
 }
 

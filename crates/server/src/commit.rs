@@ -47,8 +47,8 @@ struct Queued {
     at: Instant,
 }
 
-/// What the committer's queue carries: sends, and the stop (put in by `Committer::start`'s
-/// watcher when `stop` fires), which a loop waiting on a thread would not see otherwise.
+/// What the committer's queue carries: sends, and the stop (put in by `Committer::stop`),
+/// which a loop waiting on a thread would not see otherwise.
 enum Entry {
     Send(Queued),
     Stop,
@@ -71,35 +71,28 @@ impl Committer {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(max_batch.max(1) * 4);
         let stop = CancellationToken::new();
-        // Weak: dropping every `Committer` still ends the loop without a stop (and this
-        // watcher with it).
-        let watcher = tx.downgrade();
-        let stopped = stop.clone();
-        let done = CancellationToken::new();
-        let loop_done = done.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stopped.cancelled() => {
-                    if let Some(tx) = watcher.upgrade() {
-                        let _loop_already_ended = tx.send(Entry::Stop).await;
-                    }
-                }
-                _ = loop_done.cancelled() => {}
-            }
-        });
         let batches = Batches {
             rx,
             max_batch: max_batch.max(1),
             spacing,
             stop: stop.clone(),
         };
-        let task = tokio::spawn(run(batches, store, hub, done));
+        let task = tokio::spawn(run(batches, store, hub));
         (Self { tx, stop }, task)
     }
 
-    /// Refuse new sends (`shutting_down`); commit those already queued, then end.
+    /// Refuse new sends (`shutting_down`); commit those already queued, then end. The
+    /// loop learns of the stop from the `Stop` entry behind them (a loop waiting on a
+    /// thread does not see the token); on a full queue a task puts it in when there is
+    /// room, so this is called from within the runtime.
     pub fn stop(&self) {
         self.stop.cancel();
+        if let Err(mpsc::error::TrySendError::Full(stop)) = self.tx.try_send(Entry::Stop) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _loop_already_ended = tx.send(stop).await;
+            });
+        }
     }
 
     /// Queue a send. Waits while the queue is full (backpressure on the sender).
@@ -320,8 +313,7 @@ impl Settled {
 /// database and this node's fan-out work at the same time. On a store with a commit
 /// thread the loop runs there: on one core, a loop that is a task waits for the runtime
 /// to finish the previous batch's fan-out before it can start the next commit.
-async fn run(batches: Batches, store: Arc<dyn Store>, hub: Arc<Hub>, done: CancellationToken) {
-    let _watcher_ends_with_the_loop = done.drop_guard();
+async fn run(batches: Batches, store: Arc<dyn Store>, hub: Arc<Hub>) {
     let (settled_tx, settled_rx) = mpsc::channel(SETTLING_BATCHES);
     let settler = tokio::spawn(settle(settled_rx, hub));
     match store.commit_thread() {

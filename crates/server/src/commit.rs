@@ -281,10 +281,13 @@ impl Batches {
             // A panic in a commit (a bug) fails its batch, answered `unavailable`, and the
             // loop goes on: it must not take the queue, and every sender in it, down.
             let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit(&messages)))
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit.commit(&messages)))
                     .unwrap_or_else(|_| Err(StoreError::CommitPanicked));
             let _settler_ends_only_after_this_loop =
                 settled.blocking_send(Settled::new(batch, result, started));
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit.upkeep())).is_err() {
+                tracing::error!("the store's upkeep after a commit panicked");
+            }
         }
     }
 }
@@ -490,6 +493,7 @@ mod tests {
 
     use super::*;
     use crate::hub::pacing::WritePacing;
+    use crate::store::CommitOn;
 
     /// A committer on a fresh SQLite store (its loop on the store's commit thread), with
     /// `delay` between commits while busy and pacing always on (so the delay applies).
@@ -611,15 +615,34 @@ mod tests {
         }
         drop(tx);
         let (settled_tx, mut settled) = mpsc::channel(4);
-        let mut commits = 0;
-        batches.run_blocking(
-            &mut |batch: &[NewMessage]| {
-                commits += 1;
-                assert!(commits > 1, "the first commit panics on purpose");
+        /// Panics in its first commit; counts its upkeeps and the batches settled (queued
+        /// for the settler, which nobody reads here) by each.
+        struct PanicsFirst {
+            commits: u32,
+            settled_by_upkeep: Vec<usize>,
+            settled: mpsc::Sender<Settled>,
+        }
+        impl CommitOn for PanicsFirst {
+            fn commit(&mut self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError> {
+                self.commits += 1;
+                assert!(self.commits > 1, "the first commit panics on purpose");
                 Ok(batch.iter().map(|m| m.stored(1, 1, 0)).collect())
-            },
-            settled_tx,
-        );
+            }
+
+            fn upkeep(&mut self) {
+                let queued = self.settled.max_capacity() - self.settled.capacity();
+                self.settled_by_upkeep.push(queued);
+            }
+        }
+        let mut on = PanicsFirst {
+            commits: 0,
+            settled_by_upkeep: Vec::new(),
+            settled: settled_tx.clone(),
+        };
+        batches.run_blocking(&mut on, settled_tx);
+        // Each batch's upkeep came after its outcomes were handed on, the failed one's too.
+        assert_eq!(on.settled_by_upkeep, [1, 2]);
+        drop(on);
         let first = settled.blocking_recv().expect("the first batch is settled");
         assert!(
             matches!(first.result, Err(StoreError::CommitPanicked)),

@@ -122,6 +122,12 @@ pub const METRICS: &[Metric] = &[
         "Duration of one commit transaction, in seconds.",
     ),
     m(
+        "wschat_sqlite_checkpoint_seconds",
+        Kind::Histogram,
+        &[],
+        "SQLite only: duration of one checkpoint of the WAL into the database file, run by the commit thread after a commit that left the WAL at 1,000 pages or more, once that commit's senders were answered.",
+    ),
+    m(
         "wschat_send_ack_seconds",
         Kind::Histogram,
         &[],

@@ -152,9 +152,18 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// Commits one batch on a commit thread's connection (see `CommitThread`); the outcomes
-/// are in the batch's order.
-pub type CommitFn<'a> = &'a mut dyn FnMut(&[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError>;
+/// A commit thread's connection, as the commit loop on it sees it (see `CommitThread`).
+pub trait CommitOn {
+    /// Commit one batch; the outcomes are in the batch's order.
+    fn commit(&mut self, batch: &[NewMessage]) -> Result<Vec<CommitOutcome>, StoreError>;
+
+    /// The store's upkeep after a batch's outcomes are handed on, before the next commit
+    /// (SQLite: the checkpoint the last commit called for), so that no batch's answers
+    /// wait for it.
+    fn upkeep(&mut self) {}
+}
+
+pub type CommitFn<'a> = &'a mut dyn CommitOn;
 
 /// A commit loop to run on a store's commit thread: it gets that thread's commit function
 /// and keeps the thread until it returns.

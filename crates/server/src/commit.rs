@@ -14,7 +14,7 @@ use wschat_protocol::ErrorCode;
 use crate::hub::frames::{self, Encoded};
 use crate::hub::{Conn, Hub, Item, Protocol};
 use crate::store::{
-    format_time, CommitFn, CommitLoop, CommitOutcome, NewMessage, Store, StoreError,
+    format_time, CommitLoop, CommitOn, CommitOutcome, NewMessage, Store, StoreError,
 };
 
 /// Who waits for a send's outcome.
@@ -260,7 +260,7 @@ impl Batches {
 
     /// The same loop on the store's commit thread (SQLite): blocking waits, and each
     /// commit on the thread's own connection.
-    fn run_blocking(mut self, commit: CommitFn<'_>, settled: mpsc::Sender<Settled>) {
+    fn run_blocking(mut self, commit: &mut dyn CommitOn, settled: mpsc::Sender<Settled>) {
         let mut last_start = None;
         loop {
             let mut entries = self.buffer();
@@ -493,7 +493,6 @@ mod tests {
 
     use super::*;
     use crate::hub::pacing::WritePacing;
-    use crate::store::CommitOn;
 
     /// A committer on a fresh SQLite store (its loop on the store's commit thread), with
     /// `delay` between commits while busy and pacing always on (so the delay applies).

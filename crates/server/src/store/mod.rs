@@ -163,11 +163,9 @@ pub trait CommitOn {
     fn upkeep(&mut self) {}
 }
 
-pub type CommitFn<'a> = &'a mut dyn CommitOn;
-
-/// A commit loop to run on a store's commit thread: it gets that thread's commit function
-/// and keeps the thread until it returns.
-pub type CommitLoop = Box<dyn for<'a> FnOnce(CommitFn<'a>) + Send>;
+/// A commit loop to run on a store's commit thread: it gets that thread's connection
+/// (`CommitOn`) and keeps the thread until it returns.
+pub type CommitLoop = Box<dyn for<'a> FnOnce(&'a mut dyn CommitOn) + Send>;
 
 /// A store that commits on an OS thread of its own (SQLite) lends that thread to the
 /// committer's whole loop, so that the next commit starts the moment the last one ends,

@@ -75,7 +75,8 @@ impl Writer {
     }
 
     /// Commit `batch` in one transaction; the outcomes are in the batch's order. A
-    /// checkpoint it calls for runs before the answer (this path is the loop's fallback).
+    /// checkpoint it calls for runs before the answer (this path is the fallback when the
+    /// loop cannot run on the thread, and the tests').
     pub async fn commit(&self, batch: Arc<[NewMessage]>) -> Result<Vec<CommitOutcome>, StoreError> {
         let checkpoints = self.checkpoints.clone();
         self.thread

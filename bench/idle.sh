@@ -2,7 +2,8 @@
 # idle: RSS per authenticated idle legacy connection on PostgreSQL, for each N in NS
 # (2000 and 10000): a freshly started server, RSS before the first connect, N legacy
 # connections with one session key (they send nothing), RSS once the server holds all N
-# sockets and their count has not changed for 1 s (plus SETTLE seconds), ÷ N. Then the
+# sockets and their count has not changed for 1 s (plus SETTLE seconds), ÷ N (÷ the new
+# descriptors it holds if fewer: some failed, and a warning says so). Then the
 # same against the PEERS (lib.sh) and the Node floor. Issue: ≤ 8 KiB per connection (the
 # floor measured 16 KiB), on a server whose idle RSS is ≤ 32 MiB.
 # Knobs: NS ("2000 10000"), RAMP (2000 connects/s), SETTLE (2 s).
@@ -35,10 +36,18 @@ measure_idle() { # WHO N
     fds=$(python3 "$MEASURE" fds "$SRV_PID")
     la=$(cut -d' ' -f1-3 /proc/loadavg)
     stop "$client"
-    local per
-    per=$(python3 -c "print(f'{($rss1 - $rss0) / $n:.2f}')")
-    log "$who N=$n: RSS $rss0 KiB → $rss1 KiB with $((fds - fd0)) more fds: $per KiB/connection"
-    rows+=("$who|$n|$rss0|$rss1|$((fds - fd0))|$per|$la")
+    # Per connection the server holds: a run where some of the N did not connect (or were
+    # closed) would otherwise spread their absent memory over connections that are there.
+    # More new descriptors than N are not more connections (a server may open a database
+    # connection or two meanwhile), so N then.
+    local held=$((fds - fd0)) per
+    local conns=$((held < n ? held : n))
+    if ((held < n)); then
+        note "warning: $who held $held new descriptors, not $n: KiB per connection is per descriptor held"
+    fi
+    per=$(python3 -c "print(f'{($rss1 - $rss0) / max($conns, 1):.2f}')")
+    log "$who N=$n: RSS $rss0 KiB → $rss1 KiB with $held more fds: $per KiB/connection"
+    rows+=("$who|$n|$rss0|$rss1|$held|$per|$la")
 }
 
 for n in $NS; do

@@ -128,6 +128,12 @@ pub const METRICS: &[Metric] = &[
         "SQLite only: duration of one checkpoint of the WAL into the database file, run by the commit thread after a commit that left the WAL at 1,000 pages or more, once that commit's senders were answered.",
     ),
     m(
+        "wschat_sqlite_checkpoint_failures_total",
+        Kind::Counter,
+        &[],
+        "SQLite only: checkpoints that failed (tried again after the next commit past the size; the log warns at the 1st, 2nd, 4th… failure in a row).",
+    ),
+    m(
         "wschat_send_ack_seconds",
         Kind::Histogram,
         &[],

@@ -67,6 +67,7 @@ impl Writer {
             at_pages: checkpoint_pages,
             runs: AtomicU64::new(0),
             last_wal_pages: AtomicI32::new(0),
+            failures: Failures::default(),
         });
         Ok(Self {
             thread,
@@ -150,6 +151,7 @@ struct Checkpoints {
     runs: AtomicU64,
     /// The WAL's size after the last commit looked at, in pages.
     last_wal_pages: AtomicI32,
+    failures: Failures,
 }
 
 impl Checkpoints {
@@ -170,9 +172,39 @@ impl Checkpoints {
         metrics::histogram!("wschat_sqlite_checkpoint_seconds")
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok((log, copied)) => tracing::trace!(log, copied, "checkpoint"),
-            Err(e) => tracing::warn!(error = %e, "SQLite checkpoint failed"),
+            Ok((log, copied)) => {
+                let failed = self.failures.succeeded();
+                if failed > 0 {
+                    tracing::info!(failed, "SQLite checkpoint succeeded again");
+                }
+                tracing::trace!(log, copied, "checkpoint");
+            }
+            Err(e) => {
+                metrics::counter!("wschat_sqlite_checkpoint_failures_total").increment(1);
+                if let Some(failures) = self.failures.failed() {
+                    tracing::warn!(error = %e, failures, "SQLite checkpoint failed");
+                }
+            }
         }
+    }
+}
+
+/// Checkpoints failing in a row. A failing checkpoint is tried again after every commit
+/// past the size (on a full or failing disk, for as long as that lasts): its warning is
+/// logged at the 1st, 2nd, 4th, 8th… failure in a row, and once when one succeeds again.
+#[derive(Default)]
+struct Failures(AtomicU64);
+
+impl Failures {
+    /// One more failure; `Some(failures in a row)` when it is to be logged.
+    fn failed(&self) -> Option<u64> {
+        let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        n.is_power_of_two().then_some(n)
+    }
+
+    /// A success: how many failed in a row before it.
+    fn succeeded(&self) -> u64 {
+        self.0.swap(0, Ordering::Relaxed)
     }
 }
 
@@ -288,6 +320,16 @@ mod tests {
         // Without checkpoints 200 commits would leave hundreds of pages (SQLite's own
         // checkpoint is off: the hook replaced it).
         assert!(highest < 20, "the WAL reached {highest} pages");
+    }
+
+    #[test]
+    fn failing_checkpoints_are_logged_ever_more_rarely_and_again_after_a_success() {
+        let failures = Failures::default();
+        let logged: Vec<u64> = (0..20).filter_map(|_| failures.failed()).collect();
+        assert_eq!(logged, [1, 2, 4, 8, 16]);
+        assert_eq!(failures.succeeded(), 20);
+        assert_eq!(failures.succeeded(), 0);
+        assert_eq!(failures.failed(), Some(1));
     }
 
     /// In the loop, the checkpoint comes after the commit's outcomes, in `upkeep`.

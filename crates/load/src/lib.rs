@@ -675,13 +675,13 @@ fn build_report(
     };
     let mut h = new_histogram()?;
     shared.latency.merge_into(&mut h);
-    r.latency_ms = LatencyMs::from_histogram(&h);
+    r.latency_ms = LatencyMs::from_histogram(&h, shared.latency.over_max());
     if v1 {
         shared.ack_latency.merge_into(&mut h);
-        r.ack_latency_ms = Some(LatencyMs::from_histogram(&h));
+        r.ack_latency_ms = Some(LatencyMs::from_histogram(&h, shared.ack_latency.over_max()));
     }
     shared.send_lag.merge_into(&mut h);
-    r.send_lag_ms = LatencyMs::from_histogram(&h);
+    r.send_lag_ms = LatencyMs::from_histogram(&h, shared.send_lag.over_max());
     if t.duration_s > 0.0 {
         r.send_rate = r.sent as f64 / t.duration_s;
     }

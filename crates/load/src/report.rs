@@ -18,10 +18,14 @@ pub struct LatencyMs {
     pub p999: f64,
     pub max: f64,
     pub mean: f64,
+    /// Samples over the histogram's bound (one hour), counted in it as one hour: `max` and
+    /// the percentiles they reach are then lower bounds.
+    pub over_max: u64,
 }
 
 impl LatencyMs {
-    pub(crate) fn from_histogram(h: &Histogram<u64>) -> Self {
+    /// The figures of `h`, whose samples include `over_max` recorded at its bound.
+    pub(crate) fn from_histogram(h: &Histogram<u64>, over_max: u64) -> Self {
         if h.is_empty() {
             return Self::default();
         }
@@ -34,7 +38,19 @@ impl LatencyMs {
             p999: ms(h.value_at_quantile(0.999)),
             max: ms(h.max()),
             mean: h.mean() / 1000.0,
+            over_max,
         }
+    }
+
+    /// What the text report adds when samples were over the bound.
+    fn over_max_note(&self) -> String {
+        if self.over_max == 0 {
+            return String::new();
+        }
+        format!(
+            "; {} over one hour, counted as one hour (max and the percentiles they reach are lower bounds)",
+            self.over_max
+        )
     }
 }
 
@@ -217,21 +233,35 @@ impl Report {
         let l = &self.latency_ms;
         let _ = writeln!(
             s,
-            "  latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2} ({} samples)",
-            l.p50, l.p90, l.p99, l.p999, l.max, l.count
+            "  latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2} ({} samples{})",
+            l.p50,
+            l.p90,
+            l.p99,
+            l.p999,
+            l.max,
+            l.count,
+            l.over_max_note()
         );
         if let Some(a) = &self.ack_latency_ms {
             let _ = writeln!(
                 s,
-                "  ack latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}",
-                a.p50, a.p90, a.p99, a.p999, a.max
+                "  ack latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, p99.9 {:.2}, max {:.2}{}",
+                a.p50,
+                a.p90,
+                a.p99,
+                a.p999,
+                a.max,
+                a.over_max_note()
             );
         }
         let g = &self.send_lag_ms;
         let _ = writeln!(
             s,
-            "  send lag ms (intended → written: a busy client, or a connection down; inside the latency): p50 {:.2}, p99 {:.2}, max {:.2}",
-            g.p50, g.p99, g.max
+            "  send lag ms (intended → written: a busy client, or a connection down; inside the latency): p50 {:.2}, p99 {:.2}, max {:.2}{}",
+            g.p50,
+            g.p99,
+            g.max,
+            g.over_max_note()
         );
         if !self.close_codes.is_empty() {
             let _ = writeln!(s, "  close codes: {:?}", self.close_codes);
@@ -264,7 +294,29 @@ impl Report {
 
 #[cfg(test)]
 mod tests {
-    use super::Report;
+    use super::{LatencyMs, Report};
+
+    #[test]
+    fn the_text_report_says_when_latencies_were_over_the_bound() {
+        let mut h = crate::stats::new_histogram().expect("a histogram");
+        h.saturating_record(crate::stats::HIST_MAX_US);
+        let within = Report {
+            latency_ms: LatencyMs::from_histogram(&h, 0),
+            ..Report::default()
+        };
+        assert!(!within.human().contains("over one hour"));
+        let over = Report {
+            latency_ms: LatencyMs::from_histogram(&h, 1),
+            ..Report::default()
+        };
+        assert_eq!(over.latency_ms.over_max, 1);
+        assert!(
+            over.human()
+                .contains("1 over one hour, counted as one hour"),
+            "{}",
+            over.human()
+        );
+    }
 
     /// A run fails on lost deliveries, on v1 sends never answered (a server that drops
     /// sends silently: no receiver can count those as lost), and on missing figures.

@@ -77,13 +77,16 @@ impl Live {
     }
 }
 
-/// Latencies recorded in microseconds, up to one hour, three significant digits.
+/// Latencies recorded in microseconds, up to one hour, three significant digits. A longer
+/// one is recorded as one hour and counted (`Sharded::over_max`), so the report can say so.
 pub const HIST_MAX_US: u64 = 3_600_000_000;
 const SHARDS: usize = 16;
 
 /// A histogram split into shards that tasks lock briefly, by task index.
 pub struct Sharded {
     shards: Vec<Mutex<Histogram<u64>>>,
+    /// Samples over `HIST_MAX_US`, recorded as `HIST_MAX_US`.
+    over_max: AtomicU64,
 }
 
 impl Sharded {
@@ -92,7 +95,10 @@ impl Sharded {
         for _ in 0..SHARDS {
             shards.push(Mutex::new(new_histogram()?));
         }
-        Ok(Self { shards })
+        Ok(Self {
+            shards,
+            over_max: AtomicU64::new(0),
+        })
     }
 
     pub fn record(&self, task: u32, us: u64) {
@@ -103,11 +109,20 @@ impl Sharded {
         if us.is_empty() {
             return;
         }
+        let over = us.iter().filter(|&&v| v > HIST_MAX_US).count() as u64;
+        if over > 0 {
+            self.over_max.fetch_add(over, Relaxed);
+        }
         let shard = &self.shards[task as usize % SHARDS];
         let mut h = shard.lock().unwrap_or_else(|e| e.into_inner());
         for &v in us {
             h.saturating_record(v.clamp(1, HIST_MAX_US));
         }
+    }
+
+    /// Samples so far that were over the histogram's bound (recorded at the bound).
+    pub fn over_max(&self) -> u64 {
+        self.over_max.load(Relaxed)
     }
 
     /// All shards added into `into` (which is reset first).
@@ -123,4 +138,21 @@ impl Sharded {
 
 pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, HIST_MAX_US, 3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_over_the_bound_are_recorded_at_it_and_counted() {
+        let sharded = Sharded::new().expect("histograms");
+        sharded.record_all(0, &[5, HIST_MAX_US, HIST_MAX_US + 1]);
+        sharded.record(3, u64::MAX);
+        let mut h = new_histogram().expect("a histogram");
+        sharded.merge_into(&mut h);
+        assert_eq!(h.len(), 4);
+        assert_eq!(sharded.over_max(), 2);
+        assert!(h.max() >= HIST_MAX_US);
+    }
 }

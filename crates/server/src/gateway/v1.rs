@@ -336,6 +336,19 @@ pub(super) struct Client {
 
 type Refusal = (ErrorCode, String);
 
+/// The next subscription id from `next`, skipping any still `in_use`. The counter wraps
+/// (after four billion joins on one connection) instead of overflowing, and a wrapped id
+/// never names a room the connection is still in.
+fn next_free_sub(next: &mut SubId, in_use: impl Fn(SubId) -> bool) -> SubId {
+    loop {
+        let sub = *next;
+        *next = next.wrapping_add(1);
+        if !in_use(sub) {
+            return sub;
+        }
+    }
+}
+
 impl Client {
     async fn on_text(&mut self, text: &str) -> Option<End> {
         // Over the rate: answered, not handled, and not one of the bad frames in a row.
@@ -481,8 +494,7 @@ impl Client {
                 ),
             ));
         }
-        let sub = self.next_sub;
-        self.next_sub += 1;
+        let sub = next_free_sub(&mut self.next_sub, |s| self.rooms.values().any(|&r| r == s));
         let conn = &self.conn;
         let shared = &self.shared;
         conn.outbox.push(Item::Track { sub });
@@ -651,5 +663,21 @@ impl Client {
             .hub
             .typing_from(&room, &self.session.user, self.conn.id);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{next_free_sub, SubId};
+
+    #[test]
+    fn subscription_ids_wrap_and_skip_those_still_in_use() {
+        let mut next: SubId = SubId::MAX - 1;
+        let held = [SubId::MAX, 0, 1];
+        let in_use = |s| held.contains(&s);
+        assert_eq!(next_free_sub(&mut next, in_use), SubId::MAX - 1);
+        // MAX, 0 and 1 name rooms the connection is still in.
+        assert_eq!(next_free_sub(&mut next, in_use), 2);
+        assert_eq!(next_free_sub(&mut next, in_use), 3);
     }
 }

@@ -29,8 +29,9 @@ pub struct Ours {
     pub g: u64,
 }
 
-/// Most messages kept for a room before its first `joined` arrives.
-const MAX_HELD: usize = 100_000;
+/// Most messages kept for a room before its first `joined` arrives; later ones are
+/// counted (`held_dropped`) and not received.
+pub(crate) const MAX_HELD: usize = 100_000;
 
 /// v1: one receiver's record of one room.
 #[derive(Debug, Default)]
@@ -60,6 +61,9 @@ pub struct V1Room {
     /// Messages that came before the first `joined`: (seq, the tag if ours, receive time
     /// µs).
     held: Vec<(u64, Option<Ours>, u64)>,
+    /// Messages that came before the first `joined` when `MAX_HELD` were held already:
+    /// not counted as received (so lost, if they were ours).
+    pub held_dropped: u64,
 }
 
 impl V1Room {
@@ -81,6 +85,8 @@ impl V1Room {
         let Some(base) = self.base else {
             if self.held.len() < MAX_HELD {
                 self.held.push((seq, ours, now_us));
+            } else {
+                self.held_dropped += 1;
             }
             return Receipt::Held;
         };
@@ -396,6 +402,18 @@ mod tests {
     /// One of our messages, the `g`-th of the run.
     fn ours(g: u64) -> Option<Ours> {
         Some(Ours { intended_us: 1, g })
+    }
+
+    #[test]
+    fn v1_messages_past_the_hold_before_joined_are_counted_not_kept() {
+        let mut r = V1Room::new("a".into());
+        for seq in 1..=MAX_HELD as u64 + 3 {
+            assert_eq!(r.on_message(seq, ours(seq), 7), Receipt::Held);
+        }
+        assert_eq!(r.held_dropped, 3);
+        let held = r.on_joined(0);
+        assert_eq!(held.len(), MAX_HELD);
+        assert_eq!(held.last().map(|h| h.0), Some(MAX_HELD as u64));
     }
 
     #[test]

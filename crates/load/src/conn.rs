@@ -228,6 +228,8 @@ pub(crate) struct Output {
     pub refused: u64,
     pub ack_conflicts: u64,
     pub resets: u64,
+    /// v1: messages that came before their room's first `joined`, past what is held.
+    pub held_dropped: u64,
     pub duplicated: u64,
     pub replayed: u64,
     pub out_of_order: u64,
@@ -1232,6 +1234,7 @@ impl Conn {
             out.duplicated += r.duplicated;
             out.out_of_order += r.out_of_order;
             out.resets += r.resets;
+            out.held_dropped += r.held_dropped;
         }
         for r in self.rooms.drain(..) {
             if let (Some(base), false) = (r.base, r.refused) {

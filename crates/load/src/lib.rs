@@ -630,6 +630,7 @@ fn build_report(
         refused += o.refused;
         conflicts += o.ack_conflicts;
         r.resets += o.resets;
+        r.dropped_before_joined += o.held_dropped;
         r.duplicated += o.duplicated;
         r.replayed += o.replayed;
         r.out_of_order += o.out_of_order;

@@ -123,6 +123,10 @@ pub struct Report {
     pub unexpected: u64,
     /// v1: `reset` frames (a resume position older than the server keeps).
     pub resets: u64,
+    /// v1: messages that arrived before their room's first `joined` (the server sent a
+    /// room's messages before answering the join) past the `MAX_HELD` a room holds until
+    /// then: not counted as received, so each of ours among them is also in `lost`.
+    pub dropped_before_joined: u64,
     /// Frames that could not be decoded.
     pub bad_frames: u64,
     /// Connection tasks that did not report within 10 s of the end (blocked on a server
@@ -286,6 +290,14 @@ impl Report {
                 self.resets,
                 self.bad_frames,
                 self.ack_conflicts.unwrap_or(0)
+            );
+        }
+        if self.dropped_before_joined > 0 {
+            let _ = writeln!(
+                s,
+                "  {} messages came before their room's first joined, past the {} held: not counted as received (ours among them are in lost)",
+                self.dropped_before_joined,
+                crate::account::MAX_HELD
             );
         }
         s

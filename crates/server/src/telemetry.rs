@@ -125,7 +125,7 @@ pub const METRICS: &[Metric] = &[
         "wschat_sqlite_checkpoint_seconds",
         Kind::Histogram,
         &[],
-        "SQLite only: duration of one checkpoint of the WAL into the database file, run by the commit thread after a commit that left the WAL at 1,000 pages or more, once that commit's senders were answered.",
+        "SQLite only: duration of one checkpoint of the WAL into the database file, run by the commit thread after a commit that left the WAL at 1,000 pages or more, once that commit's outcomes were handed to the settler (which answers its senders).",
     ),
     m(
         "wschat_sqlite_checkpoint_failures_total",

@@ -109,14 +109,16 @@ impl Sharded {
         if us.is_empty() {
             return;
         }
-        let over = us.iter().filter(|&&v| v > HIST_MAX_US).count() as u64;
-        if over > 0 {
-            self.over_max.fetch_add(over, Relaxed);
-        }
         let shard = &self.shards[task as usize % SHARDS];
         let mut h = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let mut over = 0;
         for &v in us {
+            over += u64::from(v > HIST_MAX_US);
             h.saturating_record(v.clamp(1, HIST_MAX_US));
+        }
+        drop(h);
+        if over > 0 {
+            self.over_max.fetch_add(over, Relaxed);
         }
     }
 

@@ -34,6 +34,7 @@ suite!(
     retention_during_a_paced_resume_gets_a_reset_not_a_silent_gap,
     the_key_can_travel_in_the_subprotocol_header_or_the_query,
     a_deleted_or_expired_session_closes_its_connections_with_1008,
+    a_close_the_client_starts_is_answered_with_its_code,
 );
 
 async fn legacy_and_v1_clients_in_one_room_see_each_other(backend: Backend) {
@@ -830,5 +831,42 @@ async fn a_deleted_or_expired_session_closes_its_connections_with_1008(backend: 
     assert_eq!(ack["seq"], 1);
     assert_eq!(kept_legacy.recv().await["message"], "still here");
     assert_eq!(app.shared.sessions.connection_count(), 2);
+    app.stop().await;
+}
+
+/// RFC 6455's closing handshake: a close frame from the client gets one back (its own code,
+/// 1000 when it gave none) before the server ends the connection. Without it browsers see
+/// 1006, and tungstenite a reset without a closing handshake (`close_code` gives `None`).
+async fn a_close_the_client_starts_is_answered_with_its_code(backend: Backend) {
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let app = spawn_app(backend).await;
+    let key = app.session("ann", None).await;
+    let legacy_key = app.session("bob", Some(3)).await;
+    let frame = |code: u16| {
+        Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: "bye".into(),
+        })
+    };
+    let mut v1 = Client::v1(&app, &key).await;
+    v1.join("general", None).await;
+    v1.ws.close(frame(1000)).await.unwrap();
+    assert_eq!(v1.close_code().await, Some(close::NORMAL), "v1, 1000");
+    let mut v1 = Client::v1(&app, &key).await;
+    v1.ws.close(frame(4000)).await.unwrap();
+    assert_eq!(v1.close_code().await, Some(4000), "v1, its own code");
+    let mut v1 = Client::v1(&app, &key).await;
+    v1.ws.close(None).await.unwrap();
+    assert_eq!(v1.close_code().await, Some(close::NORMAL), "v1, no code");
+    let mut unauthenticated = Client::connect(&app.v1_url()).await;
+    unauthenticated.ws.close(frame(1001)).await.unwrap();
+    assert_eq!(
+        unauthenticated.close_code().await,
+        Some(close::GOING_AWAY),
+        "v1 before auth"
+    );
+    let mut legacy = Client::legacy(&app, &legacy_key).await;
+    legacy.ws.close(None).await.unwrap();
+    assert_eq!(legacy.close_code().await, Some(close::NORMAL), "legacy");
     app.stop().await;
 }

@@ -263,7 +263,10 @@ impl Drop for ConnGuard {
 /// Why a connection's reader stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum End {
-    /// The client closed or went away.
+    /// The client sent a close frame: answered with this code (its own, echoed as RFC 6455
+    /// asks; 1000 when it gave none).
+    ClientClose(u16),
+    /// The client went away without a close frame (or the socket failed).
     ClientClosed,
     /// The server is stopping: close with 1012 once in-flight sends are answered.
     Shutdown,
@@ -276,7 +279,7 @@ pub(crate) enum End {
 impl End {
     pub fn reason(self) -> &'static str {
         match self {
-            Self::ClientClosed => "client closed",
+            Self::ClientClose(_) | Self::ClientClosed => "client closed",
             Self::Shutdown => "server shutdown",
             Self::Cancelled => "slow consumer or killed",
             Self::Close(_, reason) => reason,
@@ -352,7 +355,9 @@ impl Driver {
                                 "binary frames are not supported",
                             ))
                         }
-                        Some(Ok(Message::Close(_))) => return Inbound::End(End::ClientClosed),
+                        Some(Ok(Message::Close(frame))) => {
+                            return Inbound::End(End::ClientClose(close_reply_code(frame.as_ref())))
+                        }
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                         Some(Err(e)) => return Inbound::End(classify_error(e)),
                     }
@@ -394,6 +399,12 @@ impl Driver {
         })
         .await;
     }
+}
+
+/// The code to answer a client's close with: its own (tungstenite has already replaced a
+/// code no endpoint may send with 1002), or 1000 when it gave none.
+pub(crate) fn close_reply_code(frame: Option<&tungstenite::protocol::CloseFrame>) -> u16 {
+    frame.map_or(close::NORMAL, |f| u16::from(f.code))
 }
 
 fn classify_error(e: tungstenite::Error) -> End {
@@ -549,7 +560,10 @@ pub(crate) async fn finish(
                 "server restart: reconnect and resume",
             );
         }
-        // tungstenite answered the client's close already (or the socket is gone).
+        // tungstenite only queues its answer, and writes it on a next read that never
+        // comes: the outbox sends it, after what is queued before it.
+        End::ClientClose(code) => conn.outbox.close(code, ""),
+        // The socket is gone: nothing to answer.
         End::ClientClosed => conn.outbox.finish(),
         End::Close(code, reason) => conn.outbox.close(code, reason),
         End::Cancelled => {}

@@ -192,8 +192,9 @@ pub(crate) enum ReadIo {
 }
 
 /// What tungstenite reads from and writes to: the socket, and the outbox for what
-/// tungstenite writes itself (pongs, the answer to a client's close), so that those bytes
-/// keep their place among the frames the outbox writes.
+/// tungstenite writes itself (pongs), so that those bytes keep their place among the
+/// frames the outbox writes. (Its answer to a client's close it would write only on a next
+/// read, which never comes: the gateway answers with the outbox's own close frame.)
 pub(crate) struct ReadSide {
     read: ReadIo,
     outbox: Arc<Outbox>,

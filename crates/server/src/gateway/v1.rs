@@ -240,7 +240,11 @@ async fn await_auth(
                 }
                 return None;
             }
-            Some(Ok(Message::Close(_))) | None => {
+            Some(Ok(Message::Close(frame))) => {
+                outbox.close(super::close_reply_code(frame.as_ref()), "");
+                return None;
+            }
+            None => {
                 outbox.finish();
                 return None;
             }

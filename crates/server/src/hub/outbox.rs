@@ -343,8 +343,7 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Bytes tungstenite writes itself (pongs, the answer to the client's close): queued
-    /// in order with everything else.
+    /// Bytes tungstenite writes itself (pongs): queued in order with everything else.
     pub fn push_raw(&self, bytes: Bytes) {
         let mut state = self.lock();
         if !state.closing {

@@ -997,6 +997,12 @@ async fn a_join_is_one_frame_capped_deduplicated_and_one_error() {
         kinds(&frames_until_pong(&mut c).await),
         ["\"error\" \"too_many_rooms\""]
     );
+    // No room at all: an error that carries the ref (nothing else would answer it).
+    c.send(json!({"type": "join", "rooms": [], "ref": "none"}))
+        .await;
+    let got = frames_until_pong(&mut c).await;
+    assert_eq!(kinds(&got), ["\"error\" \"invalid_frame\""]);
+    assert_eq!(got[0]["ref"], "none");
     // A room named three times: joined once.
     let same = json!({"room": "dup"});
     c.send(json!({"type": "join", "rooms": [same, same, same]}))

@@ -438,10 +438,15 @@ impl Client {
     }
 
     /// Join each room; a refused one gets its own error and the others go on. A frame that
-    /// names more rooms than a connection may be in is refused whole; a room named twice
+    /// names no room, or more rooms than a connection may be in, is refused whole; a room named twice
     /// is joined once. The frame counts as one error (towards 4009) when no room of it
     /// was joined, however many it named.
     async fn join(&mut self, rooms: Vec<JoinRoom>, reference: Option<Ref>) -> Option<End> {
+        if rooms.is_empty() {
+            // Nothing to answer with `joined`: an error, so a client waiting on `ref` hears.
+            let refusal = (ErrorCode::InvalidFrame, "a join names no room".to_owned());
+            return self.refuse(refusal, reference);
+        }
         let max = self.shared.settings.max_rooms_per_connection;
         if rooms.len() > max {
             let refusal = (

@@ -121,9 +121,10 @@ fn to_wire(m: &crate::store::StoredMessage) -> WireMessage {
 /// A generous bound on a message's encoded size (JSON escapes grow text up to 6×).
 fn size_bound(wm: &WireMessage) -> usize {
     96 + wm.room.len() * 6
-        + wm.payload
-            .as_ref()
-            .map_or(0, |p| (p.user.len() + p.text.len()) * 6 + 64)
+        + wm.payload.as_ref().map_or(0, |p| {
+            let cmid = p.cmid.as_ref().map_or(0, |c| c.len() * 6 + 16);
+            (p.user.len() + p.text.len()) * 6 + cmid + 64
+        })
 }
 
 /// A bound on an envelope's size without its messages.
@@ -263,6 +264,33 @@ mod tests {
         );
         assert_eq!(big.len(), 1);
         assert!(big[0].len() < 200, "by reference: {}", big[0]);
+    }
+
+    /// Short texts with the longest client_msg_ids, all quotes: the ids count towards the
+    /// bound too (NOTIFY refuses a payload of 8,000 bytes or more, and every bell of the
+    /// commit with it).
+    #[test]
+    fn client_msg_ids_count_towards_the_envelope_size() {
+        // Up to three digits, then quotes to the longest id accepted.
+        let quotes = "\"".repeat(crate::gateway::v1::MAX_CLIENT_MSG_ID_BYTES - 3);
+        let messages: Vec<_> = (1..=100)
+            .map(|s| {
+                let mut m = (*msg(s, "ok")).clone();
+                m.client_msg_id = Some(format!("{s}{quotes}"));
+                Arc::new(m)
+            })
+            .collect();
+        let envelopes = encode("n1", &BusEvent::Committed(messages), 7900);
+        let mut seqs = Vec::new();
+        for e in &envelopes {
+            assert!(e.len() <= 7900, "{}", e.len());
+            let Envelope { body, .. } = serde_json::from_str(e).unwrap();
+            let Body::Messages { msgs } = body else {
+                panic!("messages")
+            };
+            seqs.extend(msgs.iter().map(|m| m.seq));
+        }
+        assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
     }
 
     #[test]

@@ -468,7 +468,7 @@ impl Hub {
             if msg.seq == next && !state.catching_up && !gap {
                 run.push(msg);
             } else {
-                state.pending.insert(msg.seq, msg.clone());
+                hold(&mut state, msg);
                 gap = true;
             }
         }
@@ -696,7 +696,7 @@ impl Hub {
     /// Read the store from the room's last delivered seq until the gap before the first
     /// pending message is closed, delivering in order.
     async fn catch_up(self: Arc<Self>, room: Arc<Room>) {
-        let mut delay = Duration::from_millis(10);
+        let mut backoff = Backoff::default();
         const PAGE: u32 = 500;
         const EMPTY_READS_BEFORE_GIVING_UP: u32 = 20;
         let mut empty_reads = 0;
@@ -731,6 +731,12 @@ impl Hub {
                     }
                     fan_out(&mut state, &run);
                     drain_pending(&mut state);
+                    if state.last_delivered > from {
+                        // Progress: the store is being read; only a pass that moves
+                        // nothing on waits longer, or counts towards giving up.
+                        backoff.progressed();
+                        empty_reads = 0;
+                    }
                     let behind = state.catch_up_to > state.last_delivered;
                     if state.pending.is_empty() && !behind {
                         state.catching_up = false;
@@ -753,9 +759,52 @@ impl Hub {
                     tracing::warn!(room = %room.name, error = %e, "catch-up read failed; retrying");
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(backoff.next()).await;
         }
+    }
+}
+
+/// The wait between catch-up reads that did not finish: 10 ms, doubling to 2 s, and 10 ms
+/// again after a read that delivered something (a busy room on several nodes, whose bells
+/// keep coming out of order, would otherwise get its messages in bursts ever further apart).
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn next(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (now * 2).min(Self::MAX);
+        now
+    }
+
+    fn progressed(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+/// Messages beyond a gap held for the catch-up, at most this many a room: past it they are
+/// dropped and read from the store (a node that cannot read the store while the broker
+/// still brings other nodes' messages would otherwise hold them all).
+const MAX_PENDING: usize = 10_000;
+
+/// Hold `msg` (beyond a gap) until the gap is read from the store; past `MAX_PENDING`,
+/// drop what is held, and let the catch-up read it all from the store instead.
+fn hold(state: &mut RoomState, msg: &Arc<StoredMessage>) {
+    state.pending.insert(msg.seq, msg.clone());
+    if state.pending.len() > MAX_PENDING {
+        let highest = state.pending.last_key_value().map_or(0, |(&seq, _)| seq);
+        state.catch_up_to = state.catch_up_to.max(highest);
+        state.pending.clear();
     }
 }
 
@@ -990,6 +1039,19 @@ mod tests {
         assert!(read_for(&mut client, "\"t\"").await.contains("\"t\""));
     }
 
+    /// Commit `n` messages to `room` in the store, `text-01` on, without telling the hub.
+    async fn commit_unheard(store: &Arc<dyn Store>, room: &RoomName, n: u64) {
+        let batch: Vec<NewMessage> = (1..=n)
+            .map(|i| NewMessage {
+                room: room.clone(),
+                user: "u".into(),
+                text: format!("text-{i:02}"),
+                client_msg_id: None,
+            })
+            .collect();
+        store.commit_batch(Arc::from(batch)).await.unwrap();
+    }
+
     /// A node that fell behind by more than retention keeps: the catch-up read finds the
     /// missing seqs deleted, delivers what the store still has, and ends.
     #[tokio::test]
@@ -1003,15 +1065,7 @@ mod tests {
             ..
         } = one_member().await;
         // Ten commits the hub never heard of, then retention keeps the last three.
-        let batch: Vec<NewMessage> = (1..=10)
-            .map(|i| NewMessage {
-                room: room.clone(),
-                user: "u".into(),
-                text: format!("text-{i:02}"),
-                client_msg_id: None,
-            })
-            .collect();
-        store.commit_batch(Arc::from(batch)).await.unwrap();
+        commit_unheard(&store, &room, 10).await;
         assert_eq!(store.prune(3).await.unwrap(), 7);
         hub.clone().resync().await;
         let got = read_for(&mut client, "text-10").await;
@@ -1023,6 +1077,71 @@ mod tests {
         let state = served.lock();
         assert_eq!(state.last_delivered, 10);
         assert!(!state.catching_up, "the catch-up ended");
+    }
+
+    #[test]
+    fn the_catch_up_waits_longer_after_each_idle_read_and_briefly_after_progress() {
+        let mut backoff = Backoff::default();
+        let waits: Vec<u64> = (0..9).map(|_| backoff.next().as_millis() as u64).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1280, 2000]);
+        backoff.progressed();
+        assert_eq!(backoff.next(), Duration::from_millis(10));
+        assert_eq!(backoff.next(), Duration::from_millis(20));
+    }
+
+    /// Messages beyond a gap that the store cannot close yet are held up to a bound; past
+    /// it they are dropped, and the catch-up is told to read them from the store.
+    #[tokio::test]
+    async fn messages_held_beyond_a_gap_are_bounded_and_then_read_from_the_store() {
+        let OneMember {
+            _dir,
+            hub,
+            store,
+            room,
+            mut client,
+            ..
+        } = one_member().await;
+        let served = hub.room(&room).unwrap();
+        // As if a catch-up were already reading (and failing): everything is held.
+        served.lock().catching_up = true;
+        let total = MAX_PENDING as u64 + 5;
+        for seq in 2..=total {
+            hub.committed(vec![message("r", seq)]);
+        }
+        {
+            let state = served.lock();
+            assert!(
+                state.pending.len() <= MAX_PENDING,
+                "{}",
+                state.pending.len()
+            );
+            assert!(
+                state.catch_up_to > MAX_PENDING as u64,
+                "{}",
+                state.catch_up_to
+            );
+            assert!(
+                (2..=total).all(|seq| state.pending.contains_key(&seq) || seq <= state.catch_up_to),
+                "each message is held or left to the store"
+            );
+        }
+        // The store has them all: the catch-up, once it can read, delivers every one.
+        commit_unheard(&store, &room, total).await;
+        // The member reads all the while (its queue stays short).
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        served.lock().catching_up = false;
+        hub.poke(&room, total);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while served.lock().last_delivered < total && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let state = served.lock();
+        assert_eq!(state.last_delivered, total);
+        assert!(state.pending.is_empty());
     }
 
     /// Another node's list in parts is taken when its last part comes, not before (a

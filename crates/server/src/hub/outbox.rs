@@ -97,6 +97,9 @@ struct State {
     queue: VecDeque<Encoded>,
     /// What the queue counts for against the limit.
     bytes: usize,
+    /// What the writer took from the queue and is writing: it counts against the limit
+    /// too until written (else a client that reads nothing holds twice the limit).
+    in_flight: usize,
     /// Inline for the usual one or two rooms: a fan-out finds the subscription in the
     /// cache lines the lock just brought in, not in a heap buffer of its own.
     subs: SmallVec<[SubState; 2]>,
@@ -118,6 +121,13 @@ struct State {
     dead: bool,
     /// Registered with the node's flusher (`WritePacing::hold`) for a held write.
     held_registered: bool,
+}
+
+impl State {
+    /// What counts against the limit: the queue and the write under way.
+    fn held(&self) -> usize {
+        self.bytes + self.in_flight
+    }
 }
 
 pub struct Outbox {
@@ -184,6 +194,7 @@ impl Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
+                in_flight: 0,
                 subs: SmallVec::new(),
                 closing: false,
                 io: Some(io),
@@ -266,7 +277,7 @@ impl Outbox {
             }
             Item::RoomEvent { sub, frame } => self.send_to_synced(&mut state, sub, frame),
             Item::Droppable { sub, frame } => {
-                if state.bytes + frame.len() + OVERHEAD > self.limit / 2 {
+                if state.held() + frame.len() + OVERHEAD > self.limit / 2 {
                     return Pushed::Dropped;
                 }
                 self.send_to_synced(&mut state, sub, frame)
@@ -446,7 +457,7 @@ impl Outbox {
         state.bytes += rest.iter().map(|f| f.len() + OVERHEAD).sum::<usize>() - cut;
         state.queue.push_back(first.slice(cut..));
         state.queue.extend(more.iter().cloned());
-        if state.bytes > self.limit {
+        if state.held() > self.limit {
             return self.overflow(state);
         }
         if wake_writer {
@@ -609,7 +620,7 @@ impl Outbox {
             notified.as_mut().enable();
             {
                 let state = self.lock();
-                if state.bytes <= bytes || state.closing || state.dead {
+                if state.held() <= bytes || state.closing || state.dead {
                     return;
                 }
             }
@@ -634,8 +645,9 @@ impl Outbox {
         }
     }
 
+    /// What the queue and the writer's write under way count for against the limit.
     pub fn queued_bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().held()
     }
 
     /// The connection's writer: writes what is queued (all of it in one system call) until
@@ -662,7 +674,7 @@ impl Outbox {
                     Step::Hold(at)
                 } else if let Some(io) = state.io.take() {
                     batch.extend(state.queue.drain(..));
-                    state.bytes = 0;
+                    state.in_flight = std::mem::take(&mut state.bytes);
                     state.partial = false;
                     state.flush = false;
                     Step::Write(io)
@@ -700,6 +712,7 @@ impl Outbox {
             {
                 let mut state = self.lock();
                 state.io = Some(io);
+                state.in_flight = 0;
                 self.wrote(&mut state, frames);
                 if result.is_err() {
                     state.dead = true;
@@ -721,6 +734,7 @@ impl Outbox {
             let mut state = self.lock();
             batch.extend(state.queue.drain(..));
             state.bytes = 0;
+            state.in_flight = 0;
             state.partial = false;
             state.dead = true;
             io.or_else(|| state.io.take())
@@ -1281,6 +1295,32 @@ mod tests {
             before.len() % big.len(),
             0,
             "only whole frames before the close"
+        );
+    }
+
+    #[tokio::test]
+    async fn what_the_writer_is_writing_counts_against_the_limit() {
+        // A client that reads nothing, a 64-byte pipe, a queue of 1,000 bytes. The first
+        // frame fills the pipe in part; the writer takes the rest and waits on the pipe.
+        let (outbox, _client) = outbox(1000, 64);
+        let big = frame(&"x".repeat(300));
+        assert_eq!(outbox.push(Item::Frame(big.clone())), Pushed::Queued);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let writing = outbox.queued_bytes();
+        assert!(writing > 0, "the writer's batch still counts");
+        // Further frames are queued only while the queue and the batch fit the limit.
+        let one = big.len() + OVERHEAD;
+        let mut accepted = 0;
+        while outbox.push(Item::Frame(big.clone())) == Pushed::Queued {
+            accepted += 1;
+            assert!(accepted < 10, "no overflow");
+        }
+        assert!(outbox.cancel.is_cancelled(), "overflowed");
+        assert!(
+            writing + accepted * one <= 1000,
+            "held {writing} + {accepted} × {one} bytes against a limit of 1,000"
         );
     }
 

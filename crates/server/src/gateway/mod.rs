@@ -334,6 +334,13 @@ impl Driver {
         }
     }
 
+    /// The client's last frame was handled until now. Handling it can take long (a join's
+    /// backfill, paced by the client's own reading), and meanwhile nothing reads the
+    /// socket or sends pings: that time is the server's, not the client's idle time.
+    pub fn handled(&mut self) {
+        self.last_seen = Instant::now();
+    }
+
     pub async fn next(&mut self) -> Inbound {
         loop {
             // The stream first: a frame waiting is handled without looking at the rest.
@@ -440,7 +447,8 @@ pub(crate) enum Backfill {
 ///
 /// A stop ends a backfill at its next page or its next wait for the client (`Break`):
 /// what is queued goes out, gap-free from the start, without `SyncDone`, and the reader
-/// goes on to the stop's 1012; the client resumes from its last seq on the next node.
+/// goes on to the stop's 1012; the client resumes from its last seq on the next node. So
+/// does the connection's end (4008, killed), before its next message: its reader ends.
 /// Without this, a long resume or a client reading slowly would hold the stop until its
 /// deadline and get no close frame at all.
 pub(crate) async fn backfill(
@@ -457,6 +465,10 @@ pub(crate) async fn backfill(
     // Paced by the writer: a backfill larger than the queue waits for the client to read
     // rather than overflowing it. `Break` once the server is stopping.
     let send = async |m: &crate::store::StoredMessage| {
+        // A connection already closed (4008, killed) reads and encodes no more.
+        if conn.outbox.cancel.is_cancelled() {
+            return ControlFlow::Break(());
+        }
         let frame = match conn.protocol {
             Protocol::Legacy => frames::legacy_message(m),
             Protocol::V1 => frames::v1_message(m),
@@ -499,7 +511,7 @@ pub(crate) async fn backfill(
             let mut cursor = since;
             while cursor < head {
                 // A client that reads fast never waits: the stop is looked at each page.
-                if shared.shutdown.is_cancelled() {
+                if shared.shutdown.is_cancelled() || conn.outbox.cancel.is_cancelled() {
                     return Ok(ControlFlow::Break(()));
                 }
                 let page = shared.store.messages_after(room, cursor, PAGE).await?;
@@ -596,6 +608,81 @@ pub(crate) fn start(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+    use wschat_protocol::RoomName;
+
+    use super::{backfill, Backfill};
+    use crate::hub::{pacing::WritePacing, Conn, Item, Outbox, Protocol};
+    use crate::store::NewMessage;
+
+    /// A join's backfill whose connection ended meanwhile (4008, killed) stops before its
+    /// next message, instead of reading and encoding the rest of the room for nobody.
+    #[tokio::test]
+    async fn a_backfill_stops_once_its_connection_has_ended() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let settings = crate::Settings {
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            database: format!("sqlite://{}", dir.path().join("chat.db").display()),
+            demo_session: false,
+            ..crate::Settings::default()
+        };
+        let app = crate::Application::build(settings)
+            .await
+            .expect("the server builds");
+        let shared = app.shared();
+        let room = RoomName::new("r").expect("a room name");
+        let batch: Vec<NewMessage> = (1..=1200)
+            .map(|i| NewMessage {
+                room: room.clone(),
+                user: "u".into(),
+                text: format!("text-{i}"),
+                client_msg_id: None,
+            })
+            .collect();
+        shared
+            .store
+            .commit_batch(Arc::from(batch))
+            .await
+            .expect("committed");
+        // The client end is read all the while, so the queue never waits.
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 1 << 16];
+            while matches!(client.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        let outbox = Outbox::new(
+            Box::pin(server),
+            None,
+            1 << 22,
+            1 << 16,
+            WritePacing::new(Duration::ZERO, 0),
+            CancellationToken::new(),
+        );
+        tokio::spawn(outbox.clone().write_loop());
+        outbox.push(Item::Track { sub: 0 });
+        let conn = Conn::new(1, "u".into(), Protocol::V1, outbox);
+        let whole = Backfill::After {
+            since: 0,
+            head: 1200,
+        };
+        let open = backfill(&shared, &conn, &room, 0, whole)
+            .await
+            .expect("the store answers");
+        assert!(
+            open.is_continue(),
+            "an open connection's backfill runs to its end"
+        );
+        conn.outbox.cancel.cancel();
+        let ended = backfill(&shared, &conn, &room, 0, whole)
+            .await
+            .expect("the store answers");
+        assert!(ended.is_break(), "an ended connection's backfill stops");
+    }
+
     fn size4<A, B, C, D, Fut, F: FnOnce(A, B, C, D) -> Fut>(_: F) -> usize {
         std::mem::size_of::<Fut>()
     }

@@ -171,6 +171,7 @@ pub(super) fn serve(
                     if let Some(end) = Box::pin(client.on_text(&text)).await {
                         break end;
                     }
+                    driver.handled();
                 }
                 Inbound::End(end) => break end,
             }
@@ -461,9 +462,9 @@ impl Client {
         let mut named = HashSet::with_capacity(rooms.len());
         let (mut tried, mut refused) = (0, 0);
         for JoinRoom { room, since } in rooms {
-            if self.shared.shutdown.is_cancelled() {
-                // The connection is about to close with 1012: the client joins again
-                // after its reconnect.
+            if self.shared.shutdown.is_cancelled() || self.conn.outbox.cancel.is_cancelled() {
+                // The connection is about to close (1012, or 4008 already queued): the
+                // client joins again after its reconnect.
                 break;
             }
             if !named.insert(room.clone()) {

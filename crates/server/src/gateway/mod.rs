@@ -173,7 +173,8 @@ fn ws_config(settings: &Settings) -> WebSocketConfig {
         .saturating_add(4096);
     WebSocketConfig::default()
         .read_buffer_size(settings.ws_read_buffer_bytes)
-        // tungstenite writes only pongs and the answer to a close, into the outbox.
+        // tungstenite writes only pongs, into the outbox (a close it answers is answered
+        // by the outbox).
         .write_buffer_size(0)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame))

@@ -97,9 +97,11 @@ struct State {
     queue: VecDeque<Encoded>,
     /// What the queue counts for against the limit.
     bytes: usize,
-    /// What the writer took from the queue and is writing: it counts against the limit
-    /// too until written (else a client that reads nothing holds twice the limit).
+    /// What the writer took from the queue to write: what of it is not written yet counts
+    /// against the limit too (else a client that reads nothing holds twice the limit).
     in_flight: usize,
+    /// The writer's `written` count when it took `in_flight`.
+    in_flight_from: u64,
     /// Inline for the usual one or two rooms: a fan-out finds the subscription in the
     /// cache lines the lock just brought in, not in a heap buffer of its own.
     subs: SmallVec<[SubState; 2]>,
@@ -124,9 +126,16 @@ struct State {
 }
 
 impl State {
-    /// What counts against the limit: the queue and the write under way.
-    fn held(&self) -> usize {
-        self.bytes + self.in_flight
+    /// What counts against the limit: the queue, and what of the write under way is not
+    /// written yet (`written`: the writer's count of bytes written).
+    fn held(&self, written: &AtomicU64) -> usize {
+        let done = written
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.in_flight_from);
+        let left = self
+            .in_flight
+            .saturating_sub(usize::try_from(done).unwrap_or(usize::MAX));
+        self.bytes + left
     }
 }
 
@@ -195,6 +204,7 @@ impl Outbox {
                 queue: VecDeque::new(),
                 bytes: 0,
                 in_flight: 0,
+                in_flight_from: 0,
                 subs: SmallVec::new(),
                 closing: false,
                 io: Some(io),
@@ -277,7 +287,7 @@ impl Outbox {
             }
             Item::RoomEvent { sub, frame } => self.send_to_synced(&mut state, sub, frame),
             Item::Droppable { sub, frame } => {
-                if state.held() + frame.len() + OVERHEAD > self.limit / 2 {
+                if state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2 {
                     return Pushed::Dropped;
                 }
                 self.send_to_synced(&mut state, sub, frame)
@@ -347,8 +357,8 @@ impl Outbox {
         }
     }
 
-    /// The client closed (or went away): write what is queued, then stop, with no close
-    /// frame of ours (tungstenite has answered the client's close already).
+    /// The client went away (no close frame to answer) or its socket failed: write what
+    /// is queued, then stop, with no close frame of ours.
     pub fn finish(&self) {
         self.lock().closing = true;
         self.ready.notify_one();
@@ -457,7 +467,7 @@ impl Outbox {
         state.bytes += rest.iter().map(|f| f.len() + OVERHEAD).sum::<usize>() - cut;
         state.queue.push_back(first.slice(cut..));
         state.queue.extend(more.iter().cloned());
-        if state.held() > self.limit {
+        if state.held(&self.written) > self.limit {
             return self.overflow(state);
         }
         if wake_writer {
@@ -620,7 +630,7 @@ impl Outbox {
             notified.as_mut().enable();
             {
                 let state = self.lock();
-                if state.held() <= bytes || state.closing || state.dead {
+                if state.held(&self.written) <= bytes || state.closing || state.dead {
                     return;
                 }
             }
@@ -647,7 +657,7 @@ impl Outbox {
 
     /// What the queue and the writer's write under way count for against the limit.
     pub fn queued_bytes(&self) -> usize {
-        self.lock().held()
+        self.lock().held(&self.written)
     }
 
     /// The connection's writer: writes what is queued (all of it in one system call) until
@@ -675,6 +685,7 @@ impl Outbox {
                 } else if let Some(io) = state.io.take() {
                     batch.extend(state.queue.drain(..));
                     state.in_flight = std::mem::take(&mut state.bytes);
+                    state.in_flight_from = self.written.load(Ordering::Relaxed);
                     state.partial = false;
                     state.flush = false;
                     Step::Write(io)
@@ -1302,14 +1313,25 @@ mod tests {
     async fn what_the_writer_is_writing_counts_against_the_limit() {
         // A client that reads nothing, a 64-byte pipe, a queue of 1,000 bytes. The first
         // frame fills the pipe in part; the writer takes the rest and waits on the pipe.
-        let (outbox, _client) = outbox(1000, 64);
+        let (outbox, mut client) = outbox(1000, 64);
         let big = frame(&"x".repeat(300));
         assert_eq!(outbox.push(Item::Frame(big.clone())), Pushed::Queued);
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
+        let taken = outbox.queued_bytes();
+        assert!(taken > 0, "the writer's batch still counts");
+        // The client reads a piece, the writer writes one more: that piece no longer counts.
+        let mut piece = [0u8; 64];
+        tokio::time::timeout(WAIT, client.read_exact(&mut piece))
+            .await
+            .expect("bytes in time")
+            .expect("read");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         let writing = outbox.queued_bytes();
-        assert!(writing > 0, "the writer's batch still counts");
+        assert!(writing < taken, "{writing} of {taken} still counted");
         // Further frames are queued only while the queue and the batch fit the limit.
         let one = big.len() + OVERHEAD;
         let mut accepted = 0;

@@ -732,10 +732,11 @@ impl Hub {
                     fan_out(&mut state, &run);
                     drain_pending(&mut state);
                     if state.last_delivered > from {
-                        // Progress: the store is being read; only a pass that moves
-                        // nothing on waits longer, or counts towards giving up.
+                        // Progress: only a pass that moves nothing on waits longer. (Empty
+                        // reads still count over the whole catch-up: the room's own new
+                        // messages, read from the store while it runs, must not keep one
+                        // going forever for a seq the store will never have.)
                         backoff.progressed();
-                        empty_reads = 0;
                     }
                     let behind = state.catch_up_to > state.last_delivered;
                     if state.pending.is_empty() && !behind {

@@ -97,11 +97,10 @@ struct State {
     queue: VecDeque<Encoded>,
     /// What the queue counts for against the limit.
     bytes: usize,
-    /// What the writer took from the queue to write: what of it is not written yet counts
-    /// against the limit too (else a client that reads nothing holds twice the limit).
-    in_flight: usize,
-    /// The writer's `written` count when it took `in_flight`.
-    in_flight_from: u64,
+    /// While the writer writes what it took from the queue: its `written` count once all
+    /// of it is written (0 otherwise). What is not written yet counts against the limit
+    /// too (else a client that reads nothing holds twice the limit).
+    in_flight_until: u64,
     /// Inline for the usual one or two rooms: a fan-out finds the subscription in the
     /// cache lines the lock just brought in, not in a heap buffer of its own.
     subs: SmallVec<[SubState; 2]>,
@@ -129,13 +128,10 @@ impl State {
     /// What counts against the limit: the queue, and what of the write under way is not
     /// written yet (`written`: the writer's count of bytes written).
     fn held(&self, written: &AtomicU64) -> usize {
-        let done = written
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.in_flight_from);
         let left = self
-            .in_flight
-            .saturating_sub(usize::try_from(done).unwrap_or(usize::MAX));
-        self.bytes + left
+            .in_flight_until
+            .saturating_sub(written.load(Ordering::Relaxed));
+        self.bytes + usize::try_from(left).unwrap_or(usize::MAX)
     }
 }
 
@@ -203,8 +199,7 @@ impl Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
-                in_flight: 0,
-                in_flight_from: 0,
+                in_flight_until: 0,
                 subs: SmallVec::new(),
                 closing: false,
                 io: Some(io),
@@ -684,8 +679,8 @@ impl Outbox {
                     Step::Hold(at)
                 } else if let Some(io) = state.io.take() {
                     batch.extend(state.queue.drain(..));
-                    state.in_flight = std::mem::take(&mut state.bytes);
-                    state.in_flight_from = self.written.load(Ordering::Relaxed);
+                    let taken = std::mem::take(&mut state.bytes) as u64;
+                    state.in_flight_until = self.written.load(Ordering::Relaxed) + taken;
                     state.partial = false;
                     state.flush = false;
                     Step::Write(io)
@@ -723,7 +718,7 @@ impl Outbox {
             {
                 let mut state = self.lock();
                 state.io = Some(io);
-                state.in_flight = 0;
+                state.in_flight_until = 0;
                 self.wrote(&mut state, frames);
                 if result.is_err() {
                     state.dead = true;
@@ -745,7 +740,7 @@ impl Outbox {
             let mut state = self.lock();
             batch.extend(state.queue.drain(..));
             state.bytes = 0;
-            state.in_flight = 0;
+            state.in_flight_until = 0;
             state.partial = false;
             state.dead = true;
             io.or_else(|| state.io.take())

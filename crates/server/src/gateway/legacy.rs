@@ -125,8 +125,6 @@ async fn read_loop(shared: &Shared, conn: &Arc<Conn>, room: &RoomName, driver: &
     let mut errors_in_a_row = 0u32;
     let gate = RateGate::new(&shared.settings);
     loop {
-        // Since the join's backfill, or the last frame's handling, ended: not idle time.
-        driver.handled();
         let text = match driver.next().await {
             Inbound::Text(text) => text,
             Inbound::End(end) => return end,

@@ -268,7 +268,7 @@ pub(crate) enum End {
     /// asks; 1000 when it gave none).
     ClientClose(u16),
     /// The client went away without a close frame (or the socket failed).
-    ClientClosed,
+    ClientGone,
     /// The server is stopping: close with 1012 once in-flight sends are answered.
     Shutdown,
     /// The outbox overflowed (a 4008 close is queued) or the connection was killed.
@@ -280,7 +280,7 @@ pub(crate) enum End {
 impl End {
     pub fn reason(self) -> &'static str {
         match self {
-            Self::ClientClose(_) | Self::ClientClosed => "client closed",
+            Self::ClientClose(_) | Self::ClientGone => "client closed",
             Self::Shutdown => "server shutdown",
             Self::Cancelled => "slow consumer or killed",
             Self::Close(_, reason) => reason,
@@ -335,14 +335,12 @@ impl Driver {
         }
     }
 
-    /// The client's last frame was handled until now. Handling it can take long (a join's
-    /// backfill, paced by the client's own reading), and meanwhile nothing reads the
-    /// socket or sends pings: that time is the server's, not the client's idle time.
-    pub fn handled(&mut self) {
-        self.last_seen = Instant::now();
-    }
-
+    /// The next frame, or the connection's end. Called once the last frame's handling (or
+    /// the legacy join's backfill) is over: that can take long (a backfill paced by the
+    /// client's own reading), and meanwhile nothing reads the socket or sends pings, so
+    /// the idle clock starts here, not at the last frame's arrival.
     pub async fn next(&mut self) -> Inbound {
+        self.last_seen = Instant::now();
         loop {
             // The stream first: a frame waiting is handled without looking at the rest.
             // Shutdown and cancellation are seen as soon as the stream has nothing.
@@ -351,7 +349,7 @@ impl Driver {
                 frame = self.stream.next() => {
                     self.last_seen = Instant::now();
                     match frame {
-                        None => return Inbound::End(End::ClientClosed),
+                        None => return Inbound::End(End::ClientGone),
                         Some(Ok(Message::Text(text))) => {
                             // Sizes only: frames carry keys and message bodies.
                             tracing::trace!(conn = self.conn.id, bytes = text.len(), "frame received");
@@ -426,9 +424,9 @@ fn classify_error(e: tungstenite::Error) -> End {
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
         | WsError::ConnectionClosed
         | WsError::AlreadyClosed
-        | WsError::Io(_) => End::ClientClosed,
+        | WsError::Io(_) => End::ClientGone,
         WsError::Protocol(_) => End::Close(close::PROTOCOL_ERROR, "protocol violation"),
-        _ => End::ClientClosed,
+        _ => End::ClientGone,
     }
 }
 
@@ -577,7 +575,7 @@ pub(crate) async fn finish(
         // comes: the outbox sends it, after what is queued before it.
         End::ClientClose(code) => conn.outbox.close(code, ""),
         // The socket is gone: nothing to answer.
-        End::ClientClosed => conn.outbox.finish(),
+        End::ClientGone => conn.outbox.finish(),
         End::Close(code, reason) => conn.outbox.close(code, reason),
         End::Cancelled => {}
     }

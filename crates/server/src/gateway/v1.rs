@@ -171,7 +171,6 @@ pub(super) fn serve(
                     if let Some(end) = Box::pin(client.on_text(&text)).await {
                         break end;
                     }
-                    driver.handled();
                 }
                 Inbound::End(end) => break end,
             }

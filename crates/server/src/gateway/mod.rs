@@ -607,7 +607,6 @@ pub(crate) fn start(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::Duration;
 
     use tokio_util::sync::CancellationToken;
@@ -615,7 +614,7 @@ mod tests {
 
     use super::{backfill, Backfill};
     use crate::hub::{pacing::WritePacing, Conn, Item, Outbox, Protocol};
-    use crate::store::NewMessage;
+    use crate::store::commit_unheard;
 
     /// A join's backfill whose connection ended meanwhile (4008, killed) stops before its
     /// next message, instead of reading and encoding the rest of the room for nobody.
@@ -633,19 +632,7 @@ mod tests {
             .expect("the server builds");
         let shared = app.shared();
         let room = RoomName::new("r").expect("a room name");
-        let batch: Vec<NewMessage> = (1..=1200)
-            .map(|i| NewMessage {
-                room: room.clone(),
-                user: "u".into(),
-                text: format!("text-{i}"),
-                client_msg_id: None,
-            })
-            .collect();
-        shared
-            .store
-            .commit_batch(Arc::from(batch))
-            .await
-            .expect("committed");
+        commit_unheard(shared.store.as_ref(), &room, 1200).await;
         // The client end is read all the while, so the queue never waits.
         let (server, mut client) = tokio::io::duplex(1 << 16);
         tokio::spawn(async move {

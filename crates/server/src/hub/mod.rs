@@ -909,7 +909,7 @@ fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, drop
 mod tests {
     use super::*;
     use crate::broker::QUEUE_EVENTS;
-    use crate::store::NewMessage;
+    use crate::store::commit_unheard;
 
     fn message(room: &str, seq: u64) -> Arc<StoredMessage> {
         Arc::new(StoredMessage {
@@ -1040,19 +1040,6 @@ mod tests {
         assert!(read_for(&mut client, "\"t\"").await.contains("\"t\""));
     }
 
-    /// Commit `n` messages to `room` in the store, `text-01` on, without telling the hub.
-    async fn commit_unheard(store: &Arc<dyn Store>, room: &RoomName, n: u64) {
-        let batch: Vec<NewMessage> = (1..=n)
-            .map(|i| NewMessage {
-                room: room.clone(),
-                user: "u".into(),
-                text: format!("text-{i:02}"),
-                client_msg_id: None,
-            })
-            .collect();
-        store.commit_batch(Arc::from(batch)).await.unwrap();
-    }
-
     /// A node that fell behind by more than retention keeps: the catch-up read finds the
     /// missing seqs deleted, delivers what the store still has, and ends.
     #[tokio::test]
@@ -1066,7 +1053,7 @@ mod tests {
             ..
         } = one_member().await;
         // Ten commits the hub never heard of, then retention keeps the last three.
-        commit_unheard(&store, &room, 10).await;
+        commit_unheard(store.as_ref(), &room, 10).await;
         assert_eq!(store.prune(3).await.unwrap(), 7);
         hub.clone().resync().await;
         let got = read_for(&mut client, "text-10").await;
@@ -1127,7 +1114,7 @@ mod tests {
             );
         }
         // The store has them all: the catch-up, once it can read, delivers every one.
-        commit_unheard(&store, &room, total).await;
+        commit_unheard(store.as_ref(), &room, total).await;
         // The member reads all the while (its queue stays short).
         tokio::spawn(async move {
             use tokio::io::AsyncReadExt;

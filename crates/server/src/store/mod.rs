@@ -495,6 +495,24 @@ pub fn format_time(ms: i64) -> String {
         .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
 }
 
+/// Tests elsewhere: commit `n` messages to `room` (`text-01` on, by user `u`) straight to
+/// the store, as another node would, with no hub told.
+#[cfg(test)]
+pub(crate) async fn commit_unheard(store: &dyn Store, room: &RoomName, n: u64) {
+    let batch: Vec<NewMessage> = (1..=n)
+        .map(|i| NewMessage {
+            room: room.clone(),
+            user: "u".into(),
+            text: format!("text-{i:02}"),
+            client_msg_id: None,
+        })
+        .collect();
+    store
+        .commit_batch(Arc::from(batch))
+        .await
+        .expect("the messages are committed");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

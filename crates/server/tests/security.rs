@@ -395,18 +395,28 @@ async fn raw_legacy(app: &TestApp, user: &str) -> TcpStream {
     raw_ws(app.addr, &format!("/?session_key={key}")).await
 }
 
-#[tokio::test]
-async fn websocket_violations_get_their_close_codes() {
-    let app = app_with(|_| {}).await;
-    let by = Bystander::start(&app).await;
+/// A raw connection of user "offender": `legacy`, `v1` (its key in the URL), or `v1 before
+/// auth`.
+async fn raw_offender(app: &TestApp, how: &str) -> TcpStream {
+    match how {
+        "legacy" => raw_legacy(app, "offender").await,
+        "v1" => {
+            let key = app.session("offender", None).await;
+            raw_ws(app.addr, &format!("/ws?session_key={key}")).await
+        }
+        _ => raw_ws(app.addr, "/ws").await,
+    }
+}
+
+/// Frames the WebSocket layer refuses: (what, bytes written, expected close code).
+fn violations(app: &TestApp) -> Vec<(&'static str, Vec<u8>, u16)> {
     let max_frame = app.settings.max_message_bytes * 2 + 4096;
-    // Each case: (what, bytes written, expected close code).
     let mut header_only = frame(TEXT, b"", true, 0);
     // A 10 MiB frame: the header says so, and no payload follows. The close comes
     // from the header alone, before anything is buffered.
     header_only[1] = 0x80 | 127;
     header_only.splice(2..2, (10u64 << 20).to_be_bytes());
-    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+    vec![
         (
             "frame header over the limit",
             header_only,
@@ -463,18 +473,18 @@ async fn websocket_violations_get_their_close_codes() {
             },
             close::PROTOCOL_ERROR,
         ),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn websocket_violations_get_their_close_codes() {
+    let app = app_with(|_| {}).await;
+    let by = Bystander::start(&app).await;
+    let cases = violations(&app);
     for (what, bytes, code) in cases {
         // Legacy, v1 with its key in the URL, and v1 before its `auth` frame.
         for how in ["legacy", "v1", "v1 before auth"] {
-            let mut ws = match how {
-                "legacy" => raw_legacy(&app, "offender").await,
-                "v1" => {
-                    let key = app.session("offender", None).await;
-                    raw_ws(app.addr, &format!("/ws?session_key={key}")).await
-                }
-                _ => raw_ws(app.addr, "/ws").await,
-            };
+            let mut ws = raw_offender(&app, how).await;
             ws.write_all(&bytes).await.unwrap();
             let started = Instant::now();
             assert_eq!(raw_close_code(&mut ws).await, Some(code), "{what} ({how})");
@@ -485,6 +495,37 @@ async fn websocket_violations_get_their_close_codes() {
         }
     }
     by.finish().await;
+    app.stop().await;
+}
+
+/// After each of those closes the client goes on sending (256 KiB that are no frame).
+/// A frame tungstenite refuses (over the limit, invalid UTF-8, a protocol violation) ends
+/// its reading, and the rest of that frame, or what the client sent after it, would stay
+/// unread: a socket dropped with unread input is reset, and a reset destroys what the
+/// server's socket has not sent yet, the close too. So after such a close the server reads
+/// and drops the bytes until the client's end: the client sees its close, then a clean end
+/// of the stream, not a reset.
+#[tokio::test]
+async fn what_follows_a_refused_frame_is_read_before_the_socket_is_let_go() {
+    let app = app_with(|_| {}).await;
+    let cases = violations(&app);
+    let more = vec![b'a'; 256 * 1024];
+    for (what, bytes, code) in cases {
+        for how in ["legacy", "v1", "v1 before auth"] {
+            let mut ws = raw_offender(&app, how).await;
+            ws.write_all(&bytes).await.unwrap();
+            ws.write_all(&more)
+                .await
+                .expect("the server reads what follows");
+            ws.shutdown().await.unwrap();
+            assert_eq!(raw_close_code(&mut ws).await, Some(code), "{what} ({how})");
+            let mut rest = Vec::new();
+            let end = tokio::time::timeout(common::WAIT, ws.read_to_end(&mut rest))
+                .await
+                .expect("the server lets the socket go");
+            assert!(end.is_ok(), "{what} ({how}): {end:?} after the close");
+        }
+    }
     app.stop().await;
 }
 

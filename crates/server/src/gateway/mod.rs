@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use futures_util::stream::FusedStream;
 use futures_util::{FutureExt, StreamExt};
+use tokio::io::AsyncReadExt;
 use tokio::time::{interval_at, Interval, MissedTickBehavior};
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -386,25 +388,41 @@ impl Driver {
     /// stream, or 2 s (on a stop, no later than a second before its deadline). Dropping a
     /// socket with unread input makes the kernel reset the connection, and a reset
     /// destroys what the socket has not sent yet, the close frame too (a flooder would see
-    /// 1006 instead of 1008, a client behind on reading 1006 instead of 1012). A client
-    /// that neither reads nor answers within that time may still get the reset.
+    /// 1006 instead of 1008, a client behind on reading 1006 instead of 1012). After a
+    /// close for a frame tungstenite refused, its bytes are read and dropped raw, until
+    /// the end of the stream or the same time. A client that neither reads nor answers
+    /// within that time may still get the reset.
     pub async fn linger(mut self) {
-        const LINGER: Duration = Duration::from_secs(2);
-        // During a stop (its 1012, or any close it overtook), within the stop's deadline.
-        let until = if self.shared.shutdown.is_cancelled() {
-            self.shared.stop_budget(LINGER)
-        } else {
-            tokio::time::Instant::now() + LINGER
-        };
-        let _bounded = tokio::time::timeout_at(until, async {
-            while let Some(Ok(frame)) = self.stream.next().await {
-                if matches!(frame, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
+        linger(&mut self.stream, &self.shared).await;
     }
+}
+
+/// Read and drop what the client still sends after a close the server chose, until its
+/// close reply, the end of the stream, or 2 s (on a stop, no later than a second before its
+/// deadline): see `Driver::linger`.
+pub(crate) async fn linger(stream: &mut Reader, shared: &Shared) {
+    const LINGER: Duration = Duration::from_secs(2);
+    // During a stop (its 1012, or any close it overtook), within the stop's deadline.
+    let until = if shared.shutdown.is_cancelled() {
+        shared.stop_budget(LINGER)
+    } else {
+        tokio::time::Instant::now() + LINGER
+    };
+    let _bounded = tokio::time::timeout_at(until, async {
+        while !stream.is_terminated() {
+            match stream.next().await {
+                Some(Ok(Message::Close(_))) | None => return,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => break,
+            }
+        }
+        // tungstenite reads nothing more after its first error (the close was for a
+        // frame over the limit, invalid UTF-8 or a protocol violation), and the rest of
+        // that frame, or what followed it, is still unread: read and drop the bytes.
+        let mut dropped = [0u8; 4096];
+        while matches!(stream.get_mut().read(&mut dropped).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// The code to answer a client's close with: its own (tungstenite has already replaced a

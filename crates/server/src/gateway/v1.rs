@@ -97,13 +97,17 @@ pub(crate) async fn handle(
                 None => {
                     // The answer (a close) goes out before the socket does. A client that
                     // reads nothing would keep the writer (and the socket, and the queue)
-                    // waiting for room forever: after the bound, it is cancelled.
-                    if tokio::time::timeout(Duration::from_secs(2), writer)
-                        .await
-                        .is_err()
-                    {
-                        outbox.cancel.cancel();
-                    }
+                    // waiting for room forever: after the bound, it is cancelled. Meanwhile
+                    // what the client still sends is read, as after authentication.
+                    let written = async {
+                        if tokio::time::timeout(Duration::from_secs(2), writer)
+                            .await
+                            .is_err()
+                        {
+                            outbox.cancel.cancel();
+                        }
+                    };
+                    tokio::join!(written, super::linger(&mut reader, &shared));
                     return;
                 }
             },

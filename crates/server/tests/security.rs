@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 use wschat_protocol::{close, RoomName};
+use wschat_server::store::NewMessage;
 use wschat_server::Settings;
 
 /// The room every test's bystander and offenders share (legacy room 7).
@@ -572,6 +573,83 @@ async fn a_text_over_max_message_bytes_within_the_frame_limit_gets_message_too_l
             .count(),
         1
     );
+    app.stop().await;
+}
+
+/// The idle clock runs while the server waits for the client's next frame, not while it
+/// handles one: a join whose backfill the client reads slowly, for longer than the idle
+/// timeout, is not followed by an idle close (1001) once it is done.
+#[tokio::test]
+async fn a_join_the_client_reads_for_longer_than_the_idle_timeout_is_not_idle_time() {
+    const N: u64 = 4000;
+    let app = app_with(|s| {
+        s.ping_interval_secs = 1;
+        s.idle_timeout_secs = 2;
+        s.outbound_queue_bytes = 64 * 1024;
+    })
+    .await;
+    let room = RoomName::new("slowjoin").unwrap();
+    let text = "x".repeat(4000);
+    let batch: Vec<NewMessage> = (0..N)
+        .map(|_| NewMessage {
+            room: room.clone(),
+            user: "writer".into(),
+            text: text.clone(),
+            client_msg_id: None,
+        })
+        .collect();
+    app.shared
+        .store
+        .commit_batch(std::sync::Arc::from(batch))
+        .await
+        .unwrap();
+    let key = app.session("slow", None).await;
+    // A small receive buffer, so the backfill (16 MB) waits for what the client reads.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let stream = socket.connect(app.addr).await.unwrap();
+    let url = format!("ws://{}/ws?session_key={key}", app.addr);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let join = json!({"type": "join", "rooms": [{"room": "slowjoin", "since": 0}]});
+    ws.send(Message::text(join.to_string())).await.unwrap();
+    let started = Instant::now();
+    // Read it all, pausing 1.2 s (under the backfill's stall limit, the idle timeout)
+    // after each quarter: the join lasts at least three pauses.
+    let mut last = 0;
+    while last < N {
+        let frame = tokio::time::timeout(common::WAIT, ws.next())
+            .await
+            .expect("the backfill goes on")
+            .expect("the connection stays open")
+            .unwrap();
+        match frame {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "message" {
+                    last = v["seq"].as_u64().unwrap();
+                    if last % (N / 4) == 0 {
+                        tokio::time::sleep(Duration::from_millis(1200)).await;
+                    }
+                }
+            }
+            Message::Close(f) => panic!("closed during the join: {f:?}"),
+            _ => {}
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_secs(3),
+        "the join took {took:?}: too short to test anything"
+    );
+    // The join is over; the client goes on reading (and answering pings): it stays.
+    let watch = Instant::now() + Duration::from_secs(3);
+    while let Ok(frame) = tokio::time::timeout_at(watch.into(), ws.next()).await {
+        match frame {
+            Some(Ok(Message::Close(f))) => panic!("closed after the join: {f:?}"),
+            Some(Ok(_)) => {}
+            other => panic!("the connection ended after the join: {other:?}"),
+        }
+    }
     app.stop().await;
 }
 

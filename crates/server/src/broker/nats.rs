@@ -29,16 +29,19 @@ impl NatsBroker {
         stop: CancellationToken,
     ) -> Result<Self, BrokerError> {
         let on_event = hub.clone();
+        // Told of each (re)connect; the store is read once the subscription is back.
+        let (connected_tx, connected_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let client = async_nats::ConnectOptions::new()
             .subscription_capacity(65_536)
             .event_callback(move |event| {
                 let hub = on_event.clone();
+                let connected = connected_tx.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
                             metrics::counter!("wschat_broker_reconnects_total").increment(1);
                             tracing::info!("NATS connected: reading the store for missed messages");
-                            tokio::spawn(async move { hub.resync().await });
+                            let _ended_with_the_node = connected.send(());
                         }
                         async_nats::Event::Disconnected => tracing::warn!("NATS disconnected"),
                         async_nats::Event::SlowConsumer(_) => {
@@ -63,6 +66,12 @@ impl NatsBroker {
                     url: url.to_owned(),
                     reason: e.to_string(),
                 })?;
+        tokio::spawn(resync_when_subscribed(
+            client.clone(),
+            hub.clone(),
+            connected_rx,
+            stop.clone(),
+        ));
         let own = node.to_owned();
         tokio::spawn(async move {
             loop {
@@ -79,6 +88,39 @@ impl NatsBroker {
             subject: subject.to_owned(),
             node: node.to_owned(),
         })
+    }
+}
+
+/// After each (re)connect, read the store for what the other nodes rang meanwhile, once
+/// the subscription is in place again: the client tells of the connect before it sends
+/// its subscriptions again, so a read at once could miss a message rung between the read
+/// and the subscription (until the next bell of that room, or the heartbeat's read). A
+/// flush is answered after the server has taken everything sent before it, those
+/// subscriptions included.
+async fn resync_when_subscribed(
+    client: async_nats::Client,
+    hub: Arc<Hub>,
+    mut connected: tokio::sync::mpsc::UnboundedReceiver<()>,
+    stop: CancellationToken,
+) {
+    const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    loop {
+        tokio::select! {
+            told = connected.recv() => if told.is_none() { return },
+            _ = stop.cancelled() => return,
+        }
+        // Several connects told at once need one read.
+        while connected.try_recv().is_ok() {}
+        match tokio::time::timeout(FLUSH_WAIT, client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "NATS flush after a connect failed; reading the store anyway")
+            }
+            Err(_) => {
+                tracing::debug!("NATS flush after a connect timed out; reading the store anyway")
+            }
+        }
+        hub.clone().resync().await;
     }
 }
 

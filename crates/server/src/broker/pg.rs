@@ -1,7 +1,8 @@
 //! The PostgreSQL broker: NOTIFY on the store's database, one LISTEN connection per node.
 //! Notifications are lost while the listening connection is down; when it comes back
-//! (sqlx's `PgListener` reconnects by itself and says so with `Ok(None)`), the hub
-//! re-reads the store for every room it serves.
+//! (sqlx's `PgListener` reconnects by itself and says so with `Ok(None)`; when it cannot,
+//! the broker listens on a new connection, tried every second), the hub re-reads the store
+//! for every room it serves.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +40,8 @@ impl PgBroker {
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(CHANNEL).await?;
         let own = node.to_owned();
+        let listen_pool = pool.clone();
         tokio::spawn(async move {
-            let mut resync_after_error = false;
             loop {
                 let received = tokio::select! {
                     r = listener.try_recv() => r,
@@ -48,28 +49,26 @@ impl PgBroker {
                 };
                 match received {
                     Ok(Some(notification)) => {
-                        if resync_after_error {
-                            resync_after_error = false;
-                            spawn_resync(&hub);
-                        }
                         super::receive(&hub, &own, notification.payload().as_bytes());
                     }
                     Ok(None) => {
-                        // The LISTEN connection was lost and is being re-established:
-                        // whatever was notified meanwhile is read from the store.
+                        // The LISTEN connection was lost and sqlx has listened again on a
+                        // new one: whatever was notified meanwhile is read from the store.
                         tracing::warn!(
-                            "LISTEN connection lost; reconnecting and reading the store"
+                            "LISTEN connection lost; listening again and reading the store"
                         );
-                        resync_after_error = true;
                         spawn_resync(&hub);
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "LISTEN failed; retrying");
-                        resync_after_error = true;
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = stop.cancelled() => break,
+                        // sqlx would connect again silently at the next `try_recv`, and
+                        // nothing would read the store until a notification came: listen
+                        // again here, then read the store.
+                        tracing::warn!(error = %e, "LISTEN failed; listening again");
+                        match listen_again(&listen_pool, &stop).await {
+                            Some(again) => listener = again,
+                            None => break,
                         }
+                        spawn_resync(&hub);
                     }
                 }
             }
@@ -78,6 +77,29 @@ impl PgBroker {
             pool,
             node: node.to_owned(),
         })
+    }
+}
+
+/// A new LISTEN connection, tried every second until one listens; `None` on a stop.
+async fn listen_again(pool: &PgPool, stop: &CancellationToken) -> Option<PgListener> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return None,
+        }
+        let attempt = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let attempted = tokio::select! {
+            a = attempt => a,
+            _ = stop.cancelled() => return None,
+        };
+        match attempted {
+            Ok(listener) => return Some(listener),
+            Err(e) => tracing::warn!(error = %e, "LISTEN failed again; retrying"),
+        }
     }
 }
 

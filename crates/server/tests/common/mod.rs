@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod http;
+pub mod pg_cluster;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -356,66 +356,93 @@ async fn run(batches: Batches, store: Arc<dyn Store>, hub: Arc<Hub>) {
 }
 
 /// Answers each batch's senders and hands its messages to the hub, in commit order.
+///
+/// A panic while settling a batch is a bug, and it costs that batch's answers and
+/// fan-out, not those of the batches after it: its senders that got no answer send again
+/// (acknowledged then as repeats), and the hub reads what it missed from the store at the
+/// room's next message (a gap). Left uncaught, it would end this task: the committer
+/// would go on committing, with no answers and no fan-out at all.
 async fn settle(mut rx: mpsc::Receiver<Settled>, hub: Arc<Hub>) {
-    while let Some(Settled {
+    while let Some(settled) = rx.recv().await {
+        let size = settled.batch.len();
+        let once = std::panic::AssertUnwindSafe(|| settle_batch(settled, &hub));
+        if std::panic::catch_unwind(once).is_err() {
+            tracing::error!(
+                batch = size,
+                "settling a committed batch panicked; its senders may have no answer"
+            );
+            metrics::counter!("wschat_settle_panics_total").increment(1);
+        }
+    }
+}
+
+fn settle_batch(
+    Settled {
         mut batch,
         result,
         committed_at,
-    }) = rx.recv().await
-    {
-        match result {
-            Ok(outcomes) => {
-                let mut committed = Vec::with_capacity(outcomes.len());
-                let mut repeats = false;
-                let mut stored = 0u64;
-                let mut acks = Vec::with_capacity(batch.len());
-                let mut queued_at = Vec::with_capacity(batch.len());
-                for (queued, outcome) in batch.drain(..).zip(outcomes) {
-                    // A retry's first message is rung again: when a commit failed in a way
-                    // that left it committed (the connection died during COMMIT), its
-                    // senders were told `unavailable` and no member was told of it. Hubs
-                    // skip seqs they already delivered.
-                    match outcome {
-                        CommitOutcome::Duplicate(_) => repeats = true,
-                        CommitOutcome::Stored(_) => stored += 1,
-                    }
-                    committed.push(outcome.message().clone());
-                    answer(queued.request.reply, outcome, &mut acks);
-                    queued_at.push(queued.at);
-                }
-                send_acks(acks);
-                // Send to ack: from the queue until the ack is written or queued.
-                let send_ack = metrics::histogram!("wschat_send_ack_seconds");
-                for at in queued_at {
-                    send_ack.record(at.elapsed().as_secs_f64());
-                }
-                // A retry of a stored message is acknowledged again, not counted again.
-                metrics::counter!("wschat_messages_acknowledged_total").increment(stored);
-                if repeats {
-                    // Each room's messages in seq order, once (a repeat may be older than
-                    // the batch's new messages, or repeated within it).
-                    committed.sort_by(|a, b| a.room.cmp(&b.room).then(a.seq.cmp(&b.seq)));
-                    committed.dedup_by(|a, b| a.room == b.room && a.seq == b.seq);
-                }
-                if !committed.is_empty() {
-                    hub.committed(committed);
-                    metrics::histogram!("wschat_fanout_seconds")
-                        .record(committed_at.elapsed().as_secs_f64());
-                }
+    }: Settled,
+    hub: &Arc<Hub>,
+) {
+    match result {
+        Ok(outcomes) => {
+            #[cfg(test)]
+            if outcomes
+                .iter()
+                .any(|o| o.message().text == tests::PANICS_WHEN_SETTLED)
+            {
+                panic!("a test's panic while settling");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, batch = batch.len(), "commit failed; senders told to retry");
-                metrics::counter!("wschat_commit_errors_total").increment(1);
-                let reason = match e {
-                    StoreError::Unavailable(_) => "the store is unavailable".to_owned(),
-                    other => other.to_string(),
-                };
-                for queued in batch.drain(..) {
-                    answer_error(
-                        queued.request.reply,
-                        CommitError::Unavailable(reason.clone()),
-                    );
+            let mut committed = Vec::with_capacity(outcomes.len());
+            let mut repeats = false;
+            let mut stored = 0u64;
+            let mut acks = Vec::with_capacity(batch.len());
+            let mut queued_at = Vec::with_capacity(batch.len());
+            for (queued, outcome) in batch.drain(..).zip(outcomes) {
+                // A retry's first message is rung again: when a commit failed in a way
+                // that left it committed (the connection died during COMMIT), its
+                // senders were told `unavailable` and no member was told of it. Hubs
+                // skip seqs they already delivered.
+                match outcome {
+                    CommitOutcome::Duplicate(_) => repeats = true,
+                    CommitOutcome::Stored(_) => stored += 1,
                 }
+                committed.push(outcome.message().clone());
+                answer(queued.request.reply, outcome, &mut acks);
+                queued_at.push(queued.at);
+            }
+            send_acks(acks);
+            // Send to ack: from the queue until the ack is written or queued.
+            let send_ack = metrics::histogram!("wschat_send_ack_seconds");
+            for at in queued_at {
+                send_ack.record(at.elapsed().as_secs_f64());
+            }
+            // A retry of a stored message is acknowledged again, not counted again.
+            metrics::counter!("wschat_messages_acknowledged_total").increment(stored);
+            if repeats {
+                // Each room's messages in seq order, once (a repeat may be older than
+                // the batch's new messages, or repeated within it).
+                committed.sort_by(|a, b| a.room.cmp(&b.room).then(a.seq.cmp(&b.seq)));
+                committed.dedup_by(|a, b| a.room == b.room && a.seq == b.seq);
+            }
+            if !committed.is_empty() {
+                hub.committed(committed);
+                metrics::histogram!("wschat_fanout_seconds")
+                    .record(committed_at.elapsed().as_secs_f64());
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, batch = batch.len(), "commit failed; senders told to retry");
+            metrics::counter!("wschat_commit_errors_total").increment(1);
+            let reason = match e {
+                StoreError::Unavailable(_) => "the store is unavailable".to_owned(),
+                other => other.to_string(),
+            };
+            for queued in batch.drain(..) {
+                answer_error(
+                    queued.request.reply,
+                    CommitError::Unavailable(reason.clone()),
+                );
             }
         }
     }
@@ -515,6 +542,22 @@ mod tests {
         };
         let (committer, task) = Committer::start(store, hub, 100, spacing);
         (dir, committer, task)
+    }
+
+    /// A message whose settling panics (`settle_batch`).
+    pub(super) const PANICS_WHEN_SETTLED: &str = "this text panics its batch's settling";
+
+    #[tokio::test]
+    async fn a_panic_while_settling_a_batch_costs_that_batch_not_the_ones_after() {
+        let (_dir, committer, _task) = committer(Duration::ZERO).await;
+        let lost = committer
+            .send_and_wait(message(PANICS_WHEN_SETTLED, None))
+            .await;
+        assert!(lost.is_err(), "its answer went with the panic: {lost:?}");
+        for (text, expected) in [("after", 2), ("and after", 3)] {
+            let outcome = committer.send_and_wait(message(text, None)).await;
+            assert_eq!(seq(&outcome), expected, "{text}");
+        }
     }
 
     fn message(text: &str, id: Option<&str>) -> NewMessage {

@@ -110,6 +110,12 @@ pub const METRICS: &[Metric] = &[
         "Commit batches the store refused; their senders were told to retry.",
     ),
     m(
+        "wschat_settle_panics_total",
+        Kind::Counter,
+        &[],
+        "Committed batches whose answers and fan-out panicked (a bug): their senders may get no answer and send again; the batches after are settled as usual.",
+    ),
+    m(
         "wschat_commit_batch_size",
         Kind::Histogram,
         &[],

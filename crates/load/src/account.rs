@@ -56,8 +56,6 @@ pub struct V1Room {
     pub resets: u64,
     /// The first join was refused: not a member.
     pub refused: bool,
-    /// Set when the receiver gave up: the last seq it is expected to have.
-    pub upper: Option<u64>,
     /// Messages that came before the first `joined`: (seq, the tag if ours, receive time
     /// µs).
     held: Vec<(u64, Option<Ours>, u64)>,
@@ -180,8 +178,6 @@ impl LegacyRecv {
 pub struct V1RoomOut {
     pub name: String,
     pub base: u64,
-    /// Last seq the receiver is expected to have: `u64::MAX` unless it gave up.
-    pub upper: u64,
     pub ours: ChunkSet,
     /// Seqs this receiver found to be copies of a message it had (`V1Room::copies`).
     pub copies: Vec<u64>,
@@ -200,7 +196,7 @@ pub struct Expectation {
 /// v1: the universe of our messages in each room is every acked (room, seq) plus every
 /// (room, seq) of ours that anybody received, less the seqs any receiver found to be
 /// copies (a message stored twice is one message); each member is expected to receive
-/// those with seq in `(base, upper]`.
+/// those with seq above its `base`, also after it gave up.
 pub fn v1_expectation(acked: &[(String, u64)], rooms: &[V1RoomOut]) -> Expectation {
     let mut universe: std::collections::HashMap<&str, ChunkSet> = Default::default();
     let mut copies: std::collections::HashMap<&str, ChunkSet> = Default::default();
@@ -233,14 +229,14 @@ pub fn v1_expectation(acked: &[(String, u64)], rooms: &[V1RoomOut]) -> Expectati
             continue;
         };
         let c = copies_of(&r.name);
-        out.expected += u.count_in(r.base, r.upper);
+        out.expected += u.count_in(r.base, u64::MAX);
         let (mut got, mut copy) = (0, 0);
         for s in r.ours.iter() {
             if c.contains(s) {
                 // A copy (another receiver had the message under its first seq): not a
                 // message of the room; the first seq is.
                 copy += 1;
-            } else if s > r.base && s <= r.upper {
+            } else if s > r.base {
                 got += 1;
             }
         }
@@ -287,6 +283,8 @@ pub struct LegacyReceiver {
     pub conn: u32,
     pub seen: ChunkSet,
     pub windows: Vec<Window>,
+    /// First receipts not timed when they came (`legacy_timed`): (g, latency µs).
+    pub untimed: Vec<(u64, u64)>,
 }
 
 /// Legacy: who shares a room (the protocol never says which room a session is in).
@@ -312,6 +310,37 @@ pub fn legacy_timed(intended: u64, opened_at: u64, earlier: &[Window]) -> bool {
     intended >= opened_at || earlier.iter().any(|w| w.contains(intended))
 }
 
+/// Each sender's `base_g`, for `legacy_locate`.
+fn legacy_bases(senders: &[LegacySender]) -> Vec<u64> {
+    senders.iter().map(|s| s.base_g).collect()
+}
+
+/// The sender of the run's `g`-th message and its index in that sender's schedule.
+fn legacy_locate(senders: &[LegacySender], bases: &[u64], g: u64) -> Option<(usize, usize)> {
+    let s = bases.partition_point(|&b| b <= g).checked_sub(1)?;
+    let k = (g - bases[s]) as usize;
+    (k < senders[s].sent_at.len()).then_some((s, k))
+}
+
+/// Legacy: the latencies of the first receipts that were not timed when they came (their
+/// intended time was before the connection they came on, outside the receiver's earlier
+/// windows) but that were sent inside one of the receiver's windows: live messages that
+/// came late because their sender was away and sent its backlog on its return, not
+/// history. The expectation counts them as delivered; they are timed too.
+pub fn legacy_late_latencies(senders: &[LegacySender], receivers: &[LegacyReceiver]) -> Vec<u64> {
+    let bases = legacy_bases(senders);
+    let mut late = Vec::new();
+    for r in receivers {
+        for &(g, latency) in &r.untimed {
+            let sent = legacy_locate(senders, &bases, g).map(|(s, k)| senders[s].sent_at[k]);
+            if sent.is_some_and(|at| at != u64::MAX && r.windows.iter().any(|w| w.contains(at))) {
+                late.push(latency);
+            }
+        }
+    }
+    late
+}
+
 /// Legacy: receiver `c` is expected to receive message `m` of sender `s` when `c` and `s`
 /// are in the same room (`rooms`) and `m` was sent inside one of `c`'s windows (in its
 /// firm part, or in its grace part if `m` arrived).
@@ -321,12 +350,8 @@ pub fn legacy_expectation(
     rooms: LegacyRooms,
 ) -> Expectation {
     let n = senders.len();
-    let bases: Vec<u64> = senders.iter().map(|s| s.base_g).collect();
-    let locate = |g: u64| -> Option<(usize, usize)> {
-        let s = bases.partition_point(|&b| b <= g).checked_sub(1)?;
-        let k = (g - bases[s]) as usize;
-        (k < senders[s].sent_at.len()).then_some((s, k))
-    };
+    let bases = legacy_bases(senders);
+    let locate = |g: u64| legacy_locate(senders, &bases, g);
     let mut groups = UnionFind::new(n);
     match rooms {
         LegacyRooms::One => {
@@ -459,7 +484,6 @@ mod tests {
             V1RoomOut {
                 name: "r".into(),
                 base: 0,
-                upper: u64::MAX,
                 ours: set(&[1, 3]),
                 copies: vec![2],
             },
@@ -467,7 +491,6 @@ mod tests {
             V1RoomOut {
                 name: "r".into(),
                 base: 1,
-                upper: u64::MAX,
                 ours: set(&[2, 3]),
                 copies: vec![],
             },
@@ -493,7 +516,6 @@ mod tests {
             V1RoomOut {
                 name: "r".into(),
                 base: 10,
-                upper: u64::MAX,
                 ours: a,
                 copies: vec![],
             },
@@ -501,7 +523,6 @@ mod tests {
             V1RoomOut {
                 name: "r".into(),
                 base: 12,
-                upper: u64::MAX,
                 ours: b,
                 copies: vec![],
             },
@@ -598,6 +619,7 @@ mod tests {
                 conn: 0,
                 seen: set(&[0, 2]),
                 windows: vec![w(0, u64::MAX)],
+                untimed: Vec::new(),
             },
             // Connected from 200 on: expected only message 1 (sent at 300); got 0 from
             // history (unexpected) and 1.
@@ -605,11 +627,13 @@ mod tests {
                 conn: 1,
                 seen: set(&[0, 1]),
                 windows: vec![w(200, u64::MAX)],
+                untimed: Vec::new(),
             },
             LegacyReceiver {
                 conn: 2,
                 seen: set(&[4]),
                 windows: vec![w(0, u64::MAX)],
+                untimed: Vec::new(),
             },
         ];
         let e = legacy_expectation(&senders, &receivers, LegacyRooms::Inferred);
@@ -642,9 +666,44 @@ mod tests {
                 firm_end: 150,
                 end: 450,
             }],
+            untimed: Vec::new(),
         }];
         let e = legacy_expectation(&senders, &receivers, LegacyRooms::One);
         assert_eq!((e.expected, e.delivered, e.unexpected), (2, 2, 0));
+    }
+
+    /// A receipt not timed when it came (intended before its connection) is timed at the
+    /// end when it was sent inside one of the receiver's windows (its sender was away and
+    /// sent it late), and not when it was sent while the receiver was down (history).
+    #[test]
+    fn legacy_late_sends_are_timed_and_history_is_not() {
+        let w = |start, end| Window {
+            start,
+            firm_start: start,
+            firm_end: end,
+            end,
+        };
+        let senders = vec![LegacySender {
+            base_g: 0,
+            sent_at: vec![100, 900, u64::MAX],
+        }];
+        // Up from 50 to 200, down, up again from 500.
+        let receivers = vec![LegacyReceiver {
+            conn: 1,
+            seen: ChunkSet::new(),
+            windows: vec![w(50, 200), w(500, u64::MAX)],
+            // g 0 intended at 10, sent late at 100 (in the first window), came at 600;
+            // g 1 intended at 300 (the receiver down), sent only at 900, came at 950;
+            // g 2 was never sent.
+            untimed: vec![(0, 590), (1, 650), (2, 1)],
+        }];
+        assert_eq!(legacy_late_latencies(&senders, &receivers), vec![590, 650]);
+        // Down until 500 instead: g 0 was sent while it was down (history on connect).
+        let history = vec![LegacyReceiver {
+            windows: vec![w(0, 50), w(500, u64::MAX)],
+            ..receivers.into_iter().next().unwrap()
+        }];
+        assert_eq!(legacy_late_latencies(&senders, &history), vec![650]);
     }
 
     /// Rooms by key: a receiver that got nothing is expected to get its whole room's
@@ -687,6 +746,7 @@ mod tests {
             conn: c as u32,
             seen,
             windows: always.clone(),
+            untimed: Vec::new(),
         })
         .collect();
         let e = legacy_expectation(&senders, &receivers, LegacyRooms::ByKey(2));

@@ -41,8 +41,9 @@ const SOCKET_READ_BYTES: usize = 8 * 1024;
 /// Legacy: a connection we close on purpose (`--churn`) is expected to have received what
 /// was sent in its last second only if it came (it may still have been in flight).
 pub(crate) const CHURN_GRACE_US: u64 = 1_000_000;
-/// v1: how often one message is retried after a retryable error frame.
-const MAX_ERROR_RETRIES: u32 = 5;
+/// v1: the longest wait before a send refused with a retryable error goes again (the
+/// wait doubles from 200 ms up to this; after `rate_limited` it is this).
+const MAX_ERROR_RETRY_US: u64 = 1_000_000;
 /// Most distinct reasons kept in `connect_errors`.
 const MAX_REASONS: usize = 20;
 /// The `ref` of our join frames (sends use their counter).
@@ -129,6 +130,9 @@ impl PhaseRx {
         if self.armed && self.seen >= self.sent.load(Acquire) {
             return std::task::Poll::Pending;
         }
+        // Out of its coop budget, the task gets `Pending` from the channel without the
+        // waker being kept (it is woken again at once instead): armed only when it was.
+        let kept = tokio::task::coop::has_budget_remaining();
         match self.rx.poll_recv(cx) {
             std::task::Poll::Ready(p) => {
                 self.seen += 1;
@@ -137,7 +141,7 @@ impl PhaseRx {
                 std::task::Poll::Ready(p)
             }
             std::task::Poll::Pending => {
-                self.armed = true;
+                self.armed = kept;
                 std::task::Poll::Pending
             }
         }
@@ -188,6 +192,8 @@ pub(crate) struct Shared {
     pub ack_latency: Sharded,
     /// Intended send time to the send's write: the client's own lateness.
     pub send_lag: Sharded,
+    /// v1: from a connection's loss to its rooms synced again (`Conn::set_away`).
+    pub resume: Sharded,
     pub printer: Option<Mutex<BufWriter<Stdout>>>,
     /// Tasks whose first connection attempt is over (either way).
     pub settled: AtomicUsize,
@@ -216,6 +222,8 @@ pub(crate) struct Output {
     pub churned: u64,
     pub silent_drops: u64,
     pub gave_up: bool,
+    /// v1: lost (after it had been up) and not synced again when the run ended.
+    pub away_at_end: bool,
     pub close_codes: BTreeMap<u16, u64>,
     pub connect_errors: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
@@ -240,6 +248,9 @@ pub(crate) struct Output {
     /// expected to receive.
     pub sent_at: Vec<u64>,
     pub legacy_seen: Option<crate::bits::ChunkSet>,
+    /// Legacy: first receipts not timed when they came, (g, latency µs)
+    /// (`account::legacy_late_latencies`).
+    pub legacy_untimed: Vec<(u64, u64)>,
     pub windows: Vec<Window>,
 }
 
@@ -273,6 +284,8 @@ pub(crate) struct Conn {
     last_session_up: bool,
     /// v1: down after it had been up, and trying to get back (counted in `Live::away`).
     away: bool,
+    /// v1: when it went away (µs on the run's clock).
+    away_since_us: u64,
     next_idx: usize,
     // v1
     rooms: Vec<V1Room>,
@@ -375,6 +388,7 @@ impl Conn {
             settled: false,
             last_session_up: false,
             away: false,
+            away_since_us: 0,
             next_idx: 0,
             rooms,
             unacked: BTreeMap::new(),
@@ -437,13 +451,20 @@ impl Conn {
                 }
             }
         }
-        self.set_away(false);
+        // Still away when the run stopped: it never resumed.
+        self.out.away_at_end = self.away;
+        if self.away {
+            self.away = false;
+            self.shared.live.away.fetch_sub(1, Relaxed);
+        }
         self.settle();
         self.finish()
     }
 
     /// v1: whether the connection is down after it had been up and will come back, to
     /// resume what it missed (the drain waits for it: `Live::away`).
+    /// Away from the loss until the next session has synced its rooms (each join's
+    /// backfill received): that time is one sample of `resume`.
     fn set_away(&mut self, away: bool) {
         let away = away && self.v1() && self.out.connected_once;
         if away != self.away {
@@ -452,6 +473,14 @@ impl Conn {
                 .live
                 .away
                 .fetch_add(if away { 1 } else { -1 }, Relaxed);
+            let now = self.shared.clock.now_us();
+            if away {
+                self.away_since_us = now;
+            } else {
+                self.shared
+                    .resume
+                    .record(self.plan.idx, now.saturating_sub(self.away_since_us));
+            }
         }
     }
 
@@ -476,16 +505,15 @@ impl Conn {
         }
     }
 
+    /// Closed for good (a policy close, a key refused on reconnect): it sends no more.
+    /// A member still expects every message of its rooms (what it never gets is lost),
+    /// and the run fails (`Report::failure`).
     fn give_up(&mut self) {
         self.out.gave_up = true;
         let live = &self.shared.live;
         let remaining = self.plan.schedule.len() - self.next_idx;
         live.pending_sends.fetch_sub(remaining as i64, Relaxed);
         live.in_flight.fetch_sub(self.unacked.len() as i64, Relaxed);
-        // It can no longer receive: expect of it only what it could have resumed from.
-        for r in &mut self.rooms {
-            r.upper = r.since();
-        }
     }
 
     fn connect_failed(&mut self, reason: String) {
@@ -1089,6 +1117,7 @@ impl Conn {
         let now = shared.clock.now_us();
         self.out.acked += 1;
         shared.live.acked.fetch_add(1, Relaxed);
+        shared.live.last_ack_us.fetch_max(now, Relaxed);
         shared.live.in_flight.fetch_sub(1, Relaxed);
         shared
             .ack_latency
@@ -1104,6 +1133,9 @@ impl Conn {
             .push((u16::try_from(room_idx).unwrap_or(u16::MAX), seq));
     }
 
+    /// A send answered with an error frame. A retryable one goes again, as long as the
+    /// run lasts (a real client keeps its message until it is stored): one still unacked
+    /// at the end counts as `unacked`, which fails the run. Any other refuses it for good.
     fn on_send_error(&mut self, counter: u32, code: ErrorCode) {
         let retry_in_us = match code {
             ErrorCode::RateLimited => Some(1_000_000),
@@ -1114,13 +1146,14 @@ impl Conn {
             return;
         };
         match retry_in_us {
-            Some(d) if u.error_retries < MAX_ERROR_RETRIES => {
-                u.error_retries += 1;
+            Some(first) => {
+                let d = (first << u.error_retries.min(4)).min(MAX_ERROR_RETRY_US);
+                u.error_retries = u.error_retries.saturating_add(1);
                 self.retry.push_back(counter);
                 let at = self.shared.clock.now_us() + d;
                 self.retry_at_us = Some(self.retry_at_us.map_or(at, |t| t.min(at)));
             }
-            _ => {
+            None => {
                 self.unacked.remove(&counter);
                 self.out.refused += 1;
                 self.shared.live.in_flight.fetch_sub(1, Relaxed);
@@ -1223,6 +1256,12 @@ impl Conn {
             let now = self.shared.clock.now_us();
             let intended = self.shared.clock.since_anchor_us(tag.intended_unix_us);
             let timed = account::legacy_timed(intended, s.opened_at, &self.out.windows);
+            if !timed {
+                // History, or a live message its sender sent late: known at the end.
+                self.out
+                    .legacy_untimed
+                    .push((g, now.saturating_sub(intended)));
+            }
             self.count_delivery(tag.intended_unix_us, now, timed);
         }
     }
@@ -1241,7 +1280,6 @@ impl Conn {
                 out.rooms.push(V1RoomOut {
                     name: r.name,
                     base,
-                    upper: r.upper.unwrap_or(u64::MAX),
                     ours: r.ours,
                     copies: r.copies,
                 });

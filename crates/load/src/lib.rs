@@ -14,8 +14,10 @@
 //! [`text`]). Receivers ignore anything else, including other runs' messages.
 //! Latency = time of first receipt − intended send time, in an hdrhistogram, for every
 //! message the receiver was expected to get (legacy: also one that came only in a later
-//! connection's history replay, outage included; not history it was never expected to
-//! get, nor v1 history from before its first join). The report
+//! connection's history replay, outage included; and one whose sender sent it late, after
+//! an outage of its own: that one is timed at the end, once its send time is known; not
+//! history it was never expected to get, nor v1 history from before its first join). The
+//! report
 //! also gives the send lag (intended send time → the client had written the message):
 //! the part of the latency that is the client's own lateness, when it is too busy to keep
 //! its schedule (or, for a message due while its connection was down, the outage).
@@ -35,13 +37,15 @@
 //! base, whether it is connected at the time or not: it reconnects with backoff (close
 //! codes 1012 and 4008, and any broken connection) and resumes each room with `since` = the
 //! last seq it received, so what it gets on resume counts as delivered and what never comes
-//! counts as lost. A connection that gives up for good (bad key, policy close) is expected
-//! to have only up to what it had received. Messages sent and never acked nor seen by
-//! anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no one
-//! (they fail the run all the same: see [`Report::failure`]);
-//! error frames that refuse a send for good count as `refused`. Retryable errors
-//! (`unavailable`, `shutting_down`, `internal`, `rate_limited`) and sends that were not
-//! acked before a reconnect are sent again with the same `client_msg_id`; two acks with
+//! counts as lost. A member that gives up for good (its key refused on a reconnect, a
+//! policy close) is still expected to receive every message of its rooms: what it never
+//! got is lost, and its giving up fails the run. Messages sent and never acked nor seen
+//! by anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no
+//! one (they fail the run all the same: see [`Report::failure`]); error frames that refuse
+//! a send for good count as `refused` (which fails the run too). Retryable errors
+//! (`unavailable`, `shutting_down`, `internal`, `rate_limited`; sent again after 200 ms,
+//! doubling up to 1 s, or after 1 s, for as long as the run lasts) and sends that were not acked
+//! before a reconnect are sent again with the same `client_msg_id`; two acks with
 //! different seqs for one message count as `ack_conflicts`. `duplicated`: a (room, seq) of
 //! ours a receiver got more than once, or one of our messages it got under a second seq
 //! (the server stored a send twice: the text carries the sender and counter). Such a copy's
@@ -438,6 +442,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         latency: Sharded::new()?,
         ack_latency: Sharded::new()?,
         send_lag: Sharded::new()?,
+        resume: Sharded::new()?,
         printer: args
             .print_sent
             .then(|| Mutex::new(BufWriter::with_capacity(64 * 1024, std::io::stdout()))),
@@ -498,12 +503,11 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let drain_s = drain_started.elapsed().as_secs_f64();
-    let last_delivery_after_send_s = shared
-        .live
-        .last_delivery_us
-        .load(Relaxed)
-        .saturating_sub(drain_start_us) as f64
-        / 1e6;
+    let after_send_s = |last_us: &std::sync::atomic::AtomicU64| {
+        last_us.load(Relaxed).saturating_sub(drain_start_us) as f64 / 1e6
+    };
+    let last_delivery_after_send_s = after_send_s(&shared.live.last_delivery_us);
+    let last_ack_after_send_s = after_send_s(&shared.live.last_ack_us);
     phase_bus.send(Phase::Stop);
 
     let mut outputs = Vec::with_capacity(n);
@@ -550,6 +554,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             duration_s: duration.as_secs_f64(),
             drain_s,
             last_delivery_after_send_s,
+            last_ack_after_send_s,
         },
     )?;
     report.lost_tasks = lost_tasks;
@@ -576,6 +581,7 @@ struct ReportTimes {
     duration_s: f64,
     drain_s: f64,
     last_delivery_after_send_s: f64,
+    last_ack_after_send_s: f64,
 }
 
 fn build_report(
@@ -600,6 +606,7 @@ fn build_report(
         ..Report::default()
     };
     let (mut acked, mut unacked, mut refused, mut conflicts) = (0, 0, 0, 0);
+    let mut away_at_end = 0;
     let mut v1_rooms = Vec::new();
     let mut acked_seqs = Vec::new();
     let mut senders = Vec::new();
@@ -612,6 +619,7 @@ fn build_report(
         r.churned += o.churned;
         r.silent_drops += o.silent_drops;
         r.gave_up += u64::from(o.gave_up);
+        away_at_end += u64::from(o.away_at_end);
         for (k, v) in o.close_codes {
             *r.close_codes.entry(k).or_insert(0) += v;
         }
@@ -647,6 +655,7 @@ fn build_report(
                     conn: i as u32,
                     seen,
                     windows: o.windows,
+                    untimed: o.legacy_untimed,
                 });
             }
         }
@@ -663,6 +672,8 @@ fn build_report(
             (None, Some(n)) => account::LegacyRooms::ByKey(n),
             (None, None) => account::LegacyRooms::Inferred,
         };
+        let late = account::legacy_late_latencies(&senders, &receivers);
+        shared.latency.record_all(0, &late);
         account::legacy_expectation(&senders, &receivers, rooms)
     };
     r.expected = e.expected;
@@ -680,6 +691,10 @@ fn build_report(
     if v1 {
         shared.ack_latency.merge_into(&mut h);
         r.ack_latency_ms = Some(LatencyMs::from_histogram(&h, shared.ack_latency.over_max()));
+        shared.resume.merge_into(&mut h);
+        r.resume_ms = Some(LatencyMs::from_histogram(&h, shared.resume.over_max()));
+        r.away_at_end = Some(away_at_end);
+        r.last_ack_after_send_s = Some(t.last_ack_after_send_s);
     }
     shared.send_lag.merge_into(&mut h);
     r.send_lag_ms = LatencyMs::from_histogram(&h, shared.send_lag.over_max());

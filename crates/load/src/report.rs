@@ -138,6 +138,13 @@ pub struct Report {
     pub latency_ms: LatencyMs,
     /// v1: intended send time to ack.
     pub ack_latency_ms: Option<LatencyMs>,
+    /// v1: from a connection's loss (after it had been up; churn closes too) to its
+    /// rooms synced again on a later connection (each join's backfill received, through
+    /// its `last_seq`): one sample per resume. After a mass disconnect, `max` is when the
+    /// last connection was whole again.
+    pub resume_ms: Option<LatencyMs>,
+    /// v1: connections lost and not synced again when the run ended (no sample above).
+    pub away_at_end: Option<u64>,
     /// Intended send time to the moment the client had written the message (each write
     /// that went through): the client's own lateness when it is busy, plus, for a message
     /// that fell due while its connection was down, the time until it was back. The
@@ -157,6 +164,8 @@ pub struct Report {
     /// Seconds from the end of the send phase to the last delivery (0 when none came
     /// after it): how far behind the server was when the sending stopped.
     pub last_delivery_after_send_s: f64,
+    /// v1: the same for the last ack (a send-only run has acks and no deliveries).
+    pub last_ack_after_send_s: Option<f64>,
     /// `sent / duration_s`.
     pub send_rate: f64,
     /// Deliveries per second over the send phase and the drain.
@@ -167,7 +176,9 @@ impl Report {
     /// What makes this run a failure (`wschat load` then exits with status 3), if
     /// anything: messages lost; v1 sends the server never answered (neither acked nor
     /// refused, after the retries and the drain: a server that drops sends silently loses
-    /// messages that no receiver can count); connection tasks whose figures are missing.
+    /// messages that no receiver can count), or refused for good; connections that gave
+    /// up (closed for good: what they could not receive is lost too); connection tasks
+    /// whose figures are missing.
     pub fn failure(&self) -> Option<String> {
         let mut why = Vec::new();
         if self.lost > 0 {
@@ -175,6 +186,12 @@ impl Report {
         }
         if let Some(unacked) = self.unacked.filter(|&n| n > 0) {
             why.push(format!("{unacked} sends never answered"));
+        }
+        if let Some(refused) = self.refused.filter(|&n| n > 0) {
+            why.push(format!("{refused} sends refused"));
+        }
+        if self.gave_up > 0 {
+            why.push(format!("{} connections gave up", self.gave_up));
         }
         if self.lost_tasks > 0 {
             why.push(format!(
@@ -258,6 +275,18 @@ impl Report {
                 a.over_max_note()
             );
         }
+        if let Some(r) = self.resume_ms.as_ref().filter(|r| r.count > 0) {
+            let _ = writeln!(
+                s,
+                "  resumes (loss → synced again): {}, ms p50 {:.2}, p99 {:.2}, max {:.2}{}; not resumed at the end: {}",
+                r.count,
+                r.p50,
+                r.p99,
+                r.max,
+                r.over_max_note(),
+                self.away_at_end.unwrap_or(0)
+            );
+        }
         let g = &self.send_lag_ms;
         let _ = writeln!(
             s,
@@ -331,9 +360,10 @@ mod tests {
     }
 
     /// A run fails on lost deliveries, on v1 sends never answered (a server that drops
-    /// sends silently: no receiver can count those as lost), and on missing figures.
+    /// sends silently: no receiver can count those as lost) or refused for good, on
+    /// connections that gave up, and on missing figures.
     #[test]
-    fn a_run_fails_on_loss_on_unanswered_sends_and_on_missing_figures() {
+    fn a_run_fails_on_loss_on_unanswered_or_refused_sends_on_give_ups_and_on_missing_figures() {
         let clean = Report {
             acked: Some(10),
             unacked: Some(0),
@@ -354,6 +384,16 @@ mod tests {
             unanswered.failure().as_deref(),
             Some("2 sends never answered")
         );
+        let refused = Report {
+            refused: Some(4),
+            ..clean.clone()
+        };
+        assert_eq!(refused.failure().as_deref(), Some("4 sends refused"));
+        let gave_up = Report {
+            gave_up: 1,
+            ..clean.clone()
+        };
+        assert_eq!(gave_up.failure().as_deref(), Some("1 connections gave up"));
         let missing = Report {
             lost_tasks: 1,
             lost: 1,

@@ -61,6 +61,8 @@ pub struct Live {
     pub delivered: AtomicU64,
     /// When the last first receipt happened (µs since the anchor).
     pub last_delivery_us: AtomicU64,
+    /// v1: when the last ack came (µs since the anchor).
+    pub last_ack_us: AtomicU64,
     /// Scheduled messages not yet sent, of connections that still try.
     pub pending_sends: AtomicI64,
     /// v1: sent and neither acked nor finally refused.

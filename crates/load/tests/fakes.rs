@@ -13,6 +13,15 @@ async fn load(args: &[&str]) -> Report {
     run(args).await.unwrap()
 }
 
+/// The load client against a fresh v1 fake with `opts`, with `args` after its URL.
+async fn v1_run(opts: V1Fake, args: &[&str]) -> Report {
+    let addr = v1_fake(opts).await;
+    let url = format!("ws://{addr}/ws");
+    let mut all = vec![url.as_str()];
+    all.extend_from_slice(args);
+    load(&all).await
+}
+
 fn assert_counts_add_up(r: &Report) {
     assert_eq!(r.lost, r.expected - r.delivered, "{r:#?}");
     assert_eq!(r.unsent, 0, "{r:#?}");
@@ -164,18 +173,18 @@ async fn socketio_dropping_every_tenth_delivery_is_ten_percent_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_everything_acked_and_delivered() {
-    let addr = v1_fake(V1Fake::default()).await;
-    let url = format!("ws://{addr}/ws");
-    let r = load(&[
-        &url,
-        "--session-key=k",
-        "--connections=12",
-        "--rooms=3",
-        "--interval=0.05",
-        "--duration=1.5",
-        "--drain=5",
-        "--no-progress",
-    ])
+    let r = v1_run(
+        V1Fake::default(),
+        &[
+            "--session-key=k",
+            "--connections=12",
+            "--rooms=3",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.connected, 12);
@@ -195,21 +204,20 @@ async fn v1_everything_acked_and_delivered() {
 /// the connection reconnects and joins again, and its room counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_join_answered_unavailable_is_tried_again() {
-    let addr = v1_fake(V1Fake {
-        refuse_joins: Some(3),
-        ..V1Fake::default()
-    })
-    .await;
-    let url = format!("ws://{addr}/ws");
-    let r = load(&[
-        &url,
-        "--session-key=k",
-        "--connections=6",
-        "--interval=0.05",
-        "--duration=1.5",
-        "--drain=5",
-        "--no-progress",
-    ])
+    let r = v1_run(
+        V1Fake {
+            refuse_joins: Some(3),
+            ..V1Fake::default()
+        },
+        &[
+            "--session-key=k",
+            "--connections=6",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
     .await;
     assert_counts_add_up(&r);
     // The three refused joins reconnected.
@@ -224,17 +232,18 @@ async fn v1_a_join_answered_unavailable_is_tried_again() {
 /// 10 v1 connections in 2 rooms against a v1 fake with `opts`, 20 messages a second each
 /// for 1.5 s; the counts add up and every send was acked.
 async fn ten_in_two_rooms(opts: V1Fake) -> Report {
-    let url = format!("ws://{}/ws", v1_fake(opts).await);
-    let r = load(&[
-        &url,
-        "--session-key=k",
-        "--connections=10",
-        "--rooms=2",
-        "--interval=0.05",
-        "--duration=1.5",
-        "--drain=3",
-        "--no-progress",
-    ])
+    let r = v1_run(
+        opts,
+        &[
+            "--session-key=k",
+            "--connections=10",
+            "--rooms=2",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=3",
+            "--no-progress",
+        ],
+    )
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.acked, Some(r.sent));
@@ -272,22 +281,21 @@ async fn v1_a_message_stored_twice_is_a_duplicate_not_two_deliveries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_resume_after_restart_loses_nothing() {
-    let addr = v1_fake(V1Fake {
-        kick_after: Some(60),
-        ..V1Fake::default()
-    })
-    .await;
-    let url = format!("ws://{addr}/ws");
-    let r = load(&[
-        &url,
-        "--session-key=k",
-        "--connections=10",
-        "--rooms=2",
-        "--interval=0.05",
-        "--duration=2",
-        "--drain=5",
-        "--no-progress",
-    ])
+    let r = v1_run(
+        V1Fake {
+            kick_after: Some(60),
+            ..V1Fake::default()
+        },
+        &[
+            "--session-key=k",
+            "--connections=10",
+            "--rooms=2",
+            "--interval=0.05",
+            "--duration=2",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.close_codes.get(&1012), Some(&10), "{r:#?}");
@@ -298,6 +306,9 @@ async fn v1_resume_after_restart_loses_nothing() {
     assert_eq!(r.lost, 0, "{r:#?}");
     assert_eq!(r.duplicated, 0, "{r:#?}");
     assert_eq!(r.ack_conflicts, Some(0));
+    // Each connection resumed once, and none was still away at the end.
+    assert_eq!(r.resume_ms.as_ref().map(|m| m.count), Some(10), "{r:#?}");
+    assert_eq!(r.away_at_end, Some(0), "{r:#?}");
 }
 
 /// Receivers kept away after a restart for longer than the drain's quiet second (their
@@ -305,24 +316,23 @@ async fn v1_resume_after_restart_loses_nothing() {
 /// what they missed, and nothing counts as lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_the_drain_waits_for_connections_still_away() {
-    let addr = v1_fake(V1Fake {
-        kick_after: Some(20),
-        slow_resume_ms: Some(2500),
-        ..V1Fake::default()
-    })
-    .await;
-    let url = format!("ws://{addr}/ws");
-    let r = load(&[
-        &url,
-        "--keys=k{i}",
-        "--connections=5",
-        "--send-only=1",
-        "--receive-only",
-        "--interval=0.05",
-        "--duration=2",
-        "--drain=10",
-        "--no-progress",
-    ])
+    let r = v1_run(
+        V1Fake {
+            kick_after: Some(20),
+            slow_resume_ms: Some(2500),
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=5",
+            "--send-only=1",
+            "--receive-only",
+            "--interval=0.05",
+            "--duration=2",
+            "--drain=10",
+            "--no-progress",
+        ],
+    )
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.close_codes.get(&1012), Some(&5), "{r:#?}");
@@ -335,27 +345,98 @@ async fn v1_the_drain_waits_for_connections_still_away() {
         r.errors.get("unavailable").is_some_and(|&n| n > 4),
         "{r:#?}"
     );
+    // Five resumes, the last of them after the 2.5 s the fake refused joins.
+    let resume = r.resume_ms.as_ref().expect("v1 reports resumes");
+    assert_eq!(resume.count, 5, "{r:#?}");
+    assert!(resume.max >= 2500.0, "{r:#?}");
+    assert_eq!(r.away_at_end, Some(0), "{r:#?}");
+}
+
+/// A send answered `unavailable` goes again, with the same `client_msg_id`, until it is
+/// stored, however often that takes (six refusals each here): not given up as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_sends_answered_unavailable_go_again_until_stored() {
+    let r = v1_run(
+        V1Fake {
+            refuse_each_send: Some(6),
+            ..V1Fake::default()
+        },
+        &[
+            "--session-key=k",
+            "--connections=2",
+            "--interval=0.5",
+            "--duration=1",
+            "--drain=10",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    assert!(r.sent > 0, "{r:#?}");
+    assert_eq!(r.errors.get("unavailable"), Some(&(r.sent * 6)), "{r:#?}");
+    assert_eq!(r.refused, Some(0), "{r:#?}");
+    assert_eq!(r.acked, Some(r.sent), "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(r.failure(), None);
+}
+
+/// A member closed for good (1008: it gives up) is still expected to receive every
+/// message of its room: what came after its close is lost, and the run fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_member_that_gives_up_is_still_expected_to_receive() {
+    let r = v1_run(
+        V1Fake {
+            policy_close_after: Some(10),
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=3",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=3",
+            "--no-progress",
+        ],
+    )
+    .await;
+    // k2's schedule after its close is unsent.
+    assert_eq!(r.lost, r.expected - r.delivered, "{r:#?}");
+    assert_eq!(r.gave_up, 1, "{r:#?}");
+    assert_eq!(r.close_codes.get(&1008), Some(&1), "{r:#?}");
+    // Every message of the run is expected of all three, k2 included (one k2 sent as
+    // it was closed may be stored unacked, and is a message of the run too).
+    let stored = r.acked.unwrap();
+    assert!(
+        r.expected.is_multiple_of(3) && r.expected >= stored * 3,
+        "{r:#?}"
+    );
+    assert!(r.lost > 0 && r.lost < r.expected / 3, "{r:#?}");
+    assert!(
+        r.failure()
+            .is_some_and(|f| f.contains("1 connections gave up")),
+        "{:?}",
+        r.failure()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_silent_server_is_dropped_and_resumed_without_loss() {
-    let addr = v1_fake(V1Fake {
-        hang_after: Some(60),
-        ..V1Fake::default()
-    })
-    .await;
-    let url = format!("ws://{addr}/ws");
-    let r = load(&[
-        &url,
-        "--session-key=k",
-        "--connections=10",
-        "--rooms=2",
-        "--interval=0.05",
-        "--duration=3",
-        "--silence-timeout=0.5",
-        "--drain=5",
-        "--no-progress",
-    ])
+    let r = v1_run(
+        V1Fake {
+            hang_after: Some(60),
+            ..V1Fake::default()
+        },
+        &[
+            "--session-key=k",
+            "--connections=10",
+            "--rooms=2",
+            "--interval=0.05",
+            "--duration=3",
+            "--silence-timeout=0.5",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
     .await;
     assert_counts_add_up(&r);
     // Every connection open when the server went silent was dropped, once.
@@ -369,19 +450,19 @@ async fn v1_a_silent_server_is_dropped_and_resumed_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_churn_resumes_without_loss() {
-    let addr = v1_fake(V1Fake::default()).await;
-    let url = format!("ws://{addr}/ws");
-    let r = load(&[
-        &url,
-        "--session-key=k",
-        "--connections=10",
-        "--interval=0.05",
-        "--duration=2",
-        "--churn=0.5",
-        "--drain=5",
-        "--no-progress",
-        "--json",
-    ])
+    let r = v1_run(
+        V1Fake::default(),
+        &[
+            "--session-key=k",
+            "--connections=10",
+            "--interval=0.05",
+            "--duration=2",
+            "--churn=0.5",
+            "--drain=5",
+            "--no-progress",
+            "--json",
+        ],
+    )
     .await;
     assert_counts_add_up(&r);
     assert!(r.churned > 0, "{r:#?}");

@@ -146,6 +146,12 @@ pub struct V1Fake {
     /// `unavailable`, but those of user `k1`: every other connection stays away (in its
     /// backoff) for that long.
     pub slow_resume_ms: Option<u64>,
+    /// Every message is answered `unavailable` this many times (counted by its
+    /// `client_msg_id`) before it is stored: the store away, for each send.
+    pub refuse_each_send: Option<u32>,
+    /// After this many stored messages, the connection of user `k2` is closed once with
+    /// 1008 (a policy close: the client gives up).
+    pub policy_close_after: Option<u64>,
 }
 
 #[derive(Default)]
@@ -166,6 +172,9 @@ struct Hub {
     conns: HashMap<u64, Tx>,
     delivered: u64,
     joins_refused: u64,
+    sends_refused: HashMap<String, u32>,
+    users: HashMap<u64, String>,
+    policy_closed: bool,
 }
 
 fn frame(f: &ServerFrame) -> Message {
@@ -216,6 +225,7 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                 match cmd {
                     ClientFrame::Auth { key, .. } => {
                         user = key;
+                        hub.lock().unwrap().users.insert(id, user.clone());
                         let _ = tx.send(frame(&ServerFrame::Hello {
                             user: user.clone(),
                             protocol: 1,
@@ -290,6 +300,19 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             // Not stored, not answered: the client resends it elsewhere.
                             continue;
                         }
+                        if let (Some(k), Some(c)) = (opts.refuse_each_send, client_msg_id.as_ref())
+                        {
+                            let refused = hub.sends_refused.entry(c.clone()).or_default();
+                            if *refused < k {
+                                *refused += 1;
+                                let _ = tx.send(frame(&ServerFrame::Error {
+                                    code: wschat_protocol::ErrorCode::Unavailable,
+                                    message: "the store is unavailable".into(),
+                                    reference,
+                                }));
+                                continue;
+                            }
+                        }
                         if let Some((r, seq, mid)) =
                             client_msg_id.as_ref().and_then(|c| hub.by_client_id.get(c))
                         {
@@ -356,6 +379,18 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             }
                         }
                         hub.stored += 1;
+                        if opts.policy_close_after.is_some_and(|k| hub.stored >= k)
+                            && !hub.policy_closed
+                        {
+                            hub.policy_closed = true;
+                            let k2 = hub.users.iter().find(|(_, u)| *u == "k2").map(|(c, _)| *c);
+                            if let Some(c) = k2.and_then(|c| hub.conns.get(&c)) {
+                                let _ = c.send(Message::Close(Some(CloseFrame {
+                                    code: CloseCode::from(1008),
+                                    reason: "policy".into(),
+                                })));
+                            }
+                        }
                         if opts.kick_after.is_some_and(|k| hub.stored >= k) && !hub.kicked {
                             hub.kicked = true;
                             hub.kicked_at = Some(std::time::Instant::now());

@@ -164,6 +164,12 @@ pub const METRICS: &[Metric] = &[
         "1 while the node writes more frames a second than write_delay_above_per_sec, so busy connections hold their writes for write_delay_ms; else 0.",
     ),
     m(
+        "wschat_writes_held_total",
+        Kind::Counter,
+        &[],
+        "Writes a connection held for write pacing (write_delay_ms), to be written with what arrives meanwhile.",
+    ),
+    m(
         "wschat_broker_reconnects_total",
         Kind::Counter,
         &[],

@@ -445,6 +445,7 @@ impl Outbox {
                     if !state.held_registered {
                         state.held_registered = true;
                         self.pacing.hold(at, self.me.clone());
+                        metrics::counter!("wschat_writes_held_total").increment(1);
                     }
                     wake_writer = false;
                     break;

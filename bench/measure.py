@@ -199,6 +199,12 @@ def fmt(v, nd=2):
     return str(v)
 
 
+def sustained(r):
+    """Deliveries a second the server kept up with: what arrived after the send phase
+    (a server behind) lengthens the time they took."""
+    return r["delivered"] / (r["duration_s"] + r["last_delivery_after_send_s"])
+
+
 def cmd_table(argv):
     scenario, files = argv[0], argv[1:]
     rs = [json.load(open(f)) for f in files]
@@ -213,6 +219,7 @@ def cmd_table(argv):
         ("duplicated", lambda r: r["duplicated"], False),
         ("out of order", lambda r: r["out_of_order"], False),
         ("deliveries/s (delivered ÷ send phase)", lambda r: r["delivered"] / r["duration_s"], True),
+        ("deliveries/s sustained (delivered ÷ (send phase + last delivery after it))", sustained, True),
         ("drain after the send phase, s", lambda r: r["drain_s"], False),
         ("latency p50 ms", lambda r: r["latency_ms"]["p50"], True),
         ("latency p99 ms", lambda r: r["latency_ms"]["p99"], True),

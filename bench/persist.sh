@@ -6,16 +6,18 @@
 # transaction (WSCHAT_MAX_COMMIT_BATCH=1) at NAIVE_RATE msgs/s.
 # PostgreSQL keeps its durable defaults (fsync, synchronous_commit, logged tables); the
 # default broker (LISTEN/NOTIFY) is on. Issue: ≥ 50,000 acked msgs/s into one room with
-# p99 send→ack < 25 ms, and ≥ 50,000 msgs/s over 100 rooms.
+# p99 send→ack < 25 ms, and ≥ 50,000 msgs/s over 100 rooms. RATE offers 10 % more: the
+# sustained figure (acked ÷ the time to the last ack) of a run offered exactly 50,000/s
+# comes out just under 50,000 even when every message is acked.
 # Not pinned by default (PIN=0): server, PostgreSQL and client share both cores.
 # The naive server falls seconds behind: its run waits up to NAIVE_DRAIN seconds after
 # the send phase for the last acks and deliveries, so that what it did not deliver is loss
 # and not a cut-off.
-# Knobs: RATE (50000), SENDERS (200), DURATION (20), NAIVE_RATE (4000), NAIVE_DRAIN (60),
+# Knobs: RATE (55000), SENDERS (200), DURATION (20), NAIVE_RATE (4000), NAIVE_DRAIN (60),
 # CASES ("one hundred naive").
 PIN=${PIN:-0}
 source "$(dirname "$0")/lib.sh"
-RATE=${RATE:-50000} SENDERS=${SENDERS:-200} DURATION=${DURATION:-20}
+RATE=${RATE:-55000} SENDERS=${SENDERS:-200} DURATION=${DURATION:-20}
 NAIVE_RATE=${NAIVE_RATE:-4000} NAIVE_DRAIN=${NAIVE_DRAIN:-60} CASES=${CASES:-one hundred naive}
 header persist "bench/persist.sh  # RATE=$RATE SENDERS=$SENDERS DURATION=$DURATION NAIVE_RATE=$NAIVE_RATE NAIVE_DRAIN=$NAIVE_DRAIN"
 note "PostgreSQL: $(psql -Atq "$PG/postgres" -c "select version()" | cut -d' ' -f1-2), fsync=$(psql -Atq "$PG/postgres" -c 'show fsync'), synchronous_commit=$(psql -Atq "$PG/postgres" -c 'show synchronous_commit'), wal_sync_method=$(psql -Atq "$PG/postgres" -c 'show wal_sync_method')"
@@ -40,8 +42,8 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 a = r["ack_latency_ms"]
 # Acks keep coming after the send phase when the server fell behind: the rate it sustained
-# is acked ÷ (send phase + the time from its end to the last delivery).
-tail = r["last_delivery_after_send_s"]
+# is acked ÷ (send phase + the time from its end to the last ack or delivery).
+tail = max(r["last_delivery_after_send_s"], r.get("last_ack_after_send_s") or 0.0)
 print(f"| {sys.argv[2]} | {r['sent']:,} | {r['acked']:,} | {r['acked'] / (r['duration_s'] + tail):,.0f} "
       f"| {tail:.2f} "
       f"| {a['p50']:.1f} | {a['p99']:.1f} | {a['max']:.1f} | {r['delivered']:,} | {r['lost']} "
@@ -51,7 +53,7 @@ PY
 }
 
 note ""
-note "| case | sent | acked | acked msgs/s sustained | last delivery after the send phase, s | send→ack p50 ms | p99 ms | max ms | delivered to the counting connections | lost | dup | rows in wschat_messages | server cores (send phase) | client cores | other processes, cores (PostgreSQL…) |"
+note "| case | sent | acked | acked msgs/s sustained | last ack or delivery after the send phase, s | send→ack p50 ms | p99 ms | max ms | delivered to the counting connections | lost | dup | rows in wschat_messages | server cores (send phase) | client cores | other processes, cores (PostgreSQL…) |"
 note "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for c in $CASES; do
     case $c in

@@ -10,9 +10,13 @@
 # `since` = the last seq they have; sends that were not acked are retried with the same
 # client_msg_id. (`--churn` closes connections one by one at random times, which is not
 # a storm.) Measured: time from the kill until the server again holds N established
-# sockets (polled with ss every ~50 ms), the time until N more connections were opened in
-# wschat's /metrics (wschat_connections_opened_total: accepted and authenticated), and from the client: lost, duplicated, max latency (a
-# message sent just before the kill is delivered only after its receiver resumed).
+# sockets (polled with ss every ~50 ms, for up to 30 s), the time until N more connections
+# were opened in wschat's /metrics (wschat_connections_opened_total: accepted and
+# authenticated), and from the client: each connection's resume (from the moment it saw
+# its connection lost to every room of its next connection synced: joined with `since`,
+# and the backfill through the join's `last_seq` received; the slowest is when all had
+# resumed), lost, duplicated, max latency (a message sent just before the kill is
+# delivered only after its receiver resumed).
 #
 # The Node floor gets the same storm with N legacy clients (it has no v1, no resume), in
 # FLOOR_ROOMS=ROOMS rooms, and so do the PEERS (socketio: without connection state
@@ -55,7 +59,8 @@ storm() { # WHO PROTOCOL-ARGS…
     killed=$(ss -K -Htn state established "( sport = :$SRV_PORT )" | wc -l)
     local la
     la=$(cut -d' ' -f1-3 /proc/loadavg)
-    for _ in $(seq 600); do
+    local deadline=$((SECONDS + 30))
+    while ((SECONDS < deadline)); do
         if [[ -z $t_back ]]; then
             n=$(established "$SRV_PORT")
             ((n >= N)) && t_back=$(date +%s.%N)
@@ -74,7 +79,19 @@ storm() { # WHO PROTOCOL-ARGS…
     [[ -n $t_back ]] && back_s=$(python3 -c "print(f'{$t_back - $t_kill:.2f}')")
     log "$who: $before established, $killed killed; back to $N after $back_s s (authenticated: $opened_s)"
     wait "$client" || true
-    rows+=("$who|$before|$killed|$back_s|$opened_s|$la")
+    local resumed
+    resumed=$(python3 - "$WORK/storm-$who.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+m = r.get("resume_ms")
+if not m:
+    print("— (no resume)")
+else:
+    print(f"{m['count']:,} resumes, the slowest after {m['max'] / 1000:.2f} s (p50 {m['p50'] / 1000:.2f}); "
+          f"not resumed at the end: {r.get('away_at_end', 0)}")
+PY
+)
+    rows+=("$who|$before|$killed|$back_s|$opened_s|$resumed|$la")
 }
 db=$(sqlite_db)
 bulk_sessions "$db" "$N" 0
@@ -91,10 +108,10 @@ for peer in $PEERS node-floor; do
 done
 
 note ""
-note "| server | connections before | sockets killed at once | back to N established after, s | N more connections authenticated (wschat /metrics) after, s | load avg at kill |"
-note "|---|---|---|---|---|---|"
+note "| server | connections before | sockets killed at once | back to N established after, s | N more connections authenticated (wschat /metrics) after, s | resumed (loss → rooms synced again, per connection) | load avg at kill |"
+note "|---|---|---|---|---|---|---|"
 for r in "${rows[@]}"; do
-    IFS='|' read -r who before killed back opened la <<<"$r"
-    note "| $who | $before | $killed | $back | $opened | $la |"
+    IFS='|' read -r who before killed back opened resumed la <<<"$r"
+    note "| $who | $before | $killed | $back | $opened | $resumed | $la |"
 done
 table storm "${files[@]}"

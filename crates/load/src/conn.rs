@@ -451,30 +451,20 @@ impl Conn {
                 }
             }
         }
-        // Still away when the run stopped: it never resumed.
-        self.out.away_at_end = self.away;
-        if self.away {
-            self.away = false;
-            self.shared.live.away.fetch_sub(1, Relaxed);
-        }
+        // Still away when the run stopped: it never resumed (no sample).
+        self.out.away_at_end = self.mark_away(false);
         self.settle();
         self.finish()
     }
 
     /// v1: whether the connection is down after it had been up and will come back, to
-    /// resume what it missed (the drain waits for it: `Live::away`).
-    /// Away from the loss until the next session has synced its rooms (each join's
-    /// backfill received): that time is one sample of `resume`.
+    /// resume what it missed (the drain waits for it: `Live::away`). Away from the loss
+    /// until the next session has synced its rooms (each join's backfill received): that
+    /// time is one sample of `resume`.
     fn set_away(&mut self, away: bool) {
-        let away = away && self.v1() && self.out.connected_once;
-        if away != self.away {
-            self.away = away;
-            self.shared
-                .live
-                .away
-                .fetch_add(if away { 1 } else { -1 }, Relaxed);
+        if self.mark_away(away) {
             let now = self.shared.clock.now_us();
-            if away {
+            if self.away {
                 self.away_since_us = now;
             } else {
                 self.shared
@@ -482,6 +472,20 @@ impl Conn {
                     .record(self.plan.idx, now.saturating_sub(self.away_since_us));
             }
         }
+    }
+
+    /// The flag and `Live::away` alone; whether they changed.
+    fn mark_away(&mut self, away: bool) -> bool {
+        let away = away && self.v1() && self.out.connected_once;
+        if away == self.away {
+            return false;
+        }
+        self.away = away;
+        self.shared
+            .live
+            .away
+            .fetch_add(if away { 1 } else { -1 }, Relaxed);
+        true
     }
 
     /// Sleeps for `d`, following phase changes; false if the run stopped.

@@ -17,8 +17,7 @@
 //! connection's history replay, outage included; and one whose sender sent it late, after
 //! an outage of its own: that one is timed at the end, once its send time is known; not
 //! history it was never expected to get, nor v1 history from before its first join). The
-//! report
-//! also gives the send lag (intended send time → the client had written the message):
+//! report also gives the send lag (intended send time → the client had written the message):
 //! the part of the latency that is the client's own lateness, when it is too busy to keep
 //! its schedule (or, for a message due while its connection was down, the outage).
 //!
@@ -43,9 +42,9 @@
 //! by anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no
 //! one (they fail the run all the same: see [`Report::failure`]); error frames that refuse
 //! a send for good count as `refused` (which fails the run too). Retryable errors
-//! (`unavailable`, `shutting_down`, `internal`, `rate_limited`; sent again after 200 ms,
-//! doubling up to 1 s, or after 1 s, for as long as the run lasts) and sends that were not acked
-//! before a reconnect are sent again with the same `client_msg_id`; two acks with
+//! (`unavailable`, `shutting_down`, `internal`, `rate_limited`; again after 200 ms,
+//! doubling up to 1 s, or after 1 s, for as long as the run lasts) and sends that were
+//! not acked before a reconnect are sent again with the same `client_msg_id`; two acks with
 //! different seqs for one message count as `ack_conflicts`. `duplicated`: a (room, seq) of
 //! ours a receiver got more than once, or one of our messages it got under a second seq
 //! (the server stored a send twice: the text carries the sender and counter). Such a copy's

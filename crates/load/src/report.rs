@@ -275,7 +275,12 @@ impl Report {
                 a.over_max_note()
             );
         }
-        if let Some(r) = self.resume_ms.as_ref().filter(|r| r.count > 0) {
+        let unresumed = self.away_at_end.unwrap_or(0);
+        if let Some(r) = self
+            .resume_ms
+            .as_ref()
+            .filter(|r| r.count > 0 || unresumed > 0)
+        {
             let _ = writeln!(
                 s,
                 "  resumes (loss → synced again): {}, ms p50 {:.2}, p99 {:.2}, max {:.2}{}; not resumed at the end: {}",
@@ -284,7 +289,7 @@ impl Report {
                 r.p99,
                 r.max,
                 r.over_max_note(),
-                self.away_at_end.unwrap_or(0)
+                unresumed
             );
         }
         let g = &self.send_lag_ms;

@@ -37,40 +37,38 @@ rows=()
 for rate in $RATES; do
     interval=$(python3 -c "print(round($N * $N / $rate, 6))")
     for who in wschat $PEERS node-floor; do
-      [[ ${climbing[$who]} == 1 ]] || continue
-      for try in $(seq "$TRIES"); do
-        if [[ $who == wschat ]]; then
-            db=$(sqlite_db)
-            session "$db" bench
-            start_wschat "$db"
-        else
-            start_peer "$who"
-        fi
-        f="$WORK/ceiling-$who-$rate-$try.json"
-        peer_args "$who" --protocol legacy --session-key bench -n "$N" --interval "$interval" \
-            --duration "$DURATION"
-        load "$who@$rate" "$f" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}" || true
-        stop "$SRV_PID"
-        passed=0
-        if passes "$f"; then
-            ceiling[$who]=$rate
-            verdict=pass
-            passed=1
-        elif ((try < TRIES)); then
-            verdict="FAIL (run $try of $TRIES: again)"
-        else
-            climbing[$who]=0
-            verdict="FAIL (all $TRIES runs)"
-        fi
-        rows+=("$(python3 - "$f" "$who" "$rate" "$verdict" <<'PY'
+        [[ ${climbing[$who]} == 1 ]] || continue
+        for try in $(seq "$TRIES"); do
+            if [[ $who == wschat ]]; then
+                db=$(sqlite_db)
+                session "$db" bench
+                start_wschat "$db"
+            else
+                start_peer "$who"
+            fi
+            f="$WORK/ceiling-$who-$rate-$try.json"
+            peer_args "$who" --protocol legacy --session-key bench -n "$N" --interval "$interval" \
+                --duration "$DURATION"
+            load "$who@$rate" "$f" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}" || true
+            stop "$SRV_PID"
+            if passes "$f"; then
+                ceiling[$who]=$rate
+                verdict=pass
+            elif ((try < TRIES)); then
+                verdict="FAIL (run $try of $TRIES: again)"
+            else
+                climbing[$who]=0
+                verdict="FAIL (all $TRIES runs)"
+            fi
+            rows+=("$(python3 - "$f" "$who" "$rate" "$verdict" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 l = r["latency_ms"]
 print(f"| {sys.argv[2]} | {int(sys.argv[3]):,} | {r['delivered'] / r['duration_s']:,.0f} | {r['delivered']:,} / {r['expected']:,} | {r['lost']:,} | {r['unsent']:,} | {l['p50']:.1f} / {l['p99']:.1f} / {l['max']:.1f} | {r['cpu_per_delivery_us']:.2f} | {r['server_cpu_share_send']:.2f} | {sys.argv[4]} | {r['other_cores_busy']:.2f} | {r['loadavg_before']} |")
 PY
 )")
-        if ((passed)); then break; fi
-      done
+            if [[ $verdict == pass ]]; then break; fi
+        done
     done
     any=0
     for who in "${!climbing[@]}"; do [[ ${climbing[$who]} == 1 ]] && any=1; done

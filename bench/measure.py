@@ -19,6 +19,8 @@
   measure.py table SCENARIO A.json B.json [C.json…]
                                       a markdown table, side by side, ratios to the last
   measure.py field FILE KEY[.KEY]     one field of a result file
+  measure.py nodes-ratio MANY.json ONE.json NODES
+                                      the multi-node figure: sustained deliveries/s, NODES ÷ 1
   measure.py server-side < METRICS    from wschat's /metrics text: its commits, send → ack
                                       and commit → outboxes (the server's share of latency)
 """
@@ -205,6 +207,16 @@ def sustained(r):
     return r["delivered"] / (r["duration_s"] + r["last_delivery_after_send_s"])
 
 
+def cmd_nodes_ratio(argv):
+    """MANY.json ONE.json NODES: the multi-node figure, NODES nodes' sustained
+    deliveries/s over one node's (the issue asks ≥ 0.80, nothing lost)."""
+    many, one = (json.load(open(f)) for f in argv[:2])
+    ratio = sustained(many) / sustained(one)
+    verdict = "met" if ratio >= 0.8 and many["lost"] == 0 else "NOT met"
+    print(f"wschat {argv[2]} nodes ÷ 1 node, sustained deliveries/s: {sustained(many):,.0f} ÷ "
+          f"{sustained(one):,.0f} = {ratio:.2f} (issue: ≥ 0.80): {verdict}.")
+
+
 def cmd_table(argv):
     scenario, files = argv[0], argv[1:]
     rs = [json.load(open(f)) for f in files]
@@ -347,6 +359,8 @@ def main():
         cmd_table(argv)
     elif cmd == "field":
         cmd_field(argv)
+    elif cmd == "nodes-ratio":
+        cmd_nodes_ratio(argv)
     elif cmd == "server-side":
         cmd_server_side(sys.stdin.read())
     else:

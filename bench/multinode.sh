@@ -59,14 +59,6 @@ stop "$SRV_PID"
 table multi-node "${files[@]}" "$WORK/multinode-floor.json"
 # The issue's figure: NODES nodes' sustained deliveries/s over one node's (what came after
 # the send phase lengthens the time, so a cluster that fell behind does not pass).
-python3 - "$WORK/multinode-wschat-$NODES-nodes.json" "$WORK/multinode-wschat-1-node.json" "$NODES" <<'PY' | while read -r l; do note "$l"; done
-import json, sys
-def sustained(r):
-    return r["delivered"] / (r["duration_s"] + r["last_delivery_after_send_s"])
-many, one = (json.load(open(f)) for f in sys.argv[1:3])
-ratio = sustained(many) / sustained(one)
-verdict = "met" if ratio >= 0.8 and many["lost"] == 0 else "NOT met"
-print("")
-print(f"wschat {sys.argv[3]} nodes ÷ 1 node, sustained deliveries/s: {sustained(many):,.0f} ÷ "
-      f"{sustained(one):,.0f} = {ratio:.2f} (issue: ≥ 0.80): {verdict}.")
-PY
+note ""
+note "$(python3 "$MEASURE" nodes-ratio "$WORK/multinode-wschat-$NODES-nodes.json" \
+    "$WORK/multinode-wschat-1-node.json" "$NODES")"

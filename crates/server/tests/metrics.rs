@@ -9,18 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::http::get;
-use common::{spawn_app, Backend, Client, TestApp};
+use common::{sample, spawn_app, Backend, Client, TestApp};
 use serde_json::json;
-
-/// The value of the series `series` (name with its labels, as printed), if present.
-async fn sample(app: &TestApp, series: &str) -> Option<f64> {
-    let r = get(app.addr, "/metrics", None).await;
-    assert_eq!(r.status, 200);
-    r.body.lines().find_map(|line| {
-        let (name, value) = line.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().unwrap())
-    })
-}
 
 /// Wait until the gauges read `legacy` and `v1` (connections close asynchronously).
 async fn expect_connections(app: &TestApp, legacy: f64, v1: f64) {

@@ -7,21 +7,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::http::get;
 use common::pg_cluster::{spawn_on, until, Cluster};
-use common::TestApp;
+use common::{sample, TestApp};
 
 /// `wschat_broker_reconnects_total`: each time the broker reads the store after its
 /// connection came back.
 async fn broker_reconnects(app: &TestApp) -> f64 {
-    let r = get(app.addr, "/metrics", None).await;
-    assert_eq!(r.status, 200);
-    r.body
-        .lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == "wschat_broker_reconnects_total").then(|| value.parse().unwrap())
-        })
+    sample(app, "wschat_broker_reconnects_total")
+        .await
         .unwrap_or(0.0)
 }
 

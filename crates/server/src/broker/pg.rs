@@ -37,8 +37,7 @@ impl PgBroker {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen(CHANNEL).await?;
+        let mut listener = listen(&pool).await?;
         let own = node.to_owned();
         let listen_pool = pool.clone();
         tokio::spawn(async move {
@@ -80,6 +79,13 @@ impl PgBroker {
     }
 }
 
+/// A connection of its own, listening on `CHANNEL`.
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
 /// A new LISTEN connection, tried every second until one listens; `None` on a stop.
 async fn listen_again(pool: &PgPool, stop: &CancellationToken) -> Option<PgListener> {
     loop {
@@ -87,13 +93,8 @@ async fn listen_again(pool: &PgPool, stop: &CancellationToken) -> Option<PgListe
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return None,
         }
-        let attempt = async {
-            let mut listener = PgListener::connect_with(pool).await?;
-            listener.listen(CHANNEL).await?;
-            Ok::<_, sqlx::Error>(listener)
-        };
         let attempted = tokio::select! {
-            a = attempt => a,
+            a = listen(pool) => a,
             _ = stop.cancelled() => return None,
         };
         match attempted {

@@ -107,6 +107,17 @@ pub async fn drop_database(url: &str) {
     }
 }
 
+/// The value of `app`'s `/metrics` series `series` (name with its labels, as printed), if
+/// present.
+pub async fn sample(app: &TestApp, series: &str) -> Option<f64> {
+    let r = http::get(app.addr, "/metrics", None).await;
+    assert_eq!(r.status, 200);
+    r.body.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().unwrap())
+    })
+}
+
 pub struct TestApp {
     pub settings: Settings,
     pub addr: SocketAddr,

@@ -18,8 +18,10 @@
 #   QUIET_WAIT=S  before each scenario, wait up to S seconds until the machine is quiet
 #                 (under QUIET_BUSY % of all cores busy over 5 s, default 15) [0: no wait]
 #   SEED          the load client's --seed (same send schedule for every server) [1]
-#   PEERS         peers measured besides the Node floor: "socketio" (bench/peers/socketio,
-#                 Socket.IO 4, driven with --protocol socketio) or "" for none [socketio]
+#   PEERS         peers measured besides the Node floor, any of: "socketio" (bench/peers/
+#                 socketio, Socket.IO 4, driven with --protocol socketio), "c-floor" (bench/
+#                 peers/c-floor, the Node floor's job in C on epoll: what a server speaking
+#                 the legacy protocol pays at the least); "" for none [socketio c-floor]
 #
 # Every server, database and temp folder a script starts is stopped/dropped on exit.
 
@@ -33,7 +35,8 @@ BIN=${BENCH_BIN:-$ROOT/target/release/wschat}
 LOAD_BIN=${LOAD_BIN:-$BIN}
 FLOOR_DIR=$BENCH_DIR/peers/node-floor
 SOCKETIO_DIR=$BENCH_DIR/peers/socketio
-PEERS=${PEERS-socketio}
+C_FLOOR_SRC=$BENCH_DIR/peers/c-floor/server.c
+PEERS=${PEERS-socketio c-floor}
 MEASURE=$BENCH_DIR/measure.py
 PIN=${PIN:-1}
 SERVER_CPU=${SERVER_CPU:-1}
@@ -202,14 +205,28 @@ start_wschat() {
     log "wschat pid $SRV_PID on port $SRV_PORT ($(redact "$db")) $*"
 }
 
-# start_peer NAME: a Node.js peer on a free port, FLOOR_ENV in its environment: node-floor
-# (bench/peers/node-floor) or socketio (bench/peers/socketio, Socket.IO 4); installs its
-# packages from its package-lock.json on first use. Sets SRV_PID, SRV_PORT.
+# start_peer NAME: a peer on a free port, FLOOR_ENV in its environment: node-floor
+# (bench/peers/node-floor), socketio (bench/peers/socketio, Socket.IO 4), both Node.js,
+# their packages installed from their package-lock.json on first use; or c-floor
+# (bench/peers/c-floor/server.c, built with gcc -O2 into the work folder on first use).
+# Sets SRV_PID, SRV_PORT.
 start_peer() {
     local name=$1 dir
     case $name in
     node-floor) dir=$FLOOR_DIR ;;
     socketio) dir=$SOCKETIO_DIR ;;
+    c-floor)
+        [[ -x $WORK/c-floor ]] || gcc -O2 -Wall -o "$WORK/c-floor" "$C_FLOOR_SRC" ||
+            die "cannot build $C_FLOOR_SRC"
+        SRV_PORT=$(free_port)
+        # shellcheck disable=SC2046
+        env ${FLOOR_ENV:-} $(server_pin) "$WORK/c-floor" "$SRV_PORT" >"$WORK/$name-$SRV_PORT.log" 2>&1 &
+        SRV_PID=$!
+        _PIDS+=("$SRV_PID")
+        wait_tcp "$SRV_PORT"
+        log "$name pid $SRV_PID on port $SRV_PORT ${FLOOR_ENV:-}"
+        return
+        ;;
     *) die "unknown peer $name" ;;
     esac
     # npm writes node_modules/.package-lock.json last: missing or older than the lock

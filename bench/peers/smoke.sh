@@ -20,6 +20,7 @@ socketio)
     ;;
 c-floor)
     exe=$(mktemp)
+    trap 'rm -f "$exe"' EXIT
     gcc -O2 -Wall -Werror -o "$exe" "$dir/c-floor/server.c"
     FLOOR_ROOMS=5 "$exe" "$port" 2>/dev/null &
     ;;

@@ -82,10 +82,14 @@ static void base64(const uint8_t *in, size_t len, char *out) {
 
 typedef struct {
     char *data;
-    size_t len, cap;
+    size_t off, len, cap; // the bytes not yet taken are data[off..len]
 } buf_t;
 
 static void buf_put(buf_t *b, const void *p, size_t n) {
+    if (b->off > 0 && b->len + n > b->cap) { // room at the front: move the rest there once
+        memmove(b->data, b->data + b->off, b->len - b->off);
+        b->len -= b->off, b->off = 0;
+    }
     if (b->len + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
         while (cap < b->len + n) cap *= 2;
@@ -97,16 +101,20 @@ static void buf_put(buf_t *b, const void *p, size_t n) {
     b->len += n;
 }
 
+// Takes N bytes from the front: no copy (buf_put moves what is left when it needs room).
 static void buf_drop(buf_t *b, size_t n) {
-    memmove(b->data, b->data + n, b->len - n);
-    b->len -= n;
+    b->off += n;
+    if (b->off == b->len) b->off = b->len = 0;
 }
+
+static size_t buf_len(const buf_t *b) { return b->len - b->off; }
+static char *buf_at(const buf_t *b) { return b->data + b->off; }
 
 typedef struct conn {
     int fd;
     int open;   // upgraded (a member of its room)
     int dead;   // to be closed at the end of this batch of events
-    int want_out; // EPOLLOUT armed
+    int closing; // answered a close: closed once what is queued is written
     size_t room, slot; // its place in rooms[room]
     buf_t in, out;
     struct conn *next_dead;
@@ -117,7 +125,7 @@ typedef struct {
     size_t len, cap;
 } room_t;
 
-static int ep;
+static int ep, listener, listener_paused;
 static room_t *rooms;
 static size_t nrooms = 1;
 static conn_t *dead_list;
@@ -125,14 +133,9 @@ static conn_t *dead_list;
 static void watch(conn_t *c, int out) {
     struct epoll_event e = {.events = EPOLLIN | (out ? EPOLLOUT : 0), .data.ptr = c};
     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
-    c->want_out = out;
 }
 
-static void kill_conn(conn_t *c) {
-    if (c->dead) return;
-    c->dead = 1;
-    c->next_dead = dead_list;
-    dead_list = c;
+static void leave_room(conn_t *c) {
     if (c->open) { // swap-remove from its room
         room_t *r = &rooms[c->room];
         conn_t *last = r->members[--r->len];
@@ -142,10 +145,18 @@ static void kill_conn(conn_t *c) {
     }
 }
 
+static void kill_conn(conn_t *c) {
+    if (c->dead) return;
+    c->dead = 1;
+    c->next_dead = dead_list;
+    dead_list = c;
+    leave_room(c);
+}
+
 // Writes what is queued for c, then BYTES; keeps what the socket does not take.
 static void send_bytes(conn_t *c, const void *bytes, size_t n) {
     if (c->dead) return;
-    if (c->out.len == 0) {
+    if (buf_len(&c->out) == 0) {
         ssize_t w = write(c->fd, bytes, n);
         if (w == (ssize_t)n) return;
         if (w < 0) {
@@ -160,15 +171,16 @@ static void send_bytes(conn_t *c, const void *bytes, size_t n) {
 }
 
 static void flush_out(conn_t *c) {
-    while (c->out.len) {
-        ssize_t w = write(c->fd, c->out.data, c->out.len);
+    while (buf_len(&c->out)) {
+        ssize_t w = write(c->fd, buf_at(&c->out), buf_len(&c->out));
         if (w < 0) {
             if (errno != EAGAIN) kill_conn(c);
             return;
         }
         buf_drop(&c->out, (size_t)w);
     }
-    watch(c, 0);
+    if (c->closing) kill_conn(c);
+    else watch(c, 0);
 }
 
 // A server frame (FIN, OPCODE, unmasked) of PAYLOAD into OUT; returns its length.
@@ -254,7 +266,7 @@ static void on_text(conn_t *c, const char *text, size_t n) {
 
 // The handshake, once the request's head is in c->in; 0 when the connection must go.
 static int upgrade(conn_t *c, size_t head_len) {
-    char *req = c->in.data;
+    char *req = buf_at(&c->in);
     req[head_len - 1] = 0; // the head ends with "\r\n\r\n": its last byte becomes the NUL
     char *key = NULL;
     for (char *line = strstr(req, "\r\n"); line && line[2]; line = strstr(line + 2, "\r\n")) {
@@ -315,9 +327,9 @@ static int upgrade(conn_t *c, size_t head_len) {
 
 // Handles every whole frame in c->in.
 static void frames(conn_t *c) {
-    while (!c->dead) {
-        uint8_t *p = (uint8_t *)c->in.data;
-        size_t have = c->in.len;
+    while (!c->dead && !c->closing) {
+        uint8_t *p = (uint8_t *)buf_at(&c->in);
+        size_t have = buf_len(&c->in);
         if (have < 2) return;
         int fin = p[0] & 0x80, op = p[0] & 0x0f, masked = p[1] & 0x80;
         uint64_t n = p[1] & 0x7f;
@@ -335,11 +347,12 @@ static void frames(conn_t *c) {
         if (have < h + 4 + n) return;
         uint8_t *mask = p + h, *data = p + h + 4;
         for (uint64_t i = 0; i < n; i++) data[i] ^= mask[i & 3];
-        if (op == 8) { // close: answer it, then go
+        if (op == 8) { // close: answer it after what is queued, then go
             char out[8];
             size_t len = frame(8, (char *)data, n >= 2 ? 2 : 0, out);
             send_bytes(c, out, len);
-            kill_conn(c);
+            if (buf_len(&c->out) == 0) kill_conn(c);
+            else c->closing = 1, leave_room(c);
             return;
         }
         if (op == 9 && n <= 125) { // ping
@@ -347,7 +360,8 @@ static void frames(conn_t *c) {
             send_bytes(c, out, frame(10, (char *)data, n, out));
         } else if (op == 1 && fin) {
             on_text(c, (char *)data, n);
-        } // binary, pong, fragments: ignored, as node-floor does
+        } // binary, pong: ignored, as node-floor does; fragments too (ws would join them:
+          // the load client sends none)
         buf_drop(&c->in, h + 4 + n);
     }
 }
@@ -359,15 +373,15 @@ static void on_readable(conn_t *c) {
         kill_conn(c);
         return;
     }
-    if (r < 0) return;
+    if (r < 0 || c->closing) return; // after a close, what comes is read and dropped
     buf_put(&c->in, tmp, (size_t)r);
     if (!c->open) {
-        char *end = memmem(c->in.data, c->in.len, "\r\n\r\n", 4);
+        char *end = memmem(buf_at(&c->in), buf_len(&c->in), "\r\n\r\n", 4);
         if (!end) {
-            if (c->in.len > 16384) kill_conn(c);
+            if (buf_len(&c->in) > 16384) kill_conn(c);
             return;
         }
-        if (!upgrade(c, (size_t)(end + 4 - c->in.data))) {
+        if (!upgrade(c, (size_t)(end + 4 - buf_at(&c->in)))) {
             static const char bad[] = "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n";
             send_bytes(c, bad, sizeof bad - 1);
             kill_conn(c);
@@ -401,6 +415,7 @@ int main(int argc, char **argv) {
         perror("c-floor: listen");
         return 1;
     }
+    listener = l;
     ep = epoll_create1(0);
     struct epoll_event le = {.events = EPOLLIN, .data.ptr = NULL};
     epoll_ctl(ep, EPOLL_CTL_ADD, l, &le);
@@ -414,13 +429,19 @@ int main(int argc, char **argv) {
             conn_t *c = ev[i].data.ptr;
             if (!c) { // the listener: every connection waiting
                 int fd;
-                while ((fd = accept4(l, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                while ((fd = accept4(l, NULL, NULL, SOCK_NONBLOCK)) >= 0 || errno == EINTR) {
+                    if (fd < 0) continue;
                     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     conn_t *n = calloc(1, sizeof *n);
                     if (!n) abort();
                     n->fd = fd;
                     struct epoll_event e = {.events = EPOLLIN, .data.ptr = n};
                     epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e);
+                }
+                if (errno == EMFILE || errno == ENFILE) { // out of descriptors: listen
+                    struct epoll_event off = {.events = 0, .data.ptr = NULL}; // again
+                    epoll_ctl(ep, EPOLL_CTL_MOD, l, &off); // once one is closed, not
+                    listener_paused = 1;                    // in a busy loop meanwhile
                 }
                 continue;
             }
@@ -435,6 +456,11 @@ int main(int argc, char **argv) {
             free(c->in.data);
             free(c->out.data);
             free(c);
+            if (listener_paused) {
+                struct epoll_event on = {.events = EPOLLIN, .data.ptr = NULL};
+                epoll_ctl(ep, EPOLL_CTL_MOD, listener, &on);
+                listener_paused = 0;
+            }
         }
     }
 }

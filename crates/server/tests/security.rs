@@ -867,6 +867,54 @@ async fn a_flood_is_rate_limited_then_closed_1008_and_bystanders_are_untouched()
     app.stop().await;
 }
 
+/// Pings are frames too: each one costs a read and a pong, so a ping flood counts against
+/// the rate like text frames do and is closed 1008, before authentication and after, on
+/// both protocols. Nothing is stored, and the pongs stop with the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_counts_against_the_rate_and_is_closed_1008() {
+    let app = app_with(|_| {}).await;
+    let key = app.session("pinger", Some(7)).await;
+    let cases = [
+        ("v1 before auth", app.v1_url()),
+        ("v1", format!("{}?session_key={key}", app.v1_url())),
+        ("legacy", app.legacy_url(&key)),
+    ];
+    for (case, url) in cases {
+        let (ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let (mut sink, mut stream) = ws.split();
+        let writer = tokio::spawn(async move {
+            for n in 0..5000u32 {
+                if sink
+                    .send(Message::Ping(n.to_be_bytes().to_vec().into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut pongs = 0u32;
+        let code = loop {
+            match tokio::time::timeout(common::WAIT, stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("{case}: the ping flood was never closed"))
+            {
+                Some(Ok(Message::Pong(_))) => pongs += 1,
+                Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("{case}: no close frame: {e}"),
+                None => break None,
+            }
+        };
+        assert_eq!(code, Some(close::POLICY_VIOLATION), "{case}");
+        // The burst (20) and the refusals before the close (50) at most, with a margin for
+        // the bucket's refill while the flood is read: far from the 5,000 sent.
+        assert!(pongs < 500, "{case}: {pongs} pongs before the close");
+        writer.await.unwrap();
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_never_reads_while_others_flood_is_cut_off_and_memory_stays_flat() {
     let _alone = MEMORY.lock().await;
@@ -1057,10 +1105,12 @@ async fn unknown_keys_from_one_address_get_it_blocked_with_429() {
 async fn an_unauthenticated_client_that_reads_nothing_is_let_go() {
     // 7.6 MB of pongs: more than the two sockets' buffers hold (the server's grows to 4
     // MB), less than the queue's limit (raised here), so the writer is left waiting.
+    // Pings count against the rate: unlimited here, so that they all get their pongs.
     const PINGS: usize = 60_000;
     let app = app_with(|s| {
         s.auth_timeout_secs = 1;
         s.outbound_queue_bytes = 64 << 20;
+        s.rate_per_sec = 0;
     })
     .await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();

@@ -127,6 +127,10 @@ async fn read_loop(shared: &Shared, conn: &Arc<Conn>, room: &RoomName, driver: &
     loop {
         let text = match driver.next().await {
             Inbound::Text(text) => text,
+            Inbound::Control => match super::control_frame(&gate) {
+                Some(end) => return end,
+                None => continue,
+            },
             Inbound::End(end) => return end,
         };
         let verdict = gate.check();

@@ -35,6 +35,7 @@ use crate::app::Shared;
 use crate::config::Settings;
 use crate::hub::outbox::WriteIo;
 use crate::hub::{frames, Conn, Item, Outbox, Protocol, SubId};
+use crate::limits::rate::{RateGate, Verdict};
 use crate::limits::{Refusal, Slot};
 use crate::store::{hash_key, Session, StoreError};
 pub(crate) use upgrade::Upgrade;
@@ -293,7 +294,17 @@ impl End {
 /// What the inbound driver hands to a protocol's reader.
 pub(crate) enum Inbound {
     Text(Utf8Bytes),
+    /// A ping or a pong. tungstenite has queued a ping's pong already; the frame still
+    /// counts against the connection's rate ([`control_frame`]).
+    Control,
     End(End),
+}
+
+/// A ping or pong against the connection's rate. Nothing is answered over the rate (a
+/// ping has had its pong), but a client that keeps going is closed as for text frames:
+/// otherwise a ping flood would be read and answered without limit.
+pub(crate) fn control_frame(gate: &RateGate) -> Option<End> {
+    (gate.check() == Verdict::Close).then_some(RATE_CLOSE)
 }
 
 /// Reads frames, answers the keepalive, enforces the idle timeout, and watches for
@@ -366,7 +377,8 @@ impl Driver {
                         Some(Ok(Message::Close(frame))) => {
                             return Inbound::End(End::ClientClose(close_reply_code(frame.as_ref())))
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Inbound::Control,
+                        Some(Ok(Message::Frame(_))) => continue,
                         Some(Err(e)) => return Inbound::End(classify_error(e)),
                     }
                 }

@@ -176,6 +176,11 @@ pub(super) fn serve(
                         break end;
                     }
                 }
+                Inbound::Control => {
+                    if let Some(end) = super::control_frame(&client.gate) {
+                        break end;
+                    }
+                }
                 Inbound::End(end) => break end,
             }
         };
@@ -234,7 +239,15 @@ async fn await_auth(
                 outbox.close(close::UNSUPPORTED_DATA, "binary frames are not supported");
                 return None;
             }
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            // Counted against the rate as after authentication (a ping has its pong).
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                if gate.check() == Verdict::Close {
+                    outbox.close(close::POLICY_VIOLATION, "rate limit exceeded");
+                    return None;
+                }
+                continue;
+            }
+            Some(Ok(Message::Frame(_))) => continue,
             // A frame over the size limit, bad UTF-8, a protocol violation: the same close
             // code as after authentication.
             Some(Err(e)) => {

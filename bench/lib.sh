@@ -211,32 +211,27 @@ start_wschat() {
 # (bench/peers/c-floor/server.c, built with gcc -O2 into the work folder on first use).
 # Sets SRV_PID, SRV_PORT.
 start_peer() {
-    local name=$1 dir
+    local name=$1 dir cmd
     case $name in
-    node-floor) dir=$FLOOR_DIR ;;
-    socketio) dir=$SOCKETIO_DIR ;;
+    node-floor | socketio)
+        dir=$FLOOR_DIR cmd=(node server.js)
+        [[ $name == socketio ]] && dir=$SOCKETIO_DIR
+        # npm writes node_modules/.package-lock.json last: missing or older than the lock
+        # file means the packages are not (all) installed.
+        if [[ ! $dir/node_modules/.package-lock.json -nt $dir/package-lock.json ]]; then
+            (cd "$dir" && npm ci --no-audit --no-fund >&2)
+        fi
+        ;;
     c-floor)
+        dir=$WORK cmd=("$WORK/c-floor")
         [[ -x $WORK/c-floor ]] || gcc -O2 -Wall -o "$WORK/c-floor" "$C_FLOOR_SRC" ||
             die "cannot build $C_FLOOR_SRC"
-        SRV_PORT=$(free_port)
-        # shellcheck disable=SC2046
-        env ${FLOOR_ENV:-} $(server_pin) "$WORK/c-floor" "$SRV_PORT" >"$WORK/$name-$SRV_PORT.log" 2>&1 &
-        SRV_PID=$!
-        _PIDS+=("$SRV_PID")
-        wait_tcp "$SRV_PORT"
-        log "$name pid $SRV_PID on port $SRV_PORT ${FLOOR_ENV:-}"
-        return
         ;;
     *) die "unknown peer $name" ;;
     esac
-    # npm writes node_modules/.package-lock.json last: missing or older than the lock
-    # file means the packages are not (all) installed.
-    if [[ ! $dir/node_modules/.package-lock.json -nt $dir/package-lock.json ]]; then
-        (cd "$dir" && npm ci --no-audit --no-fund >&2)
-    fi
     SRV_PORT=$(free_port)
     # shellcheck disable=SC2046
-    (cd "$dir" && exec env ${FLOOR_ENV:-} $(server_pin) node server.js "$SRV_PORT") \
+    (cd "$dir" && exec env ${FLOOR_ENV:-} $(server_pin) "${cmd[@]}" "$SRV_PORT") \
         >"$WORK/$name-$SRV_PORT.log" 2>&1 &
     SRV_PID=$!
     _PIDS+=("$SRV_PID")

@@ -869,7 +869,7 @@ async fn a_flood_is_rate_limited_then_closed_1008_and_bystanders_are_untouched()
 
 /// Pings are frames too: each one costs a read and a pong, so a ping flood counts against
 /// the rate like text frames do and is closed 1008, before authentication and after, on
-/// both protocols. Nothing is stored, and the pongs stop with the close.
+/// both protocols, with no more pongs than the burst and the refusals before it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_flood_counts_against_the_rate_and_is_closed_1008() {
     let app = app_with(|_| {}).await;

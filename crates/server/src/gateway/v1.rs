@@ -241,8 +241,8 @@ async fn await_auth(
             }
             // Counted against the rate as after authentication (a ping has its pong).
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                if gate.check() == Verdict::Close {
-                    outbox.close(close::POLICY_VIOLATION, "rate limit exceeded");
+                if let Some(super::End::Close(code, reason)) = super::control_frame(gate) {
+                    outbox.close(code, reason);
                     return None;
                 }
                 continue;

@@ -175,10 +175,7 @@ async fn read_loop(shared: &Shared, conn: &Arc<Conn>, room: &RoomName, driver: &
                     .push(Item::Frame(frames::legacy_error(code, &message)));
                 errors_in_a_row += 1;
                 if errors_in_a_row > super::MAX_ERRORS_IN_A_ROW {
-                    return End::Close(
-                        wschat_protocol::close::TOO_MANY_ERRORS,
-                        "too many bad frames",
-                    );
+                    return super::ERRORS_CLOSE;
                 }
             }
         }

@@ -126,6 +126,9 @@ pub(crate) fn rate_limited_text(settings: &Settings) -> String {
 /// The close for a connection that kept going over the rate.
 pub(crate) const RATE_CLOSE: End = End::Close(close::POLICY_VIOLATION, "rate limit exceeded");
 
+/// The close for a connection past `MAX_ERRORS_IN_A_ROW` frames answered with an error.
+pub(crate) const ERRORS_CLOSE: End = End::Close(close::TOO_MANY_ERRORS, "too many bad frames");
+
 /// The checks every message text passes before it is committed.
 pub(crate) fn check_text(settings: &Settings, text: &str) -> Result<(), (ErrorCode, String)> {
     if text.trim().is_empty() {
@@ -281,6 +284,15 @@ pub(crate) enum End {
 }
 
 impl End {
+    /// Where no Driver runs yet (v1 before `auth`): queue this end on the outbox, its close
+    /// frame if it has one, else the end of the stream.
+    pub(crate) fn queue_on(self, outbox: &Outbox) {
+        match self {
+            Self::Close(code, reason) => outbox.close(code, reason),
+            _ => outbox.finish(),
+        }
+    }
+
     pub fn reason(self) -> &'static str {
         match self {
             Self::ClientClose(_) | Self::ClientGone => "client closed",

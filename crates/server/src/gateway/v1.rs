@@ -241,8 +241,8 @@ async fn await_auth(
             }
             // Counted against the rate as after authentication (a ping has its pong).
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                if let Some(super::End::Close(code, reason)) = super::control_frame(gate) {
-                    outbox.close(code, reason);
+                if let Some(end) = super::control_frame(gate) {
+                    end.queue_on(outbox);
                     return None;
                 }
                 continue;
@@ -251,10 +251,7 @@ async fn await_auth(
             // A frame over the size limit, bad UTF-8, a protocol violation: the same close
             // code as after authentication.
             Some(Err(e)) => {
-                match super::classify_error(e) {
-                    super::End::Close(code, reason) => outbox.close(code, reason),
-                    _ => outbox.finish(),
-                }
+                super::classify_error(e).queue_on(outbox);
                 return None;
             }
             Some(Ok(Message::Close(frame))) => {
@@ -270,7 +267,7 @@ async fn await_auth(
         if verdict != Verdict::Pass {
             reply(rate_limited(shared, &text));
             if verdict == Verdict::Close {
-                outbox.close(close::POLICY_VIOLATION, "rate limit exceeded");
+                super::RATE_CLOSE.queue_on(outbox);
                 return None;
             }
             continue;
@@ -338,7 +335,7 @@ async fn await_auth(
         // The client's own mistakes count towards 4009 here too (not a store that
         // could not check the key).
         if errors_in_a_row > super::MAX_ERRORS_IN_A_ROW {
-            outbox.close(close::TOO_MANY_ERRORS, "too many bad frames");
+            super::ERRORS_CLOSE.queue_on(outbox);
             return None;
         }
     }
@@ -438,8 +435,7 @@ impl Client {
     /// One more frame in a row answered with an error: past the limit, the close.
     fn count_error(&mut self) -> Option<End> {
         self.errors_in_a_row += 1;
-        (self.errors_in_a_row > super::MAX_ERRORS_IN_A_ROW)
-            .then_some(End::Close(close::TOO_MANY_ERRORS, "too many bad frames"))
+        (self.errors_in_a_row > super::MAX_ERRORS_IN_A_ROW).then_some(super::ERRORS_CLOSE)
     }
 
     /// The room, if its name is valid and this session may use it.

@@ -25,7 +25,7 @@ use wschat_protocol::v1::{ClientFrame, JoinRoom, Ref, ServerFrame};
 use wschat_protocol::ErrorCode;
 
 use crate::account::{self, LegacyRecv, Ours, Receipt, V1Room, V1RoomOut, Window};
-use crate::stats::{Clock, Live, Sharded};
+use crate::stats::{Clock, Heard, Live, Sharded};
 use crate::text::{self, Tag};
 use crate::Protocol;
 
@@ -194,6 +194,8 @@ pub(crate) struct Shared {
     pub send_lag: Sharded,
     /// v1: from a connection's loss to its rooms synced again (`Conn::set_away`).
     pub resume: Sharded,
+    /// v1: each member's room heard through its newest acknowledged message (the drain).
+    pub heard: Heard,
     pub printer: Option<Mutex<BufWriter<Stdout>>>,
     /// Tasks whose first connection attempt is over (either way).
     pub settled: AtomicUsize,
@@ -514,6 +516,7 @@ impl Conn {
     /// and the run fails (`Report::failure`).
     fn give_up(&mut self) {
         self.out.gave_up = true;
+        self.shared.heard.left(self.plan.idx);
         let live = &self.shared.live;
         let remaining = self.plan.schedule.len() - self.next_idx;
         live.pending_sends.fetch_sub(remaining as i64, Relaxed);
@@ -959,7 +962,9 @@ impl Conn {
             intended_us: t.intended_unix_us,
             g,
         });
-        if r.on_message(seq, ours, now) == Receipt::New {
+        let receipt = r.on_message(seq, ours, now);
+        self.shared.heard.heard(self.plan.idx, r.max_any);
+        if receipt == Receipt::New {
             if let Some(o) = ours {
                 self.count_delivery(o.intended_us, now, true);
             }
@@ -1019,6 +1024,12 @@ impl Conn {
             }
             ServerFrame::Joined { room, last_seq, .. } => {
                 if let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) {
+                    if r.base.is_none() {
+                        // A member from here on: it has heard the room through its head
+                        // (and whatever came before the answer).
+                        let base = last_seq.max(r.max_any);
+                        self.shared.heard.joined(self.plan.idx, &room, base);
+                    }
                     let held = r.on_joined(last_seq);
                     let mut new = Vec::new();
                     for (seq, ours, at) in held {
@@ -1123,6 +1134,7 @@ impl Conn {
         shared.live.acked.fetch_add(1, Relaxed);
         shared.live.last_ack_us.fetch_max(now, Relaxed);
         shared.live.in_flight.fetch_sub(1, Relaxed);
+        shared.heard.acked(room, seq);
         shared
             .ack_latency
             .record(self.plan.idx, now.saturating_sub(u.intended_us));

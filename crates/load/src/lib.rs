@@ -76,6 +76,17 @@
 //! `42["message",{…}]` as the legacy frame inside it and answers Engine.IO pings. It is
 //! counted exactly as legacy.
 //!
+//! # When the wait after the send phase ends
+//!
+//! Never while a message is still due or unacknowledged, or a v1 connection is away
+//! (reconnecting to resume). Then, v1: as soon as every member (joined, not given up) has
+//! heard its room through the newest seq acknowledged to one of our senders, and not before,
+//! however long the server goes quiet (a stalled fan-out is slow, not lossy, if it delivers
+//! within `--drain`); legacy and socketio, which have no acks to know what is on its way:
+//! once nothing has arrived for a second. `--drain` bounds it; the report's `drain_end`
+//! says which ended it (`all_heard`, `quiet`, `limit`). A v1 run with losses waits the whole
+//! `--drain`: what its members miss was acknowledged, so it is on its way or lost.
+//!
 //! # Efficiency
 //!
 //! One tokio task per connection, 8 KiB WebSocket buffers, TCP_NODELAY, frames decoded
@@ -105,9 +116,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::account::{LegacyReceiver, LegacySender};
 use crate::conn::{Config, Conn, Phase, PhaseBus, Plan, Shared};
-use crate::stats::{new_histogram, Clock, Live, Sharded};
+use crate::stats::{new_histogram, Clock, Heard, Live, Sharded};
 
-pub use crate::report::{LatencyMs, Report};
+pub use crate::report::{DrainEnd, LatencyMs, Report};
 
 /// Which protocol to speak.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,8 +185,10 @@ pub struct LoadArgs {
 
     /// Most seconds to wait after the sending phase for in-flight deliveries. The wait
     /// ends sooner once nothing is due or unacknowledged, no v1 connection is away
-    /// (reconnecting to resume), and nothing has arrived for a second: a v1 connection
-    /// that cannot get back (its only node down) holds it to the end.
+    /// (reconnecting to resume), and then, v1: every member has heard its room through the
+    /// newest acknowledged message; legacy: nothing has arrived for a second. A v1
+    /// connection that cannot get back (its only node down), or a v1 member still missing
+    /// an acknowledged message, holds it to the end.
     #[arg(long, default_value_t = 10.0)]
     pub drain: f64,
 
@@ -442,6 +455,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         ack_latency: Sharded::new()?,
         send_lag: Sharded::new()?,
         resume: Sharded::new()?,
+        heard: Heard::new(&rooms, n),
         printer: args
             .print_sent
             .then(|| Mutex::new(BufWriter::with_capacity(64 * 1024, std::io::stdout()))),
@@ -482,25 +496,32 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     phase_bus.send(Phase::Send { t0_us });
     tokio::time::sleep_until(clock.instant(t0_us) + duration).await;
 
-    // Drain: until nothing is due or unacknowledged, no v1 connection is away (it would
-    // resume what it missed), and deliveries have stopped for a second; or `--drain` is
-    // over.
+    // Drain: until nothing is due or unacknowledged and no v1 connection is away (it would
+    // resume what it missed), and then: v1, until every member has heard its room through
+    // the newest acknowledged message; legacy (which has no acks), until deliveries have
+    // stopped for a second. Or until `--drain` is over.
     phase_bus.send(Phase::Drain { t0_us });
     let drain_started = Instant::now();
     let quiet_us = Duration::from_secs(1).min(drain).as_micros() as u64;
     let drain_start_us = clock.now_us();
-    loop {
+    let drain_end = loop {
         let live = &shared.live;
-        let last = live.last_delivery_us.load(Relaxed).max(drain_start_us);
-        let quiet = clock.now_us().saturating_sub(last) >= quiet_us;
         let idle = live.pending_sends.load(Relaxed) <= 0
             && live.in_flight.load(Relaxed) <= 0
             && live.away.load(Relaxed) <= 0;
-        if (quiet && idle) || drain_started.elapsed() >= drain {
-            break;
+        let heard = match args.protocol {
+            Protocol::V1 => shared.heard.all_heard(),
+            Protocol::Legacy | Protocol::SocketIo => None,
+        };
+        let last = live.last_delivery_us.load(Relaxed).max(drain_start_us);
+        let quiet = clock.now_us().saturating_sub(last) >= quiet_us;
+        match heard {
+            Some(true) if idle => break DrainEnd::AllHeard,
+            None if idle && quiet => break DrainEnd::Quiet,
+            _ if drain_started.elapsed() >= drain => break DrainEnd::Limit,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    };
     let drain_s = drain_started.elapsed().as_secs_f64();
     let after_send_s = |last_us: &std::sync::atomic::AtomicU64| {
         last_us.load(Relaxed).saturating_sub(drain_start_us) as f64 / 1e6
@@ -552,6 +573,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             send_start_unix_s: clock.unix_us(t0_us) as f64 / 1e6,
             duration_s: duration.as_secs_f64(),
             drain_s,
+            drain_end,
             last_delivery_after_send_s,
             last_ack_after_send_s,
         },
@@ -579,6 +601,7 @@ struct ReportTimes {
     send_start_unix_s: f64,
     duration_s: f64,
     drain_s: f64,
+    drain_end: DrainEnd,
     last_delivery_after_send_s: f64,
     last_ack_after_send_s: f64,
 }
@@ -601,6 +624,7 @@ fn build_report(
         send_start_unix_s: t.send_start_unix_s,
         duration_s: t.duration_s,
         drain_s: t.drain_s,
+        drain_end: t.drain_end,
         last_delivery_after_send_s: t.last_delivery_after_send_s,
         ..Report::default()
     };

@@ -56,6 +56,32 @@ impl LatencyMs {
 
 /// Everything a run measured. Counts of deliveries are (message, receiving connection)
 /// pairs; see the crate documentation for what is expected of whom.
+/// Why the wait after the send phase ended.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainEnd {
+    /// v1: nothing left to send or acknowledge, no connection away, and every member had
+    /// heard its room through the newest acknowledged message.
+    AllHeard,
+    /// Nothing left to send or acknowledge, no v1 connection away, and no delivery for a
+    /// second (legacy, which has no acks to know what is still on its way; or v1 when a
+    /// member is in a room the run does not know).
+    Quiet,
+    /// `--drain` was over first: something was still missing or on its way.
+    #[default]
+    Limit,
+}
+
+impl DrainEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AllHeard => "all heard",
+            Self::Quiet => "a quiet second",
+            Self::Limit => "the --drain limit",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     /// Identifies this run's messages (`L|<run_id>|…`).
@@ -158,9 +184,10 @@ pub struct Report {
     pub send_start_unix_s: f64,
     /// Length of the send phase (`--duration`).
     pub duration_s: f64,
-    /// Seconds spent waiting for in-flight deliveries after it (it ends after a quiet
-    /// second, so it is at least 1 s unless `--drain` is shorter).
+    /// Seconds spent waiting for in-flight deliveries after it.
     pub drain_s: f64,
+    /// Why the wait ended (`drain_s`).
+    pub drain_end: DrainEnd,
     /// Seconds from the end of the send phase to the last delivery (0 when none came
     /// after it): how far behind the server was when the sending stopped.
     pub last_delivery_after_send_s: f64,
@@ -300,6 +327,13 @@ impl Report {
             g.p99,
             g.max,
             g.over_max_note()
+        );
+        let _ = writeln!(
+            s,
+            "  after the send phase: waited {:.2} s, until {}; last delivery {:.2} s after it",
+            self.drain_s,
+            self.drain_end.as_str(),
+            self.last_delivery_after_send_s
         );
         if !self.close_codes.is_empty() {
             let _ = writeln!(s, "  close codes: {:?}", self.close_codes);

@@ -2,7 +2,8 @@
 //! (atomics, read by the progress line and the drain), and the latency histograms
 //! (sharded behind mutexes, so that 10,000 tasks need not each hold a histogram).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -76,6 +77,93 @@ impl Live {
     pub fn delivered_at(&self, n: u64, last_us: u64) {
         self.delivered.fetch_add(n, Relaxed);
         self.last_delivery_us.fetch_max(last_us, Relaxed);
+    }
+}
+
+/// v1: what each member has heard of its room against the room's newest acknowledged seq,
+/// so that the drain knows when every acknowledged message has reached every member (and
+/// ends then, without waiting for a quiet second), and knows that one is still on its way
+/// while a member is behind (and does not end on a quiet second then: a server that pauses
+/// its deliveries for longer is slow, not lossy, if it delivers within `--drain`).
+///
+/// Each connection is a member of one room (`--rooms` gives each one). A member whose
+/// session named a room the run does not know makes the check unknown (`all_heard`).
+pub struct Heard {
+    rooms: HashMap<String, usize>,
+    /// Per room: the highest seq acknowledged to one of our senders.
+    acked: Vec<AtomicU64>,
+    /// Per connection: its room (`NOT_A_MEMBER` until its first `joined`, and again once
+    /// it gives up: it will hear nothing more) …
+    room_of: Vec<AtomicUsize>,
+    /// … and the highest seq it has heard there (its base at the join, then each message).
+    heard: Vec<AtomicU64>,
+    untracked: AtomicBool,
+}
+
+const NOT_A_MEMBER: usize = usize::MAX;
+
+impl Heard {
+    pub fn new(rooms: &[String], connections: usize) -> Self {
+        Self {
+            rooms: rooms
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.clone(), i))
+                .collect(),
+            acked: rooms.iter().map(|_| AtomicU64::new(0)).collect(),
+            room_of: (0..connections)
+                .map(|_| AtomicUsize::new(NOT_A_MEMBER))
+                .collect(),
+            heard: (0..connections).map(|_| AtomicU64::new(0)).collect(),
+            untracked: AtomicBool::new(false),
+        }
+    }
+
+    /// `seq` in `room` was acknowledged to one of our senders.
+    pub fn acked(&self, room: &str, seq: u64) {
+        if let Some(&r) = self.rooms.get(room) {
+            self.acked[r].fetch_max(seq, Relaxed);
+        }
+    }
+
+    /// Connection `conn` joined `room`, whose head was `base`.
+    pub fn joined(&self, conn: u32, room: &str, base: u64) {
+        let Some(slot) = self.room_of.get(conn as usize) else {
+            return;
+        };
+        match self.rooms.get(room) {
+            Some(&r) => {
+                self.heard[conn as usize].fetch_max(base, Relaxed);
+                slot.store(r, Relaxed);
+            }
+            None => self.untracked.store(true, Relaxed),
+        }
+    }
+
+    /// Connection `conn` has heard its room through `seq`.
+    pub fn heard(&self, conn: u32, seq: u64) {
+        if let Some(h) = self.heard.get(conn as usize) {
+            h.fetch_max(seq, Relaxed);
+        }
+    }
+
+    /// Connection `conn` will hear nothing more (it gave up): no longer waited for.
+    pub fn left(&self, conn: u32) {
+        if let Some(slot) = self.room_of.get(conn as usize) {
+            slot.store(NOT_A_MEMBER, Relaxed);
+        }
+    }
+
+    /// Whether every member has heard its room through the room's newest acknowledged
+    /// seq; `None` when a member is in a room the run does not know.
+    pub fn all_heard(&self) -> Option<bool> {
+        if self.untracked.load(Relaxed) {
+            return None;
+        }
+        Some(self.room_of.iter().zip(&self.heard).all(|(room, heard)| {
+            let room = room.load(Relaxed);
+            room == NOT_A_MEMBER || heard.load(Relaxed) >= self.acked[room].load(Relaxed)
+        }))
     }
 }
 
@@ -158,5 +246,32 @@ mod tests {
         assert_eq!(h.len(), 4);
         assert_eq!(sharded.over_max(), 2);
         assert!(h.max() >= HIST_MAX_US);
+    }
+
+    #[test]
+    fn all_heard_once_every_member_has_its_rooms_newest_ack() {
+        let rooms = ["a".to_string(), "b".to_string()];
+        let h = Heard::new(&rooms, 3);
+        // Nobody has joined: nobody is waited for.
+        h.acked("a", 5);
+        assert_eq!(h.all_heard(), Some(true));
+        h.joined(0, "a", 2);
+        h.joined(1, "b", 0);
+        assert_eq!(h.all_heard(), Some(false), "0 has heard a through 2 of 5");
+        h.heard(0, 5);
+        assert_eq!(h.all_heard(), Some(true));
+        h.acked("b", 1);
+        assert_eq!(h.all_heard(), Some(false), "1 has heard nothing of b");
+        // A member that gave up will hear nothing more: not waited for.
+        h.left(1);
+        assert_eq!(h.all_heard(), Some(true));
+        // A join's base counts as heard: it is not expected to get what came before.
+        h.acked("a", 9);
+        h.joined(2, "a", 9);
+        h.heard(0, 9);
+        assert_eq!(h.all_heard(), Some(true));
+        // A room the run does not know: the check cannot tell.
+        h.joined(2, "elsewhere", 0);
+        assert_eq!(h.all_heard(), None);
     }
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{legacy_fake, socketio_fake, v1_fake, V1Fake};
-use wschat_load::{run, LoadArgs, Report};
+use wschat_load::{run, DrainEnd, LoadArgs, Report};
 
 async fn load(args: &[&str]) -> Report {
     let args = LoadArgs::parse_from(args.iter().copied()).unwrap();
@@ -46,6 +46,8 @@ async fn legacy_everything_delivered_means_no_loss() {
     assert_eq!(r.out_of_order, 0);
     assert_eq!(r.latency_ms.count, r.delivered);
     assert!(r.acked.is_none());
+    // No acks to tell what is still on its way: a quiet second ends the wait.
+    assert_eq!(r.drain_end, DrainEnd::Quiet, "{r:#?}");
     assert_sends_lag_inside_the_latency(&r);
 }
 
@@ -197,7 +199,37 @@ async fn v1_everything_acked_and_delivered() {
     assert_eq!(r.out_of_order, 0);
     let ack = r.ack_latency_ms.as_ref().unwrap();
     assert_eq!(ack.count, r.sent);
+    assert_eq!(r.drain_end, DrainEnd::AllHeard, "{r:#?}");
     assert_sends_lag_inside_the_latency(&r);
+}
+
+/// The fan-out stalls for 3 s from the 20th message on (acks go on), past the end of the
+/// send phase and past a quiet second: every member is behind the newest ack, so the drain
+/// waits for the held deliveries instead of counting them lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_stalled_fan_out_is_waited_for_not_lost() {
+    let r = v1_run(
+        V1Fake {
+            stall_after: Some((20, 3_000)),
+            ..V1Fake::default()
+        },
+        &[
+            "--session-key=k",
+            "--connections=10",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=10",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.acked, Some(r.sent), "{r:#?}");
+    // The stall outlasted the send phase by more than a quiet second.
+    assert!(r.last_delivery_after_send_s > 1.2, "{r:#?}");
+    assert_eq!(r.expected, r.sent * 10, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+    assert_eq!(r.drain_end, DrainEnd::AllHeard, "{r:#?}");
 }
 
 /// A join answered `unavailable` (the server's store away for a moment) is not a refusal:
@@ -259,6 +291,8 @@ async fn v1_dropped_deliveries_are_lost() {
     .await;
     assert!((0.07..=0.13).contains(&r.loss_ratio), "{r:#?}");
     assert_eq!(r.duplicated, 0);
+    // Members stay behind the newest ack: the drain waits for them to its limit.
+    assert_eq!(r.drain_end, DrainEnd::Limit, "{r:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,10 @@ pub struct V1Fake {
     /// After this many stored messages, the connection of user `k2` is closed once with
     /// 1008 (a policy close: the client gives up).
     pub policy_close_after: Option<u64>,
+    /// (k, ms): after k stored messages, live deliveries are held for ms milliseconds
+    /// (acks still go at once), then sent in order: a server whose fan-out stalls (a
+    /// broker that is away) for longer than a quiet second.
+    pub stall_after: Option<(u64, u64)>,
 }
 
 #[derive(Default)]
@@ -175,6 +179,9 @@ struct Hub {
     sends_refused: HashMap<String, u32>,
     users: HashMap<u64, String>,
     policy_closed: bool,
+    /// Deliveries held while the fan-out stalls (`stall_after`); `None` when it does not.
+    stalled: Option<Vec<(Tx, Message)>>,
+    stall_done: bool,
 }
 
 fn frame(f: &ServerFrame) -> Message {
@@ -288,6 +295,7 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                         client_msg_id,
                         reference,
                     } => {
+                        let shared_hub = Arc::clone(&hub);
                         let mut hub = hub.lock().unwrap();
                         if opts.hang_after.is_some_and(|k| hub.stored >= k) && hub.hung.is_none() {
                             let hung: std::collections::HashSet<u64> =
@@ -365,6 +373,20 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             time: TIME.into(),
                             reference,
                         }));
+                        if let Some((k, ms)) = opts.stall_after {
+                            if hub.stored >= k && !hub.stall_done {
+                                hub.stall_done = true;
+                                hub.stalled = Some(Vec::new());
+                                let hub = shared_hub;
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                                    let held = hub.lock().unwrap().stalled.take();
+                                    for (m, msg) in held.into_iter().flatten() {
+                                        let _ = m.send(msg);
+                                    }
+                                });
+                            }
+                        }
                         for m in members {
                             hub.delivered += 1;
                             if opts
@@ -373,9 +395,15 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             {
                                 continue;
                             }
-                            let _ = m.send(out.clone());
-                            if let Some(copy) = &copy {
-                                let _ = m.send(copy.clone());
+                            let mut frames = vec![out.clone()];
+                            frames.extend(copy.clone());
+                            match hub.stalled.as_mut() {
+                                Some(held) => {
+                                    held.extend(frames.into_iter().map(|f| (m.clone(), f)))
+                                }
+                                None => frames.into_iter().for_each(|f| {
+                                    let _ = m.send(f);
+                                }),
                             }
                         }
                         hub.stored += 1;

@@ -72,16 +72,22 @@ class Sampler(threading.Thread):
         self.pids = pids
         self.period = period
         self.samples = []  # (time, ticks, rss_kib)
+        self.last_ticks = {}  # pid → its ticks at its last reading
         self.stop = threading.Event()
 
     def take(self):
-        try:
-            t = time.time()
-            ticks = sum(proc_ticks(p) for p in self.pids)
-            rss = sum(proc_rss_kib(p) for p in self.pids)
-            self.samples.append((t, ticks, rss))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
+        # Each process on its own: one that has exited keeps the CPU of its last reading
+        # (and no RSS), so the others' samples go on (a cluster whose one node stops).
+        t = time.time()
+        ticks = rss = 0
+        for p in self.pids:
+            try:
+                self.last_ticks[p] = proc_ticks(p)
+                rss += proc_rss_kib(p)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
+            ticks += self.last_ticks.get(p, 0)
+        self.samples.append((t, ticks, rss))
 
     def run(self):
         while not self.stop.is_set():

@@ -73,6 +73,7 @@ class Sampler(threading.Thread):
         self.period = period
         self.samples = []  # (time, ticks, rss_kib)
         self.last_ticks = {}  # pid → its ticks at its last reading
+        self.gone = set()  # pids found exited: not read again (the number may be reused)
         self.stop = threading.Event()
 
     def take(self):
@@ -81,11 +82,12 @@ class Sampler(threading.Thread):
         t = time.time()
         ticks = rss = 0
         for p in self.pids:
-            try:
-                self.last_ticks[p] = proc_ticks(p)
-                rss += proc_rss_kib(p)
-            except (FileNotFoundError, ProcessLookupError, ValueError):
-                pass
+            if p not in self.gone:
+                try:
+                    self.last_ticks[p] = proc_ticks(p)
+                    rss += proc_rss_kib(p)
+                except (FileNotFoundError, ProcessLookupError, ValueError):
+                    self.gone.add(p)
             ticks += self.last_ticks.get(p, 0)
         self.samples.append((t, ticks, rss))
 

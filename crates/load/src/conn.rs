@@ -483,10 +483,11 @@ impl Conn {
             return false;
         }
         self.away = away;
+        // Back: what it heard while resuming is visible to the drain's Acquire first.
         self.shared
             .live
             .away
-            .fetch_add(if away { 1 } else { -1 }, Relaxed);
+            .fetch_add(if away { 1 } else { -1 }, Release);
         true
     }
 
@@ -842,7 +843,6 @@ impl Conn {
             self.writing.push(intended_us);
             self.out.sent += 1;
             live.sent.fetch_add(1, Relaxed);
-            live.pending_sends.fetch_sub(1, Relaxed);
             match shared.cfg.protocol {
                 Protocol::V1 => {
                     self.unacked.insert(
@@ -858,6 +858,9 @@ impl Conn {
                     self.sent_at[counter as usize] = clock.now_us();
                 }
             }
+            // In flight before it is no longer due (Release, against the drain's Acquire):
+            // the drain never sees a message as neither.
+            live.pending_sends.fetch_sub(1, Release);
         }
         ws.flush().await?;
         // Written: each intended time becomes its lag (cleared at the next round).
@@ -963,6 +966,11 @@ impl Conn {
             g,
         });
         let receipt = r.on_message(seq, ours, now);
+        // One of ours is a message of the room even if its sender never got the ack (cut
+        // off, then gave up): every member is to hear it.
+        if ours.is_some() {
+            self.shared.heard.acked(room, seq);
+        }
         self.shared.heard.heard(self.plan.idx, r.max_any);
         if receipt == Receipt::New {
             if let Some(o) = ours {
@@ -1133,8 +1141,10 @@ impl Conn {
         self.out.acked += 1;
         shared.live.acked.fetch_add(1, Relaxed);
         shared.live.last_ack_us.fetch_max(now, Relaxed);
-        shared.live.in_flight.fetch_sub(1, Relaxed);
+        // The room's newest ack before the send stops being in flight (Release, against
+        // the drain's Acquire): the drain never sees it neither in flight nor acked.
         shared.heard.acked(room, seq);
+        shared.live.in_flight.fetch_sub(1, Release);
         shared
             .ack_latency
             .record(self.plan.idx, now.saturating_sub(u.intended_us));

@@ -82,10 +82,13 @@
 //! (reconnecting to resume). Then, v1: as soon as every member (joined, not given up) has
 //! heard its room through the newest seq acknowledged to one of our senders, and not before,
 //! however long the server goes quiet (a stalled fan-out is slow, not lossy, if it delivers
-//! within `--drain`); legacy and socketio, which have no acks to know what is on its way:
-//! once nothing has arrived for a second. `--drain` bounds it; the report's `drain_end`
-//! says which ended it (`all_heard`, `quiet`, `limit`). A v1 run with losses waits the whole
-//! `--drain`: what its members miss was acknowledged, so it is on its way or lost.
+//! within `--drain`); legacy and socketio, which have no acks to know what is on its way
+//! (and v1 when a member's session put it in a room `--rooms` does not name): once nothing
+//! has arrived for a second. `--drain` bounds it; the report's `drain_end` says which ended
+//! it (`all_heard`, `quiet`, `limit`). What a member has heard is the highest seq it got
+//! (a server delivers each room in seq order): a v1 run whose members miss their rooms'
+//! newest messages waits the whole `--drain`; one whose members miss only earlier ones
+//! ends when the newest have come, and counts the rest lost.
 //!
 //! # Efficiency
 //!
@@ -104,7 +107,10 @@ mod stats;
 pub mod text;
 
 use std::io::{BufWriter, Write as _};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicUsize,
+    Ordering::{Acquire, Relaxed},
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -186,9 +192,10 @@ pub struct LoadArgs {
     /// Most seconds to wait after the sending phase for in-flight deliveries. The wait
     /// ends sooner once nothing is due or unacknowledged, no v1 connection is away
     /// (reconnecting to resume), and then, v1: every member has heard its room through the
-    /// newest acknowledged message; legacy: nothing has arrived for a second. A v1
-    /// connection that cannot get back (its only node down), or a v1 member still missing
-    /// an acknowledged message, holds it to the end.
+    /// newest acknowledged message; legacy (or v1 in a room --rooms does not name): nothing
+    /// has arrived for a second. A v1 connection that cannot get back (its only node down),
+    /// or a v1 member that never gets its room's newest acknowledged message, holds it to
+    /// the end.
     #[arg(long, default_value_t = 10.0)]
     pub drain: f64,
 
@@ -506,9 +513,12 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
     let drain_start_us = clock.now_us();
     let drain_end = loop {
         let live = &shared.live;
-        let idle = live.pending_sends.load(Relaxed) <= 0
-            && live.in_flight.load(Relaxed) <= 0
-            && live.away.load(Relaxed) <= 0;
+        // Acquire, against the tasks' Release: a send no longer due is seen in flight, one
+        // no longer in flight is seen acked (`Heard`), a connection back has its backfill
+        // heard.
+        let idle = live.pending_sends.load(Acquire) <= 0
+            && live.in_flight.load(Acquire) <= 0
+            && live.away.load(Acquire) <= 0;
         let heard = match args.protocol {
             Protocol::V1 => shared.heard.all_heard(),
             Protocol::Legacy | Protocol::SocketIo => None,

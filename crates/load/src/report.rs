@@ -54,8 +54,6 @@ impl LatencyMs {
     }
 }
 
-/// Everything a run measured. Counts of deliveries are (message, receiving connection)
-/// pairs; see the crate documentation for what is expected of whom.
 /// Why the wait after the send phase ended.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -82,6 +80,8 @@ impl DrainEnd {
     }
 }
 
+/// Everything a run measured. Counts of deliveries are (message, receiving connection)
+/// pairs; see the crate documentation for what is expected of whom.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     /// Identifies this run's messages (`L|<run_id>|…`).

@@ -88,9 +88,12 @@ impl Live {
 ///
 /// Each connection is a member of one room (`--rooms` gives each one). A member whose
 /// session named a room the run does not know makes the check unknown (`all_heard`).
+/// A member has heard a room through the highest seq it got there: a server delivers each
+/// room in seq order, so a lower one still missing then is lost, not on its way.
 pub struct Heard {
     rooms: HashMap<String, usize>,
-    /// Per room: the highest seq acknowledged to one of our senders.
+    /// Per room: the highest seq acknowledged to one of our senders, or of ours that any
+    /// member got (its sender may have been cut off before the ack).
     acked: Vec<AtomicU64>,
     /// Per connection: its room (`NOT_A_MEMBER` until its first `joined`, and again once
     /// it gives up: it will hear nothing more) …
@@ -119,7 +122,7 @@ impl Heard {
         }
     }
 
-    /// `seq` in `room` was acknowledged to one of our senders.
+    /// `seq` in `room` was acknowledged to one of our senders (or is ours and a member got it).
     pub fn acked(&self, room: &str, seq: u64) {
         if let Some(&r) = self.rooms.get(room) {
             self.acked[r].fetch_max(seq, Relaxed);

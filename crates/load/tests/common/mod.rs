@@ -154,7 +154,8 @@ pub struct V1Fake {
     pub policy_close_after: Option<u64>,
     /// (k, ms): after k stored messages, live deliveries are held for ms milliseconds
     /// (acks still go at once), then sent in order: a server whose fan-out stalls (a
-    /// broker that is away) for longer than a quiet second.
+    /// broker that is away) for longer than a quiet second. A member that joins meanwhile
+    /// would get the held ones twice (backfill, then held): the tests join none.
     pub stall_after: Option<(u64, u64)>,
 }
 
@@ -380,8 +381,9 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                                 let hub = shared_hub;
                                 tokio::spawn(async move {
                                     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                                    let held = hub.lock().unwrap().stalled.take();
-                                    for (m, msg) in held.into_iter().flatten() {
+                                    // Under the lock: no later delivery overtakes them.
+                                    let mut hub = hub.lock().unwrap();
+                                    for (m, msg) in hub.stalled.take().into_iter().flatten() {
                                         let _ = m.send(msg);
                                     }
                                 });

@@ -203,28 +203,35 @@ async fn v1_everything_acked_and_delivered() {
     assert_sends_lag_inside_the_latency(&r);
 }
 
-/// The fan-out stalls for 3 s from the 20th message on (acks go on), past the end of the
-/// send phase and past a quiet second: every member is behind the newest ack, so the drain
-/// waits for the held deliveries instead of counting them lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_a_stalled_fan_out_is_waited_for_not_lost() {
+/// 10 connections in one room, 20 messages a second each for `duration`, against a fake
+/// whose fan-out stalls for `stall_ms` from its 20th message on (acks go on).
+async fn stalled_run(stall_ms: u64, duration: &str, drain: &str) -> Report {
     let r = v1_run(
         V1Fake {
-            stall_after: Some((20, 3_000)),
+            stall_after: Some((20, stall_ms)),
             ..V1Fake::default()
         },
         &[
             "--session-key=k",
             "--connections=10",
             "--interval=0.05",
-            "--duration=1.5",
-            "--drain=10",
+            duration,
+            drain,
             "--no-progress",
         ],
     )
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.acked, Some(r.sent), "{r:#?}");
+    r
+}
+
+/// A 3-s stall, past the end of the send phase and past a quiet second: every member is
+/// behind the newest ack, so the drain waits for the held deliveries instead of counting
+/// them lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_stalled_fan_out_is_waited_for_not_lost() {
+    let r = stalled_run(3_000, "--duration=1.5", "--drain=10").await;
     // The stall outlasted the send phase by more than a quiet second.
     assert!(r.last_delivery_after_send_s > 1.2, "{r:#?}");
     assert_eq!(r.expected, r.sent * 10, "{r:#?}");
@@ -232,27 +239,11 @@ async fn v1_a_stalled_fan_out_is_waited_for_not_lost() {
     assert_eq!(r.drain_end, DrainEnd::AllHeard, "{r:#?}");
 }
 
-/// The same stall, longer than the run: the newest acked messages never reach anyone, so
-/// the drain waits to its limit, and what was held counts as lost.
+/// A stall longer than the run: the newest acked messages never reach anyone, so the
+/// drain waits to its limit, and what was held counts as lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_acked_messages_that_never_come_hold_the_drain_to_its_limit() {
-    let r = v1_run(
-        V1Fake {
-            stall_after: Some((20, 600_000)),
-            ..V1Fake::default()
-        },
-        &[
-            "--session-key=k",
-            "--connections=10",
-            "--interval=0.05",
-            "--duration=1",
-            "--drain=1.5",
-            "--no-progress",
-        ],
-    )
-    .await;
-    assert_counts_add_up(&r);
-    assert_eq!(r.acked, Some(r.sent), "{r:#?}");
+    let r = stalled_run(600_000, "--duration=1", "--drain=1.5").await;
     assert_eq!(r.drain_end, DrainEnd::Limit, "{r:#?}");
     // The first 20 came to every member; nothing after them did.
     assert_eq!(r.delivered, 20 * 10, "{r:#?}");

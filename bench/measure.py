@@ -173,7 +173,11 @@ def cmd_load(argv):
             "server_pids": pids,
             "clk_tck": TCK,
             "cpu_connect_s": cpu_connect,
-            "connect_rate": r["connected"] / r["connect_s"] if r["connect_s"] else 0,
+            # What the connect phase connected (a client without the field: every
+            # connection ever up, retries after the phase included).
+            "connect_rate": r.get("connected_at_send_start", r["connected"]) / r["connect_s"]
+            if r["connect_s"]
+            else 0,
             "cpu_send_s": cpu_send,
             "cpu_send_drain_s": cpu_drain,
             "cpu_per_delivery_us": cpu_send / d * 1e6,

@@ -497,6 +497,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_s = started.elapsed().as_secs_f64();
+    let connected_at_send_start = shared.live.connected.load(Relaxed).max(0) as u64;
 
     // Send on schedule.
     let t0_us = clock.now_us() + 10_000;
@@ -580,6 +581,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             urls,
             scheduled,
             connect_s,
+            connected_at_send_start,
             send_start_unix_s: clock.unix_us(t0_us) as f64 / 1e6,
             duration_s: duration.as_secs_f64(),
             drain_s,
@@ -608,6 +610,7 @@ struct ReportTimes {
     urls: Vec<String>,
     scheduled: u64,
     connect_s: f64,
+    connected_at_send_start: u64,
     send_start_unix_s: f64,
     duration_s: f64,
     drain_s: f64,
@@ -631,6 +634,7 @@ fn build_report(
         connections: u64::from(args.connections),
         scheduled: t.scheduled,
         connect_s: t.connect_s,
+        connected_at_send_start: t.connected_at_send_start,
         send_start_unix_s: t.send_start_unix_s,
         duration_s: t.duration_s,
         drain_s: t.drain_s,

@@ -93,6 +93,9 @@ pub struct Report {
     pub connections: u64,
     /// Connections that were up (authenticated) at least once.
     pub connected: u64,
+    /// Connections up when the connect phase ended (every connection's first attempt
+    /// over): what `connect_s` connected (`connected` also counts later retries).
+    pub connected_at_send_start: u64,
     /// Connections up when the run stopped.
     pub connected_at_end: u64,
     /// Connection attempts that failed (refused, timed out, bad key, closed before auth).
@@ -242,8 +245,9 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "  connections: connected {} (at end {}), failed attempts {}, disconnects {} (silent server {}), churned {}, gave up {}",
+            "  connections: connected {} (when sending began {}, at end {}), failed attempts {}, disconnects {} (silent server {}), churned {}, gave up {}",
             self.connected,
+            self.connected_at_send_start,
             self.connected_at_end,
             self.failed_connects,
             self.disconnects,

@@ -39,6 +39,7 @@ async fn legacy_everything_delivered_means_no_loss() {
     .await;
     assert_counts_add_up(&r);
     assert_eq!(r.connected, 10);
+    assert_eq!(r.connected_at_send_start, 10, "{r:#?}");
     // Every message goes to all 10 connections, the sender's own copy included.
     assert_eq!(r.expected, r.sent * 10, "{r:#?}");
     assert_eq!(r.lost, 0, "{r:#?}");
@@ -538,6 +539,7 @@ async fn refused_connections_are_counted() {
     ])
     .await;
     assert_eq!(r.connected, 0);
+    assert_eq!(r.connected_at_send_start, 0);
     assert!(r.failed_connects >= 3, "{r:#?}");
     assert_eq!(r.sent, 0);
     assert!(r.unsent > 0 || r.scheduled == 0);

@@ -284,12 +284,22 @@ pub(crate) enum End {
 }
 
 impl End {
-    /// Where no Driver runs yet (v1 before `auth`): queue this end on the outbox, its close
-    /// frame if it has one, else the end of the stream.
+    /// Queue on the outbox what this end sends, after what is queued before it: its close
+    /// frame, or the end of the stream; nothing once the connection is cancelled. `finish`
+    /// (after authentication) and v1's wait for `auth` both end this way.
     pub(crate) fn queue_on(self, outbox: &Outbox) {
         match self {
+            Self::Shutdown => outbox.close(
+                close::SERVICE_RESTART,
+                "server restart: reconnect and resume",
+            ),
+            // tungstenite only queues its answer, and writes it on a next read that never
+            // comes: the outbox sends it.
+            Self::ClientClose(code) => outbox.close(code, ""),
+            // The socket is gone: nothing to answer.
+            Self::ClientGone => outbox.finish(),
             Self::Close(code, reason) => outbox.close(code, reason),
-            _ => outbox.finish(),
+            Self::Cancelled => {}
         }
     }
 
@@ -605,22 +615,11 @@ pub(crate) async fn finish(
         shared.hub.unsubscribe(&room, conn, sub);
     }
     let grace = shared.settings.shutdown_grace();
-    match end {
-        End::Shutdown => {
-            let _bounded = tokio::time::timeout(grace, conn.all_sends_settled()).await;
-            conn.outbox.close(
-                close::SERVICE_RESTART,
-                "server restart: reconnect and resume",
-            );
-        }
-        // tungstenite only queues its answer, and writes it on a next read that never
-        // comes: the outbox sends it, after what is queued before it.
-        End::ClientClose(code) => conn.outbox.close(code, ""),
-        // The socket is gone: nothing to answer.
-        End::ClientGone => conn.outbox.finish(),
-        End::Close(code, reason) => conn.outbox.close(code, reason),
-        End::Cancelled => {}
+    if end == End::Shutdown {
+        // The 1012 goes after the answers to what was in flight.
+        let _bounded = tokio::time::timeout(grace, conn.all_sends_settled()).await;
     }
+    end.queue_on(&conn.outbox);
     if tokio::time::timeout(grace.max(Duration::from_secs(1)), writer)
         .await
         .is_err()

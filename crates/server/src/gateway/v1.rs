@@ -255,11 +255,11 @@ async fn await_auth(
                 return None;
             }
             Some(Ok(Message::Close(frame))) => {
-                outbox.close(super::close_reply_code(frame.as_ref()), "");
+                super::End::ClientClose(super::close_reply_code(frame.as_ref())).queue_on(outbox);
                 return None;
             }
             None => {
-                outbox.finish();
+                super::End::ClientGone.queue_on(outbox);
                 return None;
             }
         };

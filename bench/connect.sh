@@ -34,7 +34,7 @@ import json, sys
 rs = [json.load(open(f)) for f in sys.argv[1:]]
 floor = rs[-1]["connect_rate"]
 for r in rs:
-    up = r.get("connected_at_send_start", r["connected"])
+    up = r["connected_in_connect_phase"]
     c = max(up, 1)
     print(f"| {r['label']} | {up:,} | {r['failed_connects']:,} | {r['connect_s']:.2f} | "
           f"{r['connect_rate']:,.0f} | {r['connect_rate'] / floor:.2f} | {r['cpu_connect_s']:.2f} | "

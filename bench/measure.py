@@ -158,6 +158,9 @@ def cmd_load(argv):
     cpu_drain = (sampler.ticks_at(drain1) - sampler.ticks_at(send0)) / TCK
     cpu_connect = (sampler.ticks_at(send0 - 0.01) - sampler.ticks_at(t_start)) / TCK
     d = max(r["delivered"], 1)
+    # What the connect phase connected (a client without the field: every connection ever
+    # up, retries after the phase included).
+    connected_in_phase = r.get("connected_at_send_start", r["connected"])
     wall = t_end - t_start
     server_run_s = (sampler.ticks_at(t_end) - sampler.ticks_at(t_start)) / TCK
     other_cores = ((busy1 - busy0) / TCK - server_run_s - client_cpu_s) / wall
@@ -173,11 +176,8 @@ def cmd_load(argv):
             "server_pids": pids,
             "clk_tck": TCK,
             "cpu_connect_s": cpu_connect,
-            # What the connect phase connected (a client without the field: every
-            # connection ever up, retries after the phase included).
-            "connect_rate": r.get("connected_at_send_start", r["connected"]) / r["connect_s"]
-            if r["connect_s"]
-            else 0,
+            "connected_in_connect_phase": connected_in_phase,
+            "connect_rate": connected_in_phase / r["connect_s"] if r["connect_s"] else 0,
             "cpu_send_s": cpu_send,
             "cpu_send_drain_s": cpu_drain,
             "cpu_per_delivery_us": cpu_send / d * 1e6,

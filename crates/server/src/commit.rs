@@ -35,10 +35,29 @@ pub struct SendRequest {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CommitError {
+    /// Not committed.
     #[error("the store could not commit: {0}")]
     Unavailable(String),
+    /// The store's answer was lost after the batch went out: it may have been committed
+    /// (`StoreError::Unconfirmed`). A retry with the same `client_msg_id` is stored once.
+    #[error("the store's answer to the commit was lost: {0}")]
+    Unconfirmed(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+}
+
+impl CommitError {
+    /// What a failed commit tells its senders.
+    fn from_store(e: &StoreError) -> Self {
+        let reason = |e: &StoreError| match e {
+            StoreError::Unavailable(_) => "the store is unavailable".to_owned(),
+            other => other.to_string(),
+        };
+        match e {
+            StoreError::Unconfirmed(cause) => Self::Unconfirmed(reason(cause)),
+            other => Self::Unavailable(reason(other)),
+        }
+    }
 }
 
 /// A send in the committer's queue, with when it was queued (for `wschat_send_ack_seconds`).
@@ -434,15 +453,9 @@ fn settle_batch(
         Err(e) => {
             tracing::warn!(error = %e, batch = batch.len(), "commit failed; senders told to retry");
             metrics::counter!("wschat_commit_errors_total").increment(1);
-            let reason = match e {
-                StoreError::Unavailable(_) => "the store is unavailable".to_owned(),
-                other => other.to_string(),
-            };
+            let error = CommitError::from_store(&e);
             for queued in batch.drain(..) {
-                answer_error(
-                    queued.request.reply,
-                    CommitError::Unavailable(reason.clone()),
-                );
+                answer_error(queued.request.reply, error.clone());
             }
         }
     }
@@ -495,10 +508,21 @@ fn answer_error(reply: Reply, error: CommitError) {
     match reply {
         Reply::Conn { conn, reference } => {
             let code = match error {
-                CommitError::Unavailable(_) => ErrorCode::Unavailable,
+                CommitError::Unavailable(_) | CommitError::Unconfirmed(_) => ErrorCode::Unavailable,
                 CommitError::ShuttingDown => ErrorCode::ShuttingDown,
             };
-            let message = format!("not stored: {error}; retry");
+            let message = match (&error, conn.protocol) {
+                (CommitError::Unconfirmed(_), Protocol::V1) => format!(
+                    "perhaps stored: {error}; retry with the same client_msg_id (it is stored once)"
+                ),
+                // Legacy sends carry no id to retry with: a stored one reaches the room.
+                (CommitError::Unconfirmed(_), Protocol::Legacy) => {
+                    format!("perhaps stored: {error}; if it does not appear, send it again")
+                }
+                (CommitError::Unavailable(_) | CommitError::ShuttingDown, _) => {
+                    format!("not stored: {error}; retry")
+                }
+            };
             let frame = match conn.protocol {
                 Protocol::V1 => frames::v1_error(code, message, reference),
                 Protocol::Legacy => frames::legacy_error(code, &message),
@@ -542,6 +566,23 @@ mod tests {
         };
         let (committer, task) = Committer::start(store, hub, 100, spacing);
         (dir, committer, task)
+    }
+
+    #[test]
+    fn a_commit_whose_answer_was_lost_is_not_called_not_stored() {
+        let lost = StoreError::Unconfirmed(Box::new(StoreError::NoAnswer(Duration::from_secs(15))));
+        let told = CommitError::from_store(&lost);
+        assert!(
+            matches!(&told, CommitError::Unconfirmed(r) if r.contains("no answer")),
+            "{told:?}"
+        );
+        let failed = CommitError::from_store(&StoreError::WriterGone);
+        assert!(matches!(failed, CommitError::Unavailable(_)), "{failed:?}");
+        let down = CommitError::from_store(&StoreError::Unavailable(sqlx::Error::PoolClosed));
+        assert!(
+            matches!(&down, CommitError::Unavailable(r) if r == "the store is unavailable"),
+            "{down:?}"
+        );
     }
 
     /// A message whose settling panics (`settle_batch`).

@@ -614,6 +614,10 @@ async fn a_database_that_stops_answering_gets_sends_answered_unavailable() {
     assert_eq!(told["type"], "error", "{told}");
     assert_eq!(told["code"], "unavailable", "{told}");
     assert_eq!(told["ref"], 2, "{told}");
+    // The statement reached the backend, which commits it when it runs again: the sender
+    // is not told it was not stored.
+    let text = told["message"].as_str().unwrap_or_default();
+    assert!(text.starts_with("perhaps stored: "), "{told}");
     drop(paused);
     ws.send(send(2)).await.unwrap();
     let ack = answer(&mut ws, common::WAIT).await;

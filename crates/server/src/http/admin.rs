@@ -289,6 +289,12 @@ async fn post_message(
                 "unavailable",
                 "not stored: the store is unavailable; retry",
             ),
+            CommitError::Unconfirmed(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "perhaps stored: the store's answer was lost; retry with the same \
+                 client_msg_id (it is stored once)",
+            ),
             CommitError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

@@ -137,6 +137,11 @@ pub enum StoreError {
     /// One failure answered to every caller that shared the query.
     #[error(transparent)]
     Shared(Arc<StoreError>),
+    /// A commit whose answer was lost after the batch went out (the connection failed, or
+    /// the database stopped answering): it may have been committed. A database's own
+    /// error (a constraint, the statement timeout) is not this: it rolled the batch back.
+    #[error("{0}, after the batch was sent: it may have been stored")]
+    Unconfirmed(Box<StoreError>),
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -351,9 +351,17 @@ impl Store for PgStore {
         // answer at all (its host gone, or paused): bounded here, the connection dropped.
         // Had the batch committed, a retry with the same `client_msg_id` finds it and the
         // heartbeat's read of room heads delivers it.
+        // The database's own error rolled the batch back; a lost connection or a lost
+        // answer leaves it unknown whether the batch committed (the senders are told so).
         let outcomes = match tokio::time::timeout(COMMIT_ANSWER_TIMEOUT, committing).await {
-            Ok(outcomes) => outcomes?,
-            Err(_elapsed) => return Err(StoreError::NoAnswer(COMMIT_ANSWER_TIMEOUT)),
+            Ok(Ok(outcomes)) => outcomes,
+            Ok(Err(e @ StoreError::Query(sqlx::Error::Database(_)))) => return Err(e),
+            Ok(Err(e)) => return Err(StoreError::Unconfirmed(Box::new(e))),
+            Err(_elapsed) => {
+                return Err(StoreError::Unconfirmed(Box::new(StoreError::NoAnswer(
+                    COMMIT_ANSWER_TIMEOUT,
+                ))));
+            }
         };
         *slot = Some(conn);
         Ok(outcomes)

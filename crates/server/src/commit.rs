@@ -38,9 +38,10 @@ pub enum CommitError {
     /// Not committed.
     #[error("the store could not commit: {0}")]
     Unavailable(String),
-    /// The store's answer was lost after the batch went out: it may have been committed
-    /// (`StoreError::Unconfirmed`). A retry with the same `client_msg_id` is stored once.
-    #[error("the store's answer to the commit was lost: {0}")]
+    /// It is not known whether the batch was committed: the store's answer was lost after
+    /// the batch went out (`StoreError::Unconfirmed`), or no answer came from the committer
+    /// (settling the batch panicked). A retry with the same `client_msg_id` is stored once.
+    #[error("the commit's outcome is unknown: {0}")]
     Unconfirmed(String),
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -167,7 +168,13 @@ impl Committer {
             reply: Reply::Oneshot(tx),
         })
         .await;
-        rx.await.unwrap_or(Err(CommitError::ShuttingDown))
+        // A refused send is answered `ShuttingDown`; no answer at all means the batch's
+        // settling panicked, after its commit, or the committer is gone.
+        rx.await.unwrap_or_else(|_| {
+            Err(CommitError::Unconfirmed(
+                "the committer gave no answer".to_owned(),
+            ))
+        })
     }
 }
 
@@ -192,7 +199,7 @@ struct Settled {
 /// A send that found the queue closed: the server is stopping.
 fn refuse(entry: Entry) {
     if let Entry::Send(queued) = entry {
-        answer_error(queued.request.reply, CommitError::ShuttingDown);
+        answer_error(queued.request, CommitError::ShuttingDown);
     }
 }
 
@@ -455,7 +462,7 @@ fn settle_batch(
             metrics::counter!("wschat_commit_errors_total").increment(1);
             let error = CommitError::from_store(&e);
             for queued in batch.drain(..) {
-                answer_error(queued.request.reply, error.clone());
+                answer_error(queued.request, error.clone());
             }
         }
     }
@@ -504,19 +511,20 @@ fn send_acks(mut acks: Vec<(Arc<Conn>, Option<Encoded>)>) {
     }
 }
 
-fn answer_error(reply: Reply, error: CommitError) {
+fn answer_error(SendRequest { msg, reply }: SendRequest, error: CommitError) {
     match reply {
         Reply::Conn { conn, reference } => {
             let code = match error {
                 CommitError::Unavailable(_) | CommitError::Unconfirmed(_) => ErrorCode::Unavailable,
                 CommitError::ShuttingDown => ErrorCode::ShuttingDown,
             };
-            let message = match (&error, conn.protocol) {
-                (CommitError::Unconfirmed(_), Protocol::V1) => format!(
+            let message = match (&error, msg.client_msg_id.is_some()) {
+                (CommitError::Unconfirmed(_), true) => format!(
                     "perhaps stored: {error}; retry with the same client_msg_id (it is stored once)"
                 ),
-                // Legacy sends carry no id to retry with: a stored one reaches the room.
-                (CommitError::Unconfirmed(_), Protocol::Legacy) => {
+                // A send with no id to retry with (every legacy one): a stored one reaches
+                // the room, and sending it again would store it twice.
+                (CommitError::Unconfirmed(_), false) => {
                     format!("perhaps stored: {error}; if it does not appear, send it again")
                 }
                 (CommitError::Unavailable(_) | CommitError::ShuttingDown, _) => {
@@ -594,7 +602,8 @@ mod tests {
         let lost = committer
             .send_and_wait(message(PANICS_WHEN_SETTLED, None))
             .await;
-        assert!(lost.is_err(), "its answer went with the panic: {lost:?}");
+        // Its answer went with the panic; the message was committed before it.
+        assert!(matches!(lost, Err(CommitError::Unconfirmed(_))), "{lost:?}");
         for (text, expected) in [("after", 2), ("and after", 3)] {
             let outcome = committer.send_and_wait(message(text, None)).await;
             assert_eq!(seq(&outcome), expected, "{text}");

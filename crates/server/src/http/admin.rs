@@ -274,6 +274,7 @@ async fn post_message(
         crate::gateway::check_client_msg_id(cmid)
             .map_err(|(_code, message)| ApiError::bad_request(message))?;
     }
+    let has_id = request.client_msg_id.is_some();
     let outcome = shared
         .committer
         .send_and_wait(NewMessage {
@@ -289,11 +290,17 @@ async fn post_message(
                 "unavailable",
                 "not stored: the store is unavailable; retry",
             ),
+            CommitError::Unconfirmed(_) if has_id => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "perhaps stored: the commit's outcome is unknown; retry with the same \
+                 client_msg_id (it is stored once)",
+            ),
             CommitError::Unconfirmed(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                "perhaps stored: the store's answer was lost; retry with the same \
-                 client_msg_id (it is stored once)",
+                "perhaps stored: the commit's outcome is unknown; read the room before \
+                 posting it again (with no client_msg_id it would be stored twice)",
             ),
             CommitError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

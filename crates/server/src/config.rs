@@ -41,8 +41,8 @@ pub struct Settings {
     pub ws_read_buffer_bytes: usize,
     /// Most bytes of queued frames joined into one write to a connection's socket.
     pub ws_write_buffer_bytes: usize,
-    /// While the node is busy (below), a connection written to more often than this and
-    /// that wrote less than this long ago holds its next write until this long has
+    /// While the node is busy (below), a connection that gets frames more often than this
+    /// and that wrote less than this long ago holds its next write until this long has
     /// passed, so that frames arriving meanwhile go out in one write; 0 writes at once. A
     /// connection that gets a frame now and then writes at once.
     pub write_delay_ms: u64,

@@ -58,7 +58,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "write_delay_ms",
-        "While the node is busy (write_delay_above_per_sec), a connection written to more often than every this many milliseconds, that wrote less than that long ago, holds its next write until that long has passed, so the frames arriving meanwhile share one write: fewer system calls under load, at most this much added latency. A connection that gets a frame now and then writes at once. 0: never hold a write.",
+        "While the node is busy (write_delay_above_per_sec), a connection that gets frames more often than every this many milliseconds, that wrote less than that long ago, holds its next write until that long has passed, so the frames arriving meanwhile share one write: fewer system calls under load, at most this much added latency. A connection that gets a frame now and then writes at once. 0: never hold a write.",
     ),
     (
         "write_delay_above_per_sec",

@@ -82,7 +82,7 @@ async fn twenty_clients_a_hundred_messages_each_none_lost_none_duplicated_in_ord
     twenty_clients_a_hundred_messages_each(spawn_app(backend).await).await;
 }
 
-/// The same with write pacing always on: a connection written to more often than every
+/// The same with write pacing always on: a connection that gets frames more often than every
 /// 20 ms that wrote within the last 20 ms holds its next write, so frames go out in
 /// batches (hub/pacing.rs).
 async fn with_write_pacing_on_none_lost_none_duplicated_in_order(backend: Backend) {

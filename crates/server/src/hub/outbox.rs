@@ -75,7 +75,7 @@ pub enum Item {
 /// What a queued frame counts for against the limit, beyond its bytes.
 const OVERHEAD: usize = 32;
 
-/// The longest gap between writes the pacing average counts (a quiet second is as quiet
+/// The longest gap between pushes the pacing average counts (a quiet second is as quiet
 /// as a quiet hour).
 const GAP_CAP_US: u32 = 1_000_000;
 
@@ -115,9 +115,15 @@ struct State {
     flush: bool,
     /// When the last write went out, while pacing is on.
     last_write: Option<Instant>,
-    /// The time between this connection's writes, smoothed (microseconds), while pacing
-    /// is on: only a connection written to more often than the pacing delay is held.
-    write_gap_us: u32,
+    /// When the last push came, while pacing is on.
+    last_push: Option<Instant>,
+    /// The time between this connection's pushes, smoothed (microseconds), while pacing
+    /// is on: only a connection that gets frames more often than the pacing delay is
+    /// held. Pushes, not writes: a held connection's writes are the delay apart, or a
+    /// moment more (the flusher wakes on the timer's next tick), so an average of the
+    /// gaps between writes climbs past the delay and lets a frame out on a write of its
+    /// own every few writes.
+    push_gap_us: u32,
     /// The socket failed or the writer ended: nothing more can be written.
     dead: bool,
     /// Registered with the node's flusher (`WritePacing::hold`) for a held write.
@@ -206,7 +212,8 @@ impl Outbox {
                 partial: false,
                 flush: false,
                 last_write: None,
-                write_gap_us: u32::MAX,
+                last_push: None,
+                push_gap_us: u32::MAX,
                 dead: false,
                 held_registered: false,
             }),
@@ -408,6 +415,7 @@ impl Outbox {
         if state.dead {
             return Pushed::Dropped;
         }
+        self.arrived(state);
         let mut rest = frames;
         // Bytes of `rest[0]` the socket took.
         let mut cut = 0;
@@ -581,29 +589,40 @@ impl Outbox {
 
     fn wrote(&self, state: &mut State, frames: usize) {
         self.pacing.wrote(frames);
+        state.last_write = (!self.pacing.delay().is_zero()).then(Instant::now);
+    }
+
+    /// A push came: while pacing is on, its gap since the last one joins the average.
+    fn arrived(&self, state: &mut State) {
         if self.pacing.delay().is_zero() {
-            state.last_write = None;
-            state.write_gap_us = u32::MAX;
+            state.last_push = None;
+            state.push_gap_us = u32::MAX;
             return;
         }
         let now = Instant::now();
-        if let Some(last) = state.last_write {
+        if let Some(last) = state.last_push {
             let gap = u32::try_from((now - last).as_micros()).unwrap_or(u32::MAX);
             // An average over the last few gaps (weight 1/4 to the newest).
-            let old = u64::from(state.write_gap_us.min(GAP_CAP_US));
-            state.write_gap_us = ((old * 3 + u64::from(gap.min(GAP_CAP_US))) / 4) as u32;
+            let old = u64::from(state.push_gap_us.min(GAP_CAP_US));
+            state.push_gap_us = ((old * 3 + u64::from(gap.min(GAP_CAP_US))) / 4) as u32;
         }
-        state.last_write = Some(now);
+        state.last_push = Some(now);
     }
 
     /// Until when the next write is held (pacing), if it is: while the node is busy, a
-    /// connection written to more often than the delay (a hot room's member) holds a write
-    /// until the delay after its last one, so what arrives meanwhile shares the write. A
-    /// connection that gets a frame now and then (a quiet room, a chat of ten) writes at
-    /// once: holding it would add latency and save nothing.
+    /// connection that gets frames more often than the delay (a hot room's member) holds
+    /// a write until the delay after its last one, so what arrives meanwhile shares the
+    /// write. A connection that gets a frame now and then (a quiet room, a chat of ten)
+    /// writes at once: holding it would add latency and save nothing. Nor is the rest of
+    /// a write that already went out held: a frame the socket took part of, or bytes TLS
+    /// kept back.
     fn held(&self, state: &State) -> Option<Instant> {
         let delay = self.pacing.delay();
-        if delay.is_zero() || u128::from(state.write_gap_us) >= delay.as_micros() {
+        if delay.is_zero()
+            || state.partial
+            || state.flush
+            || u128::from(state.push_gap_us) >= delay.as_micros()
+        {
             return None;
         }
         let at = state.last_write? + delay;
@@ -679,9 +698,12 @@ impl Outbox {
                 } else if let Some(at) = self.held(&state) {
                     Step::Hold(at)
                 } else if let Some(io) = state.io.take() {
+                    // Its bytes, not what they count for: `written` counts bytes, so the
+                    // frames' `OVERHEAD` would stay counted until the whole batch is out.
+                    let taken: usize = state.queue.iter().map(|f| f.len()).sum();
                     batch.extend(state.queue.drain(..));
-                    let taken = std::mem::take(&mut state.bytes) as u64;
-                    state.in_flight_until = self.written.load(Ordering::Relaxed) + taken;
+                    state.bytes = 0;
+                    state.in_flight_until = self.written.load(Ordering::Relaxed) + taken as u64;
                     state.partial = false;
                     state.flush = false;
                     Step::Write(io)
@@ -898,6 +920,9 @@ mod tests {
         tokio::time::advance(ms(60)).await;
         got_something(&mut a_client).await;
         got_something(&mut b_client).await;
+        // The flusher wrote their held frames just now (the clock jumped past their
+        // holds' ends): another delay, and neither wrote within it.
+        tokio::time::advance(ms(60)).await;
         // a writes at once now, and b 20 ms later.
         a.push(Item::Frame(frame("a")));
         assert!(got_something(&mut a_client).await);
@@ -1060,6 +1085,108 @@ mod tests {
         // The held frame goes out when the delay has passed.
         tokio::time::advance(delay).await;
         assert!(got_something(&mut client).await, "released after the delay");
+    }
+
+    /// A held connection's writes come the delay apart, or later: the flusher wakes on
+    /// the next tick (here, the next 3-ms step). A connection whose frames come every 3 ms
+    /// stays held all along; with an average of the gaps between writes it let a frame
+    /// out on a write of its own every few writes.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_frames_keep_coming_stays_held_when_the_flusher_is_late() {
+        let delay = Duration::from_millis(10);
+        let (outbox, mut client) = paced_outbox(1 << 20, 1 << 16, WritePacing::new(delay, 0));
+        let mut written_at_once = Vec::new();
+        for i in 0..150 {
+            tokio::time::advance(Duration::from_millis(3)).await;
+            // What the flusher wrote at this step.
+            got_something(&mut client).await;
+            outbox.push(Item::Frame(frame("often")));
+            // Past the first pushes, which bring the average under the delay.
+            if got_something(&mut client).await && i >= 30 {
+                written_at_once.push(i);
+            }
+        }
+        assert!(
+            written_at_once.is_empty(),
+            "pushes written on their own: {written_at_once:?}"
+        );
+        tokio::time::advance(delay * 2).await;
+        assert!(got_something(&mut client).await, "the last hold ended");
+    }
+
+    /// The rest of a frame the socket took part of is written as soon as the client
+    /// reads, not held for the pacing delay: that write already went out.
+    #[tokio::test(start_paused = true)]
+    async fn the_rest_of_a_partial_write_is_not_held() {
+        let delay = Duration::from_millis(50);
+        let capacity = 1024;
+        let (outbox, mut client) = paced_outbox(1 << 20, capacity, WritePacing::new(delay, 0));
+        // Hot: a frame a millisecond, read as it comes.
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            outbox.push(Item::Frame(frame("often")));
+            got_something(&mut client).await;
+        }
+        // Past the hold (the flusher writes the last held frame; then nothing within the
+        // delay): one frame larger than the pipe goes out at once, in part.
+        tokio::time::advance(delay).await;
+        got_something(&mut client).await;
+        tokio::time::advance(delay * 2).await;
+        let big = frame(&"b".repeat(4 * capacity));
+        outbox.push(Item::Frame(big.clone()));
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        // Read what comes, without moving the clock: the writer writes the rest as the
+        // pipe empties.
+        for _ in 0..50 {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            use futures_util::FutureExt;
+            while let Some(Ok(n)) = client.read(&mut buf).now_or_never() {
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+        }
+        assert_eq!(
+            got,
+            big.len(),
+            "the whole frame, with no wait for the delay"
+        );
+    }
+
+    /// What the writer took and has not written yet counts its bytes against the limit,
+    /// not the per-frame overhead too: `written` counts bytes, so the overhead of the
+    /// frames already written would stay counted until the whole batch was out.
+    #[tokio::test]
+    async fn a_batch_being_written_counts_only_its_unwritten_bytes() {
+        let capacity = 256;
+        let (outbox, mut client) = outbox(1 << 20, capacity);
+        let small = frame(&"x".repeat(10));
+        let frames = 100;
+        let total = small.len() * frames;
+        // The first frames go out at once until the pipe is full; the writer takes the
+        // rest in one batch and waits for the pipe.
+        for _ in 0..frames {
+            outbox.push(Item::Frame(small.clone()));
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // Read all but the pipe's worth and 200 bytes more: the writer fills the pipe
+        // again and has 200 bytes of its batch left.
+        let read = total - capacity - 200;
+        let mut got = vec![0u8; read];
+        tokio::time::timeout(WAIT, client.read_exact(&mut got))
+            .await
+            .expect("read in time")
+            .unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(outbox.queued_bytes(), 200);
     }
 
     fn frame(text: &str) -> Encoded {

@@ -8,8 +8,8 @@
 //! when the node is busy, so the writers count the frames they write, a ticker turns the
 //! rate into a switch, and the delay applies while the node writes more than
 //! `write_delay_above_per_sec` frames a second (and until it falls under half of that).
-//! The outbox holds only a connection written to more often than the delay (its average
-//! gap between writes, `hub::outbox`): a connection that gets a frame now and then would
+//! The outbox holds only a connection that gets frames more often than the delay (its
+//! average gap between pushes, `hub::outbox`): a connection that gets a frame now and then would
 //! pay the latency and share the write with nothing. A quiet connection writes at once
 //! either way. A held write is written by the node's one flusher task when its hold ends,
 //! with whatever queued meanwhile (`flush_held`): no task of the connection is woken.

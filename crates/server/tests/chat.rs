@@ -35,6 +35,7 @@ suite!(
     the_key_can_travel_in_the_subprotocol_header_or_the_query,
     a_deleted_or_expired_session_closes_its_connections_with_1008,
     a_close_the_client_starts_is_answered_with_its_code,
+    a_store_that_cannot_be_read_gets_left_and_errors_never_4009,
 );
 
 async fn legacy_and_v1_clients_in_one_room_see_each_other(backend: Backend) {
@@ -868,5 +869,61 @@ async fn a_close_the_client_starts_is_answered_with_its_code(backend: Backend) {
     let mut legacy = Client::legacy(&app, &legacy_key).await;
     legacy.ws.close(None).await.unwrap();
     assert_eq!(legacy.close_code().await, Some(close::NORMAL), "legacy");
+    app.stop().await;
+}
+
+/// A store that cannot be read (here its message table renamed away): a room the client
+/// was in and joins again is answered `left` then `unavailable` naming it (the client is
+/// not left waiting for a room it is no longer in), and the store's failures do not count
+/// towards the 4009 close, however many the client retries through.
+async fn a_store_that_cannot_be_read_gets_left_and_errors_never_4009(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let key = app.session("ada", None).await;
+    let mut c = Client::v1(&app, &key).await;
+    c.join("r", None).await;
+    app_sql(
+        &app,
+        "ALTER TABLE wschat_messages RENAME TO wschat_messages_away",
+    )
+    .await;
+
+    c.send(json!({"type": "join", "rooms": [{"room": "r"}], "ref": "again"}))
+        .await;
+    // (After the first join's `presence`.)
+    let left = c.recv_until("left").await;
+    assert_eq!(left, json!({"type": "left", "room": "r", "ref": "again"}));
+    let err = c.recv().await;
+    assert_eq!(
+        (&err["code"], &err["ref"]),
+        (&json!("unavailable"), &json!("again")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("room r is not joined"),
+        "{err}"
+    );
+
+    // Twelve more failures, past the ten in a row that close a client's bad frames.
+    for i in 0..6 {
+        c.send(json!({"type": "join", "rooms": [{"room": "r"}], "ref": format!("j{i}")}))
+            .await;
+        assert_eq!(c.recv_until("error").await["code"], "unavailable");
+        c.send(json!({"type": "history", "room": "r", "ref": format!("h{i}")}))
+            .await;
+        assert_eq!(c.recv_until("error").await["code"], "unavailable");
+    }
+    c.send(json!({"type": "ping", "ref": "still"})).await;
+    assert_eq!(c.recv_until("pong").await["ref"], "still");
+
+    app_sql(
+        &app,
+        "ALTER TABLE wschat_messages_away RENAME TO wschat_messages",
+    )
+    .await;
+    assert_eq!(c.join("r", None).await, 0);
+    assert_eq!(c.say("r", "back", "b-1").await["seq"], 1);
     app.stop().await;
 }

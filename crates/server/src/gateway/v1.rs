@@ -413,6 +413,12 @@ impl Client {
                 self.errors_in_a_row = 0;
                 None
             }
+            // The store's failure, not the client's: it does not count towards 4009 (a
+            // client retrying through an outage is not a broken one).
+            Err(refusal) if refusal.0 == ErrorCode::Unavailable => {
+                self.answer_error(refusal, reference);
+                None
+            }
             Err(refusal) => self.refuse(refusal, reference),
         }
     }
@@ -472,7 +478,8 @@ impl Client {
             return self.refuse(refusal, reference);
         }
         let mut named = HashSet::with_capacity(rooms.len());
-        let (mut tried, mut refused) = (0, 0);
+        // Refused rooms, and those of them refused for the store's failure.
+        let (mut tried, mut refused, mut unavailable) = (0, 0, 0);
         for JoinRoom { room, since } in rooms {
             if self.shared.shutdown.is_cancelled() || self.conn.outbox.cancel.is_cancelled() {
                 // The connection is about to close (1012, or 4008 already queued): the
@@ -484,11 +491,18 @@ impl Client {
             }
             tried += 1;
             if let Err(refusal) = self.join_one(&room, since, reference.clone()).await {
+                if refusal.0 == ErrorCode::Unavailable {
+                    unavailable += 1;
+                }
                 self.answer_error(refusal, reference.clone());
                 refused += 1;
             }
         }
         if refused > 0 && refused == tried {
+            // Not the client's fault when the store failed for every room.
+            if unavailable == refused {
+                return None;
+            }
             return self.count_error();
         }
         self.errors_in_a_row = 0;
@@ -502,11 +516,12 @@ impl Client {
         reference: Option<Ref>,
     ) -> Result<(), Refusal> {
         let room = self.room(name)?;
-        if let Some(old) = self.rooms.remove(&room) {
+        let was_joined = self.rooms.remove(&room).inspect(|&old| {
             // A join of a joined room re-syncs it from `since`.
             self.shared.hub.unsubscribe(&room, &self.conn, old);
             self.conn.outbox.push(Item::Untrack { sub: old });
-        }
+        });
+        let was_joined = was_joined.is_some();
         if self.rooms.len() >= self.shared.settings.max_rooms_per_connection {
             return Err((
                 ErrorCode::TooManyRooms,
@@ -524,8 +539,16 @@ impl Client {
             tracing::warn!(error = %e, "join failed");
             (
                 ErrorCode::Unavailable,
-                "the store is unavailable; retry".to_owned(),
+                format!("the store is unavailable; room {room} is not joined; retry"),
             )
+        };
+        // A room the client was in (a re-join) or was told it joined, then refused: it
+        // is told it left, or it would wait for the room's messages.
+        let left = |conn: &Conn| {
+            conn.outbox.push(Item::Frame(frames::v1(&ServerFrame::Left {
+                room: room.to_string(),
+                reference: reference.clone(),
+            })));
         };
         let head = async {
             shared.hub.subscribe(&room, conn, sub).await?;
@@ -537,6 +560,9 @@ impl Client {
             Err(e) => {
                 shared.hub.unsubscribe(&room, conn, sub);
                 conn.outbox.push(Item::Untrack { sub });
+                if was_joined {
+                    left(conn);
+                }
                 return Err(unavailable(e));
             }
         };
@@ -547,6 +573,9 @@ impl Client {
         if let Some(since) = since {
             if since > head.last_seq {
                 leave();
+                if was_joined {
+                    left(conn);
+                }
                 return Err((
                     ErrorCode::BadSince,
                     format!(
@@ -559,7 +588,7 @@ impl Client {
         self.reply(&ServerFrame::Joined {
             room: room.to_string(),
             last_seq: head.last_seq,
-            reference,
+            reference: reference.clone(),
         });
         let history = shared.settings.history_limit;
         let last = Backfill::Last {
@@ -585,6 +614,7 @@ impl Client {
             Ok(backfilled) => backfilled,
             Err(e) => {
                 leave();
+                left(conn);
                 return Err(unavailable(e));
             }
         };
@@ -654,7 +684,7 @@ impl Client {
         let mut messages = self
             .shared
             .store
-            .messages_before(&room, before_seq, limit + 1)
+            .messages_before(&room, before_seq, limit.saturating_add(1))
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "history read failed");

@@ -514,7 +514,16 @@ impl Hub {
         metrics::counter!("wschat_store_catchups_total").increment(1);
         let hub = self.clone();
         let room = room.clone();
-        tokio::spawn(async move { hub.catch_up(room).await });
+        tokio::spawn(async move {
+            use futures_util::FutureExt;
+            let catch_up = std::panic::AssertUnwindSafe(hub.catch_up(room.clone()));
+            if catch_up.catch_unwind().await.is_err() {
+                // A bug; left set, the flag would hold every later message of the room
+                // on this node for good. The next bell or resync starts another.
+                tracing::error!(room = %room.name, "a room's catch-up panicked");
+                room.lock().catching_up = false;
+            }
+        });
     }
 
     /// Read every served room's head from the store and catch up where behind (after a
@@ -863,7 +872,6 @@ fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
         return;
     };
     let first = first.as_ref().seq;
-    state.last_delivered = last.as_ref().seq;
     let encode = |f: fn(&StoredMessage) -> Encoded| -> Vec<Encoded> {
         run.iter().map(|m| f(m.as_ref())).collect()
     };
@@ -881,6 +889,10 @@ fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
             s.outbox.push_live(s.sub, first, frames);
         }
     }
+    // Only now: were a push to panic (a bug), the run would be read again from the store
+    // at the room's next message (members that got it skip the repeat), not lost for those
+    // after it.
+    state.last_delivered = last.as_ref().seq;
     metrics::counter!("wschat_messages_delivered_total")
         .increment((state.subs.len() * run.len()) as u64);
 }

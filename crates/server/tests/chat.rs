@@ -927,3 +927,49 @@ async fn a_store_that_cannot_be_read_gets_left_and_errors_never_4009(backend: Ba
     assert_eq!(c.say("r", "back", "b-1").await["seq"], 1);
     app.stop().await;
 }
+
+/// A room whose head can be read but whose backfill cannot (SQLite only: its columns take
+/// a value of any type, here a message text stored as a blob): the client was told
+/// `joined`, so it is told `left` too, before the error naming the room, and the
+/// connection goes on.
+#[tokio::test]
+async fn a_room_whose_backfill_cannot_be_read_is_joined_then_left() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let key = app.session("ada", None).await;
+    app_sql(
+        &app,
+        "INSERT INTO wschat_rooms (name, last_seq) VALUES ('bad', 1)",
+    )
+    .await;
+    app_sql(
+        &app,
+        r#"INSERT INTO wschat_messages (room_id, seq, "user", text, created_at)
+           SELECT id, 1, 'x', X'00ff', 0 FROM wschat_rooms WHERE name = 'bad'"#,
+    )
+    .await;
+    let mut c = Client::v1(&app, &key).await;
+    c.send(json!({"type": "join", "rooms": [{"room": "bad"}], "ref": "b"}))
+        .await;
+    let joined = c.recv_until("joined").await;
+    assert_eq!(
+        (&joined["room"], &joined["ref"]),
+        (&json!("bad"), &json!("b"))
+    );
+    let left = c.recv_until("left").await;
+    assert_eq!(left, json!({"type": "left", "room": "bad", "ref": "b"}));
+    let err = c.recv().await;
+    assert_eq!(
+        (&err["code"], &err["ref"]),
+        (&json!("unavailable"), &json!("b")),
+        "{err}"
+    );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("room bad is not joined"),
+        "{err}"
+    );
+    assert_eq!(c.join("fine", None).await, 0);
+    app.stop().await;
+}

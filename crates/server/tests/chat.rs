@@ -881,6 +881,8 @@ async fn a_store_that_cannot_be_read_gets_left_and_errors_never_4009(backend: Ba
     let key = app.session("ada", None).await;
     let mut c = Client::v1(&app, &key).await;
     c.join("r", None).await;
+    // `presence` ends the join's backfill: the store may fail only after it.
+    c.recv_until("presence").await;
     app_sql(
         &app,
         "ALTER TABLE wschat_messages RENAME TO wschat_messages_away",
@@ -889,7 +891,6 @@ async fn a_store_that_cannot_be_read_gets_left_and_errors_never_4009(backend: Ba
 
     c.send(json!({"type": "join", "rooms": [{"room": "r"}], "ref": "again"}))
         .await;
-    // (After the first join's `presence`.)
     let left = c.recv_until("left").await;
     assert_eq!(left, json!({"type": "left", "room": "r", "ref": "again"}));
     let err = c.recv().await;

@@ -357,6 +357,13 @@ type Refusal = (ErrorCode, String);
 /// The next subscription id from `next`, skipping any still `in_use`. The counter wraps
 /// (after four billion joins on one connection) instead of overflowing, and a wrapped id
 /// never names a room the connection is still in.
+/// Whether an error answered after authentication counts towards the 4009 close: the
+/// client's own mistakes do; the store's failure (`unavailable`) does not, for a client
+/// retrying through an outage is not a broken one.
+fn counts_towards_4009(code: ErrorCode) -> bool {
+    code != ErrorCode::Unavailable
+}
+
 fn next_free_sub(next: &mut SubId, in_use: impl Fn(SubId) -> bool) -> SubId {
     loop {
         let sub = *next;
@@ -413,12 +420,6 @@ impl Client {
                 self.errors_in_a_row = 0;
                 None
             }
-            // The store's failure, not the client's: it does not count towards 4009 (a
-            // client retrying through an outage is not a broken one).
-            Err(refusal) if refusal.0 == ErrorCode::Unavailable => {
-                self.answer_error(refusal, reference);
-                None
-            }
             Err(refusal) => self.refuse(refusal, reference),
         }
     }
@@ -428,8 +429,13 @@ impl Client {
     }
 
     fn refuse(&mut self, refusal: Refusal, reference: Option<Ref>) -> Option<End> {
+        let counts = counts_towards_4009(refusal.0);
         self.answer_error(refusal, reference);
-        self.count_error()
+        if counts {
+            self.count_error()
+        } else {
+            None
+        }
     }
 
     fn answer_error(&self, (code, message): Refusal, reference: Option<Ref>) {
@@ -439,6 +445,7 @@ impl Client {
     }
 
     /// One more frame in a row answered with an error: past the limit, the close.
+    /// (`refuse` counts only the client's mistakes: `counts_towards_4009`.)
     fn count_error(&mut self) -> Option<End> {
         self.errors_in_a_row += 1;
         (self.errors_in_a_row > super::MAX_ERRORS_IN_A_ROW).then_some(super::ERRORS_CLOSE)
@@ -478,8 +485,8 @@ impl Client {
             return self.refuse(refusal, reference);
         }
         let mut named = HashSet::with_capacity(rooms.len());
-        // Refused rooms, and those of them refused for the store's failure.
-        let (mut tried, mut refused, mut unavailable) = (0, 0, 0);
+        // Refused rooms, and those of them refused for the client's own mistake.
+        let (mut tried, mut refused, mut counted) = (0, 0, 0);
         for JoinRoom { room, since } in rooms {
             if self.shared.shutdown.is_cancelled() || self.conn.outbox.cancel.is_cancelled() {
                 // The connection is about to close (1012, or 4008 already queued): the
@@ -491,18 +498,12 @@ impl Client {
             }
             tried += 1;
             if let Err(refusal) = self.join_one(&room, since, reference.clone()).await {
-                if refusal.0 == ErrorCode::Unavailable {
-                    unavailable += 1;
-                }
+                counted += usize::from(counts_towards_4009(refusal.0));
                 self.answer_error(refusal, reference.clone());
                 refused += 1;
             }
         }
-        if refused > 0 && refused == tried {
-            // Not the client's fault when the store failed for every room.
-            if unavailable == refused {
-                return None;
-            }
+        if refused == tried && counted > 0 {
             return self.count_error();
         }
         self.errors_in_a_row = 0;
@@ -516,12 +517,15 @@ impl Client {
         reference: Option<Ref>,
     ) -> Result<(), Refusal> {
         let room = self.room(name)?;
-        let was_joined = self.rooms.remove(&room).inspect(|&old| {
-            // A join of a joined room re-syncs it from `since`.
-            self.shared.hub.unsubscribe(&room, &self.conn, old);
-            self.conn.outbox.push(Item::Untrack { sub: old });
-        });
-        let was_joined = was_joined.is_some();
+        let was_joined = match self.rooms.remove(&room) {
+            Some(old) => {
+                // A join of a joined room re-syncs it from `since`.
+                self.shared.hub.unsubscribe(&room, &self.conn, old);
+                self.conn.outbox.push(Item::Untrack { sub: old });
+                true
+            }
+            None => false,
+        };
         if self.rooms.len() >= self.shared.settings.max_rooms_per_connection {
             return Err((
                 ErrorCode::TooManyRooms,
@@ -542,13 +546,17 @@ impl Client {
                 format!("the store is unavailable; room {room} is not joined; retry"),
             )
         };
-        // A room the client was in (a re-join) or was told it joined, then refused: it
-        // is told it left, or it would wait for the room's messages.
-        let left = |conn: &Conn| {
-            conn.outbox.push(Item::Frame(frames::v1(&ServerFrame::Left {
-                room: room.to_string(),
-                reference: reference.clone(),
-            })));
+        // Refused after `subscribe`: undone. A room the client was in (a re-join) or was
+        // told it joined is also told it left, or the client would wait for its messages.
+        let leave = |told_in: bool| {
+            shared.hub.unsubscribe(&room, conn, sub);
+            conn.outbox.push(Item::Untrack { sub });
+            if told_in {
+                conn.outbox.push(Item::Frame(frames::v1(&ServerFrame::Left {
+                    room: room.to_string(),
+                    reference: reference.clone(),
+                })));
+            }
         };
         let head = async {
             shared.hub.subscribe(&room, conn, sub).await?;
@@ -558,24 +566,13 @@ impl Client {
         let head = match head {
             Ok(head) => head,
             Err(e) => {
-                shared.hub.unsubscribe(&room, conn, sub);
-                conn.outbox.push(Item::Untrack { sub });
-                if was_joined {
-                    left(conn);
-                }
+                leave(was_joined);
                 return Err(unavailable(e));
             }
         };
-        let leave = || {
-            shared.hub.unsubscribe(&room, conn, sub);
-            conn.outbox.push(Item::Untrack { sub });
-        };
         if let Some(since) = since {
             if since > head.last_seq {
-                leave();
-                if was_joined {
-                    left(conn);
-                }
+                leave(was_joined);
                 return Err((
                     ErrorCode::BadSince,
                     format!(
@@ -613,8 +610,7 @@ impl Client {
         let backfilled = match backfill(shared, conn, &room, sub, from).await {
             Ok(backfilled) => backfilled,
             Err(e) => {
-                leave();
-                left(conn);
+                leave(true);
                 return Err(unavailable(e));
             }
         };

@@ -66,7 +66,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "auth_timeout_secs",
-        "Seconds a v1 client has to send `auth` when the key was not in the handshake.",
+        "Seconds a v1 client has to send `auth` when the key was not in the handshake. Also the longest a key's lookup in the store may take, on either endpoint (then 503, or close 1013).",
     ),
     (
         "ping_interval_secs",

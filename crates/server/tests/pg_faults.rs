@@ -633,3 +633,64 @@ async fn a_database_that_stops_answering_gets_sends_answered_unavailable() {
     assert_eq!(rows, 2, "the retry is stored once");
     app.stop_keeping_data().await;
 }
+
+/// A session lookup that the database never answers (its processes paused: no error
+/// comes, and a new connection is never accepted) ends at `auth_timeout_secs`. Nothing
+/// else bounds it, and the connect used to wait for the database for good. A key in the
+/// handshake gets 503, on either endpoint; an `auth` frame gets `unavailable`, then close
+/// 1013.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lookup_the_database_never_answers_ends_at_the_auth_deadline() {
+    let cluster = Cluster::create().await;
+    let app = spawn_on(&cluster, |s| s.auth_timeout_secs = 2).await;
+    let key = app.session("ada", None).await;
+    drop(connect(app.addr, &key).await);
+    let mut admin = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
+    let readers: Vec<i32> =
+        sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = 'wschat'")
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+    let paused: Vec<Paused> = std::iter::once(cluster.postmaster_pid())
+        .chain(readers)
+        .map(Paused::pause)
+        .collect();
+    // Far past the deadline: without it, no answer comes until the database runs again.
+    let bound = Duration::from_secs(30);
+    for path in [
+        format!("/ws?session_key={key}"),
+        format!("/?session_key={key}"),
+    ] {
+        let url = format!("ws://{}{path}", app.addr);
+        let refused = tokio::time::timeout(bound, tokio_tungstenite::connect_async(&url))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer within {bound:?}"));
+        match refused {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503, "{path}");
+            }
+            other => panic!("{path}: {:?}", other.map(|(_, response)| response)),
+        }
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr))
+        .await
+        .unwrap();
+    ws.send(Message::text(
+        json!({"type": "auth", "key": key, "ref": "a"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let told = answer(&mut ws, bound).await;
+    assert_eq!(
+        (&told["code"], &told["ref"]),
+        (&json!("unavailable"), &json!("a")),
+        "{told}"
+    );
+    let close = tokio::time::timeout(bound, ws.next()).await.unwrap();
+    let Some(Ok(Message::Close(Some(frame)))) = close else {
+        panic!("a close frame, got {close:?}");
+    };
+    assert_eq!(u16::from(frame.code), 1013, "{frame:?}");
+    drop(paused);
+    app.stop_keeping_data().await;
+}

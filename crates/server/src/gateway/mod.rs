@@ -54,6 +54,8 @@ pub(crate) enum AuthError {
     Missing,
     Unknown,
     Unavailable,
+    /// The store did not answer the lookup by the deadline (`auth_timeout_secs`).
+    TimedOut,
     /// A limit (failed keys from the address, connections of the session): 429.
     Limited(Refusal),
 }
@@ -65,6 +67,10 @@ impl IntoResponse for AuthError {
             Self::Missing => (StatusCode::UNAUTHORIZED, "missing session_key\n"),
             Self::Unknown => (StatusCode::UNAUTHORIZED, "unknown session key\n"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
+            Self::TimedOut => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sessions could not be checked in time\n",
+            ),
             Self::Limited(refusal) => return refusal.into_response(),
         }
         .into_response()
@@ -79,11 +85,14 @@ pub(crate) struct Authenticated {
 
 /// Look up the session a key names, from `client`: refused while the address is blocked
 /// for unknown keys (an unknown key counts towards that), or when the session has as many
-/// connections as it may.
+/// connections as it may. A store that has not answered by `deadline` (a database that
+/// stopped answering without closing its connections) is `TimedOut`: nothing else bounds
+/// the lookup, and the connection would wait for it for good.
 pub(crate) async fn authenticate(
     shared: &Shared,
     client: std::net::IpAddr,
     key: Option<&str>,
+    deadline: tokio::time::Instant,
 ) -> Result<Authenticated, AuthError> {
     if shared.is_draining() {
         return Err(AuthError::Draining);
@@ -95,7 +104,11 @@ pub(crate) async fn authenticate(
         return Err(AuthError::Limited(Refusal::Blocked(left)));
     }
     let hash = hash_key(key);
-    match shared.store.session(&hash).await {
+    let Ok(found) = tokio::time::timeout_at(deadline, shared.store.session(&hash)).await else {
+        tracing::warn!("session lookup not answered by the auth deadline");
+        return Err(AuthError::TimedOut);
+    };
+    match found {
         Ok(Some(session)) => {
             let slot = shared
                 .limits
@@ -113,6 +126,12 @@ pub(crate) async fn authenticate(
             Err(AuthError::Unavailable)
         }
     }
+}
+
+/// When a connection that has just arrived must be authenticated by: `auth_timeout_secs`
+/// from now, for the `auth` frame and for the store's answer alike.
+pub(crate) fn auth_deadline(shared: &Shared) -> tokio::time::Instant {
+    tokio::time::Instant::now() + shared.settings.auth_timeout()
 }
 
 /// The text of a `rate_limited` answer.

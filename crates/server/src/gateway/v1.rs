@@ -69,7 +69,14 @@ pub(crate) async fn handle(
     };
     let key = key_from_protocols(&headers).or(query.session_key);
     let auth = match key {
-        Some(key) => match super::authenticate(&shared, admission.client, Some(&key)).await {
+        Some(key) => match super::authenticate(
+            &shared,
+            admission.client,
+            Some(&key),
+            super::auth_deadline(&shared),
+        )
+        .await
+        {
             Ok(auth) => Some(auth),
             Err(refused) => return refused.into_response(),
         },
@@ -216,7 +223,7 @@ async fn await_auth(
     client: IpAddr,
     gate: &RateGate,
 ) -> Option<super::Authenticated> {
-    let deadline = tokio::time::Instant::now() + shared.settings.auth_timeout();
+    let deadline = super::auth_deadline(shared);
     let mut errors_in_a_row = 0u32;
     let reply = |frame: Encoded| {
         outbox.push(Item::Frame(frame));
@@ -274,7 +281,7 @@ async fn await_auth(
         }
         let answer = match decode_client(&text) {
             Ok(ClientFrame::Auth { key, reference }) => {
-                match super::authenticate(shared, client, Some(&key)).await {
+                match super::authenticate(shared, client, Some(&key), deadline).await {
                     Ok(auth) => return Some(auth),
                     Err(super::AuthError::Limited(refusal)) => {
                         let reason = match refusal {
@@ -292,6 +299,18 @@ async fn await_auth(
                             _ => "too many connections for this session",
                         };
                         outbox.close(close::TRY_AGAIN_LATER, reason);
+                        return None;
+                    }
+                    Err(super::AuthError::TimedOut) => {
+                        reply(frames::v1_error(
+                            ErrorCode::Unavailable,
+                            "sessions could not be checked in time; reconnect later",
+                            reference,
+                        ));
+                        outbox.close(
+                            close::TRY_AGAIN_LATER,
+                            "sessions could not be checked in time",
+                        );
                         return None;
                     }
                     Err(super::AuthError::Unavailable) => frames::v1_error(

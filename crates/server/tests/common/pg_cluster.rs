@@ -128,6 +128,12 @@ impl Cluster {
         assert!(status.success(), "pg_ctl stop: {status}");
     }
 
+    /// The postmaster's process id (the first line of its `postmaster.pid`).
+    pub fn postmaster_pid(&self) -> i32 {
+        let file = std::fs::read_to_string(self.ctl.root.join("data/postmaster.pid")).unwrap();
+        file.lines().next().unwrap().trim().parse().unwrap()
+    }
+
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.ctl.port)
     }

@@ -723,13 +723,15 @@ impl Hub {
                         // A room's seqs commit in order, so a seq the store has means every
                         // lower one was committed: the missing ones were deleted by
                         // retention before this node delivered them. They cannot be
-                        // delivered; what follows them can.
+                        // delivered; what follows them can, after a `reset` that tells
+                        // v1 members so (never a silent gap).
                         tracing::warn!(
                             room = %room.name,
                             from = next,
                             to = first.seq - 1,
                             "messages deleted by retention before this node delivered them"
                         );
+                        push_reset(&state, &room.name, next - 1, first.seq);
                         next = first.seq;
                     }
                     let mut run = Vec::new();
@@ -897,6 +899,22 @@ fn fan_out<M: AsRef<StoredMessage>>(state: &mut RoomState, run: &[M]) {
         .increment((state.subs.len() * run.len()) as u64);
 }
 
+/// Tell the v1 members that the messages after `since` up to `first_seq` are gone: a
+/// `reset`, pushed as the live message at `first_seq - 1`, so that it is held like one
+/// while a member's backfill runs (and dropped if the backfill went past it), and dropped
+/// for a member that already has messages beyond the gap.
+fn push_reset(state: &RoomState, room: &RoomName, since: u64, first_seq: u64) {
+    let reset = frames::v1(&ServerFrame::Reset {
+        room: room.to_string(),
+        since,
+        first_seq,
+    });
+    for s in state.subs.iter().filter(|s| s.protocol == Protocol::V1) {
+        s.outbox
+            .push_live(s.sub, first_seq - 1, std::slice::from_ref(&reset));
+    }
+}
+
 fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, droppable: bool) {
     for s in &state.subs {
         if s.protocol != Protocol::V1 || Some(s.id) == except {
@@ -965,6 +983,10 @@ mod tests {
     /// A legacy connection whose outbox writes into one end of an in-memory pipe (the
     /// other end is returned: what the client reads), tracked and synced for sub 0.
     fn connection(id: u64) -> (Arc<Conn>, tokio::io::DuplexStream) {
+        connection_as(id, Protocol::Legacy)
+    }
+
+    fn connection_as(id: u64, protocol: Protocol) -> (Arc<Conn>, tokio::io::DuplexStream) {
         use tokio_util::sync::CancellationToken;
         let (server, client) = tokio::io::duplex(1 << 16);
         let outbox = Outbox::new(
@@ -978,7 +1000,7 @@ mod tests {
         tokio::spawn(outbox.clone().write_loop());
         outbox.push(Item::Track { sub: 0 });
         outbox.push(Item::SyncDone { sub: 0, through: 0 });
-        let conn = Conn::new(id, "u".into(), Protocol::Legacy, outbox);
+        let conn = Conn::new(id, "u".into(), protocol, outbox);
         (Arc::new(conn), client)
     }
 
@@ -994,6 +1016,10 @@ mod tests {
     }
 
     async fn one_member() -> OneMember {
+        one_member_as(Protocol::Legacy).await
+    }
+
+    async fn one_member_as(protocol: Protocol) -> OneMember {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("hub.db").display());
         let store = crate::store::open(&url).await.unwrap();
@@ -1001,7 +1027,7 @@ mod tests {
         let (outgoing, _) = mpsc::channel(QUEUE_EVENTS);
         let hub = Hub::new(store.clone(), outgoing, false);
         let room = RoomName::new("r").unwrap();
-        let (member, client) = connection(1);
+        let (member, client) = connection_as(1, protocol);
         hub.subscribe(&room, &member, 0).await.unwrap();
         OneMember {
             _dir: dir,
@@ -1077,6 +1103,58 @@ mod tests {
         let state = served.lock();
         assert_eq!(state.last_delivered, 10);
         assert!(!state.catching_up, "the catch-up ended");
+    }
+
+    /// The same for a v1 member: a `reset` naming the gap comes before what follows it.
+    #[tokio::test]
+    async fn a_catch_up_past_messages_retention_deleted_tells_v1_members_reset() {
+        let OneMember {
+            _dir,
+            hub,
+            store,
+            room,
+            mut client,
+            ..
+        } = one_member_as(Protocol::V1).await;
+        commit_unheard(store.as_ref(), &room, 10).await;
+        assert_eq!(store.prune(3).await.unwrap(), 7);
+        hub.clone().resync().await;
+        let got = read_for(&mut client, "text-10").await;
+        let reset = r#"{"type":"reset","room":"r","since":0,"first_seq":8}"#;
+        let at = |wanted: &str| {
+            got.find(wanted)
+                .unwrap_or_else(|| panic!("{wanted} in {got}"))
+        };
+        assert!(at(reset) < at("text-08"), "{got}");
+        assert!(
+            at("text-08") < at("text-09") && at("text-09") < at("text-10"),
+            "{got}"
+        );
+        assert!(!got.contains("text-07"), "{got}");
+        assert_eq!(got.matches("\"reset\"").count(), 1, "{got}");
+    }
+
+    /// A member already past the gap (its backfill read beyond it) does not get the reset.
+    #[tokio::test]
+    async fn a_reset_before_what_a_member_has_is_dropped() {
+        let OneMember {
+            _dir,
+            hub,
+            room,
+            member,
+            mut client,
+            ..
+        } = one_member_as(Protocol::V1).await;
+        let frame = |seq| frames::v1_message(&message("r", seq));
+        member.outbox.push_live(0, 9, &[frame(9)]);
+        push_reset(&hub.room(&room).unwrap().lock(), &room, 0, 8);
+        member.outbox.push_live(0, 10, &[frame(10)]);
+        let got = read_for(&mut client, "\"seq\":10").await;
+        assert!(
+            got.contains("\"seq\":9") && got.contains("\"seq\":10"),
+            "{got}"
+        );
+        assert!(!got.contains("reset"), "{got}");
     }
 
     #[test]

@@ -127,6 +127,9 @@ struct RoomState {
     /// a periodic check): read them.
     catch_up_to: u64,
     catching_up: bool,
+    /// Its last subscriber left: it is out of the map (or about to be) and is never
+    /// subscribed to again.
+    removed: bool,
 }
 
 impl RoomState {
@@ -346,15 +349,51 @@ impl Hub {
     }
 
     /// Put `conn` in the room `found` (looked up or created by `subscribe`). If the room's
-    /// last subscriber left since, `unsubscribe` took it out of the map and nothing would
-    /// ever be delivered to it: it goes back in (a room whose `last_delivered` is behind
-    /// reads the store on its next message), or the room that replaced it is used. The
-    /// room is locked before the map is let go, so no `unsubscribe` sees it empty again.
+    /// last subscriber left since, that room is done (`removed`, and out of the map or
+    /// about to be): a new one takes its place in the map, from the seq the old one had
+    /// delivered (a room whose `last_delivered` is behind reads the store on its next
+    /// message), or the room that replaced it is used. A room's lock is never taken while
+    /// the map's is held: a join must not wait behind a large room's fan-out with every
+    /// other room's delivery waiting behind it for the map.
     fn enter(&self, name: &RoomName, found: Arc<Room>, conn: &Conn, sub: SubId) {
-        let mut rooms = self.rooms();
-        let room = rooms.entry(name.clone()).or_insert(found).clone();
-        let mut state = room.lock();
-        drop(rooms);
+        let mut candidate = found;
+        loop {
+            let room = self
+                .rooms()
+                .entry(name.clone())
+                .or_insert(candidate)
+                .clone();
+            let mut state = room.lock();
+            if !state.removed {
+                self.add_subscriber(name, &mut state, conn, sub);
+                return;
+            }
+            let fresh = Arc::new(Room {
+                name: name.clone(),
+                state: Mutex::new(RoomState {
+                    last_delivered: state.last_delivered,
+                    ..RoomState::default()
+                }),
+            });
+            drop(state);
+            let mut rooms = self.rooms();
+            let replaced = match rooms.get(name) {
+                Some(current) if !Arc::ptr_eq(current, &room) => false,
+                _ => {
+                    rooms.insert(name.clone(), Arc::clone(&fresh));
+                    true
+                }
+            };
+            drop(rooms);
+            if replaced {
+                // Other nodes' presence in the room went with the old one.
+                self.tell_others(BusEvent::PresenceQuery { room: name.clone() });
+            }
+            candidate = fresh;
+        }
+    }
+
+    fn add_subscriber(&self, name: &RoomName, state: &mut RoomState, conn: &Conn, sub: SubId) {
         state.subs.push(Subscriber {
             sub,
             id: conn.id,
@@ -392,14 +431,17 @@ impl Hub {
                     }
                 }
             }
-            state.subs.is_empty()
+            // Done for good: a join that finds it from now on puts a new room in its place.
+            state.removed = state.subs.is_empty();
+            state.removed
         };
         if empty {
             let mut rooms = self.rooms();
-            if let Some(current) = rooms.get(name) {
-                if Arc::ptr_eq(current, &room) && current.lock().subs.is_empty() {
-                    rooms.remove(name);
-                }
+            if rooms
+                .get(name)
+                .is_some_and(|current| Arc::ptr_eq(current, &room))
+            {
+                rooms.remove(name);
             }
         }
     }
@@ -1075,6 +1117,66 @@ mod tests {
         let served = hub.room(&room).expect("the room is back in the map");
         assert!(served.lock().subs.iter().any(|s| s.id == 2));
         hub.committed(vec![message("r", 1)]);
+        assert!(read_for(&mut client, "\"t\"").await.contains("\"t\""));
+    }
+
+    /// A join waiting for a room's lock (held through a long fan-out) does not hold the
+    /// map meanwhile: every other room's delivery needs the map.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_waiting_for_a_busy_room_does_not_hold_up_the_map() {
+        let OneMember {
+            _dir, hub, room, ..
+        } = one_member().await;
+        let served = hub.room(&room).unwrap();
+        let busy = served.lock();
+        let (joiner, _client) = connection(2);
+        let joining = {
+            let (hub, room, found) = (hub.clone(), room.clone(), served.clone());
+            std::thread::spawn(move || hub.enter(&room, found, &joiner, 0))
+        };
+        // Time for the join to reach the room's lock.
+        std::thread::sleep(Duration::from_millis(100));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let counting = {
+            let hub = hub.clone();
+            std::thread::spawn(move || tx.send(hub.room_count()))
+        };
+        let counted = rx.recv_timeout(Duration::from_secs(5));
+        drop(busy);
+        joining.join().unwrap();
+        let _ = counting.join();
+        assert_eq!(counted, Ok(1), "the map waited for the busy room");
+        assert_eq!(served.lock().subs.len(), 2, "the join went in");
+    }
+
+    /// A join that finds a room its last member is leaving (emptied, not yet out of the
+    /// map) puts a new room in its place, from where the old one had delivered.
+    #[tokio::test]
+    async fn a_join_finding_an_emptied_room_replaces_it() {
+        let OneMember {
+            _dir,
+            hub,
+            room,
+            member: leaving,
+            ..
+        } = one_member().await;
+        let old = hub.room(&room).unwrap();
+        old.lock().last_delivered = 5;
+        // The leave's first half: the room emptied and marked, still in the map.
+        {
+            let mut state = old.lock();
+            state.subs.clear();
+            state.removed = true;
+        }
+        let (joiner, mut client) = connection(2);
+        hub.enter(&room, Arc::clone(&old), &joiner, 0);
+        // The leaving member's unsubscribe now finds the new room, which it is not in.
+        hub.unsubscribe(&room, &leaving, 0);
+        let served = hub.room(&room).expect("a room in the map");
+        assert!(!Arc::ptr_eq(&served, &old), "the emptied room was replaced");
+        assert_eq!(served.lock().last_delivered, 5);
+        assert_eq!(served.lock().subs.len(), 1);
+        hub.committed(vec![message("r", 6)]);
         assert!(read_for(&mut client, "\"t\"").await.contains("\"t\""));
     }
 

@@ -176,6 +176,12 @@ pub const METRICS: &[Metric] = &[
         "Broker (NATS or LISTEN) connections (re)established; each is followed by a read of the store.",
     ),
     m(
+        "wschat_broker_subscription_ends_total",
+        Kind::Counter,
+        &[],
+        "NATS subscriptions whose stream ended while the node ran; each is made again (the node not ready meanwhile), then the store is read.",
+    ),
+    m(
         "wschat_broker_events_dropped_total",
         Kind::Counter,
         &[],

@@ -2,10 +2,16 @@
 //! at-most-once, which is all a doorbell needs: the client reconnects and resubscribes by
 //! itself, and after each reconnect the hub re-reads the store for every room it serves.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::{wire, Broker, BrokerError, BusEvent};
@@ -14,11 +20,23 @@ use crate::hub::Hub;
 /// NATS refuses payloads over its max_payload (1 MiB by default); stay well below.
 const MAX_PAYLOAD: usize = 256 * 1024;
 
+/// How long a flush may take before the store is read anyway (after a connect or a new
+/// subscription).
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+
+/// The wait before subscribing again after an attempt failed.
+const RESUBSCRIBE_WAIT: Duration = Duration::from_secs(1);
+
 pub struct NatsBroker {
     client: async_nats::Client,
     subject: String,
     node: String,
+    /// False while the subscription is lost and being made again (the node is not ready).
+    subscribed: Arc<AtomicBool>,
 }
+
+/// The payloads of the subject's messages.
+type Payloads = BoxStream<'static, Bytes>;
 
 impl NatsBroker {
     pub async fn start(
@@ -48,6 +66,14 @@ impl NatsBroker {
                             tracing::warn!("NATS slow consumer: reading the store");
                             tokio::spawn(async move { hub.resync().await });
                         }
+                        // A refused subscription or publish (permissions): no error reaches
+                        // the subscription's stream, which only goes quiet.
+                        async_nats::Event::ServerError(e) => {
+                            tracing::warn!(error = %e, "NATS server error")
+                        }
+                        async_nats::Event::ClientError(e) => {
+                            tracing::warn!(error = %e, "NATS client error")
+                        }
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
                 }
@@ -58,36 +84,105 @@ impl NatsBroker {
                 url: url.to_owned(),
                 reason: e.to_string(),
             })?;
-        let mut subscriber =
-            client
-                .subscribe(subject.to_owned())
-                .await
-                .map_err(|e| BrokerError::Nats {
-                    url: url.to_owned(),
-                    reason: e.to_string(),
-                })?;
+        let subscribe = {
+            let (client, subject) = (client.clone(), subject.to_owned());
+            move || -> BoxFuture<'static, Result<Payloads, String>> {
+                let (client, subject) = (client.clone(), subject.clone());
+                async move {
+                    let subscriber = client.subscribe(subject).await.map_err(|e| e.to_string())?;
+                    Ok(subscriber.map(|m| m.payload).boxed())
+                }
+                .boxed()
+            }
+        };
+        let first = subscribe().await.map_err(|reason| BrokerError::Nats {
+            url: url.to_owned(),
+            reason,
+        })?;
         tokio::spawn(resync_when_subscribed(
             client.clone(),
             hub.clone(),
             connected_rx,
             stop.clone(),
         ));
-        let own = node.to_owned();
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    m = subscriber.next() => m,
-                    _ = stop.cancelled() => None,
-                };
-                let Some(message) = message else { break };
-                super::receive(&hub, &own, &message.payload);
+        let subscribed = Arc::new(AtomicBool::new(true));
+        let again = {
+            let client = client.clone();
+            move || -> BoxFuture<'static, Result<Payloads, String>> {
+                let (client, made) = (client.clone(), subscribe());
+                async move {
+                    let payloads = made.await?;
+                    // Read the store only once the server has the subscription (see
+                    // `resync_when_subscribed`).
+                    let _read_the_store_anyway =
+                        tokio::time::timeout(FLUSH_WAIT, client.flush()).await;
+                    Ok(payloads)
+                }
+                .boxed()
             }
-        });
+        };
+        tokio::spawn(receive_loop(
+            first,
+            again,
+            hub,
+            node.to_owned(),
+            Arc::clone(&subscribed),
+            stop,
+        ));
         Ok(Self {
             client,
             subject: subject.to_owned(),
             node: node.to_owned(),
+            subscribed,
         })
+    }
+}
+
+/// Hand the subject's messages to the hub while the node runs. Should the subscription's
+/// stream end (the client closed it, or the server dropped the subscription), the node
+/// would hear no other node again and say nothing: it says so, counts it, is not ready
+/// (`ping` fails) until `subscribe` has made the subscription again (tried every
+/// `RESUBSCRIBE_WAIT`), then reads the store for what it missed. A message the hub
+/// cannot handle (a bug's panic) is skipped, not the end of the loop.
+async fn receive_loop<F>(
+    mut payloads: Payloads,
+    mut subscribe: F,
+    hub: Arc<Hub>,
+    own: String,
+    subscribed: Arc<AtomicBool>,
+    stop: CancellationToken,
+) where
+    F: FnMut() -> BoxFuture<'static, Result<Payloads, String>>,
+{
+    loop {
+        let payload = tokio::select! {
+            p = payloads.next() => p,
+            _ = stop.cancelled() => return,
+        };
+        if let Some(payload) = payload {
+            let handled =
+                std::panic::catch_unwind(AssertUnwindSafe(|| super::receive(&hub, &own, &payload)));
+            if handled.is_err() {
+                tracing::error!("a NATS message could not be handled (a bug); skipped");
+            }
+            continue;
+        }
+        subscribed.store(false, Ordering::Release);
+        metrics::counter!("wschat_broker_subscription_ends_total").increment(1);
+        tracing::error!("the NATS subscription ended; subscribing again");
+        payloads = loop {
+            match subscribe().await {
+                Ok(payloads) => break payloads,
+                Err(e) => tracing::warn!(error = %e, "NATS subscribe failed; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RESUBSCRIBE_WAIT) => {}
+                _ = stop.cancelled() => return,
+            }
+        };
+        subscribed.store(true, Ordering::Release);
+        tracing::info!("NATS subscribed again: reading the store for missed messages");
+        hub.clone().resync().await;
     }
 }
 
@@ -103,7 +198,6 @@ async fn resync_when_subscribed(
     mut connected: tokio::sync::mpsc::UnboundedReceiver<()>,
     stop: CancellationToken,
 ) {
-    const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
     loop {
         tokio::select! {
             told = connected.recv() => if told.is_none() { return },
@@ -148,9 +242,73 @@ impl Broker for NatsBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
+        if !self.subscribed.load(Ordering::Acquire) {
+            return Err(BrokerError::Unreachable(
+                "NATS subscription lost; subscribing again".into(),
+            ));
+        }
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),
             state => Err(BrokerError::Unreachable(format!("NATS {state}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::tests::{one_member, read_for, OneMember};
+    use crate::store::commit_unheard;
+
+    /// A subscription whose stream ends is made again (the node not ready meanwhile, a
+    /// failed attempt retried), then the store is read for what the node missed.
+    #[tokio::test]
+    async fn a_subscription_that_ends_is_made_again_then_the_store_is_read() {
+        let OneMember {
+            _dir,
+            hub,
+            store,
+            room,
+            mut client,
+            ..
+        } = one_member().await;
+        let subscribed = Arc::new(AtomicBool::new(true));
+        let (attempted, mut attempts) = tokio::sync::mpsc::unbounded_channel();
+        let watched = Arc::clone(&subscribed);
+        let mut made = 0;
+        let subscribe = move || -> BoxFuture<'static, Result<Payloads, String>> {
+            made += 1;
+            let _ = attempted.send((made, watched.load(Ordering::Acquire)));
+            // The first attempt fails; the second's subscription stays open.
+            let answer = match made {
+                1 => Err("refused".to_owned()),
+                _ => Ok(futures_util::stream::pending().boxed()),
+            };
+            async move { answer }.boxed()
+        };
+        // What another node committed while this one heard nothing.
+        commit_unheard(store.as_ref(), &room, 2).await;
+        let stop = CancellationToken::new();
+        let ended: Payloads = futures_util::stream::empty().boxed();
+        let receiving = tokio::spawn(receive_loop(
+            ended,
+            subscribe,
+            hub,
+            "this".into(),
+            Arc::clone(&subscribed),
+            stop.clone(),
+        ));
+        let got = read_for(&mut client, "text-02").await;
+        assert!(got.contains("text-01") && got.contains("text-02"), "{got}");
+        assert_eq!(
+            attempts.recv().await,
+            Some((1, false)),
+            "not ready while lost"
+        );
+        assert_eq!(attempts.recv().await, Some((2, false)));
+        assert!(subscribed.load(Ordering::Acquire), "ready again");
+        stop.cancel();
+        receiving.await.unwrap();
+        assert!(attempts.try_recv().is_err(), "no more attempts");
     }
 }

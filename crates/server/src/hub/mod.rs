@@ -978,7 +978,7 @@ fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, drop
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::broker::QUEUE_EVENTS;
     use crate::store::commit_unheard;
@@ -1047,17 +1047,17 @@ mod tests {
     }
 
     /// A one-node hub on a fresh SQLite store, with connection 1 subscribed to room "r".
-    struct OneMember {
-        _dir: tempfile::TempDir,
-        hub: Arc<Hub>,
-        store: Arc<dyn Store>,
-        room: RoomName,
-        member: Arc<Conn>,
+    pub(crate) struct OneMember {
+        pub(crate) _dir: tempfile::TempDir,
+        pub(crate) hub: Arc<Hub>,
+        pub(crate) store: Arc<dyn Store>,
+        pub(crate) room: RoomName,
+        pub(crate) member: Arc<Conn>,
         /// What the member's client reads.
-        client: tokio::io::DuplexStream,
+        pub(crate) client: tokio::io::DuplexStream,
     }
 
-    async fn one_member() -> OneMember {
+    pub(crate) async fn one_member() -> OneMember {
         one_member_as(Protocol::Legacy).await
     }
 
@@ -1082,7 +1082,7 @@ mod tests {
     }
 
     /// What the client end of `connection` gets within a while (all of it by then).
-    async fn read_for(client: &mut tokio::io::DuplexStream, wanted: &str) -> String {
+    pub(crate) async fn read_for(client: &mut tokio::io::DuplexStream, wanted: &str) -> String {
         use tokio::io::AsyncReadExt;
         let mut got = Vec::new();
         let mut buf = vec![0u8; 1 << 16];

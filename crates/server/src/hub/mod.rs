@@ -216,6 +216,9 @@ pub struct Hub {
     /// Test builds can switch off reading the store to fill gaps, to prove that the
     /// fault suite detects the loss that follows.
     catch_up_enabled: bool,
+    /// A `resync` is running; one asked meanwhile sets `resync_again` for it.
+    resyncing: AtomicBool,
+    resync_again: AtomicBool,
 }
 
 impl Hub {
@@ -229,6 +232,8 @@ impl Hub {
             others,
             presence_changed: Mutex::new(HashSet::new()),
             catch_up_enabled: catch_up_enabled(),
+            resyncing: AtomicBool::new(false),
+            resync_again: AtomicBool::new(false),
         })
     }
 
@@ -569,8 +574,25 @@ impl Hub {
     }
 
     /// Read every served room's head from the store and catch up where behind (after a
-    /// broker reconnect, and periodically, in case a bell was lost).
+    /// broker reconnect, and periodically, in case a bell was lost). Calls made while one
+    /// runs do not read the store again each: they return at once, and the running one
+    /// reads once more after its read (a slow database would otherwise pile up the
+    /// heartbeat's every 4 s, and NATS tells of a slow consumer once per dropped message).
     pub async fn resync(self: Arc<Self>) {
+        self.resync_again.store(true, Ordering::Release);
+        // Whoever sets `resyncing` reads until no call is left unread; the others return.
+        while self.resync_again.load(Ordering::Acquire)
+            && !self.resyncing.swap(true, Ordering::AcqRel)
+        {
+            let running = Resyncing(&self.resyncing);
+            if self.resync_again.swap(false, Ordering::AcqRel) {
+                self.read_heads().await;
+            }
+            drop(running);
+        }
+    }
+
+    async fn read_heads(self: &Arc<Self>) {
         let names: Vec<RoomName> = self.rooms().keys().cloned().collect();
         if names.is_empty() {
             return;
@@ -815,6 +837,15 @@ impl Hub {
             }
             tokio::time::sleep(backoff.next()).await;
         }
+    }
+}
+
+/// Resets `Hub::resyncing` when the running resync ends, or panics.
+struct Resyncing<'a>(&'a AtomicBool);
+
+impl Drop for Resyncing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -1118,6 +1149,155 @@ pub(crate) mod tests {
         assert!(served.lock().subs.iter().any(|s| s.id == 2));
         hub.committed(vec![message("r", 1)]);
         assert!(read_for(&mut client, "\"t\"").await.contains("\"t\""));
+    }
+
+    /// A store whose `room_heads` is counted and waits for its gate.
+    struct GatedHeads {
+        inner: Arc<dyn Store>,
+        calls: AtomicUsize,
+        gate: tokio::sync::Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for GatedHeads {
+        fn kind(&self) -> crate::store::StoreKind {
+            self.inner.kind()
+        }
+        async fn migrate(&self) -> Result<(), StoreError> {
+            self.inner.migrate().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        async fn session(
+            &self,
+            hash: &crate::store::KeyHash,
+        ) -> Result<Option<crate::store::Session>, StoreError> {
+            self.inner.session(hash).await
+        }
+        async fn create_session(
+            &self,
+            hash: &crate::store::KeyHash,
+            user: &str,
+            room: Option<i64>,
+        ) -> Result<(), StoreError> {
+            self.inner.create_session(hash, user, room).await
+        }
+        async fn revoked_sessions(
+            &self,
+            keys: &[crate::store::KeyHash],
+        ) -> Result<Vec<crate::store::KeyHash>, StoreError> {
+            self.inner.revoked_sessions(keys).await
+        }
+        async fn count_sessions(&self) -> Result<i64, StoreError> {
+            self.inner.count_sessions().await
+        }
+        async fn commit_batch(
+            &self,
+            batch: Arc<[crate::store::NewMessage]>,
+        ) -> Result<Vec<crate::store::CommitOutcome>, StoreError> {
+            self.inner.commit_batch(batch).await
+        }
+        async fn room_head(&self, room: &RoomName) -> Result<crate::store::RoomHead, StoreError> {
+            self.inner.room_head(room).await
+        }
+        async fn messages_after(
+            &self,
+            room: &RoomName,
+            after: u64,
+            limit: u32,
+        ) -> Result<Vec<StoredMessage>, StoreError> {
+            self.inner.messages_after(room, after, limit).await
+        }
+        async fn room_heads(&self, rooms: &[RoomName]) -> Result<Vec<(RoomName, u64)>, StoreError> {
+            self.calls.fetch_add(1, Ordering::AcqRel);
+            let _open = self.gate.acquire().await;
+            self.inner.room_heads(rooms).await
+        }
+        async fn heartbeat_node(&self, node: &crate::store::NodeInfo) -> Result<(), StoreError> {
+            self.inner.heartbeat_node(node).await
+        }
+        async fn live_nodes(
+            &self,
+            max_age: Duration,
+        ) -> Result<Vec<crate::store::NodeInfo>, StoreError> {
+            self.inner.live_nodes(max_age).await
+        }
+        async fn remove_node(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.remove_node(id).await
+        }
+        async fn prune(&self, keep: u64) -> Result<u64, StoreError> {
+            self.inner.prune(keep).await
+        }
+        async fn messages_before(
+            &self,
+            room: &RoomName,
+            before: Option<u64>,
+            limit: u32,
+        ) -> Result<Vec<StoredMessage>, StoreError> {
+            self.inner.messages_before(room, before, limit).await
+        }
+        async fn revoke_session(&self, hash: &crate::store::KeyHash) -> Result<u64, StoreError> {
+            self.inner.revoke_session(hash).await
+        }
+        async fn revoke_user_sessions(&self, user: &str) -> Result<u64, StoreError> {
+            self.inner.revoke_user_sessions(user).await
+        }
+        async fn list_rooms(
+            &self,
+            after: Option<&RoomName>,
+            limit: u32,
+        ) -> Result<Vec<(RoomName, u64)>, StoreError> {
+            self.inner.list_rooms(after, limit).await
+        }
+    }
+
+    /// Resyncs asked while one reads the store (a slow database, a burst of NATS
+    /// slow-consumer events) do not each read it: they return at once, and the running
+    /// one reads once more, which finds what was committed meanwhile.
+    #[tokio::test]
+    async fn resyncs_asked_while_one_runs_read_the_store_once_more_not_each() {
+        let OneMember {
+            _dir,
+            store: inner,
+            room,
+            member,
+            mut client,
+            ..
+        } = one_member().await;
+        let store = Arc::new(GatedHeads {
+            inner: Arc::clone(&inner),
+            calls: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let (outgoing, _) = mpsc::channel(QUEUE_EVENTS);
+        let hub = Hub::new(store.clone(), outgoing, false);
+        hub.subscribe(&room, &member, 0).await.unwrap();
+        let first = tokio::spawn(hub.clone().resync());
+        while store.calls.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        commit_unheard(inner.as_ref(), &room, 3).await;
+        let asked: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(hub.clone().resync()))
+            .collect();
+        for call in asked {
+            tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .expect("a resync asked while one runs returns at once")
+                .unwrap();
+        }
+        assert_eq!(store.calls.load(Ordering::Acquire), 1);
+        store.gate.add_permits(100);
+        first.await.unwrap();
+        assert_eq!(store.calls.load(Ordering::Acquire), 2, "one more read");
+        assert!(read_for(&mut client, "text-03").await.contains("text-03"));
+        hub.clone().resync().await;
+        assert_eq!(
+            store.calls.load(Ordering::Acquire),
+            3,
+            "a later call reads again"
+        );
     }
 
     /// A join waiting for a room's lock (held through a long fan-out) does not hold the

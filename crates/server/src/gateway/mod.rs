@@ -34,7 +34,7 @@ use wschat_protocol::{close, ErrorCode, RoomName};
 use crate::app::Shared;
 use crate::config::Settings;
 use crate::hub::outbox::WriteIo;
-use crate::hub::{frames, Conn, Item, Outbox, Protocol, SubId};
+use crate::hub::{frames, Conn, Item, Outbox, Protocol, SubId, Synced};
 use crate::limits::rate::{RateGate, Verdict};
 use crate::limits::{Refusal, Slot};
 use crate::store::{hash_key, Session, StoreError};
@@ -513,10 +513,14 @@ pub(crate) enum Backfill {
 }
 
 /// Queue a room's backfill for `sub` (already subscribed and tracked), paced by the
-/// writer, then `SyncDone`. Messages newer than the backfill's head come live.
+/// writer, then `Outbox::sync_done`. Messages newer than the backfill's head come live.
+/// When more of them came meanwhile than the queue's limit holds (a slow store, a busy
+/// room), the outbox dropped them (`Synced::Lagged`): the backfill reads on from its head
+/// to the room's new head, up to `MAX_LAG_ROUNDS` times, then the client is a slow
+/// consumer (4008).
 ///
 /// A stop ends a backfill at its next page or its next wait for the client (`Break`):
-/// what is queued goes out, gap-free from the start, without `SyncDone`, and the reader
+/// what is queued goes out, gap-free from the start, without `sync_done`, and the reader
 /// goes on to the stop's 1012; the client resumes from its last seq on the next node. So
 /// does the connection's end (4008, killed), before its next message: its reader ends.
 /// Without this, a long resume or a client reading slowly would hold the stop until its
@@ -557,7 +561,7 @@ pub(crate) async fn backfill(
         }
         ControlFlow::Continue(())
     };
-    // Each message in turn, until a stop: then the backfill ends without `SyncDone`.
+    // Each message in turn, until a stop: then the backfill ends without `sync_done`.
     macro_rules! send_each {
         ($messages:expr) => {
             for m in $messages {
@@ -567,17 +571,10 @@ pub(crate) async fn backfill(
             }
         };
     }
-    let through = match from {
-        Backfill::Last { n, head } => {
-            let messages = shared
-                .store
-                .messages_before(room, head.map(|h| h + 1), n)
-                .await?;
-            send_each!(&messages);
-            // Subscribed before the read: what was committed after it comes live.
-            head.unwrap_or_else(|| messages.last().map_or(0, |m| m.seq))
-        }
-        Backfill::After { since, head } => {
+    // Everything after `$since` through `$head`, page by page; evaluates to `$head`.
+    macro_rules! send_after {
+        ($since:expr, $head:expr) => {{
+            let (since, head): (u64, u64) = ($since, $head);
             let mut cursor = since;
             while cursor < head {
                 // A client that reads fast never waits: the stop is looked at each page.
@@ -615,10 +612,31 @@ pub(crate) async fn backfill(
                 }
             }
             head
+        }};
+    }
+    let mut through = match from {
+        Backfill::Last { n, head } => {
+            let messages = shared
+                .store
+                .messages_before(room, head.map(|h| h + 1), n)
+                .await?;
+            send_each!(&messages);
+            // Subscribed before the read: what was committed after it comes live.
+            head.unwrap_or_else(|| messages.last().map_or(0, |m| m.seq))
         }
+        Backfill::After { since, head } => send_after!(since, head),
     };
-    conn.outbox.push(Item::SyncDone { sub, through });
-    Ok(ControlFlow::Continue(()))
+    loop {
+        match conn.outbox.sync_done(sub, through) {
+            Synced::Done | Synced::Closed => return Ok(ControlFlow::Continue(())),
+            Synced::Lagged => {
+                // What the outbox dropped was committed before it was dropped: the head
+                // read now covers it.
+                let head = shared.store.room_head(room).await?.last_seq;
+                through = send_after!(through, head.max(through));
+            }
+        }
+    }
 }
 
 /// End a connection: answer in-flight sends (on shutdown), queue the close, leave every
@@ -727,6 +745,77 @@ mod tests {
             .await
             .expect("the store answers");
         assert!(ended.is_break(), "an ended connection's backfill stops");
+    }
+
+    /// Live messages that outran a join's backfill (more than the queue's limit came
+    /// while it ran) were dropped by the outbox: the backfill reads on to the room's new
+    /// head, and the client gets every message once, in order, and stays connected.
+    #[tokio::test]
+    async fn a_backfill_outrun_by_live_messages_reads_them_from_the_store() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let settings = crate::Settings {
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            database: format!("sqlite://{}", dir.path().join("chat.db").display()),
+            demo_session: false,
+            ..crate::Settings::default()
+        };
+        let app = crate::Application::build(settings)
+            .await
+            .expect("the server builds");
+        let shared = app.shared();
+        let room = RoomName::new("r").expect("a room name");
+        commit_unheard(shared.store.as_ref(), &room, 30).await;
+        let (server, mut client) = tokio::io::duplex(1 << 16);
+        let got = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut got = Vec::new();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(3), client.read_to_end(&mut got)).await;
+            String::from_utf8_lossy(&got).into_owned()
+        });
+        let outbox = Outbox::new(
+            Box::pin(server),
+            None,
+            2048,
+            1 << 16,
+            WritePacing::new(Duration::ZERO, 0),
+            CancellationToken::new(),
+        );
+        tokio::spawn(outbox.clone().write_loop());
+        outbox.push(Item::Track { sub: 0 });
+        // Seqs 11 to 30 come live while the join's backfill of 1 to 10 runs: more than
+        // the outbox's 2,048 bytes hold.
+        let live = shared
+            .store
+            .messages_after(&room, 10, 20)
+            .await
+            .expect("the store answers");
+        for m in &live {
+            outbox.push_live(0, m.seq, &[crate::hub::frames::v1_message(m)]);
+        }
+        let conn = Conn::new(1, "u".into(), Protocol::V1, outbox);
+        let joined = backfill(
+            &shared,
+            &conn,
+            &room,
+            0,
+            Backfill::After { since: 0, head: 10 },
+        )
+        .await
+        .expect("the store answers");
+        assert!(joined.is_continue());
+        assert!(!conn.outbox.cancel.is_cancelled(), "still connected");
+        conn.outbox.finish();
+        let got = got.await.expect("the reader");
+        let mut at = 0;
+        for seq in 1..=30 {
+            let text = format!("text-{seq:02}");
+            assert_eq!(got.matches(&text).count(), 1, "{text} once in {got}");
+            let here = got.find(&text).expect("found");
+            assert!(here >= at, "{text} in order in {got}");
+            at = here;
+        }
+        assert!(!got.contains("slow consumer"), "{got}");
     }
 
     fn size4<A, B, C, D, Fut, F: FnOnce(A, B, C, D) -> Fut>(_: F) -> usize {

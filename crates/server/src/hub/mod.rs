@@ -25,7 +25,7 @@ use crate::broker::wire::Body;
 use crate::broker::BusEvent;
 use crate::store::{Store, StoreError, StoredMessage};
 pub use frames::Encoded;
-pub use outbox::{Item, Outbox, Pushed, SubId};
+pub use outbox::{Item, Outbox, Pushed, SubId, Synced};
 
 /// Which protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1072,7 +1072,7 @@ pub(crate) mod tests {
         );
         tokio::spawn(outbox.clone().write_loop());
         outbox.push(Item::Track { sub: 0 });
-        outbox.push(Item::SyncDone { sub: 0, through: 0 });
+        assert_eq!(outbox.sync_done(0, 0), Synced::Done);
         let conn = Conn::new(id, "u".into(), protocol, outbox);
         (Arc::new(conn), client)
     }

@@ -55,13 +55,10 @@ pub enum Item {
         seq: u64,
         frame: Encoded,
     },
-    /// Start tracking a subscription: its live messages are held until `SyncDone`.
+    /// Start tracking a subscription: its live messages are held until `Outbox::sync_done`.
     Track { sub: SubId },
     /// Stop tracking a subscription (the room was left).
     Untrack { sub: SubId },
-    /// The backfill of `sub` is complete through seq `through`: live messages held back
-    /// meanwhile, and newer than that, may go.
-    SyncDone { sub: SubId, through: u64 },
     /// A room event (presence diff, typing) that is dropped while `sub` is syncing.
     RoomEvent { sub: SubId, frame: Encoded },
     /// A notice that may be dropped under pressure (typing).
@@ -90,6 +87,28 @@ struct SubState {
     last: u64,
     held: Vec<(u64, Encoded)>,
     held_bytes: usize,
+    /// More live messages came while syncing than the queue's limit holds: they were
+    /// dropped, and the backfill reads them from the store (`Synced::Lagged`).
+    lagged: bool,
+    /// Times `sync_done` found the subscription lagged.
+    lag_rounds: u32,
+}
+
+/// Times a backfill may be told to read on (`Synced::Lagged`) before the connection is
+/// closed as a slow consumer: a room whose live messages keep outrunning its backfill.
+const MAX_LAG_ROUNDS: u32 = 8;
+
+/// What `Outbox::sync_done` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synced {
+    /// The held live messages newer than the backfill went out; live ones go at once now.
+    Done,
+    /// Live messages were dropped while the backfill ran (more than the limit held):
+    /// still syncing, nothing held. Read the store on from `through` and call again.
+    Lagged,
+    /// The subscription is not tracked, or the connection is closing (perhaps closed now,
+    /// with 4008, after `MAX_LAG_ROUNDS`).
+    Closed,
 }
 
 struct State {
@@ -264,28 +283,14 @@ impl Outbox {
                     last: 0,
                     held: Vec::new(),
                     held_bytes: 0,
+                    lagged: false,
+                    lag_rounds: 0,
                 });
                 Pushed::Queued
             }
             Item::Untrack { sub } => {
                 state.subs.retain(|s| s.sub != sub);
                 Pushed::Queued
-            }
-            Item::SyncDone { sub, through } => {
-                let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
-                    return Pushed::Dropped;
-                };
-                s.syncing = false;
-                s.last = s.last.max(through);
-                s.held_bytes = 0;
-                let mut release = Vec::new();
-                for (seq, frame) in std::mem::take(&mut s.held) {
-                    if seq > s.last {
-                        s.last = seq;
-                        release.push(frame);
-                    }
-                }
-                self.send_all(&mut state, &release)
             }
             Item::RoomEvent { sub, frame } => self.send_to_synced(&mut state, sub, frame),
             Item::Droppable { sub, frame } => {
@@ -312,6 +317,43 @@ impl Outbox {
         self.send_all(&mut state, frames)
     }
 
+    /// The backfill of `sub` is complete through seq `through`: the live messages held
+    /// meanwhile, and newer than that, go out, and later ones go at once (`Done`). Unless
+    /// some were dropped meanwhile (`Lagged`): the caller reads the store on from
+    /// `through` and calls again.
+    pub fn sync_done(&self, sub: SubId, through: u64) -> Synced {
+        let mut state = self.lock();
+        if state.closing {
+            return Synced::Closed;
+        }
+        let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) else {
+            return Synced::Closed;
+        };
+        s.last = s.last.max(through);
+        if s.lagged {
+            s.lagged = false;
+            s.lag_rounds += 1;
+            if s.lag_rounds > MAX_LAG_ROUNDS {
+                self.overflow(&mut state);
+                return Synced::Closed;
+            }
+            return Synced::Lagged;
+        }
+        s.syncing = false;
+        s.held_bytes = 0;
+        let mut release = Vec::new();
+        for (seq, frame) in std::mem::take(&mut s.held) {
+            if seq > s.last {
+                s.last = seq;
+                release.push(frame);
+            }
+        }
+        match self.send_all(&mut state, &release) {
+            Pushed::Queued | Pushed::Dropped => Synced::Done,
+            Pushed::Overflow => Synced::Closed,
+        }
+    }
+
     /// Live messages of subscription `sub`, delivered by the hub: a run of one room's
     /// consecutive messages (a commit batch's, or a catch-up read's), `frames[i]` being
     /// seq `first + i`. Held while the room's backfill is written; seqs already written
@@ -325,12 +367,20 @@ impl Outbox {
             return Pushed::Dropped;
         };
         if s.syncing {
+            if s.lagged {
+                return Pushed::Dropped;
+            }
             for (seq, frame) in (first..).zip(frames) {
                 s.held_bytes += frame.len();
                 s.held.push((seq, frame.clone()));
             }
             if s.held_bytes > self.limit {
-                return self.overflow(&mut state);
+                // Not the client's fault (it reads the backfill as fast as the store
+                // gives it): the backfill reads these from the store instead.
+                s.held = Vec::new();
+                s.held_bytes = 0;
+                s.lagged = true;
+                return Pushed::Dropped;
             }
             return Pushed::Queued;
         }
@@ -1241,13 +1291,67 @@ mod tests {
         assert_eq!(outbox.push_live(7, 3, &live(3..=4)), Pushed::Queued);
         outbox.push(backfill(2));
         outbox.push(backfill(3));
-        outbox.push(Item::SyncDone { sub: 7, through: 3 });
+        assert_eq!(outbox.sync_done(7, 3), Synced::Done);
         // 4 went out with the backfill's end: only 5 and 6 of this run are new.
         assert_eq!(outbox.push_live(7, 4, &live(4..=6)), Pushed::Queued);
         assert_eq!(outbox.push_live(7, 5, &live(5..=5)), Pushed::Dropped);
         // Untracked: dropped.
         assert_eq!(outbox.push_live(8, 1, &live(1..=1)), Pushed::Dropped);
         expect(&mut client, &[m(2), m(3), m(4), m(5), m(6)]).await;
+    }
+
+    /// More live messages while a backfill runs than the limit holds are not the client's
+    /// fault: they are dropped, not the connection, and `sync_done` says so; the backfill
+    /// then sends them from the store and the subscription goes live, gap-free.
+    #[tokio::test]
+    async fn live_messages_past_the_limit_while_syncing_are_left_to_the_backfill() {
+        let (outbox, mut client) = outbox(4096, 1 << 16);
+        let m = |seq: u64| frame(&format!("{seq:>200}"));
+        let backfill = |seq| Item::Backfill {
+            sub: 7,
+            seq,
+            frame: m(seq),
+        };
+        outbox.push(Item::Track { sub: 7 });
+        let pushed: Vec<Pushed> = (1..=30)
+            .map(|seq| outbox.push_live(7, seq, &[m(seq)]))
+            .collect();
+        assert!(!pushed.contains(&Pushed::Overflow), "{pushed:?}");
+        assert!(!outbox.cancel.is_cancelled(), "the connection stays");
+        assert_eq!(outbox.sync_done(7, 0), Synced::Lagged);
+        for seq in 1..=30 {
+            outbox.push(backfill(seq));
+        }
+        assert_eq!(outbox.push_live(7, 30, &[m(30), m(31)]), Pushed::Queued);
+        assert_eq!(outbox.sync_done(7, 30), Synced::Done);
+        assert_eq!(outbox.push_live(7, 32, &[m(32)]), Pushed::Queued);
+        let all: Vec<Encoded> = (1..=32).map(m).collect();
+        expect(&mut client, &all).await;
+    }
+
+    /// A room whose live messages outrun its backfill round after round: after
+    /// `MAX_LAG_ROUNDS` the client is a slow consumer after all (4008, resume).
+    #[tokio::test]
+    async fn a_backfill_outrun_every_round_ends_as_a_slow_consumer() {
+        let (outbox, mut client) = outbox(1000, 1 << 16);
+        let big = frame(&"x".repeat(600));
+        outbox.push(Item::Track { sub: 7 });
+        let mut told = Vec::new();
+        for round in 0..=MAX_LAG_ROUNDS {
+            let seq = 2 * u64::from(round) + 1;
+            outbox.push_live(7, seq, &[big.clone(), big.clone()]);
+            told.push(outbox.sync_done(7, seq - 1));
+        }
+        let lagged = vec![Synced::Lagged; MAX_LAG_ROUNDS as usize];
+        assert_eq!(told[..MAX_LAG_ROUNDS as usize], lagged[..]);
+        assert_eq!(told.last(), Some(&Synced::Closed));
+        assert!(outbox.cancel.is_cancelled());
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(WAIT, client.read_to_end(&mut got)).await;
+        assert!(got.ends_with(&frames::close(
+            close::SLOW_CONSUMER,
+            "slow consumer: resume"
+        )));
     }
 
     /// Every write a `Recorder` was given, in order.
@@ -1303,7 +1407,7 @@ mod tests {
     async fn a_run_of_live_messages_is_one_write() {
         let (outbox, writes) = recorded_outbox(usize::MAX, 1 << 20, 64 * 1024);
         outbox.push(Item::Track { sub: 1 });
-        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        assert_eq!(outbox.sync_done(1, 0), Synced::Done);
         let run: Vec<Encoded> = (1..=3).map(|s| frame(&format!("m{s}"))).collect();
         assert_eq!(outbox.push_live(1, 1, &run), Pushed::Queued);
         let one: Vec<u8> = run.concat();
@@ -1317,7 +1421,7 @@ mod tests {
         // goes out in five writes of two frames, and nothing is queued.
         let (outbox, writes) = recorded_outbox(usize::MAX, 1000, 600);
         outbox.push(Item::Track { sub: 1 });
-        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        assert_eq!(outbox.sync_done(1, 0), Synced::Done);
         let run: Vec<Encoded> = (1..=10)
             .map(|s| frame(&format!("{s:>3}{}", "x".repeat(243))))
             .collect();
@@ -1336,7 +1440,7 @@ mod tests {
         // and the writer task writes the rest.
         let (outbox, writes) = recorded_outbox(5, 1 << 20, 64 * 1024);
         outbox.push(Item::Track { sub: 1 });
-        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        assert_eq!(outbox.sync_done(1, 0), Synced::Done);
         let run: Vec<Encoded> = (1..=3).map(|s| frame(&format!("message {s}"))).collect();
         outbox.push_live(1, 1, &run);
         let mut want: Vec<u8> = run.concat();
@@ -1396,7 +1500,7 @@ mod tests {
             }),
             Pushed::Dropped
         );
-        outbox.push(Item::SyncDone { sub: 1, through: 0 });
+        assert_eq!(outbox.sync_done(1, 0), Synced::Done);
         assert_eq!(
             outbox.push(Item::RoomEvent {
                 sub: 1,
@@ -1473,7 +1577,7 @@ mod tests {
     async fn droppables_go_first_under_pressure() {
         let (outbox, _client) = outbox(1000, 16);
         outbox.push(Item::Track { sub: 0 });
-        outbox.push(Item::SyncDone { sub: 0, through: 0 });
+        assert_eq!(outbox.sync_done(0, 0), Synced::Done);
         assert_eq!(
             outbox.push(Item::Frame(frame(&"x".repeat(500)))),
             Pushed::Queued

@@ -182,7 +182,9 @@ async fn receive_loop<F>(
         };
         subscribed.store(true, Ordering::Release);
         tracing::info!("NATS subscribed again: reading the store for missed messages");
-        hub.clone().resync().await;
+        // Not awaited: a resync runs as long as more are asked meanwhile (a slow database,
+        // the heartbeat's), and the subscription must be read all the while.
+        tokio::spawn(hub.clone().resync());
     }
 }
 
@@ -214,7 +216,7 @@ async fn resync_when_subscribed(
                 tracing::debug!("NATS flush after a connect timed out; reading the store anyway")
             }
         }
-        hub.clone().resync().await;
+        tokio::spawn(hub.clone().resync());
     }
 }
 

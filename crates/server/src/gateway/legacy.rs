@@ -38,14 +38,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
         .uri
         .query()
         .and_then(super::v1::session_key_from_query);
-    let auth = match super::authenticate(
-        &shared,
-        admission.client,
-        key.as_deref(),
-        super::auth_deadline(&shared),
-    )
-    .await
-    {
+    let auth = match super::authenticate(&shared, admission.client, key.as_deref()).await {
         Ok(auth) => auth,
         Err(refused) => return refused.into_response(),
     };

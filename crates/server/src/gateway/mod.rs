@@ -85,14 +85,14 @@ pub(crate) struct Authenticated {
 
 /// Look up the session a key names, from `client`: refused while the address is blocked
 /// for unknown keys (an unknown key counts towards that), or when the session has as many
-/// connections as it may. A store that has not answered by `deadline` (a database that
-/// stopped answering without closing its connections) is `TimedOut`: nothing else bounds
-/// the lookup, and the connection would wait for it for good.
+/// connections as it may. A store that has not answered within `auth_timeout_secs` (a
+/// database that stopped answering without closing its connections) is `TimedOut`:
+/// nothing else bounds the lookup, and the connection would wait for it for good. (The
+/// bound is the lookup's own: an `auth` frame that came just in time still gets it all.)
 pub(crate) async fn authenticate(
     shared: &Shared,
     client: std::net::IpAddr,
     key: Option<&str>,
-    deadline: tokio::time::Instant,
 ) -> Result<Authenticated, AuthError> {
     if shared.is_draining() {
         return Err(AuthError::Draining);
@@ -104,8 +104,9 @@ pub(crate) async fn authenticate(
         return Err(AuthError::Limited(Refusal::Blocked(left)));
     }
     let hash = hash_key(key);
-    let Ok(found) = tokio::time::timeout_at(deadline, shared.store.session(&hash)).await else {
-        tracing::warn!("session lookup not answered by the auth deadline");
+    let bound = shared.settings.auth_timeout();
+    let Ok(found) = tokio::time::timeout(bound, shared.store.session(&hash)).await else {
+        tracing::warn!(?bound, "session lookup not answered in time");
         return Err(AuthError::TimedOut);
     };
     match found {
@@ -126,12 +127,6 @@ pub(crate) async fn authenticate(
             Err(AuthError::Unavailable)
         }
     }
-}
-
-/// When a connection that has just arrived must be authenticated by: `auth_timeout_secs`
-/// from now, for the `auth` frame and for the store's answer alike.
-pub(crate) fn auth_deadline(shared: &Shared) -> tokio::time::Instant {
-    tokio::time::Instant::now() + shared.settings.auth_timeout()
 }
 
 /// The text of a `rate_limited` answer.
@@ -691,7 +686,7 @@ mod tests {
     use wschat_protocol::RoomName;
 
     use super::{backfill, Backfill};
-    use crate::hub::{pacing::WritePacing, Conn, Item, Outbox, Protocol};
+    use crate::hub::{pacing::WritePacing, Conn, Item, Outbox, Protocol, Pushed};
     use crate::store::commit_unheard;
 
     /// A join's backfill whose connection ended meanwhile (4008, killed) stops before its
@@ -790,9 +785,13 @@ mod tests {
             .messages_after(&room, 10, 20)
             .await
             .expect("the store answers");
-        for m in &live {
-            outbox.push_live(0, m.seq, &[crate::hub::frames::v1_message(m)]);
-        }
+        let pushed: Vec<Pushed> = live
+            .iter()
+            .map(|m| outbox.push_live(0, m.seq, &[crate::hub::frames::v1_message(m)]))
+            .collect();
+        // The first ones held, then the outbox gave up holding: the lagged path.
+        assert_eq!(pushed.first(), Some(&Pushed::Queued), "{pushed:?}");
+        assert_eq!(pushed.last(), Some(&Pushed::Dropped), "{pushed:?}");
         let conn = Conn::new(1, "u".into(), Protocol::V1, outbox);
         let joined = backfill(
             &shared,

@@ -69,14 +69,7 @@ pub(crate) async fn handle(
     };
     let key = key_from_protocols(&headers).or(query.session_key);
     let auth = match key {
-        Some(key) => match super::authenticate(
-            &shared,
-            admission.client,
-            Some(&key),
-            super::auth_deadline(&shared),
-        )
-        .await
-        {
+        Some(key) => match super::authenticate(&shared, admission.client, Some(&key)).await {
             Ok(auth) => Some(auth),
             Err(refused) => return refused.into_response(),
         },
@@ -223,7 +216,7 @@ async fn await_auth(
     client: IpAddr,
     gate: &RateGate,
 ) -> Option<super::Authenticated> {
-    let deadline = super::auth_deadline(shared);
+    let deadline = tokio::time::Instant::now() + shared.settings.auth_timeout();
     let mut errors_in_a_row = 0u32;
     let reply = |frame: Encoded| {
         outbox.push(Item::Frame(frame));
@@ -281,7 +274,7 @@ async fn await_auth(
         }
         let answer = match decode_client(&text) {
             Ok(ClientFrame::Auth { key, reference }) => {
-                match super::authenticate(shared, client, Some(&key), deadline).await {
+                match super::authenticate(shared, client, Some(&key)).await {
                     Ok(auth) => return Some(auth),
                     Err(super::AuthError::Limited(refusal)) => {
                         let reason = match refusal {

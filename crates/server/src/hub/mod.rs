@@ -579,13 +579,16 @@ impl Hub {
     /// reads once more after its read (a slow database would otherwise pile up the
     /// heartbeat's every 4 s, and NATS tells of a slow consumer once per dropped message).
     pub async fn resync(self: Arc<Self>) {
-        self.resync_again.store(true, Ordering::Release);
+        // SeqCst throughout: a caller's store to `resync_again` then look at `resyncing`,
+        // against the runner's reset of `resyncing` then look at `resync_again`, must not
+        // both see the old value (then neither would read).
+        self.resync_again.store(true, Ordering::SeqCst);
         // Whoever sets `resyncing` reads until no call is left unread; the others return.
-        while self.resync_again.load(Ordering::Acquire)
-            && !self.resyncing.swap(true, Ordering::AcqRel)
+        while self.resync_again.load(Ordering::SeqCst)
+            && !self.resyncing.swap(true, Ordering::SeqCst)
         {
             let running = Resyncing(&self.resyncing);
-            if self.resync_again.swap(false, Ordering::AcqRel) {
+            if self.resync_again.swap(false, Ordering::SeqCst) {
                 self.read_heads().await;
             }
             drop(running);
@@ -845,7 +848,7 @@ struct Resyncing<'a>(&'a AtomicBool);
 
 impl Drop for Resyncing<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.store(false, Ordering::SeqCst);
     }
 }
 

@@ -694,3 +694,42 @@ async fn a_session_lookup_the_database_never_answers_ends_at_the_auth_deadline()
     drop(paused);
     app.stop_keeping_data().await;
 }
+
+/// The committer's connection died while it sat idle (a database restart, a terminated
+/// backend): the next send is stored and acked, not answered "perhaps stored". The dead
+/// connection is found by a ping before the batch goes out, and replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_after_the_committer_died_idle_is_stored_and_acked() {
+    let cluster = Cluster::create().await;
+    let app = spawn_on(&cluster, |_| {}).await;
+    let key = app.session("ada", None).await;
+    let mut ws = connect(app.addr, &key).await;
+    let send = |n: u64| {
+        Message::text(
+            json!({"type": "send", "room": "p", "text": format!("m{n}"),
+                   "client_msg_id": format!("m-{n}"), "ref": n})
+            .to_string(),
+        )
+    };
+    ws.send(send(1)).await.unwrap();
+    assert_eq!(answer(&mut ws, common::WAIT).await["type"], "ack");
+    let mut admin = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = 'wschat-commit') AS t",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(ended, 1);
+    // Idle for longer than the committer trusts a connection without a ping.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ws.send(send(2)).await.unwrap();
+    let told = answer(&mut ws, common::WAIT).await;
+    assert_eq!(
+        (&told["type"], &told["seq"], &told["ref"]),
+        (&json!("ack"), &json!(2), &json!(2)),
+        "{told}"
+    );
+    app.stop_keeping_data().await;
+}

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
@@ -29,7 +29,8 @@ pub struct PgStore {
     /// health-check round trips. Taken out while a batch runs and put back only after a
     /// clean commit, so a failed or abandoned batch never leaves it half-used: the next
     /// batch connects afresh (this is also how the store recovers after a restart).
-    writer: tokio::sync::Mutex<Option<PgConnection>>,
+    /// The committer's connection, and when it last answered.
+    writer: tokio::sync::Mutex<Option<(PgConnection, Instant)>>,
     writer_options: PgConnectOptions,
 }
 
@@ -194,7 +195,7 @@ impl PgStore {
         // Connect the committer now rather than on the first send (a failure here is
         // retried then).
         if let Ok(conn) = store.connect_writer().await {
-            *store.writer.lock().await = Some(conn);
+            *store.writer.lock().await = Some((conn, Instant::now()));
         }
         Ok(store)
     }
@@ -331,7 +332,17 @@ impl Store for PgStore {
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         let mut slot = self.writer.lock().await;
         let mut conn = match slot.take() {
-            Some(conn) => conn,
+            // A connection that sat idle may have died meanwhile (a database restart):
+            // found out by a ping, nothing of the batch sent, it is replaced, and the
+            // batch commits. Found out by the batch's own statement instead, its
+            // outcome would be unknown to the senders ("perhaps stored").
+            Some((mut conn, used)) if used.elapsed() > IDLE_BEFORE_PING => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, conn.ping()).await {
+                    Ok(Ok(())) => conn,
+                    _ => self.connect_writer().await?,
+                }
+            }
+            Some((conn, _)) => conn,
             None => self.connect_writer().await?,
         };
         let committing = async {
@@ -363,7 +374,7 @@ impl Store for PgStore {
                 ))));
             }
         };
-        *slot = Some(conn);
+        *slot = Some((conn, Instant::now()));
         Ok(outcomes)
     }
 

@@ -48,6 +48,22 @@ pub enum CommitError {
 }
 
 impl CommitError {
+    /// What a sender is told (over WebSocket or the admin API), `with_id` when its send
+    /// carried a `client_msg_id`: whether it was stored, why not, and what to do.
+    pub fn told(&self, with_id: bool) -> String {
+        match (self, with_id) {
+            (Self::Unconfirmed(_), true) => format!(
+                "perhaps stored: {self}; retry with the same client_msg_id (it is stored once)"
+            ),
+            // A send with no id to retry with (every legacy one): a stored one reaches
+            // the room, and sending it again would store it twice.
+            (Self::Unconfirmed(_), false) => {
+                format!("perhaps stored: {self}; if it does not appear, send it again")
+            }
+            (Self::Unavailable(_) | Self::ShuttingDown, _) => format!("not stored: {self}; retry"),
+        }
+    }
+
     /// What a failed commit tells its senders.
     fn from_store(e: &StoreError) -> Self {
         let reason = |e: &StoreError| match e {
@@ -518,19 +534,7 @@ fn answer_error(SendRequest { msg, reply }: SendRequest, error: CommitError) {
                 CommitError::Unavailable(_) | CommitError::Unconfirmed(_) => ErrorCode::Unavailable,
                 CommitError::ShuttingDown => ErrorCode::ShuttingDown,
             };
-            let message = match (&error, msg.client_msg_id.is_some()) {
-                (CommitError::Unconfirmed(_), true) => format!(
-                    "perhaps stored: {error}; retry with the same client_msg_id (it is stored once)"
-                ),
-                // A send with no id to retry with (every legacy one): a stored one reaches
-                // the room, and sending it again would store it twice.
-                (CommitError::Unconfirmed(_), false) => {
-                    format!("perhaps stored: {error}; if it does not appear, send it again")
-                }
-                (CommitError::Unavailable(_) | CommitError::ShuttingDown, _) => {
-                    format!("not stored: {error}; retry")
-                }
-            };
+            let message = error.told(msg.client_msg_id.is_some());
             let frame = match conn.protocol {
                 Protocol::V1 => frames::v1_error(code, message, reference),
                 Protocol::Legacy => frames::legacy_error(code, &message),

@@ -16,6 +16,7 @@ suite!(
     a_missing_or_wrong_token_gets_401,
     sessions_created_work_once_and_revoked_ones_are_refused,
     a_posted_message_gets_a_seq_and_reaches_every_member,
+    a_post_the_store_cannot_commit_gets_503_with_the_reason,
     rooms_are_listed_from_the_store_and_the_hub_with_presence,
     nodes_are_listed,
 );
@@ -305,6 +306,39 @@ async fn a_posted_message_gets_a_seq_and_reaches_every_member(backend: Backend) 
         let r = post(app.addr, path, t, &body).await;
         assert_eq!(r.status, 400, "{path} {body}: {}", r.body);
     }
+    app.stop().await;
+}
+
+/// A post the store cannot commit gets 503 `unavailable`, "not stored", with the store's
+/// reason (as a WebSocket sender is told); once the store is back, posts are stored.
+async fn a_post_the_store_cannot_commit_gets_503_with_the_reason(backend: Backend) {
+    let app = admin_app(backend).await;
+    let t = Some(TOKEN);
+    let path = "/admin/v1/rooms/lobby/messages";
+    let body = json!({"text": "maintenance at noon", "user": "ops", "client_msg_id": "p-1"});
+    common::app_sql(
+        &app,
+        "ALTER TABLE wschat_messages RENAME TO wschat_messages_away",
+    )
+    .await;
+    let r = post(app.addr, path, t, &body).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    let refused = r.json();
+    assert_eq!(refused["error"], "unavailable", "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with("not stored: "), "{refused}");
+    assert!(
+        message.contains("wschat_messages"),
+        "the store's reason: {refused}"
+    );
+    common::app_sql(
+        &app,
+        "ALTER TABLE wschat_messages_away RENAME TO wschat_messages",
+    )
+    .await;
+    let r = post(app.addr, path, t, &body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["seq"], 1);
     app.stop().await;
 }
 

@@ -763,21 +763,6 @@ async fn the_key_can_travel_in_the_subprotocol_header_or_the_query(backend: Back
     app.stop().await;
 }
 
-/// Run one statement on the test's database, as the embedding application would.
-async fn app_sql(app: &common::TestApp, sql: &str) {
-    use sqlx::Connection;
-    let sql = sqlx::AssertSqlSafe(sql.to_owned());
-    if app.database.starts_with("sqlite") {
-        let mut db = sqlx::SqliteConnection::connect(&app.database)
-            .await
-            .unwrap();
-        sqlx::query(sql).execute(&mut db).await.unwrap();
-    } else {
-        let mut db = sqlx::PgConnection::connect(&app.database).await.unwrap();
-        sqlx::query(sql).execute(&mut db).await.unwrap();
-    }
-}
-
 async fn a_deleted_or_expired_session_closes_its_connections_with_1008(backend: Backend) {
     let (mut settings, dir) = common::fresh(backend).await;
     settings.session_check_secs = 1;
@@ -795,7 +780,7 @@ async fn a_deleted_or_expired_session_closes_its_connections_with_1008(backend: 
     kept_v1.join("0", None).await;
 
     // The application deletes one session row and gives another an expiry 1.5 s away.
-    app_sql(
+    common::app_sql(
         &app,
         &format!("DELETE FROM sessions WHERE key = '{}'", hash(&revoked)),
     )
@@ -804,7 +789,7 @@ async fn a_deleted_or_expired_session_closes_its_connections_with_1008(backend: 
         Backend::Sqlite => format!("{}", wschat_server::store::now_ms() + 1500),
         Backend::Postgres => "now() + interval '1.5 seconds'".to_owned(),
     };
-    app_sql(
+    common::app_sql(
         &app,
         &format!(
             "UPDATE sessions SET expires_at = {expiry} WHERE key = '{}'",
@@ -883,7 +868,7 @@ async fn a_store_that_cannot_be_read_gets_left_and_errors_never_4009(backend: Ba
     c.join("r", None).await;
     // `presence` ends the join's backfill: the store may fail only after it.
     c.recv_until("presence").await;
-    app_sql(
+    common::app_sql(
         &app,
         "ALTER TABLE wschat_messages RENAME TO wschat_messages_away",
     )
@@ -905,7 +890,7 @@ async fn a_store_that_cannot_be_read_gets_left_and_errors_never_4009(backend: Ba
     c.send(json!({"type": "ping", "ref": "still"})).await;
     assert_eq!(c.recv_until("pong").await["ref"], "still");
 
-    app_sql(
+    common::app_sql(
         &app,
         "ALTER TABLE wschat_messages_away RENAME TO wschat_messages",
     )
@@ -923,12 +908,12 @@ async fn a_store_that_cannot_be_read_gets_left_and_errors_never_4009(backend: Ba
 async fn a_room_whose_backfill_cannot_be_read_is_joined_then_left() {
     let app = spawn_app(Backend::Sqlite).await;
     let key = app.session("ada", None).await;
-    app_sql(
+    common::app_sql(
         &app,
         "INSERT INTO wschat_rooms (name, last_seq) VALUES ('bad', 1)",
     )
     .await;
-    app_sql(
+    common::app_sql(
         &app,
         r#"INSERT INTO wschat_messages (room_id, seq, "user", text, created_at)
            SELECT id, 1, 'x', X'00ff', 0 FROM wschat_rooms WHERE name = 'bad'"#,

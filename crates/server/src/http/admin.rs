@@ -284,29 +284,12 @@ async fn post_message(
             client_msg_id: request.client_msg_id,
         })
         .await
-        .map_err(|e| match e {
-            CommitError::Unavailable(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "not stored: the store is unavailable; retry",
-            ),
-            CommitError::Unconfirmed(_) if has_id => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "perhaps stored: the commit's outcome is unknown; retry with the same \
-                 client_msg_id (it is stored once)",
-            ),
-            CommitError::Unconfirmed(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "perhaps stored: the commit's outcome is unknown; read the room before \
-                 posting it again (with no client_msg_id it would be stored twice)",
-            ),
-            CommitError::ShuttingDown => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "not stored: the server is shutting down; retry on another node",
-            ),
+        .map_err(|e| {
+            let code = match e {
+                CommitError::Unavailable(_) | CommitError::Unconfirmed(_) => "unavailable",
+                CommitError::ShuttingDown => "shutting_down",
+            };
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, e.told(has_id))
         })?;
     let duplicate = matches!(outcome, CommitOutcome::Duplicate(_));
     let m = outcome.message();

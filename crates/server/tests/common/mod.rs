@@ -107,6 +107,21 @@ pub async fn drop_database(url: &str) {
     }
 }
 
+/// Run one statement on the test's database, as the embedding application would.
+pub async fn app_sql(app: &TestApp, sql: &str) {
+    use sqlx::Connection;
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    if app.database.starts_with("sqlite") {
+        let mut db = sqlx::SqliteConnection::connect(&app.database)
+            .await
+            .unwrap();
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    } else {
+        let mut db = sqlx::PgConnection::connect(&app.database).await.unwrap();
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    }
+}
+
 /// The value of `app`'s `/metrics` series `series` (name with its labels, as printed), if
 /// present.
 pub async fn sample(app: &TestApp, series: &str) -> Option<f64> {

@@ -274,8 +274,13 @@ fn commit(conn: &mut Connection, batch: &[NewMessage]) -> Result<Vec<CommitOutco
             }
         }
     }
-    tx.commit()?;
-    plan.finish(outcomes)
+    let outcomes = plan.finish(outcomes)?;
+    // A failure of the COMMIT itself (its sync, say) can leave the batch's frames in the
+    // WAL, where the next open's recovery finds them: its outcome is unknown, and its
+    // senders must not be told "not stored" (a legacy one would send it again).
+    tx.commit()
+        .map_err(|e| StoreError::Unconfirmed(Box::new(StoreError::Sqlite(e))))?;
+    Ok(outcomes)
 }
 
 #[cfg(test)]
@@ -327,6 +332,25 @@ mod tests {
         let pages =
             std::fs::metadata(&wal).expect("the WAL file").len() / (page_size.unsigned_abs() + 24);
         assert!(pages < 20, "the WAL reached {pages} pages");
+    }
+
+    /// A batch whose COMMIT fails is `Unconfirmed`; one that fails before it (a statement's
+    /// error: rolled back) is not.
+    #[test]
+    fn a_failed_commit_statement_leaves_the_outcome_unknown() {
+        let (_dir, path) = database();
+        let mut conn = Connection::open(&path).expect("the database opens");
+        conn.commit_hook(Some(|| true)).expect("the hook");
+        let failed = commit(&mut conn, &[message(1)]);
+        assert!(
+            matches!(failed, Err(StoreError::Unconfirmed(_))),
+            "{failed:?}"
+        );
+        conn.commit_hook(None::<fn() -> bool>).expect("no hook");
+        conn.execute_batch("DROP TABLE wschat_messages")
+            .expect("the table goes");
+        let refused = commit(&mut conn, &[message(2)]);
+        assert!(matches!(refused, Err(StoreError::Sqlite(_))), "{refused:?}");
     }
 
     #[test]

@@ -111,6 +111,10 @@ pub(crate) async fn authenticate(
     };
     match found {
         Ok(Some(session)) => {
+            shared
+                .limits
+                .found_key(client)
+                .map_err(AuthError::Limited)?;
             let slot = shared
                 .limits
                 .session_slot(&hash)

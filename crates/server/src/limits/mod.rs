@@ -287,6 +287,17 @@ impl Limits {
         until.checked_duration_since(Instant::now())
     }
 
+    /// A key the store found, tried from `client`: refused when the address was blocked
+    /// while its lookup ran. Guesses sent in parallel are all looked up before the first
+    /// of them is counted (`note_failed_key`); without this, one among them that hits a
+    /// valid key would get in past the block.
+    pub fn found_key(&self, client: IpAddr) -> Result<(), Refusal> {
+        match self.blocked(client) {
+            Some(left) => Err(Refusal::Blocked(left)),
+            None => Ok(()),
+        }
+    }
+
     /// Count an unknown key tried from `client`; the `max_failed_keys_per_minute`-th in a
     /// minute blocks the address.
     pub fn note_failed_key(&self, client: IpAddr) {
@@ -393,5 +404,19 @@ mod tests {
             Some(Refusal::Blocked(_))
         ));
         assert_eq!(l.blocked("192.0.2.10".parse().unwrap()), None);
+    }
+
+    /// Guesses in parallel: the lookups that end after the address was blocked are
+    /// refused, a valid key's too; another address's valid key is not.
+    #[test]
+    fn a_key_found_after_its_address_was_blocked_is_refused() {
+        let l = limits(|s| s.max_failed_keys_per_minute = 2);
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        assert!(l.found_key(ip).is_ok());
+        l.note_failed_key(ip);
+        assert!(l.found_key(ip).is_ok(), "one failure does not block");
+        l.note_failed_key(ip);
+        assert!(matches!(l.found_key(ip), Err(Refusal::Blocked(_))));
+        assert!(l.found_key("192.0.2.10".parse().unwrap()).is_ok());
     }
 }

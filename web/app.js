@@ -32,6 +32,7 @@ import {
  */
 
 const STORAGE_KEY = 'wschat.session';
+/** The room a fresh page shows until `hello` names the session's (`default_room`). */
 const DEFAULT_ROOM = 'general';
 const HISTORY_PAGE = 50;
 const PING_EVERY_MS = 20000;
@@ -402,7 +403,10 @@ const handlers = {
     state.self = typeof f.user === 'string' ? f.user : null;
     if (f.limits && typeof f.limits === 'object') limits = { ...limits, ...f.limits };
     conn.readySince = Date.now();
-    applySessionRoom(typeof f.session_room === 'string' ? f.session_room : null);
+    applySessionRoom(
+      typeof f.session_room === 'string' ? f.session_room : null,
+      typeof f.default_room === 'string' ? f.default_room : null,
+    );
     setPhase('ready');
     for (const room of state.rooms.values()) sendJoin(room);
     flushOutbox();
@@ -534,10 +538,13 @@ const handlers = {
 
 /**
  * `hello` named the session's room, or did not. A restricted session shows only its room;
- * what was written before we knew goes to that room.
- * @param {string | null} name
+ * what was written before we knew goes to that room. Otherwise a page whose room was only
+ * a guess starts in the session's default room (`default_room`), where the session's
+ * legacy clients are.
+ * @param {string | null} name  `session_room`
+ * @param {string | null} fallback  `default_room`
  */
-function applySessionRoom(name) {
+function applySessionRoom(name, fallback) {
   sessionRoom = name;
   if (name !== null) {
     for (const e of state.outbox.entries) {
@@ -547,8 +554,17 @@ function applySessionRoom(name) {
     state.ensureRoom(name);
     state.switchTo(name);
     rebuildMessages();
+  } else if (provisionalRoom && fallback !== null && fallback !== DEFAULT_ROOM) {
+    // The room was guessed before any `hello`: the session's own (where its legacy
+    // clients are, nodejschat's room) takes its place, with what was written meanwhile.
+    for (const e of state.outbox.entries) if (e.room === DEFAULT_ROOM) e.room = fallback;
+    const wasCurrent = state.current === DEFAULT_ROOM;
+    state.removeRoom(DEFAULT_ROOM);
+    state.ensureRoom(fallback);
+    if (wasCurrent || state.current === null) state.switchTo(fallback);
+    rebuildMessages();
   } else if (state.rooms.size === 0) {
-    state.switchTo(DEFAULT_ROOM);
+    state.switchTo(fallback ?? DEFAULT_ROOM);
   }
   provisionalRoom = false;
 }

@@ -378,8 +378,32 @@ describe('chat page end to end', { timeout: 300000 }, () => {
     const box = p.page.getByRole('textbox', { name: 'Message', exact: true });
     assert.equal(await box.count(), 1);
     assert.equal(await box.evaluate((e) => e.tagName), 'TEXTAREA');
-    assert.equal(await p.page.locator('#room-title').textContent(), '#general');
+    // The session's default room: where its legacy (nodejschat) clients are.
+    assert.equal(await p.page.locator('#room-title').textContent(), '#0');
   }
+
+  test("the page and a nodejschat client of a session without a room share its room", async () => {
+    const url = `${server.base.replace(/^http/, 'ws')}/?session_key=${encodeURIComponent(await server.createSession('mike'))}`;
+    const legacy = new WebSocket(url, { origin: server.base });
+    /** @type {any[]} */
+    const got = [];
+    legacy.on('message', (data) => got.push(JSON.parse(String(data))));
+    await new Promise((resolve, reject) => {
+      legacy.once('open', resolve);
+      legacy.once('error', reject);
+    });
+    const fromLegacy = `from a nodejschat client (${run})`;
+    legacy.send(JSON.stringify({ message: fromLegacy }));
+    await waitMessage(alice, fromLegacy);
+    const fromPage = `from the page (${run})`;
+    await say(alice, fromPage);
+    const deadline = Date.now() + 15000;
+    while (!got.some((f) => f.message === fromPage) && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    legacy.close();
+    assert.ok(got.some((f) => f.message === fromPage), `the legacy client got ${JSON.stringify(got)}`);
+  });
 
   test('two people chat both ways, with presence and typing', async () => {
     await alice.page.waitForFunction(() => /bob/.test(document.querySelector('#presence-list')?.textContent ?? ''));
@@ -480,18 +504,18 @@ describe('chat page end to end', { timeout: 300000 }, () => {
     const ping = `unread ping (${run})`;
     await say(bob, ping);
     await alice.page.waitForFunction(
-      () => document.querySelector('.room [data-room="general"] .badge')?.textContent === '1',
+      () => document.querySelector('.room [data-room="0"] .badge')?.textContent === '1',
     );
     assert.match(await alice.page.title(), /^\(1\) /);
-    await alice.page.locator('.room-open[data-room="general"]').click();
+    await alice.page.locator('.room-open[data-room="0"]').click();
     await waitMessage(alice, ping);
-    assert.equal(await alice.page.locator('.room [data-room="general"] .badge').count(), 0);
+    assert.equal(await alice.page.locator('.room [data-room="0"] .badge').count(), 0);
     assert.equal(await countMessage(alice, ping), 1);
 
     // Leave the history room again.
     await alice.page.getByRole('button', { name: `Leave #${room}` }).click();
     await alice.page.locator(`.room-open[data-room="${room}"]`).waitFor({ state: 'detached' });
-    assert.equal(await alice.page.locator('#room-title').textContent(), '#general');
+    assert.equal(await alice.page.locator('#room-title').textContent(), '#0');
   });
 
   test('after a server restart both pages reconnect; what was typed meanwhile arrives once', async () => {
@@ -537,9 +561,9 @@ describe('chat page end to end', { timeout: 300000 }, () => {
     // The store has each of them once.
     const dave = new NodeClient(server.base);
     await dave.connect(await server.createSession('dave'));
-    const join = await dave.request({ type: 'join', rooms: [{ room: 'general' }] });
+    const join = await dave.request({ type: 'join', rooms: [{ room: '0' }] });
     assert.equal(join.type, 'joined', JSON.stringify(join));
-    const all = await dave.allMessages('general');
+    const all = await dave.allMessages('0');
     dave.close();
     for (const text of [outage, outageBob]) {
       assert.equal(all.filter((m) => m.text === text).length, 1, `stored once: ${text}`);

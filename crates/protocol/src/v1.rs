@@ -132,6 +132,11 @@ pub enum ServerFrame {
         /// The only room this session may use, when its session row names one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session_room: Option<String>,
+        /// The room this session's legacy connections are in (`session_room`, or `"0"`
+        /// for a session without one): where a client with no rooms of its own starts, so
+        /// that it meets nodejschat's clients of the same session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default_room: Option<String>,
         limits: Limits,
     },
     /// A room was joined. `last_seq` is the room's newest seq when the backfill was read;

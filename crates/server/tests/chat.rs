@@ -170,7 +170,10 @@ async fn a_message_sent_in_the_first_millisecond_is_delivered(backend: Backend) 
     v1.send(json!({"type": "auth", "key": key})).await;
     v1.send(json!({"type": "send", "room": "0", "text": "me too", "client_msg_id": "x"}))
         .await;
-    assert_eq!(v1.recv().await["type"], "hello");
+    let hello = v1.recv().await;
+    assert_eq!(hello["type"], "hello");
+    // Where this session's legacy connection is: a client with no rooms starts there.
+    assert_eq!(hello["default_room"], "0", "{hello}");
     let ack = v1.recv_until("ack").await;
     assert_eq!(ack["seq"], 2);
     app.stop().await;
@@ -336,7 +339,13 @@ async fn bad_frames_get_errors_and_the_connection_goes_on(backend: Backend) {
 async fn a_session_with_a_room_may_use_only_that_room(backend: Backend) {
     let app = spawn_app(backend).await;
     let key = app.session("guest", Some(3)).await;
-    let mut c = Client::v1(&app, &key).await;
+    let mut c = Client::connect(&format!("{}?session_key={key}", app.v1_url())).await;
+    let hello = c.recv().await;
+    assert_eq!(
+        (&hello["session_room"], &hello["default_room"]),
+        (&json!("3"), &json!("3")),
+        "{hello}"
+    );
     c.send(json!({"type": "join", "rooms": [{"room": "4"}], "ref": 1}))
         .await;
     let err = c.recv_until("error").await;

@@ -239,6 +239,7 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             protocol: 1,
                             server: "fake".into(),
                             session_room: None,
+                            default_room: None,
                             limits: Limits {
                                 max_message_bytes: 4096,
                                 history_limit: 3,

@@ -45,7 +45,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
     let token = shared.tracker.token();
     upgrade.respond(None, move |io| async move {
         let socket = open(&shared, io).await;
-        let room = RoomName::legacy(auth.session.room.unwrap_or(0));
+        let room = auth.session.legacy_room();
         let conn = start(&shared, socket.outbox, &auth.session, Protocol::Legacy);
         let driver = Driver::new(socket.reader, conn.clone(), shared.clone());
         let held = Held {

@@ -159,6 +159,7 @@ pub(super) fn serve(
                 protocol: PROTOCOL_VERSION,
                 server: concat!("wschat/", env!("CARGO_PKG_VERSION")).into(),
                 session_room: session.room.map(|r| r.to_string()),
+                default_room: Some(session.legacy_room().to_string()),
                 limits: Limits {
                     max_message_bytes: s.max_message_bytes,
                     history_limit: s.history_limit,

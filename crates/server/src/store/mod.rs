@@ -37,6 +37,14 @@ pub struct Session {
     pub room: Option<i64>,
 }
 
+impl Session {
+    /// The room of this session's legacy connections: its `room`, or room 0 without one
+    /// (named as the legacy protocol names rooms: `"0"`, `"3"`).
+    pub fn legacy_room(&self) -> RoomName {
+        RoomName::legacy(self.room.unwrap_or(0))
+    }
+}
+
 /// A message to commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {

@@ -229,8 +229,9 @@ impl Application {
             shared.settings.session_check_interval(),
             shared.shutdown.clone(),
         ));
-        if let Some(tls) = &tls {
-            tls.reload_on_sighup(shared.shutdown.clone())?;
+        match &tls {
+            Some(tls) => tls.reload_on_sighup(shared.shutdown.clone())?,
+            None => crate::tls::ignore_sighup(shared.shutdown.clone())?,
         }
         Ok(Self {
             listener,

@@ -82,6 +82,24 @@ impl Tls {
     }
 }
 
+/// Without TLS there is nothing to reload, but a SIGHUP (a deploy tool's generic
+/// "reload") must not end the process, as the signal's default action would: it is logged.
+pub fn ignore_sighup(stop: CancellationToken) -> Result<(), TlsError> {
+    let mut hangups = signal(SignalKind::hangup()).map_err(TlsError::Signal)?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = hangups.recv() => match got {
+                    Some(()) => tracing::info!("SIGHUP: no TLS certificate to reload; ignored"),
+                    None => return,
+                },
+            }
+        }
+    });
+    Ok(())
+}
+
 async fn reload_loop(tls: Tls, mut hangups: Signal, stop: CancellationToken) {
     loop {
         tokio::select! {

@@ -31,6 +31,23 @@ async fn postgres_broker_node_is_ready() {
     app.stop().await;
 }
 
+/// A SIGHUP to a server without TLS (nothing to reload) does not end the process, as
+/// the signal's default action would: it goes on serving. (Without the handler the whole
+/// test process dies here.)
+#[tokio::test]
+async fn a_sighup_without_tls_is_ignored() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let status = Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = get(app.addr, "/healthz", None).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    app.stop().await;
+}
+
 /// Once draining, readiness and health say so (the router is served here on a listener of
 /// the test's own, since the server's own listener stops accepting as the drain starts).
 #[tokio::test]

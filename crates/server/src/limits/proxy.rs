@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderValue};
 
 /// An address range: `10.0.0.0/8`, `2001:db8::/32`, or one address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,11 +131,11 @@ fn forwarded_hops(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
     let mut any = false;
     for value in headers.get_all(header::FORWARDED) {
         any = true;
-        let Ok(value) = value.to_str() else {
-            hops.push(None);
-            continue;
-        };
-        for element in value.split(',') {
+        for element in elements(value) {
+            let Some(element) = element else {
+                hops.push(None);
+                continue;
+            };
             let node = element.split(';').find_map(|pair| {
                 let (name, value) = pair.split_once('=')?;
                 name.trim()
@@ -154,12 +154,20 @@ fn forwarded_hops(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
 fn x_forwarded_for_hops(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     let mut hops = Vec::new();
     for value in headers.get_all("x-forwarded-for") {
-        match value.to_str() {
-            Ok(value) => hops.extend(value.split(',').map(|h| parse_node(h.trim()))),
-            Err(_) => hops.push(None),
-        }
+        hops.extend(elements(value).map(|h| h.and_then(|h| parse_node(h.trim()))));
     }
     hops
+}
+
+/// A header line's comma-separated elements, each decoded on its own (`None`: not text).
+/// A proxy appends its hop to the line the client sent: were the line decoded whole, bytes
+/// a client put in its part would hide the hop the proxy appended, and the walk would stop
+/// at the proxy's own address.
+fn elements(value: &HeaderValue) -> impl Iterator<Item = Option<&str>> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(|element| std::str::from_utf8(element).ok())
 }
 
 /// `192.0.2.1`, `192.0.2.1:4711`, `[2001:db8::1]`, `[2001:db8::1]:4711`, `2001:db8::1`.
@@ -210,6 +218,26 @@ mod tests {
             .contains(ip("2001:db8:1::5")));
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(Cidr::parse("proxy.example").is_err());
+    }
+
+    /// A client's own part of the line that is not text does not hide the hop the proxy
+    /// appended after it (nginx's `$proxy_add_x_forwarded_for` appends to the client's line).
+    #[test]
+    fn bytes_that_are_not_text_hide_only_their_own_element() {
+        let ranges = ["127.0.0.0/8".into()];
+        let line = |value: &[u8]| {
+            let mut map = HeaderMap::new();
+            let value = HeaderValue::from_bytes(value).unwrap();
+            map.append("x-forwarded-for", value.clone());
+            map.append(header::FORWARDED, value);
+            map
+        };
+        let xff = TrustedProxies::parse(&ranges, ProxyHeader::XForwardedFor).unwrap();
+        let both = line(b"\xff, 203.0.113.9");
+        assert_eq!(xff.client_ip(ip("127.0.0.1"), &both), ip("203.0.113.9"));
+        let fwd = TrustedProxies::parse(&ranges, ProxyHeader::Forwarded).unwrap();
+        let both = line(b"for=\xff, for=203.0.113.9");
+        assert_eq!(fwd.client_ip(ip("127.0.0.1"), &both), ip("203.0.113.9"));
     }
 
     #[test]

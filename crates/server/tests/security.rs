@@ -95,6 +95,29 @@ async fn status_of(addr: SocketAddr, path: &str, extra: &str) -> u16 {
     handshake(addr, path, extra).await.0.status
 }
 
+/// A handshake for a WebSocket version this server does not speak gets 426 naming the one
+/// it does (RFC 6455 4.2.2), on either endpoint; one that is not a GET gets 405.
+#[tokio::test]
+async fn a_wrong_websocket_version_is_told_the_right_one() {
+    let app = app_with(|_| {}).await;
+    for path in ["/ws", "/"] {
+        let mut stream = TcpStream::connect(app.addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let head = read_head(&mut stream).await;
+        assert_eq!(head.status, 426, "{path}");
+        assert_eq!(head.header("sec-websocket-version"), Some("13"), "{path}");
+    }
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let request = format!("POST /ws HTTP/1.1\r\nHost: t\r\n{HANDSHAKE}Content-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_head(&mut stream).await.status, 405);
+    app.stop().await;
+}
+
 /// An upgraded raw WebSocket.
 async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
     let (head, stream) = handshake(addr, path, "").await;

@@ -57,7 +57,7 @@ impl IntoResponse for Rejection {
                 "`Upgrade` header did not include 'websocket'",
             ),
             Self::VersionHeader => (
-                StatusCode::BAD_REQUEST,
+                StatusCode::UPGRADE_REQUIRED,
                 "`Sec-WebSocket-Version` header did not include '13'",
             ),
             Self::KeyMissing => (
@@ -69,7 +69,15 @@ impl IntoResponse for Rejection {
                 "WebSocket request couldn't be upgraded since no upgrade state was present",
             ),
         };
-        (status, text).into_response()
+        let mut response = (status, text).into_response();
+        if self == Self::VersionHeader {
+            // RFC 6455 4.2.2: the answer names the version this server speaks.
+            response.headers_mut().insert(
+                axum::http::header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
     }
 }
 

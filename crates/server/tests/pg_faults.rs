@@ -581,25 +581,34 @@ async fn answer(ws: &mut Ws, limit: Duration) -> Value {
     }
 }
 
+/// A private cluster, a node on it, and a v1 connection whose first send (message 1 to
+/// room `p`) was acked.
+async fn one_message_acked() -> (Cluster, common::TestApp, Ws) {
+    let cluster = Cluster::create().await;
+    let app = spawn_on(&cluster, |_| {}).await;
+    let key = app.session("ada", None).await;
+    let mut ws = connect(app.addr, &key).await;
+    ws.send(send_numbered(1)).await.unwrap();
+    assert_eq!(answer(&mut ws, common::WAIT).await["type"], "ack");
+    (cluster, app, ws)
+}
+
+/// A `send` of message `n` to room `p` (its `client_msg_id` and `ref` made from `n`).
+fn send_numbered(n: u64) -> Message {
+    Message::text(
+        json!({"type": "send", "room": "p", "text": format!("m{n}"),
+               "client_msg_id": format!("m-{n}"), "ref": n})
+        .to_string(),
+    )
+}
+
 /// A PostgreSQL that takes the commit statement and never answers (its host gone, or
 /// paused: the connection stays open, so no error comes either) holds no send forever:
 /// the committer gives up on the connection, the sender is told `unavailable`, and its
 /// retry with the same `client_msg_id` is stored once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_stops_answering_gets_sends_answered_unavailable() {
-    let cluster = Cluster::create().await;
-    let app = spawn_on(&cluster, |_| {}).await;
-    let key = app.session("ada", None).await;
-    let mut ws = connect(app.addr, &key).await;
-    let send = |n: u64| {
-        Message::text(
-            json!({"type": "send", "room": "p", "text": format!("m{n}"),
-                   "client_msg_id": format!("m-{n}"), "ref": n})
-            .to_string(),
-        )
-    };
-    ws.send(send(1)).await.unwrap();
-    assert_eq!(answer(&mut ws, common::WAIT).await["type"], "ack");
+    let (cluster, app, mut ws) = one_message_acked().await;
     let mut admin = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
     let committer: i32 = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'wschat-commit'",
@@ -608,7 +617,7 @@ async fn a_database_that_stops_answering_gets_sends_answered_unavailable() {
     .await
     .unwrap();
     let paused = Paused::pause(committer);
-    ws.send(send(2)).await.unwrap();
+    ws.send(send_numbered(2)).await.unwrap();
     // Well past the committer's own bound: without it, no answer until the backend runs.
     let told = answer(&mut ws, Duration::from_secs(60)).await;
     assert_eq!(told["type"], "error", "{told}");
@@ -619,7 +628,7 @@ async fn a_database_that_stops_answering_gets_sends_answered_unavailable() {
     let text = told["message"].as_str().unwrap_or_default();
     assert!(text.starts_with("perhaps stored: "), "{told}");
     drop(paused);
-    ws.send(send(2)).await.unwrap();
+    ws.send(send_numbered(2)).await.unwrap();
     let ack = answer(&mut ws, common::WAIT).await;
     assert_eq!(
         (&ack["type"], &ack["seq"]),
@@ -700,19 +709,7 @@ async fn a_session_lookup_the_database_never_answers_ends_at_the_auth_deadline()
 /// connection is found by a ping before the batch goes out, and replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_after_the_committer_died_idle_is_stored_and_acked() {
-    let cluster = Cluster::create().await;
-    let app = spawn_on(&cluster, |_| {}).await;
-    let key = app.session("ada", None).await;
-    let mut ws = connect(app.addr, &key).await;
-    let send = |n: u64| {
-        Message::text(
-            json!({"type": "send", "room": "p", "text": format!("m{n}"),
-                   "client_msg_id": format!("m-{n}"), "ref": n})
-            .to_string(),
-        )
-    };
-    ws.send(send(1)).await.unwrap();
-    assert_eq!(answer(&mut ws, common::WAIT).await["type"], "ack");
+    let (cluster, app, mut ws) = one_message_acked().await;
     let mut admin = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
     let ended: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -724,7 +721,7 @@ async fn a_send_after_the_committer_died_idle_is_stored_and_acked() {
     assert_eq!(ended, 1);
     // Idle for longer than the committer trusts a connection without a ping.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    ws.send(send(2)).await.unwrap();
+    ws.send(send_numbered(2)).await.unwrap();
     let told = answer(&mut ws, common::WAIT).await;
     assert_eq!(
         (&told["type"], &told["seq"], &told["ref"]),

@@ -693,10 +693,8 @@ mod tests {
     use crate::hub::{pacing::WritePacing, Conn, Item, Outbox, Protocol, Pushed};
     use crate::store::commit_unheard;
 
-    /// A join's backfill whose connection ended meanwhile (4008, killed) stops before its
-    /// next message, instead of reading and encoding the rest of the room for nobody.
-    #[tokio::test]
-    async fn a_backfill_stops_once_its_connection_has_ended() {
+    /// A server on a fresh SQLite store (not serving), and the folder that holds it.
+    async fn sqlite_app() -> (tempfile::TempDir, crate::Application) {
         let dir = tempfile::tempdir().expect("a temporary folder");
         let settings = crate::Settings {
             listen: "127.0.0.1:0".parse().expect("an address"),
@@ -707,6 +705,14 @@ mod tests {
         let app = crate::Application::build(settings)
             .await
             .expect("the server builds");
+        (dir, app)
+    }
+
+    /// A join's backfill whose connection ended meanwhile (4008, killed) stops before its
+    /// next message, instead of reading and encoding the rest of the room for nobody.
+    #[tokio::test]
+    async fn a_backfill_stops_once_its_connection_has_ended() {
+        let (_dir, app) = sqlite_app().await;
         let shared = app.shared();
         let room = RoomName::new("r").expect("a room name");
         commit_unheard(shared.store.as_ref(), &room, 1200).await;
@@ -751,16 +757,7 @@ mod tests {
     /// head, and the client gets every message once, in order, and stays connected.
     #[tokio::test]
     async fn a_backfill_outrun_by_live_messages_reads_them_from_the_store() {
-        let dir = tempfile::tempdir().expect("a temporary folder");
-        let settings = crate::Settings {
-            listen: "127.0.0.1:0".parse().expect("an address"),
-            database: format!("sqlite://{}", dir.path().join("chat.db").display()),
-            demo_session: false,
-            ..crate::Settings::default()
-        };
-        let app = crate::Application::build(settings)
-            .await
-            .expect("the server builds");
+        let (_dir, app) = sqlite_app().await;
         let shared = app.shared();
         let room = RoomName::new("r").expect("a room name");
         commit_unheard(shared.store.as_ref(), &room, 30).await;

@@ -457,3 +457,34 @@ async fn a_stopped_node_deregisters_so_a_local_node_may_follow_at_once() {
     }
     common::drop_database(&settings.database).await;
 }
+
+/// Lookups asked together share one query; a row of theirs that cannot be read (an old
+/// nodejschat table whose `user` may be NULL) fails only its own key, not the others'.
+#[tokio::test]
+async fn a_session_row_that_cannot_be_read_fails_only_its_own_key() {
+    let (settings, _dir) = common::fresh(Backend::Postgres).await;
+    let store = wschat_server::store::open(&settings.database)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let good = hash_key("good-key");
+    store.create_session(&good, "ada", None).await.unwrap();
+    let mut db = sqlx::PgConnection::connect(&settings.database)
+        .await
+        .unwrap();
+    sqlx::query(r#"ALTER TABLE sessions ALTER COLUMN "user" DROP NOT NULL"#)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query(r#"INSERT INTO sessions (key, "user") VALUES ('broken-key', NULL)"#)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let broken = hash_key("broken-key");
+    // Both asked before the lookup task runs (this test's runtime has one thread): one
+    // query answers both.
+    let (good_found, broken_found) = tokio::join!(store.session(&good), store.session(&broken));
+    assert_eq!(good_found.unwrap().map(|s| s.user), Some("ada".to_owned()));
+    assert!(broken_found.is_err(), "{broken_found:?}");
+    common::drop_database(&settings.database).await;
+}

@@ -110,12 +110,14 @@ async fn take_lookups(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver
     }
 }
 
-/// Ask for a batch's keys in one query and answer each lookup.
+/// Ask for a batch's keys in one query and answer each lookup. A row that cannot be read
+/// (an old table's NULL user, say) fails only its own key's lookup, not the batch's.
 async fn look_up(pool: &PgPool, batch: Vec<Lookup>) {
     let mut keys: Vec<&str> = batch.iter().map(|(key, _)| key.as_str()).collect();
     keys.sort_unstable();
     keys.dedup();
-    let found = sqlx::query(
+    type Row = Result<(String, Option<i32>), Arc<StoreError>>;
+    let found: Result<HashMap<String, Row>, Arc<StoreError>> = sqlx::query(
         r#"SELECT key, "user", room FROM sessions
            WHERE key = ANY($1) AND (expires_at IS NULL OR expires_at > now())"#,
     )
@@ -123,21 +125,28 @@ async fn look_up(pool: &PgPool, batch: Vec<Lookup>) {
     .fetch_all(pool)
     .await
     .map_err(|e| Arc::new(StoreError::from(e)))
-    .and_then(|rows| {
+    .map(|rows| {
         rows.iter()
-            .map(|r| -> Result<(String, (String, Option<i32>)), StoreError> {
-                Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?)))
+            .filter_map(|r| {
+                // The key was asked for by value: one that cannot be read matches none.
+                let key: String = r.try_get(0).ok()?;
+                let session = (|| Ok((r.try_get(1)?, r.try_get(2)?)))()
+                    .map_err(|e: sqlx::Error| Arc::new(StoreError::from(e)));
+                Some((key, session))
             })
-            .collect::<Result<HashMap<_, _>, _>>()
-            .map_err(Arc::new)
+            .collect()
     });
     for (key, answer) in batch {
         let session = match &found {
-            Ok(sessions) => Ok(sessions.get(key.as_str()).map(|(user, room)| Session {
-                user: user.clone(),
-                room: room.map(i64::from),
-                key,
-            })),
+            Ok(sessions) => match sessions.get(key.as_str()) {
+                None => Ok(None),
+                Some(Ok((user, room))) => Ok(Some(Session {
+                    user: user.clone(),
+                    room: room.map(i64::from),
+                    key,
+                })),
+                Some(Err(e)) => Err(StoreError::Shared(Arc::clone(e))),
+            },
             Err(e) => Err(StoreError::Shared(Arc::clone(e))),
         };
         let _ignored_if_the_connect_is_gone = answer.send(session);

@@ -25,6 +25,9 @@ use super::{
     StoreKind, StoredMessage,
 };
 
+/// Most messages one prune transaction deletes (see `prune`).
+const PRUNE_CHUNK: i64 = 5_000;
+
 pub struct SqliteStore {
     /// Every write but message batches (sessions, nodes, pruning).
     writer: SqlitePool,
@@ -328,16 +331,27 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    /// In transactions of at most `PRUNE_CHUNK` rows: SQLite has one writer, and the first
+    /// prune of a large log in one transaction would hold the commits back for as long as
+    /// it took (past their busy timeout, failing them).
     async fn prune(&self, keep: u64) -> Result<u64, StoreError> {
-        let done = sqlx::query(
-            "DELETE FROM wschat_messages WHERE id IN (
-               SELECT m.id FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
-               WHERE m.seq <= r.last_seq - ?1)",
-        )
-        .bind(to_db(keep))
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected())
+        let mut pruned = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM wschat_messages WHERE id IN (
+                   SELECT m.id FROM wschat_messages m JOIN wschat_rooms r ON r.id = m.room_id
+                   WHERE m.seq <= r.last_seq - ?1 LIMIT ?2)",
+            )
+            .bind(to_db(keep))
+            .bind(PRUNE_CHUNK)
+            .execute(&self.writer)
+            .await?
+            .rows_affected();
+            pruned += done;
+            if done < PRUNE_CHUNK as u64 {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn messages_before(
@@ -390,6 +404,41 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use rusqlite::{Connection, StatementStatus};
+
+    /// A prune larger than one chunk deletes all it should, chunk after chunk, and keeps
+    /// the newest messages of each room.
+    #[tokio::test]
+    async fn a_prune_larger_than_a_chunk_deletes_everything_past_what_is_kept() {
+        use crate::store::commit_unheard;
+        use wschat_protocol::RoomName;
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let url = format!("sqlite://{}", dir.path().join("prune.db").display());
+        let store = crate::store::open(&url).await.expect("the store opens");
+        store.migrate().await.expect("the schema applies");
+        let (big, small) = (
+            RoomName::new("big").expect("a name"),
+            RoomName::new("small").expect("a name"),
+        );
+        let per_room = u64::try_from(super::PRUNE_CHUNK).expect("positive") + 1_000;
+        commit_unheard(store.as_ref(), &big, per_room).await;
+        commit_unheard(store.as_ref(), &small, 30).await;
+        assert_eq!(
+            store.prune(10).await.expect("the prune"),
+            per_room - 10 + 20
+        );
+        let left = store.messages_after(&big, 0, 100).await.expect("a read");
+        let seqs: Vec<u64> = left.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (per_room - 9..=per_room).collect::<Vec<_>>());
+        assert_eq!(
+            store
+                .messages_after(&small, 0, 100)
+                .await
+                .expect("a read")
+                .len(),
+            10
+        );
+        assert_eq!(store.prune(10).await.expect("a second prune"), 0);
+    }
 
     use super::{MESSAGES_AFTER, ROOMS_AFTER};
     use crate::store::sqlite_reader::MESSAGES_BEFORE;

@@ -118,6 +118,31 @@ async fn a_wrong_websocket_version_is_told_the_right_one() {
     app.stop().await;
 }
 
+/// A legacy upgrade selects the first subprotocol offered, as nodejschat's `ws` server did
+/// (a browser that offered one fails a connection whose answer selects none), but never
+/// v1's; the v1 endpoint selects only v1's.
+#[tokio::test]
+async fn a_legacy_upgrade_selects_the_first_subprotocol_offered() {
+    let app = app_with(|_| {}).await;
+    let key = app.session("ada", None).await;
+    let legacy = format!("/?session_key={key}");
+    let offered = |list: &str| format!("Sec-WebSocket-Protocol: {list}\r\n");
+    let (head, _) = handshake(app.addr, &legacy, &offered("chat, other")).await;
+    assert_eq!(head.status, 101);
+    assert_eq!(head.header("sec-websocket-protocol"), Some("chat"));
+    let (head, _) = handshake(app.addr, &legacy, &offered("wschat.v1, chat")).await;
+    assert_eq!(head.header("sec-websocket-protocol"), Some("chat"));
+    let (head, _) = handshake(app.addr, &legacy, "").await;
+    assert_eq!(
+        (head.status, head.header("sec-websocket-protocol")),
+        (101, None)
+    );
+    let v1 = format!("/ws?session_key={key}");
+    let (head, _) = handshake(app.addr, &v1, &offered("chat, wschat.v1")).await;
+    assert_eq!(head.header("sec-websocket-protocol"), Some("wschat.v1"));
+    app.stop().await;
+}
+
 /// An upgraded raw WebSocket.
 async fn raw_ws(addr: SocketAddr, path: &str) -> TcpStream {
     let (head, stream) = handshake(addr, path, "").await;

@@ -43,7 +43,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: axum::extract::Request)
         Err(refused) => return refused.into_response(),
     };
     let token = shared.tracker.token();
-    upgrade.respond(None, move |io| async move {
+    // nodejschat's `ws` server selected the first subprotocol a client offered; a browser
+    // that offered one fails a connection whose answer selects none. (Not v1's: this is
+    // not a v1 connection.)
+    let protocol = upgrade.first_offered_but(wschat_protocol::SUBPROTOCOL_V1);
+    upgrade.respond(protocol, move |io| async move {
         let socket = open(&shared, io).await;
         let room = auth.session.legacy_room();
         let conn = start(&shared, socket.outbox, &auth.session, Protocol::Legacy);

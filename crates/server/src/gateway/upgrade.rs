@@ -138,9 +138,17 @@ impl Upgrade {
         self.offered.iter().any(|p| p == protocol)
     }
 
+    /// The first subprotocol the client offered other than `but`, if any.
+    pub fn first_offered_but(&self, but: &str) -> Option<String> {
+        self.offered
+            .iter()
+            .find(|p| !p.is_empty() && *p != but)
+            .cloned()
+    }
+
     /// The `101 Switching Protocols` answer (selecting `protocol`, when given); `run` gets
     /// the socket once hyper hands it over.
-    pub fn respond<F, Fut>(self, protocol: Option<&'static str>, run: F) -> Response
+    pub fn respond<F, Fut>(self, protocol: Option<String>, run: F) -> Response
     where
         F: FnOnce(Handover) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -169,11 +177,8 @@ impl Upgrade {
         if let Ok(accept) = HeaderValue::from_str(&accept) {
             headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
         }
-        if let Some(protocol) = protocol {
-            headers.insert(
-                header::SEC_WEBSOCKET_PROTOCOL,
-                HeaderValue::from_static(protocol),
-            );
+        if let Some(protocol) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
         }
         response
     }

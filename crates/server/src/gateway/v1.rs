@@ -77,7 +77,9 @@ pub(crate) async fn handle(
         None => None,
     };
     let token = shared.tracker.token();
-    let protocol = upgrade.offers(SUBPROTOCOL_V1).then_some(SUBPROTOCOL_V1);
+    let protocol = upgrade
+        .offers(SUBPROTOCOL_V1)
+        .then(|| SUBPROTOCOL_V1.to_owned());
     upgrade.respond(protocol, move |io| async move {
         let Socket {
             mut reader,

@@ -100,9 +100,10 @@ pub(crate) async fn authenticate(
     let Some(key) = key.filter(|k| !k.is_empty()) else {
         return Err(AuthError::Missing);
     };
-    if let Some(left) = shared.limits.blocked(client) {
-        return Err(AuthError::Limited(Refusal::Blocked(left)));
-    }
+    shared
+        .limits
+        .not_blocked(client)
+        .map_err(AuthError::Limited)?;
     let hash = hash_key(key);
     let bound = shared.settings.auth_timeout();
     let Ok(found) = tokio::time::timeout(bound, shared.store.session(&hash)).await else {
@@ -111,9 +112,11 @@ pub(crate) async fn authenticate(
     };
     match found {
         Ok(Some(session)) => {
+            // Blocked while the lookup ran (by guesses sent beside this one): refused,
+            // a valid key too, or one of them would get in past the block.
             shared
                 .limits
-                .found_key(client)
+                .not_blocked(client)
                 .map_err(AuthError::Limited)?;
             let slot = shared
                 .limits

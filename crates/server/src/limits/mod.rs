@@ -254,9 +254,7 @@ impl Limits {
     pub fn admit(&self, peer: SocketAddr, headers: &HeaderMap) -> Result<Admission, Refusal> {
         self.origins.check(headers).map_err(Refusal::Origin)?;
         let client = self.client_ip(peer, headers);
-        if let Some(left) = self.blocked(client) {
-            return Err(Refusal::Blocked(left));
-        }
+        self.not_blocked(client)?;
         let slot = self
             .per_address
             .acquire(address_key(client))
@@ -287,11 +285,10 @@ impl Limits {
         until.checked_duration_since(Instant::now())
     }
 
-    /// A key the store found, tried from `client`: refused when the address was blocked
-    /// while its lookup ran. Guesses sent in parallel are all looked up before the first
-    /// of them is counted (`note_failed_key`); without this, one among them that hits a
-    /// valid key would get in past the block.
-    pub fn found_key(&self, client: IpAddr) -> Result<(), Refusal> {
+    /// `blocked`, as the refusal: at the handshake, before a key's lookup, and again
+    /// after a lookup that found it (guesses sent in parallel are all looked up before
+    /// the first of them is counted, so the address can be blocked while one runs).
+    pub fn not_blocked(&self, client: IpAddr) -> Result<(), Refusal> {
         match self.blocked(client) {
             Some(left) => Err(Refusal::Blocked(left)),
             None => Ok(()),
@@ -412,11 +409,11 @@ mod tests {
     fn a_key_found_after_its_address_was_blocked_is_refused() {
         let l = limits(|s| s.max_failed_keys_per_minute = 2);
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
-        assert!(l.found_key(ip).is_ok());
+        assert!(l.not_blocked(ip).is_ok());
         l.note_failed_key(ip);
-        assert!(l.found_key(ip).is_ok(), "one failure does not block");
+        assert!(l.not_blocked(ip).is_ok(), "one failure does not block");
         l.note_failed_key(ip);
-        assert!(matches!(l.found_key(ip), Err(Refusal::Blocked(_))));
-        assert!(l.found_key("192.0.2.10".parse().unwrap()).is_ok());
+        assert!(matches!(l.not_blocked(ip), Err(Refusal::Blocked(_))));
+        assert!(l.not_blocked("192.0.2.10".parse().unwrap()).is_ok());
     }
 }

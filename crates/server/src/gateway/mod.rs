@@ -573,10 +573,26 @@ pub(crate) async fn backfill(
             }
         };
     }
-    // Everything after `$since` through `$head`, page by page; evaluates to `$head`.
-    macro_rules! send_after {
-        ($since:expr, $head:expr) => {{
-            let (since, head): (u64, u64) = ($since, $head);
+    // What has been sent, through which seq; and the head to read on to, if any.
+    let (mut through, mut read_to) = match from {
+        Backfill::Last { n, head } => {
+            let messages = shared
+                .store
+                .messages_before(room, head.map(|h| h + 1), n)
+                .await?;
+            send_each!(&messages);
+            // Subscribed before the read: what was committed after it comes live.
+            (
+                head.unwrap_or_else(|| messages.last().map_or(0, |m| m.seq)),
+                None,
+            )
+        }
+        Backfill::After { since, head } => (since, Some(head)),
+    };
+    loop {
+        // Everything after `through` up to `head`, page by page.
+        if let Some(head) = read_to.take() {
+            let since = through;
             let mut cursor = since;
             while cursor < head {
                 // A client that reads fast never waits: the stop is looked at each page.
@@ -613,29 +629,14 @@ pub(crate) async fn backfill(
                     break;
                 }
             }
-            head
-        }};
-    }
-    let mut through = match from {
-        Backfill::Last { n, head } => {
-            let messages = shared
-                .store
-                .messages_before(room, head.map(|h| h + 1), n)
-                .await?;
-            send_each!(&messages);
-            // Subscribed before the read: what was committed after it comes live.
-            head.unwrap_or_else(|| messages.last().map_or(0, |m| m.seq))
+            through = head;
         }
-        Backfill::After { since, head } => send_after!(since, head),
-    };
-    loop {
         match conn.outbox.sync_done(sub, through) {
             Synced::Done | Synced::Closed => return Ok(ControlFlow::Continue(())),
+            // What the outbox dropped was committed before it was dropped: the head read
+            // now covers it.
             Synced::Lagged => {
-                // What the outbox dropped was committed before it was dropped: the head
-                // read now covers it.
-                let head = shared.store.room_head(room).await?.last_seq;
-                through = send_after!(through, head.max(through));
+                read_to = Some(shared.store.room_head(room).await?.last_seq.max(through));
             }
         }
     }

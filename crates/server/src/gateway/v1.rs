@@ -369,9 +369,6 @@ pub(super) struct Client {
 
 type Refusal = (ErrorCode, String);
 
-/// The next subscription id from `next`, skipping any still `in_use`. The counter wraps
-/// (after four billion joins on one connection) instead of overflowing, and a wrapped id
-/// never names a room the connection is still in.
 /// Whether an error answered after authentication counts towards the 4009 close: the
 /// client's own mistakes do; the store's failure (`unavailable`) does not, for a client
 /// retrying through an outage is not a broken one.
@@ -379,6 +376,9 @@ fn counts_towards_4009(code: ErrorCode) -> bool {
     code != ErrorCode::Unavailable
 }
 
+/// The next subscription id from `next`, skipping any still `in_use`. The counter wraps
+/// (after four billion joins on one connection) instead of overflowing, and a wrapped id
+/// never names a room the connection is still in.
 fn next_free_sub(next: &mut SubId, in_use: impl Fn(SubId) -> bool) -> SubId {
     loop {
         let sub = *next;

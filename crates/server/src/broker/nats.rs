@@ -84,17 +84,7 @@ impl NatsBroker {
                 url: url.to_owned(),
                 reason: e.to_string(),
             })?;
-        let subscribe = {
-            let (client, subject) = (client.clone(), subject.to_owned());
-            move || -> BoxFuture<'static, Result<Payloads, String>> {
-                let (client, subject) = (client.clone(), subject.clone());
-                async move {
-                    let subscriber = client.subscribe(subject).await.map_err(|e| e.to_string())?;
-                    Ok(subscriber.map(|m| m.payload).boxed())
-                }
-                .boxed()
-            }
-        };
+        let mut subscribe = subscriber(client.clone(), subject.to_owned());
         let first = subscribe().await.map_err(|reason| BrokerError::Nats {
             url: url.to_owned(),
             reason,
@@ -106,24 +96,9 @@ impl NatsBroker {
             stop.clone(),
         ));
         let subscribed = Arc::new(AtomicBool::new(true));
-        let again = {
-            let client = client.clone();
-            move || -> BoxFuture<'static, Result<Payloads, String>> {
-                let (client, made) = (client.clone(), subscribe());
-                async move {
-                    let payloads = made.await?;
-                    // Read the store only once the server has the subscription (see
-                    // `resync_when_subscribed`).
-                    let _read_the_store_anyway =
-                        tokio::time::timeout(FLUSH_WAIT, client.flush()).await;
-                    Ok(payloads)
-                }
-                .boxed()
-            }
-        };
         tokio::spawn(receive_loop(
             first,
-            again,
+            subscribe,
             hub,
             node.to_owned(),
             Arc::clone(&subscribed),
@@ -135,6 +110,35 @@ impl NatsBroker {
             node: node.to_owned(),
             subscribed,
         })
+    }
+}
+
+/// Subscribe to `subject`, as often as called: the subscription's payloads, once the
+/// server has it (`flushed`), so that a read of the store after it misses nothing.
+fn subscriber(
+    client: async_nats::Client,
+    subject: String,
+) -> impl FnMut() -> BoxFuture<'static, Result<Payloads, String>> {
+    move || {
+        let (client, subject) = (client.clone(), subject.clone());
+        async move {
+            let subscriber = client.subscribe(subject).await.map_err(|e| e.to_string())?;
+            flushed(&client, "a subscription").await;
+            Ok(subscriber.map(|m| m.payload).boxed())
+        }
+        .boxed()
+    }
+}
+
+/// Wait (at most `FLUSH_WAIT`) until the server has taken everything this client sent
+/// before, its subscriptions included: a flush is answered only then.
+async fn flushed(client: &async_nats::Client, after: &str) {
+    match tokio::time::timeout(FLUSH_WAIT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, after, "NATS flush failed; reading the store anyway")
+        }
+        Err(_) => tracing::debug!(after, "NATS flush timed out; reading the store anyway"),
     }
 }
 
@@ -207,15 +211,7 @@ async fn resync_when_subscribed(
         }
         // Several connects told at once need one read.
         while connected.try_recv().is_ok() {}
-        match tokio::time::timeout(FLUSH_WAIT, client.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "NATS flush after a connect failed; reading the store anyway")
-            }
-            Err(_) => {
-                tracing::debug!("NATS flush after a connect timed out; reading the store anyway")
-            }
-        }
+        flushed(&client, "a connect").await;
         tokio::spawn(hub.clone().resync());
     }
 }

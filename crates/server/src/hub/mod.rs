@@ -193,6 +193,17 @@ struct Room {
 }
 
 impl Room {
+    /// A room with no subscribers yet, delivered through seq `last_delivered`.
+    fn new(name: &RoomName, last_delivered: u64) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.clone(),
+            state: Mutex::new(RoomState {
+                last_delivered,
+                ..RoomState::default()
+            }),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, RoomState> {
         // A panic while holding a room lock is a bug; keep serving the room regardless.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -334,13 +345,7 @@ impl Hub {
                     .entry(name.clone())
                     .or_insert_with(|| {
                         created = true;
-                        Arc::new(Room {
-                            name: name.clone(),
-                            state: Mutex::new(RoomState {
-                                last_delivered: head.last_seq,
-                                ..RoomState::default()
-                            }),
-                        })
+                        Room::new(name, head.last_seq)
                     })
                     .clone();
                 if created {
@@ -373,13 +378,7 @@ impl Hub {
                 self.add_subscriber(name, &mut state, conn, sub);
                 return;
             }
-            let fresh = Arc::new(Room {
-                name: name.clone(),
-                state: Mutex::new(RoomState {
-                    last_delivered: state.last_delivered,
-                    ..RoomState::default()
-                }),
-            });
+            let fresh = Room::new(name, state.last_delivered);
             drop(state);
             let mut rooms = self.rooms();
             let replaced = match rooms.get(name) {
@@ -1344,10 +1343,10 @@ pub(crate) mod tests {
             ..
         } = one_member().await;
         let old = hub.room(&room).unwrap();
-        old.lock().last_delivered = 5;
         // The leave's first half: the room emptied and marked, still in the map.
         {
             let mut state = old.lock();
+            state.last_delivered = 5;
             state.subs.clear();
             state.removed = true;
         }

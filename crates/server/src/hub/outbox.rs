@@ -370,11 +370,8 @@ impl Outbox {
             if s.lagged {
                 return Pushed::Dropped;
             }
-            for (seq, frame) in (first..).zip(frames) {
-                s.held_bytes += frame.len();
-                s.held.push((seq, frame.clone()));
-            }
-            if s.held_bytes > self.limit {
+            let bytes: usize = frames.iter().map(|f| f.len()).sum();
+            if s.held_bytes + bytes > self.limit {
                 // Not the client's fault (it reads the backfill as fast as the store
                 // gives it): the backfill reads these from the store instead.
                 s.held = Vec::new();
@@ -382,6 +379,9 @@ impl Outbox {
                 s.lagged = true;
                 return Pushed::Dropped;
             }
+            s.held_bytes += bytes;
+            s.held
+                .extend((first..).zip(frames).map(|(seq, f)| (seq, f.clone())));
             return Pushed::Queued;
         }
         // The run's seqs up to the last one written are a prefix of it.
@@ -1168,6 +1168,7 @@ mod tests {
     /// reads, not held for the pacing delay: that write already went out.
     #[tokio::test(start_paused = true)]
     async fn the_rest_of_a_partial_write_is_not_held() {
+        use futures_util::FutureExt;
         let delay = Duration::from_millis(50);
         let capacity = 1024;
         let (outbox, mut client) = paced_outbox(1 << 20, capacity, WritePacing::new(delay, 0));
@@ -1192,7 +1193,6 @@ mod tests {
             for _ in 0..10 {
                 tokio::task::yield_now().await;
             }
-            use futures_util::FutureExt;
             while let Some(Ok(n)) = client.read(&mut buf).now_or_never() {
                 if n == 0 {
                     break;

@@ -130,8 +130,10 @@ async fn look_up(pool: &PgPool, batch: Vec<Lookup>) {
             .filter_map(|r| {
                 // The key was asked for by value: one that cannot be read matches none.
                 let key: String = r.try_get(0).ok()?;
-                let session = (|| Ok((r.try_get(1)?, r.try_get(2)?)))()
-                    .map_err(|e: sqlx::Error| Arc::new(StoreError::from(e)));
+                let session = r
+                    .try_get(1)
+                    .and_then(|user| Ok((user, r.try_get(2)?)))
+                    .map_err(|e| Arc::new(StoreError::from(e)));
                 Some((key, session))
             })
             .collect()

@@ -10,7 +10,7 @@ use sqlx::Connection;
 use std::sync::Arc;
 
 use wschat_protocol::RoomName;
-use wschat_server::store::{hash_key, NewMessage, StoreKind};
+use wschat_server::store::{hash_key, CommitOutcome, NewMessage, StoreKind};
 use wschat_server::{Application, Settings};
 
 #[tokio::test]
@@ -434,6 +434,95 @@ async fn two_nodes_creating_the_same_room_never_deadlock() {
         failed.is_empty(),
         "{} batches failed: {failed:?}",
         failed.len()
+    );
+}
+
+/// A retry that another node commits while this node's batch is on the transaction path
+/// (its lookup ran before that commit, so its insert waits on the other's, then violates
+/// the `(user, client_msg_id)` index) is found by a second attempt: the retry answered as
+/// the other node's message, the rest of the batch stored, nobody told "not stored".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_another_node_commits_meanwhile_fails_nothing_in_the_batch() {
+    let (settings, _dir) = common::fresh(Backend::Postgres).await;
+    let store = wschat_server::store::open(&settings.database)
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let msg = |user: &str, text: &str, cmid: &str| NewMessage {
+        room: RoomName::new("q").unwrap(),
+        user: user.into(),
+        text: text.into(),
+        client_msg_id: Some(cmid.into()),
+    };
+    store
+        .commit_batch(Arc::from(vec![msg("seed", "room made", "s")]))
+        .await
+        .unwrap();
+    // The other node, mid-commit: its first try of ada's "x" inserted, not committed.
+    let mut other = sqlx::PgConnection::connect(&settings.database)
+        .await
+        .unwrap();
+    let mut other_tx = other.begin().await.unwrap();
+    sqlx::query(
+        r#"WITH b AS (UPDATE wschat_rooms SET last_seq = last_seq + 1 WHERE name = 'q'
+                      RETURNING id, last_seq)
+           INSERT INTO wschat_messages (room_id, seq, "user", text, created_at, client_msg_id)
+           SELECT id, last_seq, 'ada', 'first try', now(), 'x' FROM b"#,
+    )
+    .execute(&mut *other_tx)
+    .await
+    .unwrap();
+    // This node's batch: ada's retry of "x", and bob's "y" twice (a repeat in the batch
+    // sends it down the transaction path at once).
+    let batch: Arc<[NewMessage]> = Arc::from(vec![
+        msg("ada", "retry", "x"),
+        msg("bob", "hello", "y"),
+        msg("bob", "hello", "y"),
+    ]);
+    let committing = tokio::spawn({
+        let store = store.clone();
+        async move { store.commit_batch(batch).await }
+    });
+    // Its lookup done (ada's "x" not visible yet), it waits on the other's locks.
+    let mut watch = sqlx::PgConnection::connect(&settings.database)
+        .await
+        .unwrap();
+    let waiting_since = std::time::Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            .fetch_one(&mut watch)
+            .await
+            .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            waiting_since.elapsed() < std::time::Duration::from_secs(20),
+            "the batch never waited on the other node: {:?}",
+            committing.is_finished()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    other_tx.commit().await.unwrap();
+    let outcomes = committing.await.unwrap().expect("the batch commits");
+    let seen: Vec<(bool, &str, u64)> = outcomes
+        .iter()
+        .map(|o| {
+            let m = o.message();
+            (
+                matches!(o, CommitOutcome::Stored(_)),
+                m.text.as_str(),
+                m.seq,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (false, "first try", 2),
+            (true, "hello", 3),
+            (false, "hello", 3)
+        ]
     );
 }
 

@@ -44,6 +44,9 @@ const COMMIT_STATEMENT_TIMEOUT: &str = "5s";
 const COMMIT_ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// A pooled connection idle for longer than this is pinged before it is used.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+/// Attempts of the transaction path for a batch whose insert keeps meeting a
+/// `(user, client_msg_id)` another node committed after the attempt's lookup.
+const TRANSACTION_ATTEMPTS: u32 = 3;
 /// A commit transaction that sits idle this long (its node was paused or hung between two
 /// statements) is ended by the server: it holds its rooms' counter rows, and every other
 /// node's commits to those rooms would wait for it. Rolled back, it was never acked.
@@ -358,15 +361,26 @@ impl Store for PgStore {
         };
         let committing = async {
             match commit_one_statement(&mut conn, &batch).await {
-                Ok(Some(outcomes)) => Ok(outcomes),
+                Ok(Some(outcomes)) => return Ok(outcomes),
                 // A repeat in the batch, or a `(user, client_msg_id)` already stored
                 // (nothing of the statement was committed): the transaction path looks
                 // repeats up.
-                Ok(None) => commit_on(&mut conn, &batch).await,
-                Err(StoreError::Query(sqlx::Error::Database(e))) if e.is_unique_violation() => {
-                    commit_on(&mut conn, &batch).await
+                Ok(None) => {}
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(e),
+            }
+            // Another node committing the same retry after this transaction's lookup
+            // missed it (its insert waits on ours, then violates the index): rolled
+            // back, and the next attempt's lookup finds it. Failing instead would tell
+            // every sender in the batch "not stored" over one retry.
+            let mut attempt = 1;
+            loop {
+                match commit_on(&mut conn, &batch).await {
+                    Err(e) if attempt < TRANSACTION_ATTEMPTS && is_unique_violation(&e) => {
+                        attempt += 1;
+                    }
+                    done => return done,
                 }
-                Err(e) => Err(e),
             }
         };
         // The server's statement timeout cannot end a wait for a server that does not
@@ -629,6 +643,10 @@ async fn commit_one_statement(
         .map(CommitRow::read)
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
     outcomes_from_rows(batch, plan, rows, time_ms).map(Some)
+}
+
+fn is_unique_violation(e: &StoreError) -> bool {
+    matches!(e, StoreError::Query(sqlx::Error::Database(e)) if e.is_unique_violation())
 }
 
 /// One batch in one transaction on `conn`, a few round trips: the path taken when the

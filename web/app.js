@@ -11,6 +11,7 @@ import {
   backoffDelay,
   formatTime,
   roomNameProblem,
+  trimRoomName,
   typingSentence,
   utf8Length,
 } from './chat-core.js';
@@ -22,8 +23,17 @@ import {
 /**
  * What a `ref` we sent stands for, so that the reply (or error) can be routed.
  * @typedef {{kind: 'auth'} | {kind: 'join', room: string, since: number | undefined}
- *   | {kind: 'leave', room: string} | {kind: 'send', clientMsgId: string}
+ *   | JoinMany | {kind: 'leave', room: string} | {kind: 'send', clientMsgId: string}
  *   | {kind: 'older', room: string} | {kind: 'gap', room: string} | {kind: 'ping'}} RefInfo
+ */
+
+/**
+ * One `join` naming several rooms (the rooms of a reconnect, in one frame: one frame each
+ * would run into the server's rate limit). The server answers its rooms in order, each with
+ * `joined` or an `error` (a room whose backfill failed after `joined`: `left`, then the
+ * error), so an error is for the first room not yet answered. Kept until every room is.
+ * @typedef {{kind: 'joins', rooms: {room: string, since: number | undefined}[], next: number,
+ *   failed: string | null}} JoinMany
  */
 
 /**
@@ -275,7 +285,7 @@ function connect() {
   ws.addEventListener('close', (ev) => {
     if (conn.ws !== ws) return;
     conn.ws = null;
-    onClosed(ev.code);
+    onClosed(ev.code, ev.reason);
   });
   // An `error` event is always followed by `close`, which does the work.
 }
@@ -294,8 +304,11 @@ function dropSocket() {
   onClosed(1006);
 }
 
-/** @param {number} code the close code */
-function onClosed(code) {
+/**
+ * @param {number} code the close code
+ * @param {string} [reason] the close reason
+ */
+function onClosed(code, reason = '') {
   const wasStable = conn.readySince > 0 && Date.now() - conn.readySince >= STABLE_AFTER_MS;
   clearConnTimers();
   refs.clear();
@@ -303,7 +316,8 @@ function onClosed(code) {
   conn.readySince = 0;
   if (conn.authRefused || code === CLOSE_AUTH_FAILED) {
     authFailed();
-  } else if (code === CLOSE_POLICY) {
+  } else if (code === CLOSE_POLICY && reason !== 'rate limit exceeded') {
+    // Revoked or expired; the rate limit's 1008 is a burst of ours, worth another try.
     setPhase('revoked');
   } else {
     if (wasStable) conn.attempt = 0;
@@ -408,7 +422,7 @@ const handlers = {
       typeof f.default_room === 'string' ? f.default_room : null,
     );
     setPhase('ready');
-    for (const room of state.rooms.values()) sendJoin(room);
+    sendJoins([...state.rooms.values()]);
     flushOutbox();
     startPing();
     persist();
@@ -416,7 +430,7 @@ const handlers = {
   },
 
   joined(f) {
-    const info = takeRef(f.ref);
+    const info = joinAnswered(f.ref, f.room) ?? takeRef(f.ref);
     const room = state.room(f.room);
     if (!room) return;
     const since = info && info.kind === 'join' ? info.since : room.resumeSince;
@@ -482,7 +496,30 @@ const handlers = {
   },
 
   left(f) {
-    takeRef(f.ref);
+    const many = typeof f.ref === 'number' ? refs.get(f.ref) : undefined;
+    if (many?.kind === 'joins') {
+      // The error that follows is this room's.
+      many.failed = typeof f.room === 'string' ? f.room : null;
+      const room = state.room(f.room);
+      if (room) {
+        room.joined = false;
+        room.joining = false;
+      }
+      scheduleRender({ rooms: true });
+      return;
+    }
+    const info = takeRef(f.ref);
+    if (info?.kind === 'leave') return;
+    // Not asked for: the server undid a join it could not finish (the store failed
+    // during the backfill). The `error` that follows carries the join's ref: routed as a
+    // join's refusal, it tries the join again.
+    const room = state.room(f.room);
+    if (!room) return;
+    room.joined = false;
+    room.joining = false;
+    if (typeof f.ref === 'number') refs.set(f.ref, { kind: 'join', room: room.name, since: room.resumeSince });
+    rejoinLater(room.name);
+    scheduleRender({ rooms: true });
   },
 
   pong(f) {
@@ -490,9 +527,10 @@ const handlers = {
   },
 
   error(f) {
-    const info = takeRef(f.ref);
     const code = typeof f.code === 'string' ? f.code : 'internal';
     const text = typeof f.message === 'string' && f.message ? f.message : code;
+    if (code !== 'auth_failed' && joinManyRefused(f.ref, code, text)) return;
+    const info = takeRef(f.ref);
     if (code === 'auth_failed') {
       conn.authRefused = true;
       authFailed();
@@ -586,10 +624,7 @@ function joinRefused(name, code, text) {
     return;
   }
   if (code === 'unavailable' || code === 'internal' || code === 'rate_limited') {
-    setTimeout(() => {
-      const r = state.room(name);
-      if (r && conn.phase === 'ready' && !r.joined && !r.joining) sendJoin(r);
-    }, 2000);
+    rejoinLater(name);
     return;
   }
   showNotice(`Could not join #${name}: ${text}`);
@@ -598,6 +633,82 @@ function joinRefused(name, code, text) {
     persist();
     scheduleRender({ rooms: true, messages: true, rebuild: true, presence: true });
   }
+}
+
+/**
+ * The `joined` for `room` answers a join naming several rooms: move past it there.
+ * @param {unknown} ref
+ * @param {unknown} room
+ * @returns {{kind: 'join', room: string, since: number | undefined} | null} what a
+ *   one-room join of it would have been
+ */
+function joinAnswered(ref, room) {
+  const info = typeof ref === 'number' ? refs.get(ref) : undefined;
+  if (info?.kind !== 'joins') return null;
+  const i = info.rooms.findIndex((r, n) => n >= info.next && r.room === room);
+  if (i < 0) return null;
+  info.next = i + 1;
+  if (info.next >= info.rooms.length) refs.delete(/** @type {number} */ (ref));
+  return { kind: 'join', ...info.rooms[i] };
+}
+
+/**
+ * An `error` answering a join naming several rooms: the first room not yet answered (or
+ * the one just told `left`) was refused.
+ * @param {unknown} ref
+ * @param {string} code
+ * @param {string} text
+ * @returns {boolean} whether it was such an error
+ */
+function joinManyRefused(ref, code, text) {
+  const info = typeof ref === 'number' ? refs.get(ref) : undefined;
+  if (info?.kind !== 'joins') return false;
+  if (code === 'too_many_rooms' || code === 'invalid_frame') {
+    // The whole join refused: none of its rooms is joined.
+    refs.delete(/** @type {number} */ (ref));
+    for (const { room } of info.rooms.slice(info.next)) {
+      const r = state.room(room);
+      if (r) r.joining = false;
+    }
+    showNotice(`Could not join your rooms: ${text}`);
+    return true;
+  }
+  let name = info.failed;
+  info.failed = null;
+  if (name === null) {
+    name = info.rooms[info.next]?.room ?? null;
+    info.next += 1;
+  }
+  if (info.next >= info.rooms.length) refs.delete(/** @type {number} */ (ref));
+  if (name !== null) joinRefused(name, code, text);
+  return true;
+}
+
+/**
+ * Join `rooms` in one frame (one room: as `sendJoin`).
+ * @param {RoomState[]} rooms
+ */
+function sendJoins(rooms) {
+  if (rooms.length <= 1) {
+    for (const room of rooms) sendJoin(room);
+    return;
+  }
+  const asked = rooms.map((r) => ({ room: r.name, since: r.resumeSince }));
+  const ref = newRef({ kind: 'joins', rooms: asked, next: 0, failed: null });
+  const specs = asked.map(({ room, since }) => (since === undefined ? { room } : { room, since }));
+  if (send({ type: 'join', rooms: specs, ref })) for (const r of rooms) r.joining = true;
+  else refs.delete(ref);
+}
+
+/**
+ * Join `name` again in a while, unless it is joined (or joining) by then.
+ * @param {string} name
+ */
+function rejoinLater(name) {
+  setTimeout(() => {
+    const r = state.room(name);
+    if (r && conn.phase === 'ready' && !r.joined && !r.joining) sendJoin(r);
+  }, 2000);
 }
 
 /** @param {RoomState} room */
@@ -679,6 +790,13 @@ function submitMessage() {
     showNotice(`Message is too long: ${bytes} bytes, at most ${limits.max_message_bytes}.`);
     return;
   }
+  // JSON escapes control characters six bytes each: a frame over the server's cap would
+  // close the connection (1009), and the retry after the reconnect close it again.
+  const frame = { type: 'send', room: state.current, text, client_msg_id: 'x'.repeat(64), ref: 2 ** 53 };
+  if (utf8Length(JSON.stringify(frame)) > 2 * limits.max_message_bytes + 4096) {
+    showNotice('Message is too long once encoded: it has too many control characters.');
+    return;
+  }
   state.outbox.add(state.current, text, Date.now());
   typingThrottle.reset(state.current);
   els.input.value = '';
@@ -701,7 +819,7 @@ function switchRoom(name) {
 
 /** @param {string} raw */
 function joinRoom(raw) {
-  const name = raw.trim();
+  const name = trimRoomName(raw);
   const problem = roomNameProblem(name);
   if (problem) {
     showNotice(problem);

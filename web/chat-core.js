@@ -68,8 +68,18 @@ export function roomNameProblem(name) {
   if (utf8Length(name) > MAX_ROOM_NAME_BYTES) return 'Room name is longer than 64 bytes.';
   // \p{Cc}: the same set as Rust's char::is_control.
   if (/\p{Cc}/u.test(name)) return 'Room name contains a control character.';
-  if (name.trim() !== name) return 'Room name starts or ends with a space.';
+  if (trimRoomName(name) !== name) return 'Room name starts or ends with a space.';
   return null;
+}
+
+/**
+ * `name` without leading and trailing whitespace as the server counts it (Rust's
+ * `char::is_whitespace`, Unicode's White_Space). JavaScript's `trim()` also strips U+FEFF,
+ * which the server keeps: "\uFEFFx" is a room of its own there.
+ * @param {string} name
+ */
+export function trimRoomName(name) {
+  return name.replace(/^\p{White_Space}+|\p{White_Space}+$/gu, '');
 }
 
 /**
@@ -273,9 +283,9 @@ export class RoomState {
    */
   canLoadOlder() {
     if (!this.joined || this.loadingOlder || this.hasMore === false) return false;
-    const oldest = this.oldestSeq;
-    if (oldest === null) return this.lastSeqAtJoin > 0;
-    return oldest > 1;
+    const before = this.olderBeforeSeq();
+    if (before === undefined) return this.lastSeqAtJoin > 0;
+    return before > 1;
   }
 
   /**
@@ -284,7 +294,14 @@ export class RoomState {
    */
   olderBeforeSeq() {
     const oldest = this.oldestSeq;
-    return oldest === null ? undefined : oldest;
+    if (oldest === null) return undefined;
+    // The bottom of the block the person reads down from: a seq held below a hole in it
+    // (a retried send's ack, for one) must not make paging skip the hole.
+    const top = this.lastContiguous;
+    if (top === null || !this.bySeq.has(top)) return oldest;
+    let bottom = top;
+    while (this.bySeq.has(bottom - 1)) bottom -= 1;
+    return bottom;
   }
 
   /**
@@ -297,8 +314,8 @@ export class RoomState {
     this.loadingOlder = false;
     let n = 0;
     for (const m of messages) if (this.add(m, 'history').added) n += 1;
-    const oldest = this.oldestSeq;
-    this.hasMore = hasMore && !(oldest !== null && oldest <= 1);
+    const before = this.olderBeforeSeq();
+    this.hasMore = hasMore && !(before !== undefined && before <= 1);
     return n;
   }
 

@@ -12,6 +12,7 @@ import {
   formatTime,
   newClientMsgId,
   roomNameProblem,
+  trimRoomName,
   typingSentence,
   utf8Length,
 } from '../../web/chat-core.js';
@@ -333,6 +334,21 @@ describe('scroll-back', () => {
     assert.equal(room.seqs.length, 150);
   });
 
+  test('a seq held below a hole (a late ack) does not make paging skip the hole', () => {
+    const state = joinedState(600);
+    const room = state.room('general');
+    const entry = state.outbox.add('general', 'sent before a reload', 0);
+    state.outbox.takeDue(0);
+    for (let s = 501; s <= 600; s++) state.onMessage(msg(s));
+    state.onAck({ room: 'general', seq: 10, id: 10, client_msg_id: entry.clientMsgId, time: 't' });
+    assert.equal(room.oldestSeq, 10);
+    assert.equal(room.olderBeforeSeq(), 501);
+    assert.equal(room.canLoadOlder(), true);
+    room.addOlder(Array.from({ length: 100 }, (_, i) => msg(401 + i)), true);
+    assert.equal(room.olderBeforeSeq(), 401);
+    assert.equal(room.hasMore, true);
+  });
+
   test('not before the room is joined; an empty joined room has nothing older', () => {
     const room = new RoomState('general');
     assert.equal(room.canLoadOlder(), false);
@@ -455,6 +471,11 @@ describe('helpers', () => {
     assert.match(roomNameProblem('é'.repeat(33)), /64/);
     assert.match(roomNameProblem('a\nb'), /control/);
     assert.match(roomNameProblem(' a'), /space/);
+    assert.match(roomNameProblem('a\u3000'), /space/);
+    // The server's whitespace is Unicode's White_Space, which U+FEFF is not: a room of
+    // its own there, so not trimmed here.
+    assert.equal(roomNameProblem('\uFEFFx'), null);
+    assert.equal(trimRoomName('\uFEFFx\u00A0 '), '\uFEFFx');
   });
 
   test('utf8Length counts bytes', () => {

@@ -294,10 +294,23 @@ describe('chat page end to end', { timeout: 300000 }, () => {
   /** @type {Person} */ let bob;
   const run = Math.random().toString(36).slice(2, 8);
 
-  /** @param {string} name @param {string} key @param {{width: number, height: number}} [viewport] */
-  async function openPerson(name, key, viewport = { width: 1200, height: 800 }) {
+  /**
+   * @param {string} name @param {string} key @param {{width: number, height: number}} [viewport]
+   * @param {{saved?: {rooms: string[], current: string},
+   *   setup?: (page: import('playwright-core').Page) => Promise<void>}} [options]
+   *   `saved`: the page starts from this session in sessionStorage (as after a reload);
+   *   `setup`: run on the page before it loads
+   */
+  async function openPerson(name, key, viewport = { width: 1200, height: 800 }, { saved, setup } = {}) {
     const context = await browser.newContext({ viewport });
     const page = await context.newPage();
+    if (saved) {
+      const stored = JSON.stringify({ key, ...saved, outbox: [] });
+      await page.addInitScript((v) => {
+        if (!sessionStorage.getItem('wschat.session')) sessionStorage.setItem('wschat.session', v);
+      }, stored);
+    }
+    if (setup) await setup(page);
     /** @type {Person} */
     const p = { page, key, name, errors: [], urls: [] };
     page.on('console', (m) => {
@@ -308,7 +321,7 @@ describe('chat page end to end', { timeout: 300000 }, () => {
     page.on('pageerror', (e) => p.errors.push(`pageerror: ${e.message}`));
     page.on('request', (r) => p.urls.push(r.url()));
     page.on('websocket', (ws) => p.urls.push(ws.url()));
-    await page.goto(`${server.base}/chat?session_key=${encodeURIComponent(key)}`);
+    await page.goto(saved ? `${server.base}/chat` : `${server.base}/chat?session_key=${encodeURIComponent(key)}`);
     await waitConnected(p);
     return p;
   }
@@ -616,6 +629,94 @@ describe('chat page end to end', { timeout: 300000 }, () => {
     assert.ok(!page.url().includes('not-a-key'));
     assert.deepEqual(errors, []);
     await context.close();
+  });
+
+  test('a page in 80 rooms joins them all after a reload, within the rate limit', async () => {
+    const rooms = Array.from({ length: 80 }, (_, i) => `many-${i}-${run}`);
+    const frank = await openPerson('frank', await server.createSession('frank'), undefined, {
+      saved: { rooms, current: rooms[0] },
+    });
+    await frank.page.waitForFunction(
+      (n) => document.querySelectorAll('#room-list li').length === n && !document.querySelector('#room-list li.not-joined'),
+      rooms.length,
+      { timeout: 30000 },
+    );
+    const text = `in the last of many rooms (${run})`;
+    const erin = new NodeClient(server.base);
+    await erin.connect(await server.createSession('erin'));
+    await frank.page.locator('#room-list li', { hasText: rooms[79] }).first().click();
+    await erin.send(rooms[79], text, `many-${run}`);
+    await waitMessage(frank, text);
+    erin.close();
+    assert.equal(await status(frank), 'ready');
+    assert.deepEqual(frank.errors, []);
+    await frank.page.context().close();
+  });
+
+  test('a join the server undoes after `joined` (its backfill failed) is made again', async () => {
+    const [first, second] = [`undone-${run}`, `kept-${run}`];
+    let undone = false;
+    const grace = await openPerson('grace', await server.createSession('grace'), undefined, {
+      saved: { rooms: [first, second], current: first },
+      // Between the page and the server: after the first `joined` for `first`, the page is
+      // told what the server says when the backfill's read fails (`left`, then
+      // `unavailable`, with the join's ref), and the server is made to drop the room.
+      setup: (page) =>
+        page.routeWebSocket(/\/ws$/, (ws) => {
+          const upstream = ws.connectToServer();
+          ws.onMessage((m) => upstream.send(m));
+          upstream.onMessage((m) => {
+            const f = JSON.parse(String(m));
+            if (f.ref === 'undo') return;
+            ws.send(m);
+            if (f.type === 'joined' && f.room === first && !undone) {
+              undone = true;
+              upstream.send(JSON.stringify({ type: 'leave', room: first, ref: 'undo' }));
+              ws.send(JSON.stringify({ type: 'left', room: first, ref: f.ref }));
+              ws.send(
+                JSON.stringify({
+                  type: 'error',
+                  code: 'unavailable',
+                  message: `the store is unavailable; room ${first} is not joined; retry`,
+                  ref: f.ref,
+                }),
+              );
+            }
+          });
+        }),
+    });
+    const other = new NodeClient(server.base);
+    await other.connect(await server.createSession('heidi'));
+    await grace.page.waitForFunction(() => !document.querySelector('#room-list li.not-joined'), null, {
+      timeout: 15000,
+    });
+    assert.equal(undone, true);
+    const text = `after the join was made again (${run})`;
+    await other.send(first, text, `undone-${run}`);
+    await waitMessage(grace, text);
+    const kept = `in the room joined beside it (${run})`;
+    await other.send(second, kept, `kept-${run}`);
+    await grace.page.locator('#room-list li', { hasText: second }).first().click();
+    await waitMessage(grace, kept);
+    other.close();
+    assert.deepEqual(grace.errors, []);
+    await grace.page.context().close();
+  });
+
+  test('a text too long once JSON-escaped is refused by the page, and what follows is sent', async () => {
+    const ivan = await openPerson('ivan', await server.createSession('ivan'));
+    // 7,000 bytes of text, 42,000 once escaped: over the server's frame cap, which closes the
+    // connection (1009), and the send would be tried again after each reconnect.
+    await say(ivan, '\u0001'.repeat(7000));
+    await ivan.page.waitForFunction(() => /too long/.test(document.getElementById('notice')?.textContent ?? ''), null, {
+      timeout: 5000,
+    });
+    const after = `sent after an oversized one (${run})`;
+    await say(ivan, after);
+    await waitMessage(ivan, after);
+    assert.equal(await status(ivan), 'ready');
+    assert.deepEqual(ivan.errors, []);
+    await ivan.page.context().close();
   });
 
   test('no console errors or page errors; screenshot', async () => {

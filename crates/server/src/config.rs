@@ -24,7 +24,8 @@ pub struct Settings {
     pub nats_subject: String,
     /// Skip applying migrations at start.
     pub no_migrate: bool,
-    /// On SQLite, create a demo session at start when the database has none.
+    /// On SQLite, create a demo session at start when the database has none. On when
+    /// `serve` runs without a configuration file, unless set.
     pub demo_session: bool,
     /// Messages sent on join without `since` (and to legacy clients on connect).
     pub history_limit: u32,
@@ -123,7 +124,7 @@ impl Default for Settings {
             broker: "auto".into(),
             nats_subject: "wschat.events".into(),
             no_migrate: false,
-            demo_session: true,
+            demo_session: false,
             history_limit: 100,
             max_history_page: 500,
             max_message_bytes: 16 * 1024,
@@ -195,6 +196,11 @@ impl Settings {
                 return Err(ConfigError::MissingFile(file.to_owned()));
             }
             figment = figment.merge(Toml::file(file));
+        } else {
+            // The quick start (`wschat serve`, no file) gets a demo session. A deployment,
+            // configured by a file, makes its own sessions, and a demo key printed under a
+            // service manager would land in its log.
+            figment = figment.merge(Serialized::default("demo_session", true));
         }
         crate::config_doc::warn_unknown_env();
         figment = figment
@@ -342,8 +348,16 @@ mod tests {
             assert_eq!(s.tls_cert.as_deref(), Some(Path::new("c.pem")));
             assert_eq!(s.tls_key.as_deref(), Some(Path::new("k.pem")));
             assert_eq!(s.rate_per_sec, 0);
+            // With no file: the defaults, and the quick start's demo session.
             let s = Settings::load(None, &none).unwrap();
-            assert_eq!(s, Settings::default());
+            assert_eq!(
+                s,
+                Settings {
+                    demo_session: true,
+                    ..Settings::default()
+                }
+            );
+            assert!(!Settings::load(Some(&file), &none).unwrap().demo_session);
         });
     }
 
@@ -390,6 +404,8 @@ mod tests {
                 ("proxy_header = \"x-real-ip\"\n", "proxy_header"),
                 ("tls_cert = \"/etc/cert.pem\"\n", "needs tls_key"),
                 ("max_history_page = 0\n", "max_history_page"),
+                ("auth_timeout_secs = 0\n", "auth_timeout_secs"),
+                ("max_commit_batch = 1000001\n", "max_commit_batch"),
                 (
                     "shutdown_grace_secs = 18446744073709551615\n",
                     "shutdown_grace_secs",

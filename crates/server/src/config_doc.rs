@@ -32,7 +32,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ("no_migrate", "Do not apply the database migrations at start."),
     (
         "demo_session",
-        "On SQLite, create a demo session and print a chat URL at start when the database has no session.",
+        "On SQLite, create a demo session and print a chat URL (with its key) at start when the database has no session. Default: true when `serve` runs without a configuration file (the quick start), false with one: a deployment makes its own sessions, and a key printed under a service manager would land in its log.",
     ),
     (
         "history_limit",
@@ -66,7 +66,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "auth_timeout_secs",
-        "Seconds a v1 client has to send `auth` when the key was not in the handshake. Also the longest a key's lookup in the store may take, on either endpoint (then 503, or close 1013).",
+        "Seconds a v1 client has to send `auth` when the key was not in the handshake. Also the longest a key's lookup in the store may take, on either endpoint (then 503, or close 1013). At least 1.",
     ),
     (
         "ping_interval_secs",
@@ -86,7 +86,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "max_commit_batch",
-        "Most messages committed in one transaction (a batch is whatever queued during the previous commit).",
+        "Most messages committed in one transaction (a batch is whatever queued during the previous commit). At most 1,000,000.",
     ),
     (
         "retention_per_room",
@@ -282,6 +282,8 @@ pub(crate) fn warn_unknown_env() {
 const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
 /// The longest `*_ms` setting accepted: a day.
 const MAX_MS: u64 = 24 * 3600 * 1000;
+/// The largest `max_commit_batch` accepted.
+const MAX_COMMIT_BATCH: usize = 1_000_000;
 
 /// Checks beyond the types: a value that would make the server misbehave stops it at
 /// start, naming the key and where it was set.
@@ -326,6 +328,26 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
                 origin: origin(key),
             });
         }
+    }
+    // A client's `auth` deadline and a key lookup's bound: at 0 every v1 client that
+    // authenticates by frame is closed at once, and lookups fail under any load.
+    if settings.auth_timeout_secs == 0 {
+        return Err(ConfigError::Value {
+            key: "auth_timeout_secs",
+            problem: "must be at least 1".into(),
+            origin: origin("auth_timeout_secs"),
+        });
+    }
+    // Sizes the commit queue (four batches): a larger one overflows it at start.
+    if settings.max_commit_batch > MAX_COMMIT_BATCH {
+        return Err(ConfigError::Value {
+            key: "max_commit_batch",
+            problem: format!(
+                "{} is too large: at most {MAX_COMMIT_BATCH}",
+                settings.max_commit_batch
+            ),
+            origin: origin("max_commit_batch"),
+        });
     }
     if settings.max_history_page == 0 {
         return Err(ConfigError::Value {

@@ -56,7 +56,8 @@ pub async fn serve(
     });
     let mut server = axum_server::Server::<SocketAddr>::from_listener(listener)
         .handle(handle)
-        .first_request_timeout(settings.handshake_timeout());
+        .first_request_timeout(settings.handshake_timeout())
+        .accept_error_handler(accept_failed);
     *server.http_builder() = http_builder(settings);
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
@@ -66,6 +67,29 @@ pub async fn serve(
                 .handshake_timeout(settings.handshake_timeout())
                 .acceptor(NoDelayAcceptor::new());
             server.acceptor(acceptor).serve(service).await
+        }
+    }
+}
+
+/// A connection that could not be taken: the listener's `accept` failed (out of file
+/// descriptors: it is tried again every 50 ms, while clients wait in the backlog), or a
+/// connection's TLS handshake did. Counted; the first logged at most once a second.
+fn accept_failed(peer: Option<&SocketAddr>, e: &io::Error) {
+    static LOGGED_AT_SEC: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    match peer {
+        None => {
+            metrics::counter!("wschat_accept_errors_total", "stage" => "accept").increment(1);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let before = LOGGED_AT_SEC.swap(now, std::sync::atomic::Ordering::Relaxed);
+            if before != now {
+                tracing::warn!(error = %e, "cannot accept connections (out of file descriptors? see LimitNOFILE); trying again");
+            }
+        }
+        Some(peer) => {
+            metrics::counter!("wschat_accept_errors_total", "stage" => "handshake").increment(1);
+            tracing::debug!(%peer, error = %e, "a connection's TLS handshake failed");
         }
     }
 }

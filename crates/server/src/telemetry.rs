@@ -62,6 +62,12 @@ pub const METRICS: &[Metric] = &[
         "Authenticated client connections closed, by reason (e.g. \"client closed\", \"server shutdown\", \"slow consumer or killed\", \"idle timeout\").",
     ),
     m(
+        "wschat_accept_errors_total",
+        Kind::Counter,
+        &["stage"],
+        "Connections that could not be taken: `accept` (the listener's accept failed, e.g. out of file descriptors; logged at warn), `handshake` (a TLS handshake failed or timed out).",
+    ),
+    m(
         "wschat_refused_total",
         Kind::Counter,
         &["reason"],

@@ -10,7 +10,8 @@ pub struct OpsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     nats_subject: Option<String>,
-    /// On SQLite, create a demo session when there is none [default: true].
+    /// On SQLite, create a demo session when there is none [default: true without
+    /// --config, false with one].
     #[arg(long, value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     demo_session: Option<bool>,

@@ -310,6 +310,104 @@ fn no_session_key_reaches_the_log_even_at_trace_level() {
     );
 }
 
+/// A server configured by a file (a deployment, its stdout perhaps a service manager's
+/// log) creates no demo session and prints no key; without a file it does (above).
+#[test]
+fn a_server_configured_by_a_file_prints_no_demo_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(
+        dir.path().join("wschat.toml"),
+        format!("listen = \"127.0.0.1:{port}\"\ndatabase = \"sqlite://file.db\"\n"),
+    )
+    .unwrap();
+    let mut child = serve_with(dir.path(), &["--config", "wschat.toml"], &[]);
+    wait_healthy(&mut child, port);
+    let (status, out) = terminate(&mut child);
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{out}");
+    assert!(!out.contains("session_key="), "{out}");
+    assert!(!out.contains("demo session"), "{out}");
+}
+
+/// A SIGHUP while the server is still starting (here: waiting on a database that accepts
+/// the connection and never answers) does not kill it: it goes on to its own end, an
+/// error about the database.
+#[test]
+fn a_sighup_during_start_up_does_not_kill_the_server() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let db = format!(
+        "postgres://postgres@127.0.0.1:{}/test",
+        silent.local_addr().unwrap().port()
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut child = serve_with(dir.path(), &["--listen", &listen, "--database", &db], &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "still starting");
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server neither started nor failed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(
+        status.signal(),
+        None,
+        "killed by a signal: {status:?}\n{err}"
+    );
+    assert!(!status.success(), "{err}");
+    drop(silent);
+}
+
+/// Out of file descriptors, the server cannot accept: it says so (once a second at most),
+/// and accepts again once connections close.
+#[test]
+fn out_of_file_descriptors_is_logged_and_the_server_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Server(
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "ulimit -n 64 && exec {BIN} serve --listen 127.0.0.1:{port} --database sqlite://fd.db"
+                ),
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starts"),
+    );
+    wait_healthy(&mut child, port);
+    let held: Vec<_> = (0..80)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(held);
+    wait_healthy(&mut child, port);
+    let (status, out) = terminate(&mut child);
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(out.contains("cannot accept connections"), "{out}");
+}
+
 fn serve_with_flags(dir: &Path, port: u16, extra: &[&str]) -> Server {
     let listen = format!("127.0.0.1:{port}");
     let mut args = vec!["--listen", &listen, "--database", "sqlite://sec.db"];

@@ -71,7 +71,7 @@ pub fn decode_inbound(text: &str) -> Result<LegacyInbound, LegacyDecodeError> {
     })?;
     match raw.message {
         Some(serde_json::Value::String(s)) => Ok(LegacyInbound::Say(s)),
-        Some(serde_json::Value::Number(n)) => Ok(LegacyInbound::Say(n.to_string())),
+        Some(serde_json::Value::Number(n)) => Ok(LegacyInbound::Say(js_number_text(&n))),
         Some(_) => Err(LegacyDecodeError {
             code: ErrorCode::InvalidFrame,
             message: "\"message\" must be a string or a number".into(),
@@ -80,6 +80,28 @@ pub fn decode_inbound(text: &str) -> Result<LegacyInbound, LegacyDecodeError> {
             code: ErrorCode::InvalidFrame,
             message: "missing \"message\"".into(),
         }),
+    }
+}
+
+/// A number as JavaScript's `String(n)` prints it, as nodejschat stored one: `1e2` and
+/// `7.0` are "100" and "7" (not serde_json's "100.0"), `1e21` is "1e+21".
+fn js_number_text(n: &serde_json::Number) -> String {
+    let Some(f) = n.as_f64() else {
+        return n.to_string();
+    };
+    if f == 0.0 {
+        // -0 too.
+        return "0".to_owned();
+    }
+    if (1e-6..1e21).contains(&f.abs()) {
+        // Rust's `Display` is the shortest text that reads back as `f`, never with an
+        // exponent, and no ".0" for a whole number: JavaScript's in this range.
+        return format!("{f}");
+    }
+    let text = format!("{f:e}");
+    match text.split_once('e') {
+        Some((mantissa, exp)) if !exp.starts_with('-') => format!("{mantissa}e+{exp}"),
+        _ => text,
     }
 }
 
@@ -126,6 +148,29 @@ mod tests {
             decode_inbound(r#"{"message":7}"#).unwrap(),
             LegacyInbound::Say("7".into())
         );
+    }
+
+    /// As nodejschat stored them: JavaScript's `String(n)` of the parsed number.
+    #[test]
+    fn numbers_are_kept_as_javascript_prints_them() {
+        for (json, js) in [
+            ("1e2", "100"),
+            ("7.0", "7"),
+            ("-0", "0"),
+            ("-2.50", "-2.5"),
+            ("0.000001", "0.000001"),
+            ("1.5e-7", "1.5e-7"),
+            ("1e-7", "1e-7"),
+            ("1e21", "1e+21"),
+            ("12345678901234567890", "12345678901234567000"),
+            ("9007199254740993", "9007199254740992"),
+        ] {
+            assert_eq!(
+                decode_inbound(&format!(r#"{{"message":{json}}}"#)).unwrap(),
+                LegacyInbound::Say(js.into()),
+                "{json}"
+            );
+        }
     }
 
     #[test]

@@ -240,6 +240,8 @@ pub(crate) struct Output {
     pub resets: u64,
     /// v1: messages that came before their room's first `joined`, past what is held.
     pub held_dropped: u64,
+    /// v1: rooms whose first join was refused for good (not a member: expected nothing).
+    pub refused_joins: u64,
     pub duplicated: u64,
     pub replayed: u64,
     pub out_of_order: u64,
@@ -1300,6 +1302,7 @@ impl Conn {
             out.out_of_order += r.out_of_order;
             out.resets += r.resets;
             out.held_dropped += r.held_dropped;
+            out.refused_joins += u64::from(r.refused);
         }
         for r in self.rooms.drain(..) {
             if let (Some(base), false) = (r.base, r.refused) {

@@ -643,6 +643,7 @@ fn build_report(
         ..Report::default()
     };
     let (mut acked, mut unacked, mut refused, mut conflicts) = (0, 0, 0, 0);
+    let mut refused_joins = 0;
     let mut away_at_end = 0;
     let mut v1_rooms = Vec::new();
     let mut acked_seqs = Vec::new();
@@ -676,6 +677,7 @@ fn build_report(
         conflicts += o.ack_conflicts;
         r.resets += o.resets;
         r.dropped_before_joined += o.held_dropped;
+        refused_joins += o.refused_joins;
         r.duplicated += o.duplicated;
         r.replayed += o.replayed;
         r.out_of_order += o.out_of_order;
@@ -702,6 +704,7 @@ fn build_report(
         r.unacked = Some(unacked);
         r.refused = Some(refused);
         r.ack_conflicts = Some(conflicts);
+        r.refused_joins = Some(refused_joins);
         account::v1_expectation(&acked_seqs, &v1_rooms)
     } else {
         let rooms = match (&args.session_key, args.key_rooms) {

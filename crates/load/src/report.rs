@@ -130,6 +130,9 @@ pub struct Report {
     pub refused: Option<u64>,
     /// v1: acks for one message with two different seqs (stored twice).
     pub ack_conflicts: Option<u64>,
+    /// v1: rooms a connection's first join was refused for good (it was expected to
+    /// receive nothing there).
+    pub refused_joins: Option<u64>,
     /// Error frames received, by code.
     pub errors: BTreeMap<String, u64>,
 
@@ -208,11 +211,26 @@ impl Report {
     /// refused, after the retries and the drain: a server that drops sends silently loses
     /// messages that no receiver can count), or refused for good; connections that gave
     /// up (closed for good: what they could not receive is lost too); connection tasks
-    /// whose figures are missing.
+    /// whose figures are missing. Also what would leave loss uncounted: connections that
+    /// never connected, or were away at the end, or were refused a room (expected
+    /// nothing), and messages never sent (their connection down until the end).
     pub fn failure(&self) -> Option<String> {
         let mut why = Vec::new();
         if self.lost > 0 {
             why.push(format!("{} deliveries lost", self.lost));
+        }
+        let never = self.connections.saturating_sub(self.connected);
+        if never > 0 {
+            why.push(format!("{never} connections never connected"));
+        }
+        if self.unsent > 0 {
+            why.push(format!("{} messages never sent", self.unsent));
+        }
+        if let Some(away) = self.away_at_end.filter(|&n| n > 0) {
+            why.push(format!("{away} connections away at the end"));
+        }
+        if let Some(joins) = self.refused_joins.filter(|&n| n > 0) {
+            why.push(format!("{joins} joins refused"));
         }
         if let Some(unacked) = self.unacked.filter(|&n| n > 0) {
             why.push(format!("{unacked} sends never answered"));
@@ -446,5 +464,54 @@ mod tests {
             missing.failure().as_deref(),
             Some("1 deliveries lost, 1 connection tasks did not report")
         );
+    }
+
+    /// What would leave loss uncounted fails a run too: nobody expects anything of a
+    /// connection that never connected or of a room it was refused, a message never sent
+    /// is nobody's loss, and a connection away at the end has not had its backfill.
+    #[test]
+    fn a_run_fails_when_loss_could_not_be_counted() {
+        let clean = Report {
+            connections: 4,
+            connected: 4,
+            acked: Some(10),
+            unacked: Some(0),
+            away_at_end: Some(0),
+            refused_joins: Some(0),
+            ..Report::default()
+        };
+        assert_eq!(clean.failure(), None);
+        for (report, why) in [
+            (
+                Report {
+                    connected: 0,
+                    ..clean.clone()
+                },
+                "4 connections never connected",
+            ),
+            (
+                Report {
+                    unsent: 7,
+                    ..clean.clone()
+                },
+                "7 messages never sent",
+            ),
+            (
+                Report {
+                    away_at_end: Some(2),
+                    ..clean.clone()
+                },
+                "2 connections away at the end",
+            ),
+            (
+                Report {
+                    refused_joins: Some(1),
+                    ..clean.clone()
+                },
+                "1 joins refused",
+            ),
+        ] {
+            assert_eq!(report.failure().as_deref(), Some(why));
+        }
     }
 }

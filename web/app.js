@@ -57,6 +57,8 @@ const NEAR_TOP_PX = 120;
 /** Close codes after which reconnecting cannot help. */
 const CLOSE_AUTH_FAILED = 4001;
 const CLOSE_POLICY = 1008;
+/** Error codes that answer a whole frame: a `join` so answered tried none of its rooms. */
+const WHOLE_FRAME_CODES = new Set(['rate_limited', 'too_many_rooms', 'invalid_frame', 'bad_json', 'unknown_type']);
 
 // ---------------------------------------------------------------------------
 // Elements
@@ -130,6 +132,8 @@ const conn = {
 };
 
 let nextRef = 1;
+/** @type {ReturnType<typeof setTimeout> | undefined} the pending `rejoinSoon` */
+let rejoinTimer;
 /** @type {Map<number, RefInfo>} */
 const refs = new Map();
 
@@ -430,7 +434,8 @@ const handlers = {
   },
 
   joined(f) {
-    const info = joinAnswered(f.ref, f.room) ?? takeRef(f.ref);
+    const pending = typeof f.ref === 'number' ? refs.get(f.ref) : undefined;
+    const info = pending?.kind === 'joins' ? joinAnswered(f.ref, f.room) : takeRef(f.ref);
     const room = state.room(f.room);
     if (!room) return;
     const since = info && info.kind === 'join' ? info.since : room.resumeSince;
@@ -518,7 +523,7 @@ const handlers = {
     room.joined = false;
     room.joining = false;
     if (typeof f.ref === 'number') refs.set(f.ref, { kind: 'join', room: room.name, since: room.resumeSince });
-    rejoinLater(room.name);
+    rejoinSoon();
     scheduleRender({ rooms: true });
   },
 
@@ -624,7 +629,7 @@ function joinRefused(name, code, text) {
     return;
   }
   if (code === 'unavailable' || code === 'internal' || code === 'rate_limited') {
-    rejoinLater(name);
+    rejoinSoon();
     return;
   }
   showNotice(`Could not join #${name}: ${text}`);
@@ -663,14 +668,15 @@ function joinAnswered(ref, room) {
 function joinManyRefused(ref, code, text) {
   const info = typeof ref === 'number' ? refs.get(ref) : undefined;
   if (info?.kind !== 'joins') return false;
-  if (code === 'too_many_rooms' || code === 'invalid_frame') {
-    // The whole join refused: none of its rooms is joined.
+  if (WHOLE_FRAME_CODES.has(code)) {
+    // The whole frame refused: none of its rooms was tried.
     refs.delete(/** @type {number} */ (ref));
     for (const { room } of info.rooms.slice(info.next)) {
       const r = state.room(room);
       if (r) r.joining = false;
     }
-    showNotice(`Could not join your rooms: ${text}`);
+    if (code === 'rate_limited') rejoinSoon();
+    else showNotice(`Could not join your rooms: ${text}`);
     return true;
   }
   let name = info.failed;
@@ -685,29 +691,55 @@ function joinManyRefused(ref, code, text) {
 }
 
 /**
- * Join `rooms` in one frame (one room: as `sendJoin`).
+ * Join `rooms` in as few frames as fit the server's frame cap (one room: as `sendJoin`),
+ * the room in view first. Rooms past `max_rooms_per_connection` are given up, as the
+ * server would refuse them.
  * @param {RoomState[]} rooms
  */
 function sendJoins(rooms) {
-  if (rooms.length <= 1) {
-    for (const room of rooms) sendJoin(room);
-    return;
+  const ordered = [...rooms].sort((a, b) => Number(b.name === state.current) - Number(a.name === state.current));
+  const max = limits.max_rooms_per_connection;
+  const over = ordered.splice(Math.max(1, max));
+  if (over.length > 0) {
+    showNotice(`You can be in at most ${max} rooms: left ${over.map((r) => `#${r.name}`).join(', ')}.`);
+    for (const r of over) if (r.name !== sessionRoom) state.removeRoom(r.name);
+    persist();
+    scheduleRender({ rooms: true, messages: true, rebuild: true, presence: true });
   }
-  const asked = rooms.map((r) => ({ room: r.name, since: r.resumeSince }));
-  const ref = newRef({ kind: 'joins', rooms: asked, next: 0, failed: null });
-  const specs = asked.map(({ room, since }) => (since === undefined ? { room } : { room, since }));
-  if (send({ type: 'join', rooms: specs, ref })) for (const r of rooms) r.joining = true;
-  else refs.delete(ref);
+  // The frame's envelope, then each room's entry and a comma.
+  const cap = 2 * limits.max_message_bytes + 4096 - 64;
+  /** @type {RoomState[][]} */
+  const frames = [];
+  let size = cap;
+  for (const room of ordered) {
+    const entry = utf8Length(JSON.stringify({ room: room.name, since: room.resumeSince ?? 0 })) + 1;
+    if (size + entry > cap) {
+      frames.push([]);
+      size = 0;
+    }
+    frames[frames.length - 1].push(room);
+    size += entry;
+  }
+  for (const frame of frames) {
+    if (frame.length === 1) {
+      sendJoin(frame[0]);
+      continue;
+    }
+    const asked = frame.map((r) => ({ room: r.name, since: r.resumeSince }));
+    const ref = newRef({ kind: 'joins', rooms: asked, next: 0, failed: null });
+    const specs = asked.map(({ room, since }) => (since === undefined ? { room } : { room, since }));
+    if (send({ type: 'join', rooms: specs, ref })) for (const r of frame) r.joining = true;
+    else refs.delete(ref);
+  }
 }
 
-/**
- * Join `name` again in a while, unless it is joined (or joining) by then.
- * @param {string} name
- */
-function rejoinLater(name) {
-  setTimeout(() => {
-    const r = state.room(name);
-    if (r && conn.phase === 'ready' && !r.joined && !r.joining) sendJoin(r);
+/** Join, in a while, every room that is neither joined nor joining by then (one timer). */
+function rejoinSoon() {
+  if (rejoinTimer !== undefined) return;
+  rejoinTimer = setTimeout(() => {
+    rejoinTimer = undefined;
+    if (conn.phase !== 'ready') return;
+    sendJoins([...state.rooms.values()].filter((r) => !r.joined && !r.joining));
   }, 2000);
 }
 

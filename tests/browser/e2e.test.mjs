@@ -703,6 +703,45 @@ describe('chat page end to end', { timeout: 300000 }, () => {
     await grace.page.context().close();
   });
 
+  test('a join frame refused for the rate is sent again, whole', async () => {
+    const rooms = [`rl-a-${run}`, `rl-b-${run}`, `rl-c-${run}`];
+    /** @type {any[]} */
+    const joins = [];
+    const judy = await openPerson('judy', await server.createSession('judy'), undefined, {
+      saved: { rooms, current: rooms[0] },
+      // The page's first join frame is answered as the server answers a frame over the
+      // rate (one `rate_limited` error with its ref, no room tried), not passed on.
+      setup: (page) =>
+        page.routeWebSocket(/\/ws$/, (ws) => {
+          const upstream = ws.connectToServer();
+          ws.onMessage((m) => {
+            const f = JSON.parse(String(m));
+            if (f.type === 'join') {
+              joins.push(f);
+              if (joins.length === 1) {
+                ws.send(JSON.stringify({ type: 'error', code: 'rate_limited', message: 'slow down', ref: f.ref }));
+                return;
+              }
+            }
+            upstream.send(m);
+          });
+          upstream.onMessage((m) => ws.send(m));
+        }),
+    });
+    await judy.page.waitForFunction(
+      (n) => document.querySelectorAll('#room-list li').length === n && !document.querySelector('#room-list li.not-joined'),
+      rooms.length,
+      { timeout: 15000 },
+    );
+    assert.deepEqual(
+      joins.map((f) => f.rooms.map((r) => r.room).sort()),
+      [[...rooms].sort(), [...rooms].sort()],
+      'the refused frame, then the same rooms in one frame again',
+    );
+    assert.deepEqual(judy.errors, []);
+    await judy.page.context().close();
+  });
+
   test('a text too long once JSON-escaped is refused by the page, and what follows is sent', async () => {
     const ivan = await openPerson('ivan', await server.createSession('ivan'));
     // 7,000 bytes of text, 42,000 once escaped: over the server's frame cap, which closes the

@@ -462,6 +462,10 @@ async fn a_retry_another_node_commits_meanwhile_fails_nothing_in_the_batch() {
     let mut other = sqlx::PgConnection::connect(&settings.database)
         .await
         .unwrap();
+    let other_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
     let mut other_tx = other.begin().await.unwrap();
     sqlx::query(
         r#"WITH b AS (UPDATE wschat_rooms SET last_seq = last_seq + 1 WHERE name = 'q'
@@ -483,16 +487,20 @@ async fn a_retry_another_node_commits_meanwhile_fails_nothing_in_the_batch() {
         let store = store.clone();
         async move { store.commit_batch(batch).await }
     });
-    // Its lookup done (ada's "x" not visible yet), it waits on the other's locks.
+    // Its lookup done (ada's "x" not visible yet), it waits on the other's locks (on that
+    // backend's, not any other test's: the cluster is shared).
     let mut watch = sqlx::PgConnection::connect(&settings.database)
         .await
         .unwrap();
     let waiting_since = std::time::Instant::now();
     loop {
-        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
-            .fetch_one(&mut watch)
-            .await
-            .unwrap();
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+        )
+        .bind(other_pid)
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
         if waiting > 0 {
             break;
         }

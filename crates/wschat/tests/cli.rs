@@ -343,7 +343,17 @@ fn a_sighup_during_start_up_does_not_kill_the_server() {
     );
     let listen = format!("127.0.0.1:{}", free_port());
     let mut child = serve_with(dir.path(), &["--listen", &listen, "--database", &db], &[]);
-    std::thread::sleep(Duration::from_millis(500));
+    // The listener is bound before the store is opened, and the signal handlers before
+    // that: once it accepts, the server is in the window.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before it listened"
+        );
+        assert!(Instant::now() < deadline, "never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(child.try_wait().unwrap().is_none(), "still starting");
     Command::new("kill")
         .args(["-HUP", &child.id().to_string()])

@@ -145,7 +145,7 @@ impl Application {
         };
         check_topology(store.as_ref(), &settings, &node).await?;
         store.heartbeat_node(&node).await?;
-        let (outgoing, to_broker) = tokio::sync::mpsc::channel(broker::QUEUE_EVENTS);
+        let (outgoing, to_broker) = broker::queues();
         let hub = Hub::new(store.clone(), outgoing, node.broker != "local");
         let background = CancellationToken::new();
         let broker = match broker::open(
@@ -397,12 +397,28 @@ async fn node_upkeep(
     let mut expiry = tokio::time::interval(Duration::from_secs(1));
     let mut presence = tokio::time::interval(PRESENCE_TELL);
     presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beating: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                // The node is deregistered next: not before a heartbeat in flight, which
+                // would register it again (the stop bounds this wait).
+                if let Some(beat) = beating {
+                    let _done = beat.await;
+                }
+                return;
+            }
             _ = heartbeat.tick() => {
-                if let Err(e) = store.heartbeat_node(&node).await {
-                    tracing::warn!(error = %e, "heartbeat failed");
+                // The store's write on its own task, one at a time: a database that stops
+                // answering must not stop the presence upkeep below (the other nodes would
+                // expire this node's users, and this node would keep dead nodes' users).
+                if beating.as_ref().is_none_or(|beat| beat.is_finished()) {
+                    let (store, node) = (store.clone(), node.clone());
+                    beating = Some(tokio::spawn(async move {
+                        if let Err(e) = store.heartbeat_node(&node).await {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                        }
+                    }));
                 }
                 if multi_node {
                     hub.refresh_presence();
@@ -439,4 +455,54 @@ async fn create_demo_session(store: &dyn Store) -> Result<Option<String>, StoreE
         .create_session(&store::hash_key(&key), "demo", None)
         .await?;
     Ok(Some(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BusEvent;
+    use crate::hub::tests::{one_member, GatedStore, OneMember};
+    use std::sync::atomic::AtomicUsize;
+
+    /// A heartbeat the database never answers (its host gone, or paused) does not stop
+    /// the presence upkeep: this node's users are still told to the other nodes every
+    /// heartbeat, or the others would expire them while they are connected.
+    #[tokio::test]
+    async fn presence_is_kept_up_while_a_heartbeat_never_answers() {
+        let OneMember {
+            _dir,
+            store: inner,
+            room,
+            member,
+            ..
+        } = one_member().await;
+        let store = Arc::new(GatedStore {
+            inner,
+            calls: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
+            hang_heartbeats: true,
+        });
+        let (outgoing, mut events) = crate::broker::queues();
+        let hub = Hub::new(store.clone(), outgoing, true);
+        hub.subscribe(&room, &member, 0).await.unwrap();
+        let node = NodeInfo {
+            id: "n1".into(),
+            broker: "nats".into(),
+        };
+        let stop = CancellationToken::new();
+        let upkeep = tokio::spawn(node_upkeep(store, hub.clone(), node, stop.clone()));
+        // The change at the start, then a refresh every heartbeat.
+        let deadline = tokio::time::Instant::now() + 3 * HEARTBEAT;
+        let mut told = 0;
+        while told < 3 {
+            let event = tokio::time::timeout_at(deadline, events.chatter.recv())
+                .await
+                .unwrap_or_else(|_| panic!("presence told {told} times, then no more"));
+            if matches!(event, Some(BusEvent::Presence { .. })) {
+                told += 1;
+            }
+        }
+        stop.cancel();
+        upkeep.abort();
+    }
 }

@@ -570,7 +570,7 @@ mod tests {
             store.commit_thread().is_some(),
             "SQLite commits on a thread"
         );
-        let (outgoing, _) = mpsc::channel(16);
+        let (outgoing, _) = crate::broker::queues();
         let hub = Hub::new(store.clone(), outgoing, false);
         let spacing = Spacing {
             delay,

@@ -122,9 +122,52 @@ pub async fn open(
     }
 }
 
-/// Most events for the other nodes waiting for the forwarder (a commit's messages are one
-/// event, and commits queued together are published as one); past it the hub drops them.
+/// Most events for the other nodes waiting for the forwarder in each of its two queues (a
+/// commit's messages are one event, and commits queued together are published as one);
+/// past it the hub drops them.
 pub const QUEUE_EVENTS: usize = 4096;
+
+/// The hub's side of the queues to the other nodes. Commits have a queue of their own, and
+/// the forwarder takes them first: typing notices and presence, dropped first when the
+/// broker does not keep up, never crowd a commit's bell out.
+#[derive(Clone, Debug)]
+pub struct ToOthers {
+    commits: mpsc::Sender<BusEvent>,
+    chatter: mpsc::Sender<BusEvent>,
+}
+
+/// The forwarder's side of those queues.
+#[derive(Debug)]
+pub struct FromHub {
+    pub(crate) commits: mpsc::Receiver<BusEvent>,
+    pub(crate) chatter: mpsc::Receiver<BusEvent>,
+}
+
+/// The two queues, `QUEUE_EVENTS` each.
+pub fn queues() -> (ToOthers, FromHub) {
+    let (commits, commits_rx) = mpsc::channel(QUEUE_EVENTS);
+    let (chatter, chatter_rx) = mpsc::channel(QUEUE_EVENTS);
+    (
+        ToOthers { commits, chatter },
+        FromHub {
+            commits: commits_rx,
+            chatter: chatter_rx,
+        },
+    )
+}
+
+impl ToOthers {
+    /// Queue `event` on its queue; a full one hands it back.
+    pub(crate) fn try_send(
+        &self,
+        event: BusEvent,
+    ) -> Result<(), mpsc::error::TrySendError<BusEvent>> {
+        match event {
+            BusEvent::Committed(_) => self.commits.try_send(event),
+            _ => self.chatter.try_send(event),
+        }
+    }
+}
 
 /// How long a stopping node waits for the broker to take its last events.
 const LAST_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
@@ -134,22 +177,26 @@ const LAST_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 /// commits and that its users left (the caller bounds how long that may take).
 pub fn forward(
     broker: Arc<dyn Broker>,
-    mut outgoing: mpsc::Receiver<BusEvent>,
+    mut from: FromHub,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
-            // Queued events before the stop: a stop does not drop what waits beside it.
+            // Commits first; queued events before the stop: a stop does not drop what
+            // waits beside it.
             let event = tokio::select! {
                 biased;
-                event = outgoing.recv() => event,
-                _ = stop.cancelled() => None,
+                Some(event) = from.commits.recv() => event,
+                Some(event) = from.chatter.recv() => event,
+                _ = stop.cancelled() => break,
             };
-            let Some(event) = event else { break };
-            publish_merged(broker.as_ref(), event, &mut outgoing).await;
+            publish_merged(broker.as_ref(), event, &mut from.commits).await;
         }
-        while let Ok(event) = outgoing.try_recv() {
-            publish_merged(broker.as_ref(), event, &mut outgoing).await;
+        while let Ok(event) = from.commits.try_recv() {
+            publish_merged(broker.as_ref(), event, &mut from.commits).await;
+        }
+        while let Ok(event) = from.chatter.try_recv() {
+            publish_merged(broker.as_ref(), event, &mut from.commits).await;
         }
         // A broker that is down does not hold the stop up for long.
         match tokio::time::timeout(LAST_FLUSH, broker.flush()).await {
@@ -162,31 +209,24 @@ pub fn forward(
     })
 }
 
-/// Publish `event`; commits queued behind it go out with it as one event (in commit
-/// order, so each room's seqs still rise).
+/// Publish `event`; a commit takes the commits queued behind it along as one event (in
+/// commit order, so each room's seqs still rise).
 async fn publish_merged(
     broker: &dyn Broker,
     mut event: BusEvent,
-    outgoing: &mut mpsc::Receiver<BusEvent>,
+    commits: &mut mpsc::Receiver<BusEvent>,
 ) {
-    let mut next = None;
     if let BusEvent::Committed(messages) = &mut event {
-        while let Ok(more) = outgoing.try_recv() {
-            match more {
-                BusEvent::Committed(more) => messages.extend(more),
-                other => {
-                    next = Some(other);
-                    break;
-                }
+        while let Ok(more) = commits.try_recv() {
+            if let BusEvent::Committed(more) = more {
+                messages.extend(more);
             }
         }
     }
-    for event in std::iter::once(event).chain(next) {
-        if let Err(e) = broker.publish(&event).await {
-            // Other nodes find the gap by seq or by their periodic check.
-            metrics::counter!("wschat_broker_publish_errors_total").increment(1);
-            tracing::warn!(error = %e, "broker publish failed");
-        }
+    if let Err(e) = broker.publish(&event).await {
+        // Other nodes find the gap by seq or by their periodic check.
+        metrics::counter!("wschat_broker_publish_errors_total").increment(1);
+        tracing::warn!(error = %e, "broker publish failed");
     }
 }
 
@@ -199,5 +239,12 @@ pub(crate) fn receive(hub: &Arc<Hub>, own_node: &str, payload: &[u8]) {
     if envelope.node == own_node {
         return;
     }
-    hub.on_remote(&envelope.node, envelope.body);
+    // A panic here (a bug) would end the broker's receiving task, and the node would hear
+    // no other node again: the message is skipped instead.
+    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        hub.on_remote(&envelope.node, envelope.body);
+    }));
+    if handled.is_err() {
+        tracing::error!("a message from another node could not be handled (a bug); skipped");
+    }
 }

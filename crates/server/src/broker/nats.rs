@@ -2,7 +2,6 @@
 //! at-most-once, which is all a doorbell needs: the client reconnects and resubscribes by
 //! itself, and after each reconnect the hub re-reads the store for every room it serves.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,11 +163,7 @@ async fn receive_loop<F>(
             _ = stop.cancelled() => return,
         };
         if let Some(payload) = payload {
-            let handled =
-                std::panic::catch_unwind(AssertUnwindSafe(|| super::receive(&hub, &own, &payload)));
-            if handled.is_err() {
-                tracing::error!("a NATS message could not be handled (a bug); skipped");
-            }
+            super::receive(&hub, &own, &payload);
             continue;
         }
         subscribed.store(false, Ordering::Release);

@@ -22,7 +22,7 @@ use wschat_protocol::v1::ServerFrame;
 use wschat_protocol::RoomName;
 
 use crate::broker::wire::Body;
-use crate::broker::BusEvent;
+use crate::broker::{BusEvent, ToOthers};
 use crate::store::{Store, StoreError, StoredMessage};
 pub use frames::Encoded;
 pub use outbox::{Item, Outbox, Pushed, SubId, Synced};
@@ -214,8 +214,8 @@ pub struct Hub {
     rooms: Mutex<HashMap<RoomName, Arc<Room>>>,
     store: Arc<dyn Store>,
     /// Events for the other nodes (drained by the broker's forwarder), at most
-    /// `broker::QUEUE_EVENTS` waiting.
-    outgoing: mpsc::Sender<BusEvent>,
+    /// `broker::QUEUE_EVENTS` waiting in each of its queues (commits, and the rest).
+    outgoing: ToOthers,
     /// Whether the last event for the other nodes found the queue full (for the log).
     dropping: AtomicBool,
     /// Whether other nodes can hear this one (a broker other than `local`): events for
@@ -234,7 +234,7 @@ pub struct Hub {
 
 impl Hub {
     /// `others`: other nodes can hear this one (see the field).
-    pub fn new(store: Arc<dyn Store>, outgoing: mpsc::Sender<BusEvent>, others: bool) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, outgoing: ToOthers, others: bool) -> Arc<Self> {
         Arc::new(Self {
             rooms: Mutex::new(HashMap::new()),
             store,
@@ -268,7 +268,8 @@ impl Hub {
             // The broker does not keep up (NATS reconnecting, a NOTIFY stuck): drop rather
             // than hold every commit in memory. The other nodes find the messages by seq
             // or at their next read of the room heads, and presence is refreshed at every
-            // heartbeat.
+            // heartbeat. Typing and presence have a queue of their own: filling it drops
+            // only them.
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics::counter!("wschat_broker_events_dropped_total").increment(1);
                 if !self.dropping.swap(true, Ordering::Relaxed) {
@@ -1099,7 +1100,7 @@ pub(crate) mod tests {
         let url = format!("sqlite://{}", dir.path().join("hub.db").display());
         let store = crate::store::open(&url).await.unwrap();
         store.migrate().await.unwrap();
-        let (outgoing, _) = mpsc::channel(QUEUE_EVENTS);
+        let (outgoing, _) = crate::broker::queues();
         let hub = Hub::new(store.clone(), outgoing, false);
         let room = RoomName::new("r").unwrap();
         let (member, client) = connection_as(1, protocol);
@@ -1154,14 +1155,17 @@ pub(crate) mod tests {
     }
 
     /// A store whose `room_heads` is counted and waits for its gate.
-    struct GatedHeads {
-        inner: Arc<dyn Store>,
-        calls: AtomicUsize,
-        gate: tokio::sync::Semaphore,
+    /// A store whose `room_heads` calls are counted and wait for `gate`, and whose
+    /// heartbeats never answer when `hang_heartbeats` (a database that stopped answering).
+    pub(crate) struct GatedStore {
+        pub(crate) inner: Arc<dyn Store>,
+        pub(crate) calls: AtomicUsize,
+        pub(crate) gate: tokio::sync::Semaphore,
+        pub(crate) hang_heartbeats: bool,
     }
 
     #[async_trait::async_trait]
-    impl Store for GatedHeads {
+    impl Store for GatedStore {
         fn kind(&self) -> crate::store::StoreKind {
             self.inner.kind()
         }
@@ -1217,6 +1221,9 @@ pub(crate) mod tests {
             self.inner.room_heads(rooms).await
         }
         async fn heartbeat_node(&self, node: &crate::store::NodeInfo) -> Result<(), StoreError> {
+            if self.hang_heartbeats {
+                std::future::pending::<()>().await;
+            }
             self.inner.heartbeat_node(node).await
         }
         async fn live_nodes(
@@ -1267,12 +1274,13 @@ pub(crate) mod tests {
             mut client,
             ..
         } = one_member().await;
-        let store = Arc::new(GatedHeads {
+        let store = Arc::new(GatedStore {
             inner: Arc::clone(&inner),
             calls: AtomicUsize::new(0),
             gate: tokio::sync::Semaphore::new(0),
+            hang_heartbeats: false,
         });
-        let (outgoing, _) = mpsc::channel(QUEUE_EVENTS);
+        let (outgoing, _) = crate::broker::queues();
         let hub = Hub::new(store.clone(), outgoing, false);
         hub.subscribe(&room, &member, 0).await.unwrap();
         let first = tokio::spawn(hub.clone().resync());
@@ -1576,18 +1584,25 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("hub.db").display());
         let store = crate::store::open(&url).await.unwrap();
-        let (outgoing, mut forwarder) = mpsc::channel(QUEUE_EVENTS);
+        let (outgoing, mut forwarder) = crate::broker::queues();
         let hub = Hub::new(store, outgoing, true);
         let room = RoomName::new("r").unwrap();
         for _ in 0..QUEUE_EVENTS + 100 {
             hub.typing_from(&room, "ada", 1);
         }
-        assert_eq!(forwarder.len(), QUEUE_EVENTS, "the rest were dropped");
+        assert_eq!(
+            forwarder.chatter.len(),
+            QUEUE_EVENTS,
+            "the rest were dropped"
+        );
         assert!(hub.dropping.load(Ordering::Relaxed));
+        // Typing and presence dropped first: a commit's bell still gets through.
+        hub.committed(vec![message("r", 1)]);
+        assert_eq!(forwarder.commits.len(), 1, "a commit is not crowded out");
         // The forwarder takes one: the next event is queued again.
-        assert!(forwarder.recv().await.is_some());
+        assert!(forwarder.chatter.recv().await.is_some());
         hub.typing_from(&room, "ada", 1);
-        assert_eq!(forwarder.len(), QUEUE_EVENTS);
+        assert_eq!(forwarder.chatter.len(), QUEUE_EVENTS);
         assert!(!hub.dropping.load(Ordering::Relaxed));
     }
 }

@@ -420,6 +420,7 @@ async fn node_upkeep(
                         }
                     }));
                 }
+                hub.repair_presence();
                 if multi_node {
                     hub.refresh_presence();
                 }

@@ -169,7 +169,37 @@ impl RoomState {
             joined,
             left,
         });
-        push_room_event(self, except, &diff, false);
+        self.push_presence_diff(room, except, &diff);
+    }
+
+    /// Push a presence diff to this node's v1 subscribers but `except`. One whose list
+    /// went stale (a diff dropped under pressure) gets the full list instead, once it fits;
+    /// the list is made only then.
+    fn push_presence_diff(&self, room: &RoomName, except: Option<u64>, diff: &Encoded) {
+        let mut full = None;
+        for s in &self.subs {
+            if s.protocol != Protocol::V1 || Some(s.id) == except {
+                continue;
+            }
+            let pushed = s.outbox.push(Item::PresenceDiff {
+                sub: s.sub,
+                frame: diff.clone(),
+            });
+            if pushed == Pushed::Stale {
+                let frame = full
+                    .get_or_insert_with(|| self.presence_frame(room))
+                    .clone();
+                s.outbox.push(Item::PresenceSnapshot { sub: s.sub, frame });
+            }
+        }
+    }
+
+    /// The room's `presence` frame: who is in it, on any node.
+    fn presence_frame(&self, room: &RoomName) -> Encoded {
+        frames::v1(&ServerFrame::Presence {
+            room: room.to_string(),
+            users: self.users().into_iter().collect(),
+        })
     }
 
     /// Tell this node's v1 subscribers how the room's users changed.
@@ -183,7 +213,7 @@ impl RoomState {
             joined: after.difference(before).cloned().collect(),
             left: before.difference(&after).cloned().collect(),
         });
-        push_room_event(self, except, &diff, false);
+        self.push_presence_diff(room, except, &diff);
     }
 }
 
@@ -457,11 +487,26 @@ impl Hub {
             return;
         };
         let state = room.lock();
-        let frame = frames::v1(&ServerFrame::Presence {
-            room: name.to_string(),
-            users: state.users().into_iter().collect(),
-        });
-        conn.outbox.push(Item::Frame(frame));
+        conn.outbox.push(Item::Frame(state.presence_frame(name)));
+    }
+
+    /// Send the full presence list to each v1 subscriber whose list went stale (a diff
+    /// dropped under pressure) and that has room for it now: a room with no news since
+    /// would otherwise leave it wrong. Run at every heartbeat.
+    pub fn repair_presence(&self) {
+        let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
+        for room in rooms {
+            let state = room.lock();
+            let mut full = None;
+            for s in &state.subs {
+                if s.protocol == Protocol::V1 && s.outbox.presence_stale(s.sub) {
+                    let frame = full
+                        .get_or_insert_with(|| state.presence_frame(&room.name))
+                        .clone();
+                    s.outbox.push(Item::PresenceSnapshot { sub: s.sub, frame });
+                }
+            }
+        }
     }
 
     /// Relay a typing notice from a connection of this node: to this node's v1
@@ -484,7 +529,7 @@ impl Hub {
             room: name.to_string(),
             user: user.to_owned(),
         });
-        push_room_event(&state, origin, &frame, true);
+        push_typing(&state, origin, &frame);
     }
 
     /// Deliver committed messages (of any rooms, each room's in seq order). A room's
@@ -991,23 +1036,15 @@ fn push_reset(state: &RoomState, room: &RoomName, since: u64, first_seq: u64) {
     }
 }
 
-fn push_room_event(state: &RoomState, except: Option<u64>, frame: &Encoded, droppable: bool) {
+fn push_typing(state: &RoomState, except: Option<u64>, frame: &Encoded) {
     for s in &state.subs {
         if s.protocol != Protocol::V1 || Some(s.id) == except {
             continue;
         }
-        let item = if droppable {
-            Item::Droppable {
-                sub: s.sub,
-                frame: frame.clone(),
-            }
-        } else {
-            Item::RoomEvent {
-                sub: s.sub,
-                frame: frame.clone(),
-            }
-        };
-        s.outbox.push(item);
+        s.outbox.push(Item::Droppable {
+            sub: s.sub,
+            frame: frame.clone(),
+        });
     }
 }
 
@@ -1063,6 +1100,14 @@ pub(crate) mod tests {
     }
 
     fn connection_as(id: u64, protocol: Protocol) -> (Arc<Conn>, tokio::io::DuplexStream) {
+        connection_for(id, "u", protocol)
+    }
+
+    fn connection_for(
+        id: u64,
+        user: &str,
+        protocol: Protocol,
+    ) -> (Arc<Conn>, tokio::io::DuplexStream) {
         use tokio_util::sync::CancellationToken;
         let (server, client) = tokio::io::duplex(1 << 16);
         let outbox = Outbox::new(
@@ -1076,7 +1121,7 @@ pub(crate) mod tests {
         tokio::spawn(outbox.clone().write_loop());
         outbox.push(Item::Track { sub: 0 });
         assert_eq!(outbox.sync_done(0, 0), Synced::Done);
-        let conn = Conn::new(id, "u".into(), protocol, outbox);
+        let conn = Conn::new(id, user.into(), protocol, outbox);
         (Arc::new(conn), client)
     }
 
@@ -1604,5 +1649,65 @@ pub(crate) mod tests {
         hub.typing_from(&room, "ada", 1);
         assert_eq!(forwarder.chatter.len(), QUEUE_EVENTS);
         assert!(!hub.dropping.load(Ordering::Relaxed));
+    }
+
+    /// A member that reads slowly loses presence diffs, not its connection (DESIGN: drop
+    /// typing and presence first), and gets the full list once it has room: at the room's
+    /// next change, or from the heartbeat's repair when the room has no news.
+    #[tokio::test]
+    async fn a_slow_member_loses_presence_diffs_then_gets_the_full_list() {
+        use tokio::io::AsyncReadExt;
+        let OneMember {
+            _dir,
+            hub,
+            room,
+            member,
+            mut client,
+            ..
+        } = one_member_as(Protocol::V1).await;
+        let mut others = Vec::new();
+        for (id, user, repaired_by) in [(2, "bob", "carol"), (4, "dave", "")] {
+            // Over half the member's queue (1 MiB) waits: the client reads nothing yet.
+            let big = 600_000;
+            member
+                .outbox
+                .push(Item::Frame(frames::text("x".repeat(big))));
+            let (conn, conn_client) = connection_for(id, user, Protocol::V1);
+            hub.subscribe(&room, &conn, 0).await.unwrap();
+            others.push((conn, conn_client));
+            assert!(
+                member.outbox.presence_stale(0),
+                "{user}'s arrival was dropped"
+            );
+            assert!(!member.outbox.cancel.is_cancelled(), "no 4008 for presence");
+            let mut got = 0;
+            let mut buf = vec![0u8; 1 << 16];
+            while got < big {
+                got += tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+                    .await
+                    .expect("the big frame comes")
+                    .unwrap();
+            }
+            if repaired_by.is_empty() {
+                hub.repair_presence();
+            } else {
+                let (conn, conn_client) = connection_for(id + 1, repaired_by, Protocol::V1);
+                hub.subscribe(&room, &conn, 0).await.unwrap();
+                others.push((conn, conn_client));
+            }
+            let users = if repaired_by.is_empty() {
+                r#"["bob","carol","dave","u"]"#
+            } else {
+                r#"["bob","carol","u"]"#
+            };
+            let read = read_for(&mut client, users).await;
+            assert!(
+                read.contains(&format!(
+                    r#"{{"type":"presence","room":"r","users":{users}}}"#
+                )),
+                "{read}"
+            );
+            assert!(!member.outbox.presence_stale(0));
+        }
     }
 }

@@ -59,8 +59,13 @@ pub enum Item {
     Track { sub: SubId },
     /// Stop tracking a subscription (the room was left).
     Untrack { sub: SubId },
-    /// A room event (presence diff, typing) that is dropped while `sub` is syncing.
-    RoomEvent { sub: SubId, frame: Encoded },
+    /// A presence diff: dropped while `sub` is syncing (its backfill ends with a full
+    /// list), and under pressure as typing is, after which `sub`'s presence is stale: its
+    /// next diffs answer `Pushed::Stale` (when a full list would fit) instead.
+    PresenceDiff { sub: SubId, frame: Encoded },
+    /// The room's full presence list for `sub`, whose presence is stale: it is current
+    /// again once this gets through.
+    PresenceSnapshot { sub: SubId, frame: Encoded },
     /// A notice that may be dropped under pressure (typing).
     Droppable { sub: SubId, frame: Encoded },
     /// A WebSocket ping.
@@ -92,6 +97,9 @@ struct SubState {
     lagged: bool,
     /// Times `sync_done` found the subscription lagged.
     lag_rounds: u32,
+    /// A presence diff was dropped under pressure: the client's list is wrong until a
+    /// full one gets through (`Item::PresenceSnapshot`).
+    presence_stale: bool,
 }
 
 /// Times a backfill may be told to read on (`Synced::Lagged`) before the connection is
@@ -189,6 +197,9 @@ pub enum Pushed {
     Dropped,
     /// The queue overflowed: the connection is being closed with 4008.
     Overflow,
+    /// A presence diff for a subscription whose presence is stale, now that a full list
+    /// would fit: push it that (`Item::PresenceSnapshot`) instead.
+    Stale,
 }
 
 /// On Linux a direct `send` on a closed socket returns an error and raises no SIGPIPE, as
@@ -285,6 +296,7 @@ impl Outbox {
                     held_bytes: 0,
                     lagged: false,
                     lag_rounds: 0,
+                    presence_stale: false,
                 });
                 Pushed::Queued
             }
@@ -292,7 +304,35 @@ impl Outbox {
                 state.subs.retain(|s| s.sub != sub);
                 Pushed::Queued
             }
-            Item::RoomEvent { sub, frame } => self.send_to_synced(&mut state, sub, frame),
+            Item::PresenceDiff { sub, frame } => {
+                let pressed = state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2;
+                let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub && !s.syncing) else {
+                    return Pushed::Dropped;
+                };
+                if s.presence_stale {
+                    return if pressed {
+                        Pushed::Dropped
+                    } else {
+                        Pushed::Stale
+                    };
+                }
+                if pressed {
+                    s.presence_stale = true;
+                    return Pushed::Dropped;
+                }
+                self.send(&mut state, frame)
+            }
+            Item::PresenceSnapshot { sub, frame } => {
+                let pressed = state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2;
+                let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub && !s.syncing) else {
+                    return Pushed::Dropped;
+                };
+                if pressed {
+                    return Pushed::Dropped;
+                }
+                s.presence_stale = false;
+                self.send(&mut state, frame)
+            }
             Item::Droppable { sub, frame } => {
                 if state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2 {
                     return Pushed::Dropped;
@@ -349,7 +389,7 @@ impl Outbox {
             }
         }
         match self.send_all(&mut state, &release) {
-            Pushed::Queued | Pushed::Dropped => Synced::Done,
+            Pushed::Queued | Pushed::Dropped | Pushed::Stale => Synced::Done,
             Pushed::Overflow => Synced::Closed,
         }
     }
@@ -399,6 +439,15 @@ impl Outbox {
             Some(s) if !s.syncing => self.send(state, frame),
             _ => Pushed::Dropped,
         }
+    }
+
+    /// Whether `sub`'s presence list went stale (a diff dropped under pressure) and has
+    /// not been replaced since.
+    pub fn presence_stale(&self, sub: SubId) -> bool {
+        self.lock()
+            .subs
+            .iter()
+            .any(|s| s.sub == sub && s.presence_stale)
     }
 
     /// Queue a close after what is already queued; later pushes are dropped.
@@ -1494,7 +1543,7 @@ mod tests {
         outbox.push(Item::Track { sub: 1 });
         let event = frame("presence");
         assert_eq!(
-            outbox.push(Item::RoomEvent {
+            outbox.push(Item::PresenceDiff {
                 sub: 1,
                 frame: event.clone()
             }),
@@ -1502,13 +1551,68 @@ mod tests {
         );
         assert_eq!(outbox.sync_done(1, 0), Synced::Done);
         assert_eq!(
-            outbox.push(Item::RoomEvent {
+            outbox.push(Item::PresenceDiff {
                 sub: 1,
                 frame: event.clone()
             }),
             Pushed::Queued
         );
         expect(&mut client, &[event]).await;
+    }
+
+    /// Presence diffs are dropped under pressure, as typing is, not a cause of 4008; the
+    /// subscription's list is then stale, and once a full list fits its diffs answer
+    /// `Stale` (send the full list) until one gets through.
+    #[tokio::test]
+    async fn presence_diffs_under_pressure_are_dropped_then_replaced_by_a_full_list() {
+        // A client that reads nothing yet, a 64-byte pipe, a queue of 2,000 bytes.
+        let (outbox, mut client) = outbox(2000, 64);
+        outbox.push(Item::Track { sub: 1 });
+        assert_eq!(outbox.sync_done(1, 0), Synced::Done);
+        let diff = |n: usize| Item::PresenceDiff {
+            sub: 1,
+            frame: frame(&format!("diff {n:0>100}")),
+        };
+        let pushed: Vec<Pushed> = (0..40).map(|n| outbox.push(diff(n))).collect();
+        assert!(!outbox.cancel.is_cancelled(), "no 4008 for presence");
+        let first_drop = pushed.iter().position(|p| *p == Pushed::Dropped);
+        let first_drop = first_drop.expect("diffs dropped past half the queue");
+        assert!(
+            pushed[first_drop..].iter().all(|p| *p == Pushed::Dropped),
+            "{pushed:?}"
+        );
+        let list = frame(&format!("the full list {:0>100}", 0));
+        let snapshot = || Item::PresenceSnapshot {
+            sub: 1,
+            frame: list.clone(),
+        };
+        assert_eq!(
+            outbox.push(snapshot()),
+            Pushed::Dropped,
+            "no room for it yet"
+        );
+        // The client reads; then a diff asks for the full list, and the list goes.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(&format!("diff {:0>100}", first_drop - 1)) {
+            let n = tokio::time::timeout(WAIT, client.read(&mut buf))
+                .await
+                .expect("the queued diffs come")
+                .unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        // (The writer counts what it wrote a moment after the client can read it.)
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while outbox.push(diff(99)) != Pushed::Stale {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never asked for the full list"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(outbox.push(snapshot()), Pushed::Queued);
+        assert_eq!(outbox.push(diff(100)), Pushed::Queued, "current again");
+        expect(&mut client, &[list, frame(&format!("diff {:0>100}", 100))]).await;
     }
 
     #[tokio::test]

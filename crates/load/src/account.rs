@@ -56,6 +56,9 @@ pub struct V1Room {
     pub resets: u64,
     /// The first join was refused: not a member.
     pub refused: bool,
+    /// The first join asked from this seq (the run's base, for a member joining after
+    /// the send phase began): the member's `base` is this, not the join's `last_seq`.
+    pub joined_from: Option<u64>,
     /// Messages that came before the first `joined`: (seq, the tag if ours, receive time
     /// µs).
     held: Vec<(u64, Option<Ours>, u64)>,
@@ -72,9 +75,12 @@ impl V1Room {
         }
     }
 
-    /// The `since` to resume with, once joined.
+    /// The `since` to join with: once joined, to resume; before, the run's base if set.
     pub fn since(&self) -> Option<u64> {
-        self.base.map(|b| b.max(self.max_any))
+        match self.base {
+            Some(b) => Some(b.max(self.max_any)),
+            None => self.joined_from,
+        }
     }
 
     /// A message of this room arrived; `ours` is set when it is one of ours.
@@ -115,7 +121,7 @@ impl V1Room {
         if self.base.is_some() {
             return Vec::new();
         }
-        self.base = Some(last_seq);
+        self.base = Some(self.joined_from.unwrap_or(last_seq));
         std::mem::take(&mut self.held)
     }
 }

@@ -2,7 +2,7 @@
 //! schedule, record every receipt, reconnect and resume after faults, and hand back its
 //! record when the run stops. One tokio task per connection; nothing here blocks.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufWriter, Stdout, Write as _};
 use std::pin::pin;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -199,6 +199,11 @@ pub(crate) struct Shared {
     pub printer: Option<Mutex<BufWriter<Stdout>>>,
     /// Tasks whose first connection attempt is over (either way).
     pub settled: AtomicUsize,
+    /// v1: each room's head when members first joined it before the send phase (the
+    /// lowest any saw). A member whose first join comes later (its first attempts
+    /// failed) joins from there: it is expected every message of the run, as the others
+    /// are, and asks for them.
+    pub run_bases: Mutex<HashMap<String, u64>>,
 }
 
 /// One connection's part of the run.
@@ -1010,15 +1015,27 @@ impl Conn {
                     self.retry = self.unacked.keys().copied().collect();
                     self.retry_at_us = Some(0);
                 }
-                let rooms: Vec<JoinRoom> = self
-                    .rooms
-                    .iter()
-                    .filter(|r| !r.refused)
-                    .map(|r| JoinRoom {
-                        room: r.name.clone(),
-                        since: r.since(),
-                    })
-                    .collect();
+                let late = self.phase != Phase::Connect;
+                let rooms: Vec<JoinRoom> = {
+                    let bases = self
+                        .shared
+                        .run_bases
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    self.rooms
+                        .iter_mut()
+                        .filter(|r| !r.refused)
+                        .map(|r| {
+                            if r.base.is_none() && late {
+                                r.joined_from = bases.get(&r.name).copied();
+                            }
+                            JoinRoom {
+                                room: r.name.clone(),
+                                since: r.since(),
+                            }
+                        })
+                        .collect()
+                };
                 s.joins_waiting = rooms.len();
                 s.syncs_waiting = rooms.len();
                 if rooms.is_empty() {
@@ -1036,9 +1053,19 @@ impl Conn {
                 if let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) {
                     if r.base.is_none() {
                         // A member from here on: it has heard the room through its head
-                        // (and whatever came before the answer).
-                        let base = last_seq.max(r.max_any);
+                        // (and whatever came before the answer), or, joined from the
+                        // run's base, through that, its backfill to come.
+                        let base = r.joined_from.unwrap_or(last_seq.max(r.max_any));
                         self.shared.heard.joined(self.plan.idx, &room, base);
+                        if self.phase == Phase::Connect {
+                            let mut bases = self
+                                .shared
+                                .run_bases
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            let b = bases.entry(room.clone()).or_insert(last_seq);
+                            *b = (*b).min(last_seq);
+                        }
                     }
                     let held = r.on_joined(last_seq);
                     let mut new = Vec::new();

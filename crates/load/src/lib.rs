@@ -31,7 +31,10 @@
 //! messages of this run are every (room, seq) that was acked to one of our senders, plus
 //! every (room, seq) of ours that any receiver got (a message can be stored and delivered
 //! while its sender was cut off before the ack). A receiving connection becomes a member of
-//! its room at its first `joined`, whose `last_seq` is its base; from then on it is
+//! its room at its first `joined`, whose `last_seq` is its base; a connection whose first
+//! join comes only after the sending began (its first attempts failed) joins with `since`
+//! = the room's head as the others first joined it, which is then its base, so that it
+//! too is expected every message of the run. From then on it is
 //! expected to receive every one of the room's messages of this run with seq above its
 //! base, whether it is connected at the time or not: it reconnects with backoff (close
 //! codes 1012 and 4008, and any broken connection) and resumes each room with `since` = the
@@ -467,6 +470,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             .print_sent
             .then(|| Mutex::new(BufWriter::with_capacity(64 * 1024, std::io::stdout()))),
         settled: AtomicUsize::new(0),
+        run_bases: Default::default(),
     });
     shared.live.pending_sends.store(scheduled as i64, Relaxed);
 

@@ -251,6 +251,33 @@ async fn v1_acked_messages_that_never_come_hold_the_drain_to_its_limit() {
     assert_eq!(r.lost, (r.sent - 20) * 10, "{r:#?}");
 }
 
+/// A member whose first join comes only after the sending began (refused until then) is
+/// still expected every message of the run, as the others are: it joins from the room's
+/// head as the others first joined it, and gets what was sent before it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_member_joining_late_is_expected_every_message_of_the_run() {
+    let r = v1_run(
+        V1Fake {
+            late_joiner: Some(("k2", 10)),
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=3",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.connected, 3, "{r:#?}");
+    assert!(r.sent > 10, "{r:#?}");
+    assert_eq!(r.expected, r.sent * 3, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
 /// A join answered `unavailable` (the server's store away for a moment) is not a refusal:
 /// the connection reconnects and joins again, and its room counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

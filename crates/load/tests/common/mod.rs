@@ -157,6 +157,9 @@ pub struct V1Fake {
     /// broker that is away) for longer than a quiet second. A member that joins meanwhile
     /// would get the held ones twice (backfill, then held): the tests join none.
     pub stall_after: Option<(u64, u64)>,
+    /// (user, n): the joins of `user` are answered `unavailable` until n messages are
+    /// stored: a member that joins late, after the sending began.
+    pub late_joiner: Option<(&'static str, u64)>,
 }
 
 #[derive(Default)]
@@ -257,7 +260,11 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                                     .kicked_at
                                     .is_some_and(|at| at.elapsed().as_millis() < u128::from(ms))
                         });
+                        let too_early = opts
+                            .late_joiner
+                            .is_some_and(|(late, n)| user == late && hub.stored < n);
                         if resuming_slowly
+                            || too_early
                             || opts.refuse_joins.is_some_and(|n| hub.joins_refused < n)
                         {
                             hub.joins_refused += 1;

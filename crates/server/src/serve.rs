@@ -100,7 +100,15 @@ fn http_builder(settings: &Settings) -> Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.handshake_timeout())
-        .max_buf_size(settings.max_header_bytes.max(MIN_HEADER_BYTES));
+        // Twice the limit: a head up to that reaches `limits::limit_head_size`, which
+        // answers and counts it (`wschat_refused_total{reason="header_size"}`); hyper
+        // refuses a larger one itself, uncounted, before it is all in memory.
+        .max_buf_size(
+            settings
+                .max_header_bytes
+                .saturating_mul(2)
+                .max(MIN_HEADER_BYTES),
+        );
     builder
 }
 

@@ -376,12 +376,16 @@ async fn a_request_head_over_the_limit_gets_431() {
         .map(|i| format!("X-H{i}: {}\r\n", "b".repeat(100)))
         .collect();
     assert_eq!(status_of(app.addr, "/ws", &many).await, 431);
-    // Just over the limit (it fits in hyper's buffer: the exact check answers).
+    // Just over the limit (it fits in hyper's buffer: the exact check answers, and counts).
+    let series = r#"wschat_refused_total{reason="header_size"}"#;
+    let before = common::sample(&app, series).await.unwrap_or(0.0);
     let just_over = format!("X-Padding: {}\r\n", "a".repeat(16 * 1024));
     assert_eq!(
         status_of(app.addr, &format!("/?session_key={key}"), &just_over).await,
         431
     );
+    let after = common::sample(&app, series).await.unwrap_or(0.0);
+    assert!(after > before, "{series}: {before} → {after}");
     // Under the limit, the handshake goes through.
     let fine = format!("X-Padding: {}\r\n", "a".repeat(15 * 1024));
     assert_eq!(

@@ -402,7 +402,9 @@ async fn node_upkeep(
         tokio::select! {
             _ = stop.cancelled() => {
                 // The node is deregistered next: not before a heartbeat in flight, which
-                // would register it again (the stop bounds this wait).
+                // would register it again. The stop bounds this wait; a heartbeat that
+                // outlives it (a database that stopped answering) may still register the
+                // node again, until its TTL.
                 if let Some(beat) = beating {
                     let _done = beat.await;
                 }

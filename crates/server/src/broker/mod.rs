@@ -190,7 +190,16 @@ pub fn forward(
                 Some(event) = from.chatter.recv() => event,
                 _ = stop.cancelled() => break,
             };
+            let was_commit = matches!(event, BusEvent::Committed(_));
             publish_merged(broker.as_ref(), event, &mut from.commits).await;
+            // Commits that keep coming during each publish (a NOTIFY is a commit of
+            // its own) must not starve typing and presence for good: one of those goes
+            // after each commit.
+            if was_commit {
+                if let Ok(event) = from.chatter.try_recv() {
+                    publish_merged(broker.as_ref(), event, &mut from.commits).await;
+                }
+            }
         }
         while let Ok(event) = from.commits.try_recv() {
             publish_merged(broker.as_ref(), event, &mut from.commits).await;
@@ -246,5 +255,70 @@ pub(crate) fn receive(hub: &Arc<Hub>, own_node: &str, payload: &[u8]) {
     }));
     if handled.is_err() {
         tracing::error!("a message from another node could not be handled (a bug); skipped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A broker whose every commit publish sees another commit queued meanwhile (a
+    /// steady stream, as under load), for `rounds` publishes.
+    struct Busy {
+        to: ToOthers,
+        rounds: Mutex<u32>,
+        published: Mutex<Vec<&'static str>>,
+    }
+
+    #[async_trait]
+    impl Broker for Busy {
+        fn name(&self) -> &'static str {
+            "busy"
+        }
+        async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError> {
+            let kind = match event {
+                BusEvent::Committed(_) => "commit",
+                _ => "presence",
+            };
+            self.published.lock().unwrap().push(kind);
+            let more = {
+                let mut rounds = self.rounds.lock().unwrap();
+                *rounds = rounds.saturating_sub(1);
+                *rounds > 0
+            };
+            if more && kind == "commit" {
+                let _ = self.to.try_send(BusEvent::Committed(Vec::new()));
+            }
+            Ok(())
+        }
+    }
+
+    /// Commits go first, but a steady stream of them does not keep a presence event
+    /// waiting for good: it goes after the next commit.
+    #[tokio::test]
+    async fn commits_that_keep_coming_do_not_starve_presence() {
+        let (to, from) = queues();
+        let busy = Arc::new(Busy {
+            to: to.clone(),
+            rounds: Mutex::new(50),
+            published: Mutex::new(Vec::new()),
+        });
+        to.try_send(BusEvent::Committed(Vec::new())).unwrap();
+        to.try_send(BusEvent::Presence {
+            room: RoomName::new("r").unwrap(),
+            users: vec!["ada".into()],
+        })
+        .unwrap();
+        let stop = CancellationToken::new();
+        let forwarder = forward(busy.clone(), from, stop.clone());
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        stop.cancel();
+        forwarder.await.unwrap();
+        let published = busy.published.lock().unwrap().clone();
+        let at = published.iter().position(|k| *k == "presence");
+        assert_eq!(at, Some(1), "{published:?}");
     }
 }

@@ -315,6 +315,10 @@ function dropSocket() {
 function onClosed(code, reason = '') {
   const wasStable = conn.readySince > 0 && Date.now() - conn.readySince >= STABLE_AFTER_MS;
   clearConnTimers();
+  // The next connection joins every room; a re-join timer of this one would only take
+  // the place of one it needs.
+  clearTimeout(rejoinTimer);
+  rejoinTimer = undefined;
   refs.clear();
   state.disconnected();
   conn.readySince = 0;
@@ -668,7 +672,10 @@ function joinAnswered(ref, room) {
 function joinManyRefused(ref, code, text) {
   const info = typeof ref === 'number' ? refs.get(ref) : undefined;
   if (info?.kind !== 'joins') return false;
-  if (WHOLE_FRAME_CODES.has(code)) {
+  // `too_many_rooms` also answers one room of a join (the connection full): whole only
+  // when it is the frame's first answer.
+  const whole = code === 'too_many_rooms' ? info.next === 0 && info.failed === null : WHOLE_FRAME_CODES.has(code);
+  if (whole) {
     // The whole frame refused: none of its rooms was tried.
     refs.delete(/** @type {number} */ (ref));
     for (const { room } of info.rooms.slice(info.next)) {

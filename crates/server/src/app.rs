@@ -94,6 +94,10 @@ pub enum StartError {
     Settings(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(
+        "no_migrate is set, and the database lacks this build's migrations {0:?}: run `wschat migrate` first"
+    )]
+    MigrationsPending(Vec<i64>),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -131,7 +135,15 @@ impl Application {
             source,
         })?;
         let store = store::open(&settings.database).await?;
-        if !settings.no_migrate {
+        if settings.no_migrate {
+            // Told not to migrate, on a database that lacks this build's migrations: every
+            // send and join would fail on the missing tables or columns, behind a healthy
+            // `/healthz`. Refused here, by name.
+            let pending = store.pending_migrations().await?;
+            if !pending.is_empty() {
+                return Err(StartError::MigrationsPending(pending));
+            }
+        } else {
             store.migrate().await?;
         }
         let demo_key = if settings.demo_session && store.kind() == StoreKind::Sqlite {

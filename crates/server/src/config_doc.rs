@@ -29,7 +29,10 @@ pub const DOCS: &[(&str, &str)] = &[
         "nats_subject",
         "The NATS subject every node of one deployment publishes to and listens on.",
     ),
-    ("no_migrate", "Do not apply the database migrations at start."),
+    (
+        "no_migrate",
+        "Do not apply the database migrations at start (`wschat migrate` does). A database that lacks one of this build's migrations then refuses the start.",
+    ),
     (
         "demo_session",
         "On SQLite, create a demo session and print a chat URL (with its key) at start when the database has no session. Default: true when `serve` runs without a configuration file (the quick start), false with one: a deployment makes its own sessions, and a key printed under a service manager would land in its log.",

@@ -147,3 +147,49 @@ async fn readiness_follows_the_nats_connection() {
     nats.kill().unwrap();
     nats.wait().unwrap();
 }
+
+/// A server told not to migrate refuses, by name, a database that lacks one of this
+/// build's migrations (an older database): it would start, answer `/healthz`, and fail
+/// every send on the missing tables or columns. With every migration applied it starts.
+#[tokio::test]
+async fn no_migrate_refuses_a_database_that_lacks_a_migration() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let (mut settings, dir) = fresh(backend).await;
+        // Migrated, then started without migrating: it starts.
+        spawn_with(settings.clone(), dir.clone())
+            .await
+            .stop_keeping_data()
+            .await;
+        settings.no_migrate = true;
+        let app = spawn_with(settings.clone(), dir.clone()).await;
+        // The newest migration's record gone: an older database.
+        let newest = newest_migration(&app.database).await;
+        common::app_sql(
+            &app,
+            &format!("DELETE FROM wschat_migrations WHERE version = {newest}"),
+        )
+        .await;
+        app.stop_keeping_data().await;
+        let refused = Application::build(settings.clone()).await;
+        let Err(e) = refused else {
+            panic!("{backend:?}: started without migration {newest}");
+        };
+        let told = e.to_string();
+        assert!(told.contains(&format!("[{newest}]")), "{told}");
+        assert!(told.contains("wschat migrate"), "{told}");
+        common::drop_database(&settings.database).await;
+    }
+}
+
+/// The newest migration version the database at `url` records as applied.
+async fn newest_migration(url: &str) -> i64 {
+    use sqlx::Connection;
+    let sql = "SELECT max(version) FROM wschat_migrations";
+    if url.starts_with("sqlite") {
+        let mut db = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap()
+    } else {
+        let mut db = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap()
+    }
+}

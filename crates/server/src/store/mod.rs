@@ -196,6 +196,10 @@ pub trait Store: Send + Sync + 'static {
     /// Apply the migrations this build carries.
     async fn migrate(&self) -> Result<(), StoreError>;
 
+    /// The versions of this build's migrations the database has not applied (all of them
+    /// when it has none): a server told not to migrate refuses to start on them.
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError>;
+
     /// Answers when the store can serve.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -435,6 +439,19 @@ pub const MIGRATIONS_TABLE: &str = "wschat_migrations";
 
 /// A migrator over embedded `(version, name, sql)` migrations, recorded in
 /// [`MIGRATIONS_TABLE`].
+/// Of `migrations`, the versions missing from `applied` (the successful rows of
+/// [`MIGRATIONS_TABLE`]).
+pub(crate) fn pending(
+    migrations: &[(i64, &'static str, &'static str)],
+    applied: &[i64],
+) -> Vec<i64> {
+    migrations
+        .iter()
+        .map(|&(version, _, _)| version)
+        .filter(|v| !applied.contains(v))
+        .collect()
+}
+
 pub(crate) fn migrator(
     migrations: &[(i64, &'static str, &'static str)],
 ) -> sqlx::migrate::Migrator {

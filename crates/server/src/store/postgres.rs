@@ -292,6 +292,21 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('wschat_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM wschat_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending(MIGRATIONS, &applied))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

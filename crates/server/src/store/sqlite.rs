@@ -157,6 +157,22 @@ impl Store for SqliteStore {
         StoreKind::Sqlite
     }
 
+    async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let exists: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'wschat_migrations'",
+        )
+        .fetch_one(&self.writer)
+        .await?;
+        let applied: Vec<i64> = if exists > 0 {
+            sqlx::query_scalar("SELECT version FROM wschat_migrations WHERE success")
+                .fetch_all(&self.writer)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending(MIGRATIONS, &applied))
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
         super::migrator(MIGRATIONS).run(&self.writer).await?;
         // `sessions` belongs to the embedding application, which may have made it before

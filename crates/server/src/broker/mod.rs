@@ -61,6 +61,15 @@ pub trait Broker: Send + Sync + 'static {
     /// Ring the bell on the other nodes.
     async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError>;
 
+    /// Publish several events (typing and presence queued together), in order: one
+    /// NOTIFY statement on PostgreSQL, where each statement is a commit of its own.
+    async fn publish_all(&self, events: &[BusEvent]) -> Result<(), BrokerError> {
+        for event in events {
+            self.publish(event).await?;
+        }
+        Ok(())
+    }
+
     /// Whether the other nodes can be reached now (`/readyz`). `local`: always.
     async fn ping(&self) -> Result<(), BrokerError> {
         Ok(())
@@ -127,6 +136,13 @@ pub async fn open(
 /// past it the hub drops them.
 pub const QUEUE_EVENTS: usize = 4096;
 
+/// Most typing and presence events waiting: a heartbeat's presence refresh queues one per
+/// room with members here, all at once.
+pub const QUEUE_CHATTER: usize = 16_384;
+
+/// Most typing and presence events the forwarder publishes together (`publish_all`).
+const CHATTER_BATCH: usize = 512;
+
 /// The hub's side of the queues to the other nodes. Commits have a queue of their own, and
 /// the forwarder takes them first: typing notices and presence, dropped first when the
 /// broker does not keep up, never crowd a commit's bell out.
@@ -143,10 +159,10 @@ pub struct FromHub {
     pub(crate) chatter: mpsc::Receiver<BusEvent>,
 }
 
-/// The two queues, `QUEUE_EVENTS` each.
+/// The two queues: `QUEUE_EVENTS` commits, `QUEUE_CHATTER` typing and presence events.
 pub fn queues() -> (ToOthers, FromHub) {
     let (commits, commits_rx) = mpsc::channel(QUEUE_EVENTS);
-    let (chatter, chatter_rx) = mpsc::channel(QUEUE_EVENTS);
+    let (chatter, chatter_rx) = mpsc::channel(QUEUE_CHATTER);
     (
         ToOthers { commits, chatter },
         FromHub {
@@ -190,22 +206,23 @@ pub fn forward(
                 Some(event) = from.chatter.recv() => event,
                 _ = stop.cancelled() => break,
             };
-            let was_commit = matches!(event, BusEvent::Committed(_));
-            publish_merged(broker.as_ref(), event, &mut from.commits).await;
-            // Commits that keep coming during each publish (a NOTIFY is a commit of
-            // its own) must not starve typing and presence for good: one of those goes
-            // after each commit.
-            if was_commit {
+            if matches!(event, BusEvent::Committed(_)) {
+                publish_merged(broker.as_ref(), event, &mut from.commits).await;
+                // Commits that keep coming during each publish (a NOTIFY is a commit of
+                // its own) must not starve typing and presence for good: what of those
+                // waits goes after each commit.
                 if let Ok(event) = from.chatter.try_recv() {
-                    publish_merged(broker.as_ref(), event, &mut from.commits).await;
+                    publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
                 }
+            } else {
+                publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
             }
         }
         while let Ok(event) = from.commits.try_recv() {
             publish_merged(broker.as_ref(), event, &mut from.commits).await;
         }
         while let Ok(event) = from.chatter.try_recv() {
-            publish_merged(broker.as_ref(), event, &mut from.commits).await;
+            publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
         }
         // A broker that is down does not hold the stop up for long.
         match tokio::time::timeout(LAST_FLUSH, broker.flush()).await {
@@ -234,6 +251,26 @@ async fn publish_merged(
     }
     if let Err(e) = broker.publish(&event).await {
         // Other nodes find the gap by seq or by their periodic check.
+        metrics::counter!("wschat_broker_publish_errors_total").increment(1);
+        tracing::warn!(error = %e, "broker publish failed");
+    }
+}
+
+/// Publish `event` and the typing and presence events queued behind it, up to
+/// `CHATTER_BATCH`, together.
+async fn publish_chatter(
+    broker: &dyn Broker,
+    event: BusEvent,
+    chatter: &mut mpsc::Receiver<BusEvent>,
+) {
+    let mut events = vec![event];
+    while events.len() < CHATTER_BATCH {
+        match chatter.try_recv() {
+            Ok(event) => events.push(event),
+            Err(_) => break,
+        }
+    }
+    if let Err(e) = broker.publish_all(&events).await {
         metrics::counter!("wschat_broker_publish_errors_total").increment(1);
         tracing::warn!(error = %e, "broker publish failed");
     }
@@ -292,6 +329,48 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    /// A broker that records the size of each `publish_all`.
+    #[derive(Default)]
+    struct Batches(Mutex<Vec<usize>>);
+
+    #[async_trait]
+    impl Broker for Batches {
+        fn name(&self) -> &'static str {
+            "batches"
+        }
+        async fn publish(&self, _event: &BusEvent) -> Result<(), BrokerError> {
+            self.0.lock().unwrap().push(1);
+            Ok(())
+        }
+        async fn publish_all(&self, events: &[BusEvent]) -> Result<(), BrokerError> {
+            self.0.lock().unwrap().push(events.len());
+            Ok(())
+        }
+    }
+
+    /// A heartbeat's presence refresh (one event per room) is queued whole and goes out
+    /// in batches, not one NOTIFY transaction per room.
+    #[tokio::test]
+    async fn a_presence_refresh_of_many_rooms_goes_out_in_batches() {
+        let (to, from) = queues();
+        let rooms = 10_000;
+        for i in 0..rooms {
+            to.try_send(BusEvent::Presence {
+                room: RoomName::new(format!("r{i}")).unwrap(),
+                users: vec!["ada".into()],
+            })
+            .expect("queued");
+        }
+        let broker = Arc::new(Batches::default());
+        let stop = CancellationToken::new();
+        stop.cancel();
+        forward(broker.clone(), from, stop).await.unwrap();
+        let batches = broker.0.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), rooms, "{batches:?}");
+        // Hundreds of events a publish, not one.
+        assert!(batches.len() * 100 <= rooms, "{} publishes", batches.len());
     }
 
     /// Commits go first, but a steady stream of them does not keep a presence event

@@ -117,9 +117,16 @@ impl Broker for PgBroker {
     }
 
     async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError> {
-        // Each NOTIFY transaction is a commit (a WAL flush): one statement per event, and
-        // bells instead of payloads when they would not fit in one notification.
-        let payloads = wire::encode_compact(&self.node, event, MAX_PAYLOAD);
+        self.publish_all(std::slice::from_ref(event)).await
+    }
+
+    async fn publish_all(&self, events: &[BusEvent]) -> Result<(), BrokerError> {
+        // Each NOTIFY transaction is a commit (a WAL flush): one statement for the events,
+        // and bells instead of payloads when they would not fit in one notification.
+        let payloads: Vec<String> = events
+            .iter()
+            .flat_map(|event| wire::encode_compact(&self.node, event, MAX_PAYLOAD))
+            .collect();
         sqlx::query(
             "SELECT pg_notify($1, p) FROM UNNEST($2::text[]) WITH ORDINALITY AS x(p, o) ORDER BY o",
         )

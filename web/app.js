@@ -672,9 +672,10 @@ function joinAnswered(ref, room) {
 function joinManyRefused(ref, code, text) {
   const info = typeof ref === 'number' ? refs.get(ref) : undefined;
   if (info?.kind !== 'joins') return false;
-  // `too_many_rooms` also answers one room of a join (the connection full): whole only
-  // when it is the frame's first answer.
-  const whole = code === 'too_many_rooms' ? info.next === 0 && info.failed === null : WHOLE_FRAME_CODES.has(code);
+  // `too_many_rooms` also answers one room of a join (the connection full); the whole
+  // frame only when it names more rooms than a connection may be in.
+  const whole =
+    code === 'too_many_rooms' ? info.rooms.length > limits.max_rooms_per_connection : WHOLE_FRAME_CODES.has(code);
   if (whole) {
     // The whole frame refused: none of its rooms was tried.
     refs.delete(/** @type {number} */ (ref));

@@ -199,8 +199,8 @@ pub(crate) struct Shared {
     pub printer: Option<Mutex<BufWriter<Stdout>>>,
     /// Tasks whose first connection attempt is over (either way).
     pub settled: AtomicUsize,
-    /// v1: each room's head when members first joined it before the send phase (the
-    /// lowest any saw). A member whose first join comes later (its first attempts
+    /// v1: each room's head when members first joined it in their first attempts, which
+    /// all end before the send phase (the lowest any saw). A member whose first join comes later (its first attempts
     /// failed) joins from there: it is expected every message of the run, as the others
     /// are, and asks for them.
     pub run_bases: Mutex<HashMap<String, u64>>,
@@ -1015,7 +1015,10 @@ impl Conn {
                     self.retry = self.unacked.keys().copied().collect();
                     self.retry_at_us = Some(0);
                 }
-                let late = self.phase != Phase::Connect;
+                // A later attempt than the first may come after the sending began (the
+                // send phase starts once every task's first attempt is over; this task's
+                // phase may not have caught up).
+                let late = self.settled;
                 let rooms: Vec<JoinRoom> = {
                     let bases = self
                         .shared
@@ -1057,7 +1060,7 @@ impl Conn {
                         // run's base, through that, its backfill to come.
                         let base = r.joined_from.unwrap_or(last_seq.max(r.max_any));
                         self.shared.heard.joined(self.plan.idx, &room, base);
-                        if self.phase == Phase::Connect {
+                        if !self.settled {
                             let mut bases = self
                                 .shared
                                 .run_bases

@@ -64,10 +64,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Publish several events (typing and presence queued together), in order: one
     /// NOTIFY statement on PostgreSQL, where each statement is a commit of its own.
     async fn publish_all(&self, events: &[BusEvent]) -> Result<(), BrokerError> {
+        // Each tried, as each was before they were batched; the first failure is told.
+        let mut failed = Ok(());
         for event in events {
-            self.publish(event).await?;
+            if let Err(e) = self.publish(event).await {
+                if failed.is_ok() {
+                    failed = Err(e);
+                }
+            }
         }
-        Ok(())
+        failed
     }
 
     /// Whether the other nodes can be reached now (`/readyz`). `local`: always.
@@ -270,10 +276,29 @@ async fn publish_chatter(
             Err(_) => break,
         }
     }
+    let events = newest_presence_only(events);
     if let Err(e) = broker.publish_all(&events).await {
         metrics::counter!("wschat_broker_publish_errors_total").increment(1);
         tracing::warn!(error = %e, "broker publish failed");
     }
+}
+
+/// Of a batch, each room's newest presence list only (a list is whole: the older ones say
+/// nothing it does not). PostgreSQL delivers one copy of identical notifications sent in
+/// one transaction, the first: a room's lists A, B, A in one batch would reach the other
+/// nodes as A, B, and leave them at B.
+fn newest_presence_only(events: Vec<BusEvent>) -> Vec<BusEvent> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<BusEvent> = events
+        .into_iter()
+        .rev()
+        .filter(|event| match event {
+            BusEvent::Presence { room, .. } => seen.insert(room.clone()),
+            _ => true,
+        })
+        .collect();
+    kept.reverse();
+    kept
 }
 
 /// Hand one envelope from another node to the hub; answer presence queries.
@@ -363,14 +388,56 @@ mod tests {
             })
             .expect("queued");
         }
+        // A room's list again, twice (a join and a leave since), both in the last batch:
+        // that batch carries one of them, the newest.
+        for users in [
+            vec!["ada".to_owned(), "bob".to_owned()],
+            vec!["ada".to_owned()],
+        ] {
+            to.try_send(BusEvent::Presence {
+                room: RoomName::new("r1").unwrap(),
+                users,
+            })
+            .expect("queued");
+        }
         let broker = Arc::new(Batches::default());
         let stop = CancellationToken::new();
         stop.cancel();
         forward(broker.clone(), from, stop).await.unwrap();
         let batches = broker.0.lock().unwrap().clone();
-        assert_eq!(batches.iter().sum::<usize>(), rooms, "{batches:?}");
+        assert_eq!(batches.iter().sum::<usize>(), rooms + 1, "{batches:?}");
         // Hundreds of events a publish, not one.
         assert!(batches.len() * 100 <= rooms, "{} publishes", batches.len());
+    }
+
+    /// A batch carries each room's newest presence list only: PostgreSQL would deliver
+    /// a repeated list once, and a room's A, B, A would leave the other nodes at B.
+    #[test]
+    fn a_batch_keeps_each_rooms_newest_presence_only() {
+        let presence = |room: &str, users: &[&str]| BusEvent::Presence {
+            room: RoomName::new(room).unwrap(),
+            users: users.iter().map(|u| u.to_string()).collect(),
+        };
+        let typing = BusEvent::Typing {
+            room: RoomName::new("r").unwrap(),
+            user: "bob".into(),
+        };
+        let kept = newest_presence_only(vec![
+            presence("r", &["ada"]),
+            presence("q", &["cy"]),
+            presence("r", &["ada", "bob"]),
+            typing,
+            presence("r", &["ada"]),
+        ]);
+        let shown: Vec<String> = kept
+            .iter()
+            .map(|e| match e {
+                BusEvent::Presence { room, users } => format!("{room}:{}", users.join(",")),
+                BusEvent::Typing { user, .. } => format!("typing:{user}"),
+                _ => "other".into(),
+            })
+            .collect();
+        assert_eq!(shown, ["q:cy", "typing:bob", "r:ada"]);
     }
 
     /// Commits go first, but a steady stream of them does not keep a presence event

@@ -1051,7 +1051,7 @@ fn push_typing(state: &RoomState, except: Option<u64>, frame: &Encoded) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::broker::QUEUE_EVENTS;
+    use crate::broker::QUEUE_CHATTER;
     use crate::store::commit_unheard;
 
     fn message(room: &str, seq: u64) -> Arc<StoredMessage> {
@@ -1635,12 +1635,12 @@ pub(crate) mod tests {
         let (outgoing, mut forwarder) = crate::broker::queues();
         let hub = Hub::new(store, outgoing, true);
         let room = RoomName::new("r").unwrap();
-        for _ in 0..QUEUE_EVENTS + 100 {
+        for _ in 0..QUEUE_CHATTER + 100 {
             hub.typing_from(&room, "ada", 1);
         }
         assert_eq!(
             forwarder.chatter.len(),
-            QUEUE_EVENTS,
+            QUEUE_CHATTER,
             "the rest were dropped"
         );
         assert!(hub.dropping.load(Ordering::Relaxed));
@@ -1650,7 +1650,7 @@ pub(crate) mod tests {
         // The forwarder takes one: the next event is queued again.
         assert!(forwarder.chatter.recv().await.is_some());
         hub.typing_from(&room, "ada", 1);
-        assert_eq!(forwarder.chatter.len(), QUEUE_EVENTS);
+        assert_eq!(forwarder.chatter.len(), QUEUE_CHATTER);
         assert!(!hub.dropping.load(Ordering::Relaxed));
     }
 

@@ -437,8 +437,6 @@ fn protocol_error(what: String) -> StoreError {
 /// history never clashes with an embedding application's own sqlx migrations.
 pub const MIGRATIONS_TABLE: &str = "wschat_migrations";
 
-/// A migrator over embedded `(version, name, sql)` migrations, recorded in
-/// [`MIGRATIONS_TABLE`].
 /// Of `migrations`, the versions missing from `applied` (the successful rows of
 /// [`MIGRATIONS_TABLE`]).
 pub(crate) fn pending(
@@ -452,6 +450,8 @@ pub(crate) fn pending(
         .collect()
 }
 
+/// A migrator over embedded `(version, name, sql)` migrations, recorded in
+/// [`MIGRATIONS_TABLE`].
 pub(crate) fn migrator(
     migrations: &[(i64, &'static str, &'static str)],
 ) -> sqlx::migrate::Migrator {

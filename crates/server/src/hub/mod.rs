@@ -243,8 +243,9 @@ impl Room {
 pub struct Hub {
     rooms: Mutex<HashMap<RoomName, Arc<Room>>>,
     store: Arc<dyn Store>,
-    /// Events for the other nodes (drained by the broker's forwarder), at most
-    /// `broker::QUEUE_EVENTS` waiting in each of its queues (commits, and the rest).
+    /// Events for the other nodes (drained by the broker's forwarder): at most
+    /// `broker::QUEUE_EVENTS` commits and `broker::QUEUE_CHATTER` typing and presence
+    /// events waiting.
     outgoing: ToOthers,
     /// Whether the last event for the other nodes found the queue full (for the log).
     dropping: AtomicBool,
@@ -1625,8 +1626,8 @@ pub(crate) mod tests {
     }
 
     /// A broker that does not take events (NATS reconnecting) does not make the hub hold
-    /// every commit: at most `QUEUE_EVENTS` wait, the rest are dropped, and the queue
-    /// takes events again once the forwarder does.
+    /// every event: at most `QUEUE_CHATTER` typing notices wait, the rest are dropped, and
+    /// the queue takes events again once the forwarder does.
     #[tokio::test]
     async fn events_for_other_nodes_wait_in_a_bounded_queue() {
         let dir = tempfile::tempdir().unwrap();

@@ -653,6 +653,30 @@ describe('chat page end to end', { timeout: 300000 }, () => {
     await frank.page.context().close();
   });
 
+  test('a page with more rooms than a connection may be in keeps the first ones and says so', async () => {
+    // hello's max_rooms_per_connection is 100 here: the 101st room is given up.
+    const rooms = Array.from({ length: 101 }, (_, i) => `over-${i}-${run}`);
+    const kim = await openPerson('kim', await server.createSession('kim'), undefined, {
+      saved: { rooms, current: rooms[0] },
+    });
+    await kim.page.waitForFunction(
+      (n) => document.querySelectorAll('#room-list li').length === n && !document.querySelector('#room-list li.not-joined'),
+      100,
+      { timeout: 30000 },
+    );
+    const shown = await kim.page.$$eval('#room-list li', (els) => els.map((e) => e.textContent ?? ''));
+    assert.ok(!shown.some((t) => t.includes(rooms[100])), 'the room over the limit is given up');
+    assert.ok(shown.some((t) => t.includes(rooms[0])), 'the room in view is kept');
+    await kim.page.waitForFunction(
+      () => /at most 100 rooms/.test(document.getElementById('notice')?.textContent ?? ''),
+      null,
+      { timeout: 5000 },
+    );
+    assert.equal(await status(kim), 'ready');
+    assert.deepEqual(kim.errors, []);
+    await kim.page.context().close();
+  });
+
   test('a join the server undoes after `joined` (its backfill failed) is made again', async () => {
     const [first, second] = [`undone-${run}`, `kept-${run}`];
     let undone = false;

@@ -200,9 +200,9 @@ pub(crate) struct Shared {
     /// Tasks whose first connection attempt is over (either way).
     pub settled: AtomicUsize,
     /// v1: each room's head when members first joined it in their first attempts, which
-    /// all end before the send phase (the lowest any saw). A member whose first join comes later (its first attempts
-    /// failed) joins from there: it is expected every message of the run, as the others
-    /// are, and asks for them.
+    /// all end before the send phase (the lowest any saw). A member whose first join comes
+    /// later (its first attempts failed) joins from there: it is expected every message of
+    /// the run, as the others are, and asks for them.
     pub run_bases: Mutex<HashMap<String, u64>>,
 }
 

@@ -351,12 +351,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Handlers go in before anything listens: a SIGTERM that arrives as soon as the
     // server answers must drain it, never kill it with the default disposition.
     let signals = shutdown_signals().context("installing signal handlers")?;
-    // A SIGHUP during start-up (a deploy tool's reload while the store is opened or
-    // migrated) must not end the process by the signal's default action either: once
-    // registered it is only recorded, until the server's own handler takes over.
-    let _hangups_before_the_server_listens =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .context("installing signal handlers")?;
     let settings = Settings::load(args.config.as_deref(), &args)?;
     let app = Application::build(settings).await?;
     let addr = app.local_addr()?;
@@ -385,11 +379,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Registers SIGTERM and SIGINT now; the returned future completes on the first of them.
+/// SIGHUP too, only recorded: one during start-up (a deploy tool's reload while the store
+/// is opened or migrated) must not end the process by the signal's default action, and
+/// the server's own handler (a TLS reload, or a log line) takes over once it runs.
 fn shutdown_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let hangups = signal(SignalKind::hangup())?;
     Ok(async move {
+        let _only_recorded = hangups;
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

@@ -206,22 +206,21 @@ pub fn forward(
         loop {
             // Commits first; queued events before the stop: a stop does not drop what
             // waits beside it.
-            let event = tokio::select! {
+            tokio::select! {
                 biased;
-                Some(event) = from.commits.recv() => event,
-                Some(event) = from.chatter.recv() => event,
-                _ = stop.cancelled() => break,
-            };
-            if matches!(event, BusEvent::Committed(_)) {
-                publish_merged(broker.as_ref(), event, &mut from.commits).await;
-                // Commits that keep coming during each publish (a NOTIFY is a commit of
-                // its own) must not starve typing and presence for good: what of those
-                // waits goes after each commit.
-                if let Ok(event) = from.chatter.try_recv() {
+                Some(event) = from.commits.recv() => {
+                    publish_merged(broker.as_ref(), event, &mut from.commits).await;
+                    // Commits that keep coming during each publish (a NOTIFY is a commit
+                    // of its own) must not starve typing and presence for good: what of
+                    // those waits goes after each commit.
+                    if let Ok(event) = from.chatter.try_recv() {
+                        publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
+                    }
+                }
+                Some(event) = from.chatter.recv() => {
                     publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
                 }
-            } else {
-                publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
+                _ = stop.cancelled() => break,
             }
         }
         while let Ok(event) = from.commits.try_recv() {
@@ -241,8 +240,8 @@ pub fn forward(
     })
 }
 
-/// Publish `event`; a commit takes the commits queued behind it along as one event (in
-/// commit order, so each room's seqs still rise).
+/// Publish the commit `event` with the commits queued behind it, as one event (in commit
+/// order, so each room's seqs still rise).
 async fn publish_merged(
     broker: &dyn Broker,
     mut event: BusEvent,

@@ -305,7 +305,7 @@ impl Outbox {
                 Pushed::Queued
             }
             Item::PresenceDiff { sub, frame } => {
-                let pressed = state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2;
+                let pressed = self.pressed(&state, &frame);
                 let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub && !s.syncing) else {
                     return Pushed::Dropped;
                 };
@@ -323,7 +323,7 @@ impl Outbox {
                 self.send(&mut state, frame)
             }
             Item::PresenceSnapshot { sub, frame } => {
-                let pressed = state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2;
+                let pressed = self.pressed(&state, &frame);
                 let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub && !s.syncing) else {
                     return Pushed::Dropped;
                 };
@@ -334,7 +334,7 @@ impl Outbox {
                 self.send(&mut state, frame)
             }
             Item::Droppable { sub, frame } => {
-                if state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2 {
+                if self.pressed(&state, &frame) {
                     return Pushed::Dropped;
                 }
                 self.send_to_synced(&mut state, sub, frame)
@@ -345,6 +345,12 @@ impl Outbox {
                 Pushed::Queued
             }
         }
+    }
+
+    /// Whether `frame` would take the queue past half its limit: typing notices and
+    /// presence diffs are dropped from there on, before anything else.
+    fn pressed(&self, state: &State, frame: &Encoded) -> bool {
+        state.held(&self.written) + frame.len() + OVERHEAD > self.limit / 2
     }
 
     /// Frames that are not part of a room's message order (a batch's acks to one

@@ -57,8 +57,9 @@ const NEAR_TOP_PX = 120;
 /** Close codes after which reconnecting cannot help. */
 const CLOSE_AUTH_FAILED = 4001;
 const CLOSE_POLICY = 1008;
-/** Error codes that answer a whole frame: a `join` so answered tried none of its rooms. */
-const WHOLE_FRAME_CODES = new Set(['rate_limited', 'too_many_rooms', 'invalid_frame', 'bad_json', 'unknown_type']);
+/** Error codes that answer a whole frame: a `join` so answered tried none of its rooms
+ * (`too_many_rooms` too, when the join names more rooms than allowed). */
+const WHOLE_FRAME_CODES = new Set(['rate_limited', 'invalid_frame', 'bad_json', 'unknown_type']);
 
 // ---------------------------------------------------------------------------
 // Elements
@@ -214,6 +215,16 @@ function newRef(info) {
   const ref = nextRef++;
   refs.set(ref, info);
   return ref;
+}
+
+/**
+ * What `ref` stands for, left in place (a join naming several rooms is answered room by
+ * room).
+ * @param {unknown} ref
+ * @returns {RefInfo | undefined}
+ */
+function peekRef(ref) {
+  return typeof ref === 'number' ? refs.get(ref) : undefined;
 }
 
 /**
@@ -438,7 +449,7 @@ const handlers = {
   },
 
   joined(f) {
-    const pending = typeof f.ref === 'number' ? refs.get(f.ref) : undefined;
+    const pending = peekRef(f.ref);
     const info = pending?.kind === 'joins' ? joinAnswered(f.ref, f.room) : takeRef(f.ref);
     const room = state.room(f.room);
     if (!room) return;
@@ -505,7 +516,7 @@ const handlers = {
   },
 
   left(f) {
-    const many = typeof f.ref === 'number' ? refs.get(f.ref) : undefined;
+    const many = peekRef(f.ref);
     if (many?.kind === 'joins') {
       // The error that follows is this room's.
       many.failed = typeof f.room === 'string' ? f.room : null;
@@ -652,7 +663,7 @@ function joinRefused(name, code, text) {
  *   one-room join of it would have been
  */
 function joinAnswered(ref, room) {
-  const info = typeof ref === 'number' ? refs.get(ref) : undefined;
+  const info = peekRef(ref);
   if (info?.kind !== 'joins') return null;
   const i = info.rooms.findIndex((r, n) => n >= info.next && r.room === room);
   if (i < 0) return null;
@@ -670,7 +681,7 @@ function joinAnswered(ref, room) {
  * @returns {boolean} whether it was such an error
  */
 function joinManyRefused(ref, code, text) {
-  const info = typeof ref === 'number' ? refs.get(ref) : undefined;
+  const info = peekRef(ref);
   if (info?.kind !== 'joins') return false;
   // `too_many_rooms` also answers one room of a join (the connection full); the whole
   // frame only when it names more rooms than a connection may be in.

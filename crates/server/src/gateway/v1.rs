@@ -631,7 +631,7 @@ impl Client {
         };
         // `presence` marks the end of the backfill: not after one a stop cut short.
         if backfilled.is_continue() {
-            shared.hub.send_presence(&room, conn);
+            shared.hub.send_presence(&room, conn, sub);
         }
         self.rooms.insert(room, sub);
         Ok(())

@@ -482,13 +482,16 @@ impl Hub {
         }
     }
 
-    /// Queue the room's presence list for `conn` (after its backfill).
-    pub fn send_presence(&self, name: &RoomName, conn: &Conn) {
+    /// Queue the room's presence list for `conn`'s subscription `sub` (after its backfill).
+    pub fn send_presence(&self, name: &RoomName, conn: &Conn, sub: SubId) {
         let Some(room) = self.room(name) else {
             return;
         };
         let state = room.lock();
-        conn.outbox.push(Item::Frame(state.presence_frame(name)));
+        conn.outbox.push(Item::PresenceList {
+            sub,
+            frame: state.presence_frame(name),
+        });
     }
 
     /// Send the full presence list to each v1 subscriber whose list went stale (a diff

@@ -66,6 +66,9 @@ pub enum Item {
     /// The room's full presence list for `sub`, whose presence is stale: it is current
     /// again once this gets through.
     PresenceSnapshot { sub: SubId, frame: Encoded },
+    /// The room's full presence list that ends `sub`'s backfill: a reply, never dropped,
+    /// after which `sub`'s presence is current (a diff dropped before it is in it).
+    PresenceList { sub: SubId, frame: Encoded },
     /// A notice that may be dropped under pressure (typing).
     Droppable { sub: SubId, frame: Encoded },
     /// A WebSocket ping.
@@ -331,6 +334,12 @@ impl Outbox {
                     return Pushed::Dropped;
                 }
                 s.presence_stale = false;
+                self.send(&mut state, frame)
+            }
+            Item::PresenceList { sub, frame } => {
+                if let Some(s) = state.subs.iter_mut().find(|s| s.sub == sub) {
+                    s.presence_stale = false;
+                }
                 self.send(&mut state, frame)
             }
             Item::Droppable { sub, frame } => {
@@ -1619,6 +1628,55 @@ mod tests {
         assert_eq!(outbox.push(snapshot()), Pushed::Queued);
         assert_eq!(outbox.push(diff(100)), Pushed::Queued, "current again");
         expect(&mut client, &[list, frame(&format!("diff {:0>100}", 100))]).await;
+    }
+
+    /// The list that ends a join's backfill makes a stale subscription current: no
+    /// second full list follows it.
+    #[tokio::test]
+    async fn the_list_ending_a_backfill_makes_stale_presence_current() {
+        let (outbox, mut client) = outbox(2000, 64);
+        outbox.push(Item::Track { sub: 1 });
+        assert_eq!(outbox.sync_done(1, 0), Synced::Done);
+        let diff = |n: usize| Item::PresenceDiff {
+            sub: 1,
+            frame: frame(&format!("diff {n:0>100}")),
+        };
+        let mut n = 0;
+        while !outbox.presence_stale(1) {
+            assert!(n < 40, "diffs never dropped");
+            outbox.push(diff(n));
+            n += 1;
+        }
+        let list = frame(&format!("the list {:0>10}", 0));
+        assert_eq!(
+            outbox.push(Item::PresenceList {
+                sub: 1,
+                frame: list.clone()
+            }),
+            Pushed::Queued,
+            "a reply: queued under pressure"
+        );
+        assert!(!outbox.presence_stale(1));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("the list") {
+            let n = tokio::time::timeout(WAIT, client.read(&mut buf))
+                .await
+                .expect("the list comes")
+                .unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        // Once written out, the next diff goes as a diff, not as a call for the list.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match outbox.push(diff(100)) {
+                Pushed::Queued => break,
+                Pushed::Dropped if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                other => panic!("a diff after the list: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

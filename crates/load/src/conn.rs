@@ -329,6 +329,8 @@ struct Session {
     /// Legacy: when the connection attempt began and when it was authenticated (µs).
     opened_at: u64,
     window_start: u64,
+    /// Not established in time: counted as a failed connect, not also as a disconnect.
+    timed_out: bool,
 }
 
 /// Only the fields the hot path needs of a v1 server frame, borrowed from the text.
@@ -643,11 +645,19 @@ impl Conn {
                 churn_timer.as_mut().reset(t);
                 churn_target = Some(t);
             }
-            // Sends due first (open loop: a late send is latency), then frames waiting;
-            // the phase channel only when neither is ready (it changes a few times a
-            // run, and polling it is a cache miss per connection).
+            // The phase first (a change is rare, and while none is waiting the check is one
+            // load of a shared counter), so that a steady stream of frames cannot keep a
+            // stop from being seen; then sends due (open loop: a late send is latency),
+            // then frames waiting.
             tokio::select! {
                 biased;
+                p = self.phase_rx.recv() => {
+                    self.phase = p.unwrap_or(Phase::Stop);
+                    if self.phase == Phase::Stop {
+                        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
+                        break End::Stop;
+                    }
+                }
                 _ = &mut send_timer, if send_target.is_some() => {
                     send_target = None;
                     if self.send_due(&mut ws).await.is_err() {
@@ -677,15 +687,9 @@ impl Conn {
                         break end;
                     }
                 }
-                p = self.phase_rx.recv() => {
-                    self.phase = p.unwrap_or(Phase::Stop);
-                    if self.phase == Phase::Stop {
-                        let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
-                        break End::Stop;
-                    }
-                }
                 _ = &mut deadline_timer, if !s.established => {
                     self.connect_failed(if s.up { "join timeout" } else { "auth timeout" }.into());
+                    s.timed_out = true;
                     break End::Lost;
                 }
                 _ = &mut silence_timer, if !silence.is_zero() => {
@@ -705,7 +709,7 @@ impl Conn {
         };
         if s.up {
             self.shared.live.connected.fetch_sub(1, Relaxed);
-            if matches!(end, End::Lost | End::Fatal) {
+            if matches!(end, End::Lost | End::Fatal) && !s.timed_out {
                 self.out.disconnects += 1;
             }
             if !self.v1() {
@@ -752,9 +756,15 @@ impl Conn {
                 }
             }
             Some(Ok(Message::Close(frame))) => {
-                let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                // Too many frames refused: a reconnect after a backoff, not a revoked session.
+                let rate_limited = code == close::POLICY_VIOLATION
+                    && frame
+                        .as_ref()
+                        .is_some_and(|f| f.reason.as_str() == close::RATE_LIMIT_REASON);
                 let _ = timeout(Duration::from_millis(100), ws.close(None)).await;
-                Some(self.lost(s, code))
+                let end = self.lost(s, code);
+                Some(if rate_limited { End::Lost } else { end })
             }
             Some(Ok(_)) => None,
             Some(Err(_)) | None => Some(self.lost(s, 1006)),
@@ -768,7 +778,6 @@ impl Conn {
             code,
             close::POLICY_VIOLATION
                 | close::AUTH_FAILED
-                | close::AUTH_TIMEOUT
                 | close::PROTOCOL_ERROR
                 | close::UNSUPPORTED_DATA
                 | close::INVALID_PAYLOAD
@@ -1093,6 +1102,16 @@ impl Conn {
                     self.set_away(false);
                 }
             }
+            ServerFrame::Left { room, .. }
+                if self
+                    .rooms
+                    .iter()
+                    .any(|r| r.name == room && r.base.is_some()) =>
+            {
+                // Never asked (this client leaves no room): the server let go of the
+                // subscription. Resume it on a new connection.
+                return Ok(Some(End::Lost));
+            }
             ServerFrame::Reset { room, .. } => {
                 if let Some(r) = self.rooms.iter_mut().find(|r| r.name == room) {
                     r.resets += 1;
@@ -1126,15 +1145,13 @@ impl Conn {
                             self.on_send_error(counter, code);
                         }
                     }
+                    Some(Ref::Str(r)) if r == JOIN_REF && retryable(code) => {
+                        // The server could not join now (its store away, a restart), or
+                        // could not read a join's backfill after `joined`: reconnect with
+                        // backoff and join again, resuming.
+                        return Ok(Some(End::Lost));
+                    }
                     Some(Ref::Str(r)) if r == JOIN_REF && !s.established => {
-                        if matches!(
-                            code,
-                            ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal
-                        ) {
-                            // The server could not join now (its store away, a restart):
-                            // reconnect with backoff and join again, resuming.
-                            return Ok(Some(End::Lost));
-                        }
                         for r in &mut self.rooms {
                             if r.base.is_none() {
                                 r.refused = true;
@@ -1148,6 +1165,13 @@ impl Conn {
                     _ if code == ErrorCode::AuthFailed => {
                         self.connect_failed("auth_failed".into());
                         return Ok(Some(End::Fatal));
+                    }
+                    None if !s.up && retryable(code) => {
+                        // The `auth` answer: the sessions could not be checked now. The
+                        // server waits for `auth` again; a reconnect after a backoff
+                        // gives it the time it needs.
+                        self.connect_failed(format!("auth answered {code}"));
+                        return Ok(Some(End::Lost));
                     }
                     _ => {}
                 }
@@ -1197,7 +1221,7 @@ impl Conn {
     fn on_send_error(&mut self, counter: u32, code: ErrorCode) {
         let retry_in_us = match code {
             ErrorCode::RateLimited => Some(1_000_000),
-            ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal => Some(200_000),
+            code if retryable(code) => Some(200_000),
             _ => None,
         };
         let Some(u) = self.unacked.get_mut(&counter) else {
@@ -1495,6 +1519,14 @@ fn describe(e: &tungstenite::Error) -> String {
 
 /// Reconnect delay after `attempt` failures in a row: 50 ms doubling to 5 s, with jitter
 /// (half to all of it), so that 10,000 clients do not come back in one instant.
+/// An error the server answers when it cannot do it now (its store away, a restart).
+fn retryable(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::Unavailable | ErrorCode::ShuttingDown | ErrorCode::Internal
+    )
+}
+
 fn backoff(attempt: u32) -> Duration {
     let full = (50u64 << attempt.min(7).saturating_sub(1)).min(5_000);
     let ms = rand::rng().random_range(full / 2..=full);

@@ -465,7 +465,7 @@ async fn v1_sends_answered_unavailable_go_again_until_stored() {
 async fn v1_a_member_that_gives_up_is_still_expected_to_receive() {
     let r = v1_run(
         V1Fake {
-            policy_close_after: Some(10),
+            policy_close_after: Some((10, "policy")),
             ..V1Fake::default()
         },
         &[
@@ -496,6 +496,122 @@ async fn v1_a_member_that_gives_up_is_still_expected_to_receive() {
         "{:?}",
         r.failure()
     );
+}
+
+/// A 1008 close for the rate limit is not a revoked session: the connection reconnects
+/// after a backoff and resumes, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_rate_limit_close_is_a_reconnect_not_giving_up() {
+    let r = v1_run(
+        V1Fake {
+            policy_close_after: Some((10, wschat_protocol::close::RATE_LIMIT_REASON)),
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=3",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.close_codes.get(&1008), Some(&1), "{r:#?}");
+    assert_eq!(r.gave_up, 0, "{r:#?}");
+    assert_eq!(r.disconnects, 1, "{r:#?}");
+    assert_eq!(r.expected, r.sent * 3, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
+/// `unavailable` in answer to `auth` (the sessions could not be checked for a moment):
+/// the connection tries again instead of waiting to be closed with 4002 and giving up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_an_auth_answered_unavailable_is_tried_again() {
+    let r = v1_run(
+        V1Fake {
+            auth_unavailable: Some(2),
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=3",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.gave_up, 0, "{r:#?}");
+    assert_eq!(r.connected, 3, "{r:#?}");
+    assert_eq!(r.failed_connects, 2, "{r:#?}");
+    assert_eq!(
+        r.connect_errors.get("auth answered unavailable"),
+        Some(&2),
+        "{r:#?}"
+    );
+    assert_eq!(r.expected, r.sent * 3, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
+/// A join never answered in time is a failed connect, tried again; not also a
+/// disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_join_timeout_is_one_failed_connect() {
+    let r = v1_run(
+        V1Fake {
+            ignore_first_join_of_k2: true,
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=3",
+            "--interval=0.05",
+            "--duration=1.5",
+            "--drain=5",
+            "--connect-timeout=0.5",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.connect_errors.get("join timeout"), Some(&1), "{r:#?}");
+    assert_eq!(r.failed_connects, 1, "{r:#?}");
+    assert_eq!(r.disconnects, 0, "{r:#?}");
+    assert_eq!(r.connected, 3, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
+/// A member the server lets go of (wschat sends `left`, then `unavailable` for the join,
+/// when a join's backfill read fails after `joined`) resumes on a new connection instead
+/// of staying open without its room: on either frame alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_member_let_go_of_resumes_its_room() {
+    for (left, error) in [(true, false), (false, true)] {
+        let r = v1_run(
+            V1Fake {
+                left_after: Some((10, left, error)),
+                ..V1Fake::default()
+            },
+            &[
+                "--keys=k{i}",
+                "--connections=3",
+                "--interval=0.05",
+                "--duration=1.5",
+                "--drain=5",
+                "--no-progress",
+            ],
+        )
+        .await;
+        assert_counts_add_up(&r);
+        assert_eq!(r.disconnects, 1, "left {left}, error {error}: {r:#?}");
+        assert!(r.sent > 20, "{r:#?}");
+        assert_eq!(r.expected, r.sent * 3, "{r:#?}");
+        assert_eq!(r.lost, 0, "left {left}, error {error}: {r:#?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,9 @@ pub const UNSUPPORTED_DATA: u16 = 1003;
 pub const INVALID_PAYLOAD: u16 = 1007;
 /// Policy violation: the session was revoked or expired, or sustained abuse.
 pub const POLICY_VIOLATION: u16 = 1008;
+/// The reason of a [`POLICY_VIOLATION`] close for too many frames refused by the rate
+/// limit: unlike a revoked session, reconnecting after a backoff is fine.
+pub const RATE_LIMIT_REASON: &str = "rate limit exceeded";
 /// A frame over the message size limit.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// An internal error on the server side.

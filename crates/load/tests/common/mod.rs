@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use wschat_protocol::legacy;
-use wschat_protocol::v1::{ClientFrame, Limits, MessageBody, ServerFrame};
+use wschat_protocol::v1::{ClientFrame, Limits, MessageBody, Ref, ServerFrame};
 
 const TIME: &str = "2016-08-08T17:20:32.421Z";
 
@@ -149,9 +149,21 @@ pub struct V1Fake {
     /// Every message is answered `unavailable` this many times (counted by its
     /// `client_msg_id`) before it is stored: the store away, for each send.
     pub refuse_each_send: Option<u32>,
-    /// After this many stored messages, the connection of user `k2` is closed once with
-    /// 1008 (a policy close: the client gives up).
-    pub policy_close_after: Option<u64>,
+    /// (k, reason): after k stored messages, the connection of user `k2` is closed once
+    /// with 1008 and `reason` (a policy close: the client gives up, unless the reason is
+    /// the rate limit's).
+    pub policy_close_after: Option<(u64, &'static str)>,
+    /// The first this many `auth` frames are answered `unavailable` (the sessions could
+    /// not be checked), and the connection is closed 300 ms later with 4002 unless it
+    /// sent `auth` again, as wschat does.
+    pub auth_unavailable: Option<u64>,
+    /// (k, left, error): after k stored messages, user `k2` is let go of its rooms once,
+    /// as when a join's backfill read fails after `joined` (wschat sends `left`, then
+    /// `unavailable` for the join): `left` if `left`, the error if `error`. The
+    /// connection stays open.
+    pub left_after: Option<(u64, bool, bool)>,
+    /// The first join frame of user `k2` is never answered.
+    pub ignore_first_join_of_k2: bool,
     /// (k, ms): after k stored messages, live deliveries are held for ms milliseconds
     /// (acks still go at once), then sent in order: a server whose fan-out stalls (a
     /// broker that is away) for longer than a quiet second. A member that joins meanwhile
@@ -183,6 +195,9 @@ struct Hub {
     sends_refused: HashMap<String, u32>,
     users: HashMap<u64, String>,
     policy_closed: bool,
+    auths_refused: u64,
+    join_ignored: bool,
+    left_done: bool,
     /// Deliveries held while the fan-out stalls (`stall_after`); `None` when it does not.
     stalled: Option<Vec<(Tx, Message)>>,
     stall_done: bool,
@@ -235,6 +250,26 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                 };
                 match cmd {
                     ClientFrame::Auth { key, .. } => {
+                        {
+                            let mut hub = hub.lock().unwrap();
+                            if opts.auth_unavailable.is_some_and(|n| hub.auths_refused < n) {
+                                hub.auths_refused += 1;
+                                let _ = tx.send(frame(&ServerFrame::Error {
+                                    code: wschat_protocol::ErrorCode::Unavailable,
+                                    message: "sessions cannot be checked right now".into(),
+                                    reference: None,
+                                }));
+                                let tx = tx.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                                    let _ = tx.send(Message::Close(Some(CloseFrame {
+                                        code: CloseCode::from(4002),
+                                        reason: "no auth frame in time".into(),
+                                    })));
+                                });
+                                continue;
+                            }
+                        }
                         user = key;
                         hub.lock().unwrap().users.insert(id, user.clone());
                         let _ = tx.send(frame(&ServerFrame::Hello {
@@ -263,6 +298,10 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                         let too_early = opts
                             .late_joiner
                             .is_some_and(|(late, n)| user == late && hub.stored < n);
+                        if opts.ignore_first_join_of_k2 && user == "k2" && !hub.join_ignored {
+                            hub.join_ignored = true;
+                            continue;
+                        }
                         if resuming_slowly
                             || too_early
                             || opts.refuse_joins.is_some_and(|n| hub.joins_refused < n)
@@ -417,16 +456,45 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             }
                         }
                         hub.stored += 1;
-                        if opts.policy_close_after.is_some_and(|k| hub.stored >= k)
-                            && !hub.policy_closed
+                        let k2 = hub.users.iter().find(|(_, u)| *u == "k2").map(|(c, _)| *c);
+                        if let Some((k, reason)) = opts.policy_close_after {
+                            if hub.stored >= k && !hub.policy_closed {
+                                hub.policy_closed = true;
+                                if let Some(c) = k2.and_then(|c| hub.conns.get(&c)) {
+                                    let _ = c.send(Message::Close(Some(CloseFrame {
+                                        code: CloseCode::from(1008),
+                                        reason: reason.into(),
+                                    })));
+                                }
+                            }
+                        }
+                        let left_after = opts.left_after.filter(|l| hub.stored >= l.0);
+                        if let (Some((_, send_left, send_error)), false) =
+                            (left_after, hub.left_done)
                         {
-                            hub.policy_closed = true;
-                            let k2 = hub.users.iter().find(|(_, u)| *u == "k2").map(|(c, _)| *c);
-                            if let Some(c) = k2.and_then(|c| hub.conns.get(&c)) {
-                                let _ = c.send(Message::Close(Some(CloseFrame {
-                                    code: CloseCode::from(1008),
-                                    reason: "policy".into(),
-                                })));
+                            hub.left_done = true;
+                            if let Some(c) = k2 {
+                                let mut left = Vec::new();
+                                for (name, room) in hub.rooms.iter_mut() {
+                                    if room.members.remove(&c).is_some() {
+                                        left.push(name.clone());
+                                    }
+                                }
+                                if let Some(conn) = hub.conns.get(&c) {
+                                    for room in left.into_iter().filter(|_| send_left) {
+                                        let _ = conn.send(frame(&ServerFrame::Left {
+                                            room,
+                                            reference: None,
+                                        }));
+                                    }
+                                    if send_error {
+                                        let _ = conn.send(frame(&ServerFrame::Error {
+                                            code: wschat_protocol::ErrorCode::Unavailable,
+                                            message: "the store is unavailable".into(),
+                                            reference: Some(Ref::Str("join".into())),
+                                        }));
+                                    }
+                                }
                             }
                         }
                         if opts.kick_after.is_some_and(|k| hub.stored >= k) && !hub.kicked {

@@ -145,7 +145,7 @@ pub(crate) fn rate_limited_text(settings: &Settings) -> String {
 }
 
 /// The close for a connection that kept going over the rate.
-pub(crate) const RATE_CLOSE: End = End::Close(close::POLICY_VIOLATION, "rate limit exceeded");
+pub(crate) const RATE_CLOSE: End = End::Close(close::POLICY_VIOLATION, close::RATE_LIMIT_REASON);
 
 /// The close for a connection past `MAX_ERRORS_IN_A_ROW` frames answered with an error.
 pub(crate) const ERRORS_CLOSE: End = End::Close(close::TOO_MANY_ERRORS, "too many bad frames");

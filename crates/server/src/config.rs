@@ -404,6 +404,24 @@ mod tests {
                 ("proxy_header = \"x-real-ip\"\n", "proxy_header"),
                 ("tls_cert = \"/etc/cert.pem\"\n", "needs tls_key"),
                 ("max_history_page = 0\n", "max_history_page"),
+                ("max_message_bytes = 0\n", "max_message_bytes"),
+                ("max_rooms_per_connection = 0\n", "max_rooms_per_connection"),
+                (
+                    "ws_read_buffer_bytes = 1073741824\n",
+                    "ws_read_buffer_bytes",
+                ),
+                ("ws_read_buffer_bytes = 0\n", "ws_read_buffer_bytes"),
+                ("ws_write_buffer_bytes = 0\n", "ws_write_buffer_bytes"),
+                ("max_header_bytes = 64\n", "max_header_bytes"),
+                ("outbound_queue_bytes = 0\n", "outbound_queue_bytes"),
+                (
+                    "max_message_bytes = 1048576\noutbound_queue_bytes = 4194304\n",
+                    "outbound_queue_bytes",
+                ),
+                (
+                    "ping_interval_secs = 0\nidle_timeout_secs = 1\n",
+                    "idle_timeout_secs",
+                ),
                 ("auth_timeout_secs = 0\n", "auth_timeout_secs"),
                 ("max_commit_batch = 1000001\n", "max_commit_batch"),
                 (

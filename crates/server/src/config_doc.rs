@@ -42,22 +42,22 @@ pub const DOCS: &[(&str, &str)] = &[
         "Messages sent on join without `since`, and to a legacy client on connect.",
     ),
     ("max_history_page", "Largest page a v1 `history` request gets."),
-    ("max_message_bytes", "Longest message text, in bytes."),
+    ("max_message_bytes", "Longest message text, in bytes (1 to 64 MiB)."),
     (
         "max_rooms_per_connection",
-        "Rooms one v1 connection may be in at once.",
+        "Rooms one v1 connection may be in at once (at least 1).",
     ),
     (
         "outbound_queue_bytes",
-        "Bytes that may wait in one connection's outbound queue before it is closed with 4008 (slow consumer; it resumes).",
+        "Bytes that may wait in one connection's outbound queue before it is closed with 4008 (slow consumer; it resumes). At least 8 × max_message_bytes and 64 KiB.",
     ),
     (
         "ws_read_buffer_bytes",
-        "WebSocket read buffer per connection, in bytes; it grows for a larger frame. Small, because every idle connection holds one.",
+        "WebSocket read buffer per connection, in bytes (256 to 1 MiB); it grows for a larger frame. Small, because every idle connection holds one.",
     ),
     (
         "ws_write_buffer_bytes",
-        "Most bytes of queued frames joined into one write to a connection's socket (a larger frame goes alone).",
+        "Most bytes of queued frames joined into one write to a connection's socket (a larger frame goes alone); 1 to 16 MiB.",
     ),
     (
         "write_delay_ms",
@@ -126,7 +126,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "max_header_bytes",
-        "Largest HTTP request head, in bytes; over it: 431.",
+        "Largest HTTP request head, in bytes (8192 to 1 MiB); over it: 431.",
     ),
     (
         "handshake_timeout_secs",
@@ -352,6 +352,68 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
             origin: origin("max_commit_batch"),
         });
     }
+    // Sizes: at 0 a limit refuses everything, and a read buffer is allocated (and zeroed)
+    // per connection, so a huge one exhausts memory with the first connections.
+    let message = settings.max_message_bytes;
+    let sizes: [(&'static str, usize, usize, usize, &str); 5] = [
+        ("max_message_bytes", message, 1, 64 << 20, "64 MiB"),
+        (
+            "max_rooms_per_connection",
+            settings.max_rooms_per_connection,
+            1,
+            usize::MAX,
+            "",
+        ),
+        (
+            "ws_read_buffer_bytes",
+            settings.ws_read_buffer_bytes,
+            256,
+            1 << 20,
+            "1 MiB: it is allocated for every connection",
+        ),
+        (
+            "ws_write_buffer_bytes",
+            settings.ws_write_buffer_bytes,
+            1,
+            16 << 20,
+            "16 MiB",
+        ),
+        (
+            "max_header_bytes",
+            settings.max_header_bytes,
+            crate::serve::MIN_HEADER_BYTES,
+            1 << 20,
+            "1 MiB",
+        ),
+    ];
+    for (key, value, min, max, why) in sizes {
+        let problem = if value < min {
+            format!("{value} is too small: at least {min}")
+        } else if value > max {
+            format!("{value} is too large: at most {why}")
+        } else {
+            continue;
+        };
+        return Err(ConfigError::Value {
+            key,
+            problem,
+            origin: origin(key),
+        });
+    }
+    // A message frame (its text JSON-escaped, up to six bytes a byte, and its envelope)
+    // must fit in the queue, or a member that falls behind by one is closed with 4008,
+    // and again each time it resumes.
+    let queue_min = message.saturating_mul(8).max(64 * 1024);
+    if settings.outbound_queue_bytes < queue_min {
+        return Err(ConfigError::Value {
+            key: "outbound_queue_bytes",
+            problem: format!(
+                "{} is too small: at least {queue_min} (8 × max_message_bytes, and 64 KiB)",
+                settings.outbound_queue_bytes
+            ),
+            origin: origin("outbound_queue_bytes"),
+        });
+    }
     if settings.max_history_page == 0 {
         return Err(ConfigError::Value {
             key: "max_history_page",
@@ -402,11 +464,12 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
             origin: origin(key),
         });
     }
-    if settings.idle_timeout_secs <= settings.ping_interval_secs {
+    // As used: each is at least a second.
+    if settings.idle_timeout() <= settings.ping_interval() {
         return Err(ConfigError::Value {
             key: "idle_timeout_secs",
             problem: format!(
-                "{} must exceed ping_interval_secs ({}), or live but quiet clients are closed",
+                "{} must exceed ping_interval_secs ({}, at least 1), or live but quiet clients are closed",
                 settings.idle_timeout_secs, settings.ping_interval_secs
             ),
             origin: origin("idle_timeout_secs"),

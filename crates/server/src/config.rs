@@ -405,6 +405,10 @@ mod tests {
                 ("tls_cert = \"/etc/cert.pem\"\n", "needs tls_key"),
                 ("max_history_page = 0\n", "max_history_page"),
                 ("max_message_bytes = 0\n", "max_message_bytes"),
+                ("database = \"mysql://h/db\"\n", "database"),
+                ("broker = \"redis://h\"\n", "broker"),
+                ("broker = \"postgres\"\n", "broker"),
+                ("broker = \"nats://127.0.0.1:4222\"\n", "broker"),
                 ("max_rooms_per_connection = 0\n", "max_rooms_per_connection"),
                 (
                     "ws_read_buffer_bytes = 1073741824\n",

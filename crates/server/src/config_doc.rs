@@ -451,6 +451,32 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
             origin: origin("trusted_proxies"),
         });
     }
+    // The database and the broker, as `serve` would refuse them at start.
+    let db = settings.database.as_str();
+    let on_postgres = db.starts_with("postgres://") || db.starts_with("postgresql://");
+    if !on_postgres && !db.starts_with("sqlite:") {
+        return Err(ConfigError::Value {
+            key: "database",
+            problem: "use sqlite://FILE or postgres://…".into(),
+            origin: origin("database"),
+        });
+    }
+    let broker = crate::broker::kind(&settings.broker, db);
+    let broker_problem = match broker {
+        "unknown" => Some("use auto, local, postgres, or nats://HOST:PORT"),
+        "postgres" if !on_postgres => Some("the postgres broker needs a PostgreSQL database"),
+        "nats" if !on_postgres => Some(
+            "the SQLite store serves one node only: a multi-node broker needs a PostgreSQL database",
+        ),
+        _ => None,
+    };
+    if let Some(problem) = broker_problem {
+        return Err(ConfigError::Value {
+            key: "broker",
+            problem: format!("{:?}: {problem}", settings.broker),
+            origin: origin("broker"),
+        });
+    }
     if settings.tls_cert.is_some() != settings.tls_key.is_some() {
         // Named by the one that is set, where it was set.
         let (key, missing) = if settings.tls_cert.is_some() {

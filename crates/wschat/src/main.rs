@@ -315,6 +315,11 @@ fn main() -> anyhow::Result<()> {
                 command: ConfigCommand::Check(args),
             } => {
                 let settings = Settings::load(args.config.as_deref(), &args)?;
+                // What `serve` reads at start besides the settings: the TLS files.
+                wschat_server::tls::Tls::from_settings(
+                    settings.tls_cert.as_deref(),
+                    settings.tls_key.as_deref(),
+                )?;
                 print!("{}", wschat_server::config_doc::effective_toml(&settings));
                 Ok(Outcome::Done)
             }

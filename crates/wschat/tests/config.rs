@@ -108,10 +108,7 @@ fn other_value(key: &str, default: Option<&str>) -> (String, String) {
     match (key, default) {
         ("listen", _) => ("127.0.0.1:4567".into(), "\"127.0.0.1:4567\"".into()),
         ("broker", _) => ("local".into(), "\"local\"".into()),
-        ("tls_cert" | "tls_key", _) => {
-            let path = format!("/etc/wschat/{key}.pem");
-            (path.clone(), format!("\"{path}\""))
-        }
+        ("database", _) => ("sqlite://other.db".into(), "\"sqlite://other.db\"".into()),
         ("allowed_origins", _) => (
             r#"["https://chat.example"]"#.into(),
             r#"["https://chat.example"]"#.into(),
@@ -141,8 +138,25 @@ fn every_setting_can_be_set_by_its_environment_variable() {
     let defaults = settings_lines(&stdout(&wschat(dir.path(), &["config", "defaults"], &[])));
     let mut env = Vec::new();
     let mut expected = BTreeMap::new();
+    // A real pair: `config check` reads the TLS files.
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key_pair)
+        .unwrap();
+    let tls_file = |key: &str, pem: String| {
+        let path = dir.path().join(format!("{key}.pem"));
+        std::fs::write(&path, pem).unwrap();
+        let path = path.to_str().unwrap().to_owned();
+        let printed = format!("{path:?}");
+        (path, printed)
+    };
     for (key, default) in &defaults {
-        let (value, printed) = other_value(key, default.as_deref());
+        let (value, printed) = match key.as_str() {
+            "tls_cert" => tls_file(key, cert.pem()),
+            "tls_key" => tls_file(key, key_pair.serialize_pem()),
+            _ => other_value(key, default.as_deref()),
+        };
         env.push((format!("WSCHAT_{}", key.to_uppercase()), value));
         expected.insert(key.clone(), Some(printed));
     }
@@ -185,6 +199,34 @@ fn flags_override_the_environment_which_overrides_the_file() {
         settings_lines(&stdout(&out))["history_limit"].as_deref(),
         Some("5")
     );
+}
+
+/// `config check` reads the TLS files as `serve` does at start: one that is missing or
+/// not a certificate fails the check.
+#[test]
+fn config_check_reads_the_tls_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let cert = dir.path().join("cert.pem");
+    std::fs::write(&key, "not a key\n").unwrap();
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let file = dir.path().join("wschat.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = wschat(
+        dir.path(),
+        &["config", "check", "--config", file.to_str().unwrap()],
+        &[],
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("cert.pem"), "{}", stderr(&out));
 }
 
 #[test]

@@ -123,6 +123,8 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        // First: what the start records (a broker's connect, a migration) is counted.
+        crate::http::install_metrics();
         let limits = crate::limits::Limits::new(&settings).map_err(StartError::Settings)?;
         let tls = crate::tls::Tls::from_settings(
             settings.tls_cert.as_deref(),
@@ -215,7 +217,6 @@ impl Application {
             settings.max_commit_batch,
             spacing,
         );
-        crate::http::install_metrics();
         let shared = Arc::new(Shared {
             settings,
             store,

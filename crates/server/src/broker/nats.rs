@@ -48,15 +48,20 @@ impl NatsBroker {
         let on_event = hub.clone();
         // Told of each (re)connect; the store is read once the subscription is back.
         let (connected_tx, connected_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        // The first `Connected` is the start's own connect, not a reconnect.
+        let connects = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let client = async_nats::ConnectOptions::new()
             .subscription_capacity(65_536)
             .event_callback(move |event| {
                 let hub = on_event.clone();
                 let connected = connected_tx.clone();
+                let connects = Arc::clone(&connects);
                 async move {
                     match event {
                         async_nats::Event::Connected => {
-                            metrics::counter!("wschat_broker_reconnects_total").increment(1);
+                            if connects.fetch_add(1, Ordering::Relaxed) > 0 {
+                                metrics::counter!("wschat_broker_reconnects_total").increment(1);
+                            }
                             tracing::info!("NATS connected: reading the store for missed messages");
                             let _ended_with_the_node = connected.send(());
                         }

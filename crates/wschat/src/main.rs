@@ -361,16 +361,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = app.local_addr()?;
     tracing::info!(%addr, "listening");
     if let Some(key) = app.demo_key() {
-        let host = if addr.ip().is_unspecified() {
-            "127.0.0.1".to_owned()
-        } else {
-            addr.ip().to_string()
-        };
-        let port = addr.port();
+        let at = reachable(addr);
         println!();
         println!("  wschat is running. A demo session was created; open the chat page:");
-        println!("    http://{host}:{port}/chat?session_key={key}");
-        println!("  WebSocket (protocol v1): ws://{host}:{port}/ws?session_key={key}");
+        println!("    http://{at}/chat?session_key={key}");
+        println!("  WebSocket (protocol v1): ws://{at}/ws?session_key={key}");
         println!();
     }
     let token = app.shutdown_token();
@@ -381,6 +376,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     app.run().await?;
     Ok(())
+}
+
+/// Where a browser on this machine reaches a server listening on `addr`, as a URL's
+/// authority: the loopback address for an unspecified one, an IPv6 address in brackets.
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
 }
 
 /// Registers SIGTERM and SIGINT now; the returned future completes on the first of them.
@@ -409,6 +414,15 @@ mod tests {
     /// Settings deliberately without a flag (a secret on a command line is visible to
     /// every user of the machine).
     const FILE_ONLY: &[&str] = &["admin_token"];
+
+    #[test]
+    fn the_demo_url_names_an_address_a_browser_can_open() {
+        let at = |a: &str| reachable(a.parse().unwrap()).to_string();
+        assert_eq!(at("0.0.0.0:56412"), "127.0.0.1:56412");
+        assert_eq!(at("[::]:56412"), "127.0.0.1:56412");
+        assert_eq!(at("[::1]:56412"), "[::1]:56412");
+        assert_eq!(at("10.1.2.3:80"), "10.1.2.3:80");
+    }
 
     #[test]
     fn every_setting_has_a_flag_named_after_its_key() {

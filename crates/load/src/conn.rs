@@ -301,6 +301,10 @@ pub(crate) struct Conn {
     unacked: BTreeMap<u32, Unacked>,
     retry: VecDeque<u32>,
     retry_at_us: Option<u64>,
+    /// v1: told `rate_limited`, nothing is sent before this (µs; 0: no hold). Retries
+    /// and new messages alike wait: each would only be refused, and enough refusals in a
+    /// row close the connection (1008).
+    hold_until_us: u64,
     ack_seq: Vec<u64>,
     acked_seqs: Vec<(u16, u64)>,
     room_names: Vec<String>,
@@ -405,6 +409,7 @@ impl Conn {
             unacked: BTreeMap::new(),
             retry: VecDeque::new(),
             retry_at_us: None,
+            hold_until_us: 0,
             ack_seq,
             acked_seqs: Vec::new(),
             room_names,
@@ -624,6 +629,7 @@ impl Conn {
                 self.next_idx,
                 self.retry.is_empty(),
                 self.retry_at_us,
+                self.hold_until_us,
             );
             if send_key != Some(key) {
                 send_key = Some(key);
@@ -808,7 +814,7 @@ impl Conn {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
         };
-        Some(clock.instant(at))
+        Some(clock.instant(at.max(self.hold_until_us)))
     }
 
     /// Sends every message that is due (and v1 retries), then flushes.
@@ -820,6 +826,9 @@ impl Conn {
         let clock = shared.clock;
         let live = &shared.live;
         let now = clock.now_us();
+        if now < self.hold_until_us {
+            return Ok(());
+        }
         if self.retry_at_us.is_some_and(|t| t <= now) {
             self.retry_at_us = None;
             while let Some(counter) = self.retry.pop_front() {
@@ -1232,8 +1241,14 @@ impl Conn {
                 let d = (first << u.error_retries.min(4)).min(MAX_ERROR_RETRY_US);
                 u.error_retries = u.error_retries.saturating_add(1);
                 self.retry.push_back(counter);
-                let at = self.shared.clock.now_us() + d;
+                let now = self.shared.clock.now_us();
+                let at = now + d;
                 self.retry_at_us = Some(self.retry_at_us.map_or(at, |t| t.min(at)));
+                if code == ErrorCode::RateLimited {
+                    // The bucket refills at the rate: a second of it, not this message's
+                    // own backoff.
+                    self.hold_until_us = self.hold_until_us.max(now + first);
+                }
             }
             None => {
                 self.unacked.remove(&counter);

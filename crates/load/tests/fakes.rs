@@ -557,6 +557,36 @@ async fn v1_an_auth_answered_unavailable_is_tried_again() {
     assert_eq!(r.lost, 0, "{r:#?}");
 }
 
+/// Told `rate_limited`, a connection holds everything for a second: its new messages
+/// and its retries alike. Sending on meanwhile only earns more refusals, and enough of
+/// them close the connection (1008).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_rate_limited_connections_hold_their_sends() {
+    let r = v1_run(
+        V1Fake {
+            rate_limited_after: Some(10),
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=3",
+            "--interval=0.05",
+            "--duration=2",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    let refused = r.errors.get("rate_limited").copied().unwrap_or(0);
+    // At 20 messages a second each, sending on through the limited second would be
+    // about 60 refusals; holding, a connection is refused what it sent before its first
+    // refusal came back.
+    assert!((1..=15).contains(&refused), "{refused} refusals: {r:#?}");
+    assert_eq!(r.unacked, Some(0), "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
 /// A join never answered in time is a failed connect, tried again; not also a
 /// disconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

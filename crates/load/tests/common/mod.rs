@@ -162,6 +162,9 @@ pub struct V1Fake {
     /// `unavailable` for the join): `left` if `left`, the error if `error`. The
     /// connection stays open.
     pub left_after: Option<(u64, bool, bool)>,
+    /// After this many stored messages, every send is answered `rate_limited` for the
+    /// next second (nothing stored): a server whose rate limit the clients went past.
+    pub rate_limited_after: Option<u64>,
     /// The first join frame of user `k2` is never answered.
     pub ignore_first_join_of_k2: bool,
     /// (k, ms): after k stored messages, live deliveries are held for ms milliseconds
@@ -197,6 +200,7 @@ struct Hub {
     policy_closed: bool,
     auths_refused: u64,
     join_ignored: bool,
+    rate_limited_since: Option<std::time::Instant>,
     left_done: bool,
     /// Deliveries held while the fan-out stalls (`stall_after`); `None` when it does not.
     stalled: Option<Vec<(Tx, Message)>>,
@@ -355,6 +359,19 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             hub.hung = Some(hung);
                             // Not stored, not answered: the client resends it elsewhere.
                             continue;
+                        }
+                        if opts.rate_limited_after.is_some_and(|k| hub.stored >= k) {
+                            let since = *hub
+                                .rate_limited_since
+                                .get_or_insert_with(std::time::Instant::now);
+                            if since.elapsed() < std::time::Duration::from_secs(1) {
+                                let _ = tx.send(frame(&ServerFrame::Error {
+                                    code: wschat_protocol::ErrorCode::RateLimited,
+                                    message: "rate limit: slow down".into(),
+                                    reference,
+                                }));
+                                continue;
+                            }
                         }
                         if let (Some(k), Some(c)) = (opts.refuse_each_send, client_msg_id.as_ref())
                         {

@@ -289,8 +289,9 @@ pub(crate) struct Conn {
     urls: Vec<String>,
     out: Output,
     settled: bool,
-    /// The last session got as far as authentication.
-    last_session_up: bool,
+    /// The last session was established for `STABLE_SESSION_US` at least: the next
+    /// reconnect backs off from the start.
+    last_session_stable: bool,
     /// v1: down after it had been up, and trying to get back (counted in `Live::away`).
     away: bool,
     /// v1: when it went away (µs on the run's clock).
@@ -401,7 +402,7 @@ impl Conn {
             shared,
             urls,
             settled: false,
-            last_session_up: false,
+            last_session_stable: false,
             away: false,
             away_since_us: 0,
             next_idx: 0,
@@ -441,7 +442,7 @@ impl Conn {
             }
             let url = self.urls[(self.plan.idx as usize + tries) % self.urls.len()].clone();
             tries += 1;
-            self.last_session_up = false;
+            self.last_session_stable = false;
             let end = self.attempt(&url).await;
             self.settle();
             if matches!(end, End::Churn | End::Lost) {
@@ -456,7 +457,7 @@ impl Conn {
                 End::Churn => attempt = 0,
                 End::Lost => {
                     // Back off from the start after a connection that worked.
-                    attempt = if self.last_session_up {
+                    attempt = if self.last_session_stable {
                         1
                     } else {
                         attempt.saturating_add(1)
@@ -635,7 +636,9 @@ impl Conn {
                 send_key = Some(key);
                 next_send = self.next_send_instant();
             }
-            let target = if s.up { next_send } else { None };
+            // Sending waits for the joins (a v1 client says something in a room it is in):
+            // a message stored before its sender joined would be below the sender's base.
+            let target = if s.established { next_send } else { None };
             if target != send_target {
                 if let Some(t) = target {
                     send_timer.as_mut().reset(t);
@@ -738,7 +741,11 @@ impl Conn {
         if matches!(end, End::Stop) {
             self.out.up_at_end = s.up;
         }
-        self.last_session_up = s.up;
+        // A session that worked for a while resets the backoff; one refused again and
+        // again right after `hello` (a join whose backfill keeps failing) backs off more
+        // each time, instead of reconnecting every few tens of milliseconds for good.
+        self.last_session_stable =
+            s.established && clock.now_us().saturating_sub(s.opened_at) >= STABLE_SESSION_US;
         end
     }
 
@@ -1048,7 +1055,14 @@ impl Conn {
                         .filter(|r| !r.refused)
                         .map(|r| {
                             if r.base.is_none() && late {
-                                r.joined_from = bases.get(&r.name).copied();
+                                // The room's head as its members first joined it; or,
+                                // when none of them could (their first attempts failed
+                                // too), from before the first of ours known there.
+                                let first = self.shared.heard.before_first_ours(&r.name);
+                                r.joined_from = match (bases.get(&r.name).copied(), first) {
+                                    (Some(a), Some(b)) => Some(a.min(b)),
+                                    (a, b) => a.or(b),
+                                };
                             }
                             JoinRoom {
                                 room: r.name.clone(),
@@ -1534,6 +1548,9 @@ fn describe(e: &tungstenite::Error) -> String {
 
 /// Reconnect delay after `attempt` failures in a row: 50 ms doubling to 5 s, with jitter
 /// (half to all of it), so that 10,000 clients do not come back in one instant.
+/// How long a session must have been established to reset the reconnect backoff.
+const STABLE_SESSION_US: u64 = 1_000_000;
+
 /// An error the server answers when it cannot do it now (its store away, a restart).
 fn retryable(code: ErrorCode) -> bool {
     matches!(

@@ -40,7 +40,7 @@
 //! codes 1012 and 4008, and any broken connection) and resumes each room with `since` = the
 //! last seq it received, so what it gets on resume counts as delivered and what never comes
 //! counts as lost. A member that gives up for good (its key refused on a reconnect, a
-//! policy close) is still expected to receive every message of its rooms: what it never
+//! policy close other than the rate limit's) is still expected to receive every message of its rooms: what it never
 //! got is lost, and its giving up fails the run. Messages sent and never acked nor seen
 //! by anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no
 //! one (they fail the run all the same: see [`Report::failure`]); error frames that refuse

@@ -95,6 +95,9 @@ pub struct Heard {
     /// Per room: the highest seq acknowledged to one of our senders, or of ours that any
     /// member got (its sender may have been cut off before the ack).
     acked: Vec<AtomicU64>,
+    /// Per room: the lowest seq of ours acknowledged or got (`u64::MAX`: none yet). Every
+    /// message of the run in the room is at or after it, but for one still in flight.
+    first_ours: Vec<AtomicU64>,
     /// Per connection: its room (`NOT_A_MEMBER` until its first `joined`, and again once
     /// it gives up: it will hear nothing more) …
     room_of: Vec<AtomicUsize>,
@@ -123,6 +126,7 @@ impl Heard {
                 .map(|(i, r)| (r.clone(), i))
                 .collect(),
             acked: rooms.iter().map(|_| AtomicU64::new(0)).collect(),
+            first_ours: rooms.iter().map(|_| AtomicU64::new(u64::MAX)).collect(),
             room_of: (0..connections)
                 .map(|_| AtomicUsize::new(NOT_A_MEMBER))
                 .collect(),
@@ -135,7 +139,18 @@ impl Heard {
     pub fn acked(&self, room: &str, seq: u64) {
         if let Some(&r) = self.rooms.get(room) {
             raise(&self.acked[r], seq);
+            let first = &self.first_ours[r];
+            if first.load(Relaxed) > seq {
+                first.fetch_min(seq, Relaxed);
+            }
         }
+    }
+
+    /// The seq before the lowest of ours known in `room`: a base from which a member that
+    /// joins late hears every message of the run known so far.
+    pub fn before_first_ours(&self, room: &str) -> Option<u64> {
+        let first = self.first_ours[*self.rooms.get(room)?].load(Relaxed);
+        (first != u64::MAX).then(|| first.saturating_sub(1))
     }
 
     /// Connection `conn` joined `room`, whose head was `base`.

@@ -278,6 +278,36 @@ async fn v1_a_member_joining_late_is_expected_every_message_of_the_run() {
     assert_eq!(r.lost, 0, "{r:#?}");
 }
 
+/// A room none of whose members could join on their first attempt: the one that joins
+/// last still expects what the first sent before it came (the room's base is then the
+/// seq before the first of ours known there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_room_whose_members_all_join_late_expects_every_message_of_the_run() {
+    // Two rooms: k1 and k3 in the first, k2 and k4 in the second, both late.
+    let r = v1_run(
+        V1Fake {
+            late_joiner: Some(("k2", 10)),
+            later_joiner: Some(("k4", 40)),
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=4",
+            "--rooms=2",
+            "--interval=0.05",
+            "--duration=2",
+            "--drain=5",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_counts_add_up(&r);
+    assert_eq!(r.connected, 4, "{r:#?}");
+    assert!(r.sent > 40, "{r:#?}");
+    assert_eq!(r.expected, r.sent * 2, "{r:#?}");
+    assert_eq!(r.lost, 0, "{r:#?}");
+}
+
 /// A join answered `unavailable` (the server's store away for a moment) is not a refusal:
 /// the connection reconnects and joins again, and its room counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -585,6 +615,38 @@ async fn v1_rate_limited_connections_hold_their_sends() {
     assert!((1..=15).contains(&refused), "{refused} refusals: {r:#?}");
     assert_eq!(r.unacked, Some(0), "{r:#?}");
     assert_eq!(r.lost, 0, "{r:#?}");
+}
+
+/// A session refused right after `hello` again and again (a join whose backfill keeps
+/// failing) backs off more each time: no reconnect every few tens of milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_join_that_keeps_failing_backs_off_more_each_time() {
+    let r = v1_run(
+        V1Fake {
+            k2_backfill_always_fails: true,
+            ..V1Fake::default()
+        },
+        &[
+            "--keys=k{i}",
+            "--connections=3",
+            "--interval=0.05",
+            "--duration=2",
+            "--drain=1",
+            "--no-progress",
+        ],
+    )
+    .await;
+    assert_eq!(r.lost, r.expected - r.delivered, "{r:#?}");
+    // k2 never got into its room, so it sent nothing.
+    assert!(r.unsent > 0 && r.sent > 0, "{r:#?}");
+    // About 3 s: the backoff doubles from 25–50 ms, so under ten tries; at the first
+    // backoff's pace, about a hundred.
+    assert!(
+        (3..=15).contains(&r.disconnects),
+        "{} disconnects: {r:#?}",
+        r.disconnects
+    );
+    assert!(r.lost > 0, "k2 never got its room: {r:#?}");
 }
 
 /// A join never answered in time is a failed connect, tried again; not also a

@@ -165,6 +165,9 @@ pub struct V1Fake {
     /// After this many stored messages, every send is answered `rate_limited` for the
     /// next second (nothing stored): a server whose rate limit the clients went past.
     pub rate_limited_after: Option<u64>,
+    /// Every join of user `k2` is answered `joined`, then `left` and `unavailable`: a
+    /// backfill read that fails each time.
+    pub k2_backfill_always_fails: bool,
     /// The first join frame of user `k2` is never answered.
     pub ignore_first_join_of_k2: bool,
     /// (k, ms): after k stored messages, live deliveries are held for ms milliseconds
@@ -175,6 +178,8 @@ pub struct V1Fake {
     /// (user, n): the joins of `user` are answered `unavailable` until n messages are
     /// stored: a member that joins late, after the sending began.
     pub late_joiner: Option<(&'static str, u64)>,
+    /// A second such member.
+    pub later_joiner: Option<(&'static str, u64)>,
 }
 
 #[derive(Default)]
@@ -299,9 +304,10 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                                     .kicked_at
                                     .is_some_and(|at| at.elapsed().as_millis() < u128::from(ms))
                         });
-                        let too_early = opts
-                            .late_joiner
-                            .is_some_and(|(late, n)| user == late && hub.stored < n);
+                        let too_early = [opts.late_joiner, opts.later_joiner]
+                            .into_iter()
+                            .flatten()
+                            .any(|(late, n)| user == late && hub.stored < n);
                         if opts.ignore_first_join_of_k2 && user == "k2" && !hub.join_ignored {
                             hub.join_ignored = true;
                             continue;
@@ -311,6 +317,27 @@ pub async fn v1_fake(opts: V1Fake) -> SocketAddr {
                             || opts.refuse_joins.is_some_and(|n| hub.joins_refused < n)
                         {
                             hub.joins_refused += 1;
+                            let _ = tx.send(frame(&ServerFrame::Error {
+                                code: wschat_protocol::ErrorCode::Unavailable,
+                                message: "the store is unavailable".into(),
+                                reference,
+                            }));
+                            continue;
+                        }
+                        if opts.k2_backfill_always_fails && user == "k2" {
+                            for jr in rooms {
+                                let last_seq =
+                                    hub.rooms.entry(jr.room.clone()).or_default().log.len();
+                                let _ = tx.send(frame(&ServerFrame::Joined {
+                                    room: jr.room.clone(),
+                                    last_seq: last_seq as u64,
+                                    reference: reference.clone(),
+                                }));
+                                let _ = tx.send(frame(&ServerFrame::Left {
+                                    room: jr.room,
+                                    reference: None,
+                                }));
+                            }
                             let _ = tx.send(frame(&ServerFrame::Error {
                                 code: wschat_protocol::ErrorCode::Unavailable,
                                 message: "the store is unavailable".into(),

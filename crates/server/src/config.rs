@@ -406,6 +406,7 @@ mod tests {
                 ("max_history_page = 0\n", "max_history_page"),
                 ("max_message_bytes = 0\n", "max_message_bytes"),
                 ("database = \"mysql://h/db\"\n", "database"),
+                ("database = \"sqlite::memory:\"\n", "in-memory"),
                 ("broker = \"redis://h\"\n", "broker"),
                 ("broker = \"postgres\"\n", "broker"),
                 ("broker = \"nats://127.0.0.1:4222\"\n", "broker"),

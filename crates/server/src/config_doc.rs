@@ -126,7 +126,7 @@ pub const DOCS: &[(&str, &str)] = &[
     ),
     (
         "max_header_bytes",
-        "Largest HTTP request head, in bytes (8192 to 1 MiB); over it: 431.",
+        "Largest HTTP request head, in bytes (1024 to 1 MiB); over it: 431.",
     ),
     (
         "handshake_timeout_secs",
@@ -381,7 +381,7 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
         (
             "max_header_bytes",
             settings.max_header_bytes,
-            crate::serve::MIN_HEADER_BYTES,
+            1024,
             1 << 20,
             "1 MiB",
         ),
@@ -454,10 +454,17 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
     // The database and the broker, as `serve` would refuse them at start.
     let db = settings.database.as_str();
     let on_postgres = db.starts_with("postgres://") || db.starts_with("postgresql://");
-    if !on_postgres && !db.starts_with("sqlite:") {
+    let problem = if !on_postgres && !db.starts_with("sqlite:") {
+        Some("use sqlite://FILE or postgres://…")
+    } else if !on_postgres && (db.contains(":memory:") || db.contains("mode=memory")) {
+        Some("an in-memory database loses every message when the server stops; use sqlite://FILE")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
         return Err(ConfigError::Value {
             key: "database",
-            problem: "use sqlite://FILE or postgres://…".into(),
+            problem: problem.into(),
             origin: origin("database"),
         });
     }

@@ -33,8 +33,9 @@ use crate::app::Shared;
 use crate::config::Settings;
 use crate::tls::Tls;
 
-/// hyper's smallest allowed read buffer: a smaller `max_header_bytes` is raised to it.
-pub const MIN_HEADER_BYTES: usize = 8192;
+/// hyper's smallest allowed read buffer: the buffer for a smaller `max_header_bytes` is
+/// raised to it (the limit itself stays as set).
+pub const MIN_BUF_BYTES: usize = 8192;
 
 /// Serve `router` on `listener` until the shutdown token is cancelled.
 pub async fn serve(
@@ -107,7 +108,7 @@ fn http_builder(settings: &Settings) -> Builder<TokioExecutor> {
             settings
                 .max_header_bytes
                 .saturating_mul(2)
-                .max(MIN_HEADER_BYTES),
+                .max(MIN_BUF_BYTES),
         );
     builder
 }

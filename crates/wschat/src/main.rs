@@ -206,7 +206,7 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_failed_keys_per_minute: Option<u32>,
-    /// Largest HTTP request head in bytes (at least 8192) [default: 16384].
+    /// Largest HTTP request head in bytes (1024 to 1 MiB) [default: 16384].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     max_header_bytes: Option<usize>,
@@ -379,12 +379,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Where a browser on this machine reaches a server listening on `addr`, as a URL's
-/// authority: the loopback address for an unspecified one, an IPv6 address in brackets.
+/// authority: the loopback address of its family for an unspecified one, an IPv6
+/// address in brackets.
 fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
-    if addr.ip().is_unspecified() {
-        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
     }
 }
 
@@ -419,7 +424,7 @@ mod tests {
     fn the_demo_url_names_an_address_a_browser_can_open() {
         let at = |a: &str| reachable(a.parse().unwrap()).to_string();
         assert_eq!(at("0.0.0.0:56412"), "127.0.0.1:56412");
-        assert_eq!(at("[::]:56412"), "127.0.0.1:56412");
+        assert_eq!(at("[::]:56412"), "[::1]:56412");
         assert_eq!(at("[::1]:56412"), "[::1]:56412");
         assert_eq!(at("10.1.2.3:80"), "10.1.2.3:80");
     }

@@ -473,7 +473,8 @@ pub(crate) fn migrator(
     migrator
 }
 
-/// Open the store a URL names: `sqlite://…` (relative or absolute path; `sqlite::memory:`).
+/// Open the store a URL names: `sqlite://…` (a relative or absolute path; not in memory)
+/// or `postgres://…`.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sqlite:") {
         Ok(Arc::new(sqlite::SqliteStore::open(url).await?))

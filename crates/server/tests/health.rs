@@ -120,6 +120,48 @@ async fn wait_for_readyz(addr: SocketAddr, status: u16, body_part: &str) -> Stri
     }
 }
 
+/// The PostgreSQL broker's LISTEN connection is lost while the database refuses new
+/// connections (its connection limit reached, say) but the pools' idle ones still answer:
+/// the node would hear other nodes only through its periodic reads, so it is not ready,
+/// naming the LISTEN connection; ready again once it listens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_postgres_listen_connection() {
+    use sqlx::Connection;
+    let (mut settings, dir) = fresh(Backend::Postgres).await;
+    settings.broker = "postgres".into();
+    let db = settings.database.rsplit('/').next().unwrap().to_owned();
+    let app = spawn_with(settings, dir).await;
+    assert_eq!(app.shared.broker.name(), "postgres");
+    // Each pool holds an idle connection now (the checks made them).
+    wait_for_readyz(app.addr, 200, "ok").await;
+    let mut admin = sqlx::PgConnection::connect(&common::pg_admin_url())
+        .await
+        .unwrap();
+    let run = |sql: String| sqlx::query(sqlx::AssertSqlSafe(sql));
+    run(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let ended: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND query LIKE 'LISTEN%'",
+    )
+    .bind(&db)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![(true,)], "one LISTEN connection");
+    let body = wait_for_readyz(app.addr, 503, "broker unreachable").await;
+    assert!(body.contains("LISTEN"), "{body}");
+    assert!(!body.contains("store"), "the store is fine: {body}");
+    run(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    wait_for_readyz(app.addr, 200, "ok").await;
+    app.stop().await;
+}
+
 /// A private NATS server is stopped under a running node: readiness turns 503 naming the
 /// broker, health stays 200 (the node can still serve its own clients), and readiness
 /// comes back when NATS does.

@@ -2,8 +2,10 @@
 //! Notifications are lost while the listening connection is down; when it comes back
 //! (sqlx's `PgListener` reconnects by itself and says so with `Ok(None)`; when it cannot,
 //! the broker listens on a new connection, tried every second), the hub re-reads the store
-//! for every room it serves.
+//! for every room it serves. While it is down and could not be made again, `/readyz`
+//! says so: the node would hear the other nodes only through its periodic reads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ const MAX_PAYLOAD: usize = 7900;
 pub struct PgBroker {
     pool: PgPool,
     node: String,
+    /// The LISTEN connection is up (false from its loss until a new one listens).
+    listening: Arc<AtomicBool>,
 }
 
 impl PgBroker {
@@ -37,9 +41,18 @@ impl PgBroker {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        let mut listener = listen(&pool).await?;
+        // A pool of its own for the LISTEN connection: it holds that connection for good,
+        // and when it is lost a new one is made, not a NOTIFY connection taken over (so
+        // the state `/readyz` reports is the listener's own).
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        let mut listener = listen(&listen_pool).await?;
+        let listening = Arc::new(AtomicBool::new(true));
+        let up = Arc::clone(&listening);
         let own = node.to_owned();
-        let listen_pool = pool.clone();
         tokio::spawn(async move {
             loop {
                 let received = tokio::select! {
@@ -63,10 +76,12 @@ impl PgBroker {
                         // nothing would read the store until a notification came: listen
                         // again here, then read the store.
                         tracing::warn!(error = %e, "LISTEN failed; listening again");
+                        up.store(false, Ordering::Release);
                         match listen_again(&listen_pool, &stop).await {
                             Some(again) => listener = again,
                             None => break,
                         }
+                        up.store(true, Ordering::Release);
                         spawn_resync(&hub);
                     }
                 }
@@ -75,6 +90,7 @@ impl PgBroker {
         Ok(Self {
             pool,
             node: node.to_owned(),
+            listening,
         })
     }
 }
@@ -138,6 +154,11 @@ impl Broker for PgBroker {
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
+        if !self.listening.load(Ordering::Acquire) {
+            return Err(BrokerError::Unreachable(
+                "the LISTEN connection was lost; listening again".into(),
+            ));
+        }
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }

@@ -41,6 +41,10 @@ pub struct Shared {
     pub sessions: Arc<crate::sessions::Sessions>,
     /// Cancelled to stop the server.
     pub shutdown: CancellationToken,
+    /// Cancelled during a stop to stop waiting (an operator's second signal): for the
+    /// connections, the committer's last batch, the last events for the other nodes.
+    /// Nothing acknowledged is lost by it: acks follow commits.
+    pub hurry: CancellationToken,
     /// Every WebSocket connection holds a token of this tracker.
     pub tracker: TaskTracker,
     /// Handshake admission: Origin, connections per address and session, failed keys.
@@ -226,6 +230,7 @@ impl Application {
             node,
             sessions: crate::sessions::Sessions::new(),
             shutdown: CancellationToken::new(),
+            hurry: CancellationToken::new(),
             tracker: TaskTracker::new(),
             limits,
             pacing,
@@ -267,6 +272,11 @@ impl Application {
         self.shared.shutdown.clone()
     }
 
+    /// Cancel it during a stop to end the stop without waiting any longer (`Shared::hurry`).
+    pub fn hurry_token(&self) -> CancellationToken {
+        self.shared.hurry.clone()
+    }
+
     /// The key of the demo session created at start, if one was.
     pub fn demo_key(&self) -> Option<&str> {
         self.demo_key.as_deref()
@@ -306,36 +316,65 @@ impl Application {
         shared.draining.store(true, Ordering::Release);
         tracing::info!("draining: closing WebSockets with 1012");
         shared.tracker.close();
-        if tokio::time::timeout_at(deadline, shared.tracker.wait())
+        let hurry = &shared.hurry;
+        if bounded(deadline, hurry, shared.tracker.wait())
             .await
-            .is_err()
+            .is_none()
         {
-            tracing::warn!("some connections outlived the grace period");
+            tracing::warn!("some connections outlived the grace period, or the stop was hurried");
         }
         // The other nodes hear that this node's users left: queued here, published by the
         // forwarder before it stops (below).
         shared.hub.tell_changed_presence();
         shared.committer.stop();
-        let _finished = tokio::time::timeout_at(deadline, commit_task).await;
+        if bounded(deadline, hurry, commit_task).await.is_none() {
+            tracing::warn!("the committer's last batch was not waited for");
+        }
         background.cancel();
-        if tokio::time::timeout_at(deadline, forwarder).await.is_err() {
+        if bounded(deadline, hurry, forwarder).await.is_none() {
             tracing::warn!("the last events for the other nodes were not all published in time");
         }
-        if tokio::time::timeout_at(deadline, upkeep).await.is_err() {
+        if bounded(deadline, hurry, upkeep).await.is_none() {
             tracing::warn!(
                 "a heartbeat was still running; the node may stay registered until it expires"
             );
         }
         // Past the grace too, a moment to deregister (else the node stays registered for
         // its TTL, and a local-broker restart is refused meanwhile).
-        let last = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
-        match tokio::time::timeout_at(last, shared.store.remove_node(&shared.node.id)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not deregister this node"),
-            Err(_) => tracing::warn!("deregistering this node took too long; it expires"),
+        let moment = tokio::time::Instant::now() + Duration::from_secs(1);
+        let last = if hurry.is_cancelled() {
+            moment
+        } else {
+            deadline.max(moment)
+        };
+        // Hurried meanwhile: a second more at most.
+        let hurried = async {
+            hurry.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let deregistered = tokio::select! {
+            r = tokio::time::timeout_at(last, shared.store.remove_node(&shared.node.id)) => r.ok(),
+            _ = hurried => None,
+        };
+        match deregistered {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "could not deregister this node"),
+            None => tracing::warn!("deregistering this node took too long; it expires"),
         }
         tracing::info!("stopped");
         served
+    }
+}
+
+/// `fut`'s output, unless `deadline` passes or the stop is hurried first.
+async fn bounded<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    hurry: &CancellationToken,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, fut) => r.ok(),
+        _ = hurry.cancelled() => None,
     }
 }
 

@@ -355,7 +355,7 @@ enum Outcome {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Handlers go in before anything listens: a SIGTERM that arrives as soon as the
     // server answers must drain it, never kill it with the default disposition.
-    let signals = shutdown_signals().context("installing signal handlers")?;
+    let mut signals = StopSignals::install().context("installing signal handlers")?;
     let settings = Settings::load(args.config.as_deref(), &args)?;
     let app = Application::build(settings).await?;
     let addr = app.local_addr()?;
@@ -369,10 +369,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!();
     }
     let token = app.shutdown_token();
+    let hurry = app.hurry_token();
     tokio::spawn(async move {
-        signals.await;
-        tracing::info!("signal received: shutting down");
+        signals.next().await;
+        tracing::info!("signal received: shutting down (a second SIGTERM or SIGINT stops waiting)");
         token.cancel();
+        signals.next().await;
+        tracing::warn!("second signal: stopping without waiting for connections and commits");
+        hurry.cancel();
     });
     app.run().await?;
     Ok(())
@@ -393,22 +397,34 @@ fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-/// Registers SIGTERM and SIGINT now; the returned future completes on the first of them.
-/// SIGHUP too, only recorded: one during start-up (a deploy tool's reload while the store
-/// is opened or migrated) must not end the process by the signal's default action, and
-/// the server's own handler (a TLS reload, or a log line) takes over once it runs.
-fn shutdown_signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let hangups = signal(SignalKind::hangup())?;
-    Ok(async move {
-        let _only_recorded = hangups;
+/// SIGTERM and SIGINT, registered at once: the first stops the server gracefully, a
+/// second ends the stop without waiting. SIGHUP too, only recorded: one during start-up (a
+/// deploy tool's reload while the store is opened or migrated) must not end the process
+/// by the signal's default action, and the server's own handler (a TLS reload, or a log
+/// line) takes over once it runs.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    _only_recorded: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            _only_recorded: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -815,6 +815,90 @@ fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_per
     assert!(http_get(port, "/readyz").is_none());
 }
 
+/// A stop that cannot finish (another process holds the SQLite database's write lock, so
+/// a commit waits) waits for up to the grace period; a second SIGINT ends it at once.
+#[test]
+fn a_second_signal_ends_a_stop_that_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = session_key(dir.path(), "u");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = serve_with(
+        dir.path(),
+        &[
+            "--listen",
+            &listen,
+            "--database",
+            "sqlite://chat.db",
+            "--shutdown-grace-secs",
+            "120",
+        ],
+        &[("RUST_LOG", "info")],
+    );
+    wait_healthy(&mut child, port);
+    let mut locker = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, time\n\
+             c = sqlite3.connect('chat.db', isolation_level=None)\n\
+             c.execute('BEGIN EXCLUSIVE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(120)",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    BufReader::new(locker.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut ws = rt.block_on(async {
+        let url = format!("ws://127.0.0.1:{port}/ws?session_key={key}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        ws.next().await.unwrap().unwrap();
+        // Its commit waits for the lock; the connection's stop waits for its answer.
+        let send = r#"{"type":"send","room":"r","text":"held","ref":1}"#;
+        ws.send(Message::text(send)).await.unwrap();
+        ws
+    });
+    let pid = child.id().to_string();
+    let signal = || Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    signal();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the first stop waits for the commit"
+    );
+    let second = Instant::now();
+    signal();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            second.elapsed() < Duration::from_secs(6),
+            "still running 6 s after the second SIGINT (the lock is held for 120 s)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = locker.kill();
+    let _ = locker.wait();
+    drop(rt.block_on(async { ws.close(None).await }));
+    assert!(status.success(), "{status:?}");
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(log.contains("second signal"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
+
 /// The kernel's view of a process's transparent huge pages: `THP_enabled` in its status.
 fn thp_enabled(pid: u32) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -144,10 +144,10 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<String>,
-    /// Do not apply migrations at start.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    no_migrate: bool,
+    /// Do not apply migrations at start (`--no-migrate=false` overrides a file's `true`).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    no_migrate: Option<bool>,
     /// Messages sent on join without `since` [default: 100].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -157,11 +157,11 @@ struct ServeArgs {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_message_bytes: Option<usize>,
     /// PEM certificate chain: serve https/wss (with --tls-key); reloaded on SIGHUP.
-    #[arg(long, requires = "tls_key")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_key: Option<PathBuf>,
     /// An origin (scheme://host[:port]) whose pages may open WebSockets; repeatable. When
@@ -169,10 +169,11 @@ struct ServeArgs {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     #[serde(rename = "allowed_origins", skip_serializing_if = "Vec::is_empty")]
     allowed_origin: Vec<String>,
-    /// Refuse handshakes without an Origin header (403).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    require_origin: bool,
+    /// Refuse handshakes without an Origin header (403); `--require-origin=false`
+    /// overrides a file's `true`.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    require_origin: Option<bool>,
     /// A proxy (CIDR or address) whose --proxy-header is believed; repeatable.
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     #[serde(rename = "trusted_proxies", skip_serializing_if = "Vec::is_empty")]

@@ -502,9 +502,11 @@ fn security_flags_reach_the_server_and_bad_ones_stop_it() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("proxy.example"), "{stderr}");
-    // So does half a TLS configuration (clap refuses it).
+    // So does half a TLS configuration (the settings' check refuses it, naming the flag).
     let out = wschat(dir.path(), &["serve", "--tls-cert", "c.pem"]);
     assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs tls_key"), "{stderr}");
 }
 
 /// A blocking HTTP request with a JSON body and a bearer token; returns status and body.

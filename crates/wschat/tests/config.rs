@@ -189,6 +189,47 @@ fn flags_override_the_environment_which_overrides_the_file() {
         check(&env, &["--history-limit", "7", "--max-commit-batch", "9"]),
         ("7".into(), "9".into())
     );
+    // A flag turns a file's `true` off; alone, a boolean flag means true.
+    let lines = |flags: &[&str]| {
+        let mut args = vec!["config", "check", "--config", config];
+        args.extend_from_slice(flags);
+        let out = wschat(dir.path(), &args, &[]);
+        assert!(out.status.success(), "{flags:?}: {}", stderr(&out));
+        settings_lines(&stdout(&out))
+    };
+    std::fs::write(
+        &file,
+        "require_origin = true\nallowed_origins = [\"https://x\"]\nno_migrate = true\n",
+    )
+    .unwrap();
+    let got = lines(&["--require-origin=false", "--no-migrate=false"]);
+    assert_eq!(got["require_origin"].as_deref(), Some("false"));
+    assert_eq!(got["no_migrate"].as_deref(), Some("false"));
+    std::fs::write(&file, "allowed_origins = [\"https://x\"]\n").unwrap();
+    let got = lines(&["--no-migrate", "--require-origin"]);
+    assert_eq!(got["no_migrate"].as_deref(), Some("true"));
+    assert_eq!(got["require_origin"].as_deref(), Some("true"));
+    // A flag completes a file's half TLS pair: the check goes on to read the files.
+    std::fs::write(&file, "tls_key = \"/nonexistent/k.pem\"\n").unwrap();
+    let out = wschat(
+        dir.path(),
+        &[
+            "config",
+            "check",
+            "--config",
+            config,
+            "--tls-cert",
+            "/nonexistent/c.pem",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/nonexistent/c.pem"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&file, "history_limit = 5\nmax_commit_batch = 50\n").unwrap();
     // WSCHAT_CONFIG names the file too.
     let out = wschat(
         dir.path(),

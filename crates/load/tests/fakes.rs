@@ -22,6 +22,23 @@ async fn v1_run(opts: V1Fake, args: &[&str]) -> Report {
     load(&all).await
 }
 
+/// Three v1 connections with keys k1, k2 and k3 in one room, 20 messages a second each
+/// for `duration` seconds (then a drain of up to `drain`), against a v1 fake with `opts`.
+async fn three_members(opts: V1Fake, duration: &str, drain: &str, extra: &[&str]) -> Report {
+    let duration = format!("--duration={duration}");
+    let drain = format!("--drain={drain}");
+    let mut args = vec![
+        "--keys=k{i}",
+        "--connections=3",
+        "--interval=0.05",
+        duration.as_str(),
+        drain.as_str(),
+        "--no-progress",
+    ];
+    args.extend_from_slice(extra);
+    v1_run(opts, &args).await
+}
+
 fn assert_counts_add_up(r: &Report) {
     assert_eq!(r.lost, r.expected - r.delivered, "{r:#?}");
     assert_eq!(r.unsent, 0, "{r:#?}");
@@ -256,19 +273,14 @@ async fn v1_acked_messages_that_never_come_hold_the_drain_to_its_limit() {
 /// head as the others first joined it, and gets what was sent before it came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_member_joining_late_is_expected_every_message_of_the_run() {
-    let r = v1_run(
+    let r = three_members(
         V1Fake {
             late_joiner: Some(("k2", 10)),
             ..V1Fake::default()
         },
-        &[
-            "--keys=k{i}",
-            "--connections=3",
-            "--interval=0.05",
-            "--duration=1.5",
-            "--drain=5",
-            "--no-progress",
-        ],
+        "1.5",
+        "5",
+        &[],
     )
     .await;
     assert_counts_add_up(&r);
@@ -493,19 +505,14 @@ async fn v1_sends_answered_unavailable_go_again_until_stored() {
 /// message of its room: what came after its close is lost, and the run fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_member_that_gives_up_is_still_expected_to_receive() {
-    let r = v1_run(
+    let r = three_members(
         V1Fake {
             policy_close_after: Some((10, "policy")),
             ..V1Fake::default()
         },
-        &[
-            "--keys=k{i}",
-            "--connections=3",
-            "--interval=0.05",
-            "--duration=1.5",
-            "--drain=3",
-            "--no-progress",
-        ],
+        "1.5",
+        "3",
+        &[],
     )
     .await;
     // k2's schedule after its close is unsent.
@@ -532,19 +539,14 @@ async fn v1_a_member_that_gives_up_is_still_expected_to_receive() {
 /// after a backoff and resumes, and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_rate_limit_close_is_a_reconnect_not_giving_up() {
-    let r = v1_run(
+    let r = three_members(
         V1Fake {
             policy_close_after: Some((10, wschat_protocol::close::RATE_LIMIT_REASON)),
             ..V1Fake::default()
         },
-        &[
-            "--keys=k{i}",
-            "--connections=3",
-            "--interval=0.05",
-            "--duration=1.5",
-            "--drain=5",
-            "--no-progress",
-        ],
+        "1.5",
+        "5",
+        &[],
     )
     .await;
     assert_counts_add_up(&r);
@@ -559,19 +561,14 @@ async fn v1_a_rate_limit_close_is_a_reconnect_not_giving_up() {
 /// the connection tries again instead of waiting to be closed with 4002 and giving up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_an_auth_answered_unavailable_is_tried_again() {
-    let r = v1_run(
+    let r = three_members(
         V1Fake {
             auth_unavailable: Some(2),
             ..V1Fake::default()
         },
-        &[
-            "--keys=k{i}",
-            "--connections=3",
-            "--interval=0.05",
-            "--duration=1.5",
-            "--drain=5",
-            "--no-progress",
-        ],
+        "1.5",
+        "5",
+        &[],
     )
     .await;
     assert_counts_add_up(&r);
@@ -592,19 +589,14 @@ async fn v1_an_auth_answered_unavailable_is_tried_again() {
 /// them close the connection (1008).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_rate_limited_connections_hold_their_sends() {
-    let r = v1_run(
+    let r = three_members(
         V1Fake {
             rate_limited_after: Some(10),
             ..V1Fake::default()
         },
-        &[
-            "--keys=k{i}",
-            "--connections=3",
-            "--interval=0.05",
-            "--duration=2",
-            "--drain=5",
-            "--no-progress",
-        ],
+        "2",
+        "5",
+        &[],
     )
     .await;
     assert_counts_add_up(&r);
@@ -621,19 +613,14 @@ async fn v1_rate_limited_connections_hold_their_sends() {
 /// failing) backs off more each time: no reconnect every few tens of milliseconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_join_that_keeps_failing_backs_off_more_each_time() {
-    let r = v1_run(
+    let r = three_members(
         V1Fake {
             k2_backfill_always_fails: true,
             ..V1Fake::default()
         },
-        &[
-            "--keys=k{i}",
-            "--connections=3",
-            "--interval=0.05",
-            "--duration=2",
-            "--drain=1",
-            "--no-progress",
-        ],
+        "2",
+        "1",
+        &[],
     )
     .await;
     assert_eq!(r.lost, r.expected - r.delivered, "{r:#?}");
@@ -653,20 +640,14 @@ async fn v1_a_join_that_keeps_failing_backs_off_more_each_time() {
 /// disconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_join_timeout_is_one_failed_connect() {
-    let r = v1_run(
+    let r = three_members(
         V1Fake {
             ignore_first_join_of_k2: true,
             ..V1Fake::default()
         },
-        &[
-            "--keys=k{i}",
-            "--connections=3",
-            "--interval=0.05",
-            "--duration=1.5",
-            "--drain=5",
-            "--connect-timeout=0.5",
-            "--no-progress",
-        ],
+        "1.5",
+        "5",
+        &["--connect-timeout=0.5"],
     )
     .await;
     assert_counts_add_up(&r);
@@ -683,19 +664,14 @@ async fn v1_a_join_timeout_is_one_failed_connect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_a_member_let_go_of_resumes_its_room() {
     for (left, error) in [(true, false), (false, true)] {
-        let r = v1_run(
+        let r = three_members(
             V1Fake {
                 left_after: Some((10, left, error)),
                 ..V1Fake::default()
             },
-            &[
-                "--keys=k{i}",
-                "--connections=3",
-                "--interval=0.05",
-                "--duration=1.5",
-                "--drain=5",
-                "--no-progress",
-            ],
+            "1.5",
+            "5",
+            &[],
         )
         .await;
         assert_counts_add_up(&r);

@@ -12,16 +12,20 @@ NS=${NS:-"2000 10000"} RAMP=${RAMP:-2000} SETTLE=${SETTLE:-2}
 header idle "bench/idle.sh  # NS=\"$NS\" RAMP=$RAMP, wschat on PostgreSQL"
 
 rows=()
+over_32=()
 measure_idle() { # WHO N
     local who=$1 n=$2
     wait_quiet
     sleep 2
     local rss0 fd0
     rss0=$(python3 "$MEASURE" rss "$SRV_PID")
-    # The figure is for a server whose idle RSS is at most 32 MiB.
-    ((rss0 <= 32 * 1024)) || log "WARNING: $who starts at $rss0 KiB, over the 32 MiB the figure assumes"
+    # The figure is for a server whose idle RSS is at most 32 MiB: said in the
+    # table's notes when one is over.
+    ((rss0 <= 32 * 1024)) || over_32+=("$who ($rss0 KiB at N=$n)")
     fd0=$(python3 "$MEASURE" fds "$SRV_PID")
-    local hold=$((n / RAMP + 30))
+    # The client outlives the wait for the sockets and the settling (it is stopped once
+    # the RSS is read): a slow server is never measured after its clients left.
+    local hold=$((n / RAMP + 60 + SETTLE + 30))
     peer_args "$who" --protocol legacy --session-key bench -n "$n" --interval 0 \
         --duration "$hold" --drain 0 --ramp "$RAMP" --json --no-progress
     # shellcheck disable=SC2046
@@ -79,3 +83,7 @@ for r in "${rows[@]}"; do
     [[ $who != node-floor && -n ${per_floor[$n]:-} ]] && ratio=$(python3 -c "print(f'{$per / ${per_floor[$n]}:.2f}')")
     note "| $who | $n | $rss0 | $rss1 | $socks | $per | $ratio | $la |"
 done
+if ((${#over_32[@]})); then
+    note ""
+    note "Over the 32 MiB of idle RSS the issue's figure assumes, before the first connect: ${over_32[*]}."
+fi

@@ -60,7 +60,7 @@ for rate in $RATES; do
                 climbing[$who]=0
                 verdict="FAIL (all $TRIES runs)"
             fi
-            rows+=("$(python3 - "$f" "$who" "$rate" "$verdict" <<'PY' || echo "| $who | $rate | (no report: the client failed, see $f's .err) | | | | | | | $verdict | | |"
+            rows+=("$(python3 - "$f" "$who" "$rate" "$verdict" <<'PY' || echo "| $who | $rate | (no report: the client failed, see $f.stderr) | | | | | | | $verdict | | |"
 import json, sys
 r = json.load(open(sys.argv[1]))
 l = r["latency_ms"]

@@ -336,6 +336,8 @@ struct Session {
     window_start: u64,
     /// Not established in time: counted as a failed connect, not also as a disconnect.
     timed_out: bool,
+    /// When it was established (µs on the run's clock).
+    established_at: Option<u64>,
 }
 
 /// Only the fields the hot path needs of a v1 server frame, borrowed from the text.
@@ -619,6 +621,9 @@ impl Conn {
         let mut heard_at = Instant::now();
         let mut silence_timer = pin!(sleep_until(heard_at + silence));
         let end = loop {
+            if s.established && s.established_at.is_none() {
+                s.established_at = Some(clock.now_us());
+            }
             if s.established && !self.settled {
                 self.settle();
             }
@@ -744,8 +749,9 @@ impl Conn {
         // A session that worked for a while resets the backoff; one refused again and
         // again right after `hello` (a join whose backfill keeps failing) backs off more
         // each time, instead of reconnecting every few tens of milliseconds for good.
-        self.last_session_stable =
-            s.established && clock.now_us().saturating_sub(s.opened_at) >= STABLE_SESSION_US;
+        self.last_session_stable = s
+            .established_at
+            .is_some_and(|at| clock.now_us().saturating_sub(at) >= STABLE_SESSION_US);
         end
     }
 
@@ -1546,8 +1552,6 @@ fn describe(e: &tungstenite::Error) -> String {
     }
 }
 
-/// Reconnect delay after `attempt` failures in a row: 50 ms doubling to 5 s, with jitter
-/// (half to all of it), so that 10,000 clients do not come back in one instant.
 /// How long a session must have been established to reset the reconnect backoff.
 const STABLE_SESSION_US: u64 = 1_000_000;
 
@@ -1559,6 +1563,8 @@ fn retryable(code: ErrorCode) -> bool {
     )
 }
 
+/// Reconnect delay after `attempt` failures in a row: 50 ms doubling to 5 s, with jitter
+/// (half to all of it), so that 10,000 clients do not come back in one instant.
 fn backoff(attempt: u32) -> Duration {
     let full = (50u64 << attempt.min(7).saturating_sub(1)).min(5_000);
     let ms = rand::rng().random_range(full / 2..=full);

@@ -49,12 +49,23 @@ pub async fn serve(
     let stopper = handle.clone();
     let grace = settings.shutdown_grace();
     let stopping = Arc::clone(shared);
+    let served = tokio_util::sync::CancellationToken::new();
+    let over = served.clone();
     tokio::spawn(async move {
-        stopping.shutdown.cancelled().await;
+        tokio::select! {
+            _ = stopping.shutdown.cancelled() => {}
+            _ = over.cancelled() => return,
+        }
         // The stop's deadline counts from here (`Shared::stop_began`).
         stopping.stop_began(tokio::time::Instant::now());
         stopper.graceful_shutdown(Some(grace));
+        // A hurried stop does not wait for HTTP requests still running either.
+        tokio::select! {
+            _ = stopping.hurry.cancelled() => stopper.shutdown(),
+            _ = over.cancelled() => {}
+        }
     });
+    let _served = served.drop_guard();
     let mut server = axum_server::Server::<SocketAddr>::from_listener(listener)
         .handle(handle)
         .first_request_timeout(settings.handshake_timeout())

@@ -818,13 +818,15 @@ fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_per
 }
 
 /// A stop that cannot finish (another process holds the SQLite database's write lock, so
-/// a commit waits) waits for up to the grace period; a second SIGINT ends it at once.
+/// a commit waits: a WebSocket's send, and an admin request's message) waits for up to
+/// the grace period; a second SIGINT ends it at once.
 #[test]
 fn a_second_signal_ends_a_stop_that_waits() {
     let dir = tempfile::tempdir().unwrap();
     let key = session_key(dir.path(), "u");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let token = "admin-token-for-the-second-signal";
     let mut child = serve_with(
         dir.path(),
         &[
@@ -835,7 +837,7 @@ fn a_second_signal_ends_a_stop_that_waits() {
             "--shutdown-grace-secs",
             "120",
         ],
-        &[("RUST_LOG", "info")],
+        &[("RUST_LOG", "info"), ("WSCHAT_ADMIN_TOKEN", token)],
     );
     wait_healthy(&mut child, port);
     let mut locker = Command::new("python3")
@@ -864,8 +866,28 @@ fn a_second_signal_ends_a_stop_that_waits() {
         // Its commit waits for the lock; the connection's stop waits for its answer.
         let send = r#"{"type":"send","room":"r","text":"held","ref":1}"#;
         ws.send(Message::text(send)).await.unwrap();
+        // Frames are read in order: the pong says the send was taken.
+        ws.send(Message::text(r#"{"type":"ping","ref":2}"#))
+            .await
+            .unwrap();
+        loop {
+            let frame = ws.next().await.unwrap().unwrap();
+            if frame.to_text().unwrap().contains("pong") {
+                break;
+            }
+        }
         ws
     });
+    // An HTTP request waiting on a commit too: axum's graceful stop waits for it.
+    let admin = std::thread::spawn(move || {
+        http_post(
+            port,
+            "/admin/v1/rooms/r/messages",
+            token,
+            &json!({"text": "held too"}),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let pid = child.id().to_string();
     let signal = || Command::new("kill").args(["-INT", &pid]).status().unwrap();
     signal();
@@ -889,6 +911,8 @@ fn a_second_signal_ends_a_stop_that_waits() {
     let _ = locker.kill();
     let _ = locker.wait();
     drop(rt.block_on(async { ws.close(None).await }));
+    // The request ended with the process (its answer, if any, is not looked at).
+    drop(admin.join());
     assert!(status.success(), "{status:?}");
     let mut log = String::new();
     child

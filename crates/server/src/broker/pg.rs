@@ -49,14 +49,15 @@ impl PgBroker {
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
-        let mut listener = listen(&listen_pool).await?;
+        let mut listener = Some(listen(&listen_pool).await?);
         let listening = Arc::new(AtomicBool::new(true));
         let up = Arc::clone(&listening);
         let own = node.to_owned();
         tokio::spawn(async move {
-            loop {
+            // `None` only between a failure and the next listener (see below).
+            while let Some(current) = listener.as_mut() {
                 let received = tokio::select! {
-                    r = listener.try_recv() => r,
+                    r = current.try_recv() => r,
                     _ = stop.cancelled() => break,
                 };
                 match received {
@@ -77,9 +78,12 @@ impl PgBroker {
                         // again here, then read the store.
                         tracing::warn!(error = %e, "LISTEN failed; listening again");
                         up.store(false, Ordering::Release);
-                        match listen_again(&listen_pool, &stop).await {
-                            Some(again) => listener = again,
-                            None => break,
+                        // The failed listener may still hold the pool's one connection
+                        // (sqlx lets go of it only on some I/O errors): given back first.
+                        drop(listener.take());
+                        listener = listen_again(&listen_pool, &stop).await;
+                        if listener.is_none() {
+                            break;
                         }
                         up.store(true, Ordering::Release);
                         spawn_resync(&hub);

@@ -17,16 +17,6 @@ P99_MS=${P99_MS:-50}
 TRIES=${TRIES:-3}
 header "fan-out ceiling" "bench/ceiling.sh  # N=$N DURATION=$DURATION TRIES=$TRIES RATES=\"$RATES\""
 
-passes() { # FILE: everything delivered and p99 within the bound?
-    python3 - "$1" "$N" "$P99_MS" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-ok = (r["connected"] == int(sys.argv[2]) and r["lost"] == 0 and r["unsent"] == 0
-      and r["expected"] > 0 and r["latency_ms"]["p99"] <= float(sys.argv[3]))
-sys.exit(0 if ok else 1)
-PY
-}
-
 declare -A ceiling=([wschat]=0 [node-floor]=0)
 declare -A climbing=([wschat]=1 [node-floor]=1)
 for peer in $PEERS; do
@@ -51,7 +41,7 @@ for rate in $RATES; do
                 --duration "$DURATION"
             load "$who@$rate" "$f" "$SRV_PID" "ws://127.0.0.1:$SRV_PORT/" "${PEER_ARGS[@]}" || true
             stop "$SRV_PID"
-            if passes "$f"; then
+            if ceiling_passes "$f" "$N" "$P99_MS"; then
                 ceiling[$who]=$rate
                 verdict=pass
             elif ((try < TRIES)); then

@@ -294,6 +294,21 @@ load() {
         -- "$LOAD_BIN" load "$@" --seed "${SEED:-1}" --json --no-progress
 }
 
+# ceiling_passes FILE N P99_MS: a ceiling step's run passes: all N connected, everything
+# sent and delivered, p99 within P99_MS (ceiling.sh, multinode.sh's CEILING_RATES).
+ceiling_passes() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit(1)
+ok = (r["connected"] == int(sys.argv[2]) and r["lost"] == 0 and r["unsent"] == 0
+      and r["expected"] > 0 and r["latency_ms"]["p99"] <= float(sys.argv[3]))
+sys.exit(0 if ok else 1)
+PY
+}
+
 # table TITLE FILES…: prints (and appends to $OUT) the side-by-side table.
 table() {
     local t

@@ -623,9 +623,10 @@ async fn v1_a_join_that_keeps_failing_backs_off_more_each_time() {
         &[],
     )
     .await;
+    // (What k2 sends in the moments between `joined` and `left` is sent; the rest of its
+    // schedule is not: either way the counts add up.)
     assert_eq!(r.lost, r.expected - r.delivered, "{r:#?}");
-    // k2 never got into its room, so it sent nothing.
-    assert!(r.unsent > 0 && r.sent > 0, "{r:#?}");
+    assert!(r.sent > 0, "{r:#?}");
     // About 3 s: the backoff doubles from 25–50 ms, so under ten tries; at the first
     // backoff's pace, about a hundred.
     assert!(

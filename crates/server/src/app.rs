@@ -403,12 +403,9 @@ async fn check_topology(
     settings: &Settings,
     node: &NodeInfo,
 ) -> Result<(), StartError> {
-    if node.broker == "unknown" {
-        return Err(BrokerError::Unsupported(settings.broker.clone()).into());
-    }
-    if store.kind() == StoreKind::Sqlite && node.broker != "local" {
+    if let Some(problem) = broker::setup_problem(&settings.broker, &settings.database) {
         return Err(StartError::Topology(format!(
-            "the SQLite store serves one node only; --broker {} needs a PostgreSQL database (or use --broker local)",
+            "--broker {}: {problem}",
             settings.broker
         )));
     }

@@ -452,32 +452,14 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
         });
     }
     // The database and the broker, as `serve` would refuse them at start.
-    let db = settings.database.as_str();
-    let on_postgres = db.starts_with("postgres://") || db.starts_with("postgresql://");
-    let problem = if !on_postgres && !db.starts_with("sqlite:") {
-        Some("use sqlite://FILE or postgres://…")
-    } else if !on_postgres && (db.contains(":memory:") || db.contains("mode=memory")) {
-        Some("an in-memory database loses every message when the server stops; use sqlite://FILE")
-    } else {
-        None
-    };
-    if let Some(problem) = problem {
+    if let Some(problem) = crate::store::url_problem(&settings.database) {
         return Err(ConfigError::Value {
             key: "database",
             problem: problem.into(),
             origin: origin("database"),
         });
     }
-    let broker = crate::broker::kind(&settings.broker, db);
-    let broker_problem = match broker {
-        "unknown" => Some("use auto, local, postgres, or nats://HOST:PORT"),
-        "postgres" if !on_postgres => Some("the postgres broker needs a PostgreSQL database"),
-        "nats" if !on_postgres => Some(
-            "the SQLite store serves one node only: a multi-node broker needs a PostgreSQL database",
-        ),
-        _ => None,
-    };
-    if let Some(problem) = broker_problem {
+    if let Some(problem) = crate::broker::setup_problem(&settings.broker, &settings.database) {
         return Err(ConfigError::Value {
             key: "broker",
             problem: format!("{:?}: {problem}", settings.broker),

@@ -115,6 +115,20 @@ pub fn kind(broker: &str, database: &str) -> &'static str {
     }
 }
 
+/// What rules out `broker` on `database` before anything is opened: an unknown broker,
+/// or a multi-node one on SQLite, which serves one node only (`config check` and the
+/// start both ask).
+pub fn setup_problem(broker: &str, database: &str) -> Option<&'static str> {
+    match kind(broker, database) {
+        "unknown" => Some("unknown broker: use auto, local, postgres, or nats://HOST:PORT"),
+        "local" => None,
+        _ if !crate::store::is_postgres(database) => Some(
+            "the SQLite store serves one node only: a multi-node broker needs a PostgreSQL database (or use --broker local)",
+        ),
+        _ => None,
+    }
+}
+
 /// Connect the broker, and start the task that hands other nodes' events to the hub.
 pub async fn open(
     broker: &str,

@@ -473,18 +473,40 @@ pub(crate) fn migrator(
     migrator
 }
 
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// What rules out `url` as the store of record before anything is opened: an unknown
+/// scheme, or an in-memory SQLite database (`config check` and `open` both ask).
+pub fn url_problem(url: &str) -> Option<&'static str> {
+    if is_postgres(url) {
+        None
+    } else if !url.starts_with("sqlite:") {
+        Some("unsupported database URL scheme; use sqlite://FILE or postgres://…")
+    } else if url.contains(":memory:") || url.contains("mode=memory") {
+        // The store of record must outlive the process, and the commit thread's
+        // connection could not see a private in-memory database anyway.
+        Some("an in-memory database loses every message when the server stops; use sqlite://FILE")
+    } else {
+        None
+    }
+}
+
 /// Open the store a URL names: `sqlite://…` (a relative or absolute path; not in memory)
 /// or `postgres://…`.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    if url.starts_with("sqlite:") {
-        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if let Some(problem) = url_problem(url) {
+        return Err(StoreError::BadUrl(format!(
+            "{:?}: {problem}",
+            redact_url(url)
+        )));
+    }
+    if is_postgres(url) {
         Ok(Arc::new(postgres::PgStore::open(url).await?))
     } else {
-        Err(StoreError::BadUrl(format!(
-            "unsupported database URL scheme in {:?}; use sqlite://FILE or postgres://…",
-            redact_url(url)
-        )))
+        Ok(Arc::new(sqlite::SqliteStore::open(url).await?))
     }
 }
 

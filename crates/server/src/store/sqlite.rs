@@ -49,12 +49,8 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        if url.contains(":memory:") || url.contains("mode=memory") {
-            // The store of record must outlive the process, and the commit thread's
-            // connection could not see a private in-memory database anyway.
-            return Err(StoreError::BadUrl(format!(
-                "{url}: an in-memory database loses every message when the server stops; use sqlite://FILE"
-            )));
+        if let Some(problem) = super::url_problem(url) {
+            return Err(StoreError::BadUrl(format!("{url}: {problem}")));
         }
         let path = options.get_filename().to_owned();
         if let Some(parent) = path.parent() {

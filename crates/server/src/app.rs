@@ -341,13 +341,8 @@ impl Application {
         }
         // Past the grace too, a moment to deregister (else the node stays registered for
         // its TTL, and a local-broker restart is refused meanwhile).
-        let moment = tokio::time::Instant::now() + Duration::from_secs(1);
-        let last = if hurry.is_cancelled() {
-            moment
-        } else {
-            deadline.max(moment)
-        };
-        // Hurried meanwhile: a second more at most.
+        let last = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+        // Hurried (already, or meanwhile): a second more at most.
         let hurried = async {
             hurry.cancelled().await;
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -961,7 +961,7 @@ fn consume(batch: &mut VecDeque<Encoded>, mut n: usize) -> (usize, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncRead, AsyncReadExt};
 
     const WAIT: Duration = Duration::from_secs(5);
 
@@ -1575,6 +1575,19 @@ mod tests {
         expect(&mut client, &[event]).await;
     }
 
+    /// Reads from `client` until what came contains `needle`.
+    async fn read_until(client: &mut (impl AsyncRead + Unpin), needle: &str) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(needle) {
+            let n = tokio::time::timeout(WAIT, client.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("{needle:?} never came"))
+                .unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
     /// Presence diffs are dropped under pressure, as typing is, not a cause of 4008; the
     /// subscription's list is then stale, and once a full list fits its diffs answer
     /// `Stale` (send the full list) until one gets through.
@@ -1607,15 +1620,7 @@ mod tests {
             "no room for it yet"
         );
         // The client reads; then a diff asks for the full list, and the list goes.
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains(&format!("diff {:0>100}", first_drop - 1)) {
-            let n = tokio::time::timeout(WAIT, client.read(&mut buf))
-                .await
-                .expect("the queued diffs come")
-                .unwrap();
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut client, &format!("diff {:0>100}", first_drop - 1)).await;
         // (The writer counts what it wrote a moment after the client can read it.)
         let deadline = tokio::time::Instant::now() + WAIT;
         while outbox.push(diff(99)) != Pushed::Stale {
@@ -1657,15 +1662,7 @@ mod tests {
             "a reply: queued under pressure"
         );
         assert!(!outbox.presence_stale(1));
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("the list") {
-            let n = tokio::time::timeout(WAIT, client.read(&mut buf))
-                .await
-                .expect("the list comes")
-                .unwrap();
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut client, "the list").await;
         // Once written out, the next diff goes as a diff, not as a call for the list.
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {

@@ -675,7 +675,7 @@ impl Conn {
                 _ = &mut send_timer, if send_target.is_some() => {
                     send_target = None;
                     if self.send_due(&mut ws).await.is_err() {
-                        break self.lost(&s, 1006);
+                        break self.lost(&s, 1006, "");
                     }
                 }
                 msg = ws.next() => {
@@ -710,7 +710,7 @@ impl Conn {
                     if heard_at.elapsed() >= silence {
                         // The server is paused, cut off or gone without a close.
                         self.out.silent_drops += 1;
-                        break self.lost(&s, 1006);
+                        break self.lost(&s, 1006, "");
                     }
                     silence_timer.as_mut().reset(heard_at + silence);
                 }
@@ -771,38 +771,37 @@ impl Conn {
                 };
                 match r {
                     Ok(end) => end,
-                    Err(_) => Some(self.lost(s, 1006)),
+                    Err(_) => Some(self.lost(s, 1006, "")),
                 }
             }
             Some(Ok(Message::Close(frame))) => {
-                let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-                // Too many frames refused: a reconnect after a backoff, not a revoked session.
-                let rate_limited = code == close::POLICY_VIOLATION
-                    && frame
-                        .as_ref()
-                        .is_some_and(|f| f.reason.as_str() == close::RATE_LIMIT_REASON);
+                let (code, reason) = frame.map_or((1005, Default::default()), |f| {
+                    (u16::from(f.code), f.reason)
+                });
                 let _ = timeout(Duration::from_millis(100), ws.close(None)).await;
-                let end = self.lost(s, code);
-                Some(if rate_limited { End::Lost } else { end })
+                Some(self.lost(s, code, reason.as_str()))
             }
             Some(Ok(_)) => None,
-            Some(Err(_)) | None => Some(self.lost(s, 1006)),
+            Some(Err(_)) | None => Some(self.lost(s, 1006, "")),
         }
     }
 
-    /// The session was closed by the server (with `code`) or broke.
-    fn lost(&mut self, s: &Session, code: u16) -> End {
+    /// The session was closed by the server (with `code` and `reason`) or broke.
+    fn lost(&mut self, s: &Session, code: u16, reason: &str) -> End {
         *self.out.close_codes.entry(code).or_insert(0) += 1;
-        let fatal = matches!(
-            code,
-            close::POLICY_VIOLATION
-                | close::AUTH_FAILED
-                | close::PROTOCOL_ERROR
-                | close::UNSUPPORTED_DATA
-                | close::INVALID_PAYLOAD
-                | close::MESSAGE_TOO_BIG
-                | close::TOO_MANY_ERRORS
-        );
+        // Too many frames refused is a reconnect after a backoff, not a revoked session.
+        let rate_limited = code == close::POLICY_VIOLATION && reason == close::RATE_LIMIT_REASON;
+        let fatal = !rate_limited
+            && matches!(
+                code,
+                close::POLICY_VIOLATION
+                    | close::AUTH_FAILED
+                    | close::PROTOCOL_ERROR
+                    | close::UNSUPPORTED_DATA
+                    | close::INVALID_PAYLOAD
+                    | close::MESSAGE_TOO_BIG
+                    | close::TOO_MANY_ERRORS
+            );
         if !s.up {
             self.connect_failed(format!("closed before auth ({code})"));
         }
@@ -1346,7 +1345,7 @@ impl Conn {
                 ws.send(Message::text("40")).await?;
             }
             socketio::Packet::Ping => ws.send(Message::text("3")).await?,
-            socketio::Packet::Close => return Ok(Some(self.lost(s, 1000))),
+            socketio::Packet::Close => return Ok(Some(self.lost(s, 1000, ""))),
             socketio::Packet::Connected => self.legacy_up(s),
             socketio::Packet::ConnectError(reason) => {
                 *self.out.errors.entry(reason.clone()).or_insert(0) += 1;

@@ -37,11 +37,12 @@
 //! too is expected every message of the run. From then on it is
 //! expected to receive every one of the room's messages of this run with seq above its
 //! base, whether it is connected at the time or not: it reconnects with backoff (close
-//! codes 1012 and 4008, and any broken connection) and resumes each room with `since` = the
-//! last seq it received, so what it gets on resume counts as delivered and what never comes
+//! codes 1012, 4002, 4008 and the rate limit's 1008, an unasked `left`, a join or `auth`
+//! answered `unavailable`, and any broken connection) and resumes each room with `since` =
+//! the last seq it received, so what it gets on resume counts as delivered and what never comes
 //! counts as lost. A member that gives up for good (its key refused on a reconnect, a
-//! policy close other than the rate limit's) is still expected to receive every message of its rooms: what it never
-//! got is lost, and its giving up fails the run. Messages sent and never acked nor seen
+//! policy close other than the rate limit's) is still expected to receive every message
+//! of its rooms: what it never got is lost, and its giving up fails the run. Messages sent and never acked nor seen
 //! by anyone (`unacked`) were not stored, as far as anyone knows, and are expected of no
 //! one (they fail the run all the same: see [`Report::failure`]); error frames that refuse
 //! a send for good count as `refused` (which fails the run too). Retryable errors

@@ -108,6 +108,26 @@ fn terminate(child: &mut Child) -> (std::process::ExitStatus, String) {
     (status, out)
 }
 
+/// The exit status of `child`, which must exit within `limit` of `since` (`after` names
+/// what happened then).
+fn exits_within(
+    child: &mut Child,
+    since: Instant,
+    limit: Duration,
+    after: &str,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            since.elapsed() < limit,
+            "still running {limit:?} after {after}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn file_bytes(dir: &Path) -> Vec<u8> {
     let mut all = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -787,16 +807,12 @@ fn sigterm_drains_idle_connections_with_1012_and_exits_long_before_the_grace_per
         }
         (codes, sigterm)
     });
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sigterm.elapsed() < Duration::from_secs(10),
-            "still running 10 s after SIGTERM (grace is 30 s)"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = exits_within(
+        &mut child,
+        sigterm,
+        Duration::from_secs(10),
+        "SIGTERM (grace is 30 s)",
+    );
     eprintln!("exited {:?} after SIGTERM", sigterm.elapsed());
     assert!(status.success(), "exit 0 after a drain: {status:?}");
     assert_eq!(codes, vec![Some(1012); 6], "every socket closed with 1012");
@@ -898,16 +914,12 @@ fn a_second_signal_ends_a_stop_that_waits() {
     );
     let second = Instant::now();
     signal();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            second.elapsed() < Duration::from_secs(6),
-            "still running 6 s after the second SIGINT (the lock is held for 120 s)"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exits_within(
+        &mut child,
+        second,
+        Duration::from_secs(6),
+        "the second SIGINT (the lock is held for 120 s)",
+    );
     let _ = locker.kill();
     let _ = locker.wait();
     drop(rt.block_on(async { ws.close(None).await }));

@@ -488,6 +488,8 @@ async fn v1_sends_answered_unavailable_go_again_until_stored() {
             "--interval=0.5",
             "--duration=1",
             "--drain=10",
+            // A fixed schedule: a random one is empty about once in 55 runs (CI saw it).
+            "--seed=1",
             "--no-progress",
         ],
     )

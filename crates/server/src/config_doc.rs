@@ -484,7 +484,7 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
         return Err(ConfigError::Value {
             key: "idle_timeout_secs",
             problem: format!(
-                "{} must exceed ping_interval_secs ({}, at least 1), or live but quiet clients are closed",
+                "{} must exceed ping_interval_secs ({}), or live but quiet clients are closed (0 counts as 1)",
                 settings.idle_timeout_secs, settings.ping_interval_secs
             ),
             origin: origin("idle_timeout_secs"),

@@ -209,7 +209,7 @@ pub const METRICS: &[Metric] = &[
         "wschat_rate_limited_total",
         Kind::Counter,
         &[],
-        "Frames or connections refused by a rate limit.",
+        "Frames (pings and pongs included) refused by a connection's rate limit.",
     ),
     m(
         "wschat_build_info",

@@ -88,8 +88,10 @@ enum Command {
         #[command(subcommand)]
         command: SessionCommand,
     },
-    /// Load, latency and loss client. Exits 3 when deliveries were lost, v1 sends were
-    /// never answered, or connection tasks did not report.
+    /// Load, latency and loss client. Exits 3 when deliveries were lost, v1 sends went
+    /// unanswered or were refused, or loss could have gone uncounted (connections that
+    /// never connected, gave up or were away at the end, joins refused, messages never
+    /// sent, connection tasks that did not report).
     Load(wschat_load::LoadArgs),
     /// Print the settings: every default, or those in effect.
     Config {

@@ -320,6 +320,14 @@ pub(crate) struct Conn {
     writing: Vec<u64>,
 }
 
+/// A task that ends without settling (a panic unwinding it) still counts as settled:
+/// the connect phase waits for every task's first attempt, and would wait for good.
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
 /// Per-session flags.
 #[derive(Default)]
 struct Session {

@@ -344,6 +344,146 @@ async fn a_nodejschat_database_is_upgraded_in_place() {
         .await
         .unwrap();
     assert_eq!(app_users, vec!["Michael Redman", "ada"]);
+    // nodejschat's later releases made `room` mandatory; wschat gives a session without
+    // one room "0", as its admin API and `wschat session create` make them.
+    sqlx::query("insert into sessions values ('2', 'guest')")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    drop(db);
+    app.stop().await;
+}
+
+/// nodejschat's first releases, as its README describes them: sessions without a room and
+/// one shared history in `chat_log`, replayed `order by time`.
+const NODEJSCHAT_FIRST_SCHEMA: &str = r#"
+    create table sessions (
+        key text not null unique,
+        "user" text not null);
+    create table chat_log (
+        "time" timestamp not null,
+        "user" text not null,
+        message text not null);
+"#;
+
+#[tokio::test]
+async fn a_first_release_nodejschat_database_keeps_its_chat_log() {
+    let (settings, dir) = common::fresh(Backend::Postgres).await;
+    let mut db = sqlx::PgConnection::connect(&settings.database)
+        .await
+        .unwrap();
+    sqlx::raw_sql(NODEJSCHAT_FIRST_SCHEMA)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    // Inserted out of time order; two rows share a time (kept in insertion order).
+    sqlx::raw_sql(
+        r#"insert into sessions values ('1', 'Michael Redman');
+           insert into chat_log values
+               ('2016-08-08 17:20:33.921', 'ada', 'second'),
+               ('2016-08-08 17:20:32.421', 'Michael Redman', 'first'),
+               ('2016-08-08 17:20:35.000', 'bob', 'third'),
+               ('2016-08-08 17:20:35.000', 'ada', 'fourth');"#,
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+
+    let app = spawn_with(settings.clone(), dir).await;
+
+    // A session without a room is in room "0", where the history now is, in nodejschat's
+    // order and with its times.
+    let mut legacy = Client::legacy(&app, "1").await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let f = legacy.recv().await;
+        got.push(format!(
+            "{} {} {}",
+            f["time"].as_str().unwrap(),
+            f["user"].as_str().unwrap(),
+            f["message"].as_str().unwrap()
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            "2016-08-08T17:20:32.421Z Michael Redman first",
+            "2016-08-08T17:20:33.921Z ada second",
+            "2016-08-08T17:20:35.000Z bob third",
+            "2016-08-08T17:20:35.000Z ada fourth",
+        ]
+    );
+    legacy.send(json!({"message": "hello again"})).await;
+    assert_eq!(legacy.recv().await["message"], "hello again");
+    let seqs: Vec<(i64, String)> = sqlx::query_as(
+        "select m.seq, m.text from wschat_messages m join wschat_rooms r on r.id = m.room_id
+         where r.name = '0' order by m.id",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        seqs,
+        [
+            (1, "first".to_owned()),
+            (2, "second".to_owned()),
+            (3, "third".to_owned()),
+            (4, "fourth".to_owned()),
+            (5, "hello again".to_owned()),
+        ]
+    );
+
+    // Once: running the import again stores nothing twice.
+    sqlx::query("delete from wschat_migrations where version = 5")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    app.shared.store.migrate().await.unwrap();
+    let total: i64 = sqlx::query_scalar("select count(*) from wschat_messages")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(total, 5);
+    let old: i64 = sqlx::query_scalar("select count(*) from chat_log")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(old, 4, "chat_log is only read");
+    drop(db);
+    app.stop().await;
+}
+
+/// A migration may be one long statement (a big log imported, a big `sessions` table
+/// hashed): it runs without the reads' 30-s statement timeout, which would fail every
+/// start with the migrations before it already committed.
+#[tokio::test]
+async fn migrations_run_without_the_statement_timeout_of_reads() {
+    let (settings, dir) = common::fresh(Backend::Postgres).await;
+    let mut db = sqlx::PgConnection::connect(&settings.database)
+        .await
+        .unwrap();
+    // The application's own trigger on `sessions` sees the hashing UPDATE of migration 1.
+    sqlx::raw_sql(
+        r#"create table sessions (key text not null unique, "user" text not null);
+           insert into sessions values ('1', 'Michael Redman');
+           create table seen_timeouts (during text);
+           create function note_timeout() returns trigger language plpgsql as $$
+           begin
+               insert into seen_timeouts values (current_setting('statement_timeout'));
+               return new;
+           end $$;
+           create trigger note_timeout before update on sessions
+               for each row execute function note_timeout();"#,
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let app = spawn_with(settings.clone(), dir).await;
+    let seen: Vec<String> = sqlx::query_scalar("select during from seen_timeouts")
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(seen, ["0"]);
     drop(db);
     app.stop().await;
 }

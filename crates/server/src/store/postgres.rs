@@ -20,7 +20,7 @@ use super::{
 };
 
 pub struct PgStore {
-    /// Reads, sessions, migrations, retention.
+    /// Reads, sessions, retention.
     pool: PgPool,
     /// The connects' session lookups, several to a query.
     lookups: SessionLookups,
@@ -32,6 +32,8 @@ pub struct PgStore {
     /// The committer's connection, and when it last answered.
     writer: tokio::sync::Mutex<Option<(PgConnection, Instant)>>,
     writer_options: PgConnectOptions,
+    /// Migrations run on a connection of their own, without the reads' statement timeout.
+    migrate_options: PgConnectOptions,
 }
 
 /// Longest a connection attempt (pool or writer) waits.
@@ -53,6 +55,10 @@ const TRANSACTION_ATTEMPTS: u32 = 3;
 const COMMIT_IDLE_IN_TRANSACTION_TIMEOUT: &str = "2s";
 /// Reads: history pages are small; anything this slow is stuck.
 const READ_STATEMENT_TIMEOUT: &str = "30s";
+/// Migrations: none. Importing a large nodejschat log, or hashing a large `sessions`
+/// table, is one statement that may take minutes; cut short, it fails every start (and
+/// the migrations before it are committed). `0` also overrides a role's own timeout.
+const MIGRATE_STATEMENT_TIMEOUT: &str = "0";
 
 /// Most session lookups asked in one query.
 const MAX_LOOKUP_BATCH: usize = 512;
@@ -162,6 +168,10 @@ impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::BadUrl(format!("{}: {e}", super::redact_url(url))))?;
+        let migrate_options = options
+            .clone()
+            .application_name("wschat-migrate")
+            .options([("statement_timeout", MIGRATE_STATEMENT_TIMEOUT)]);
         let writer_options = options.clone().application_name("wschat-commit").options([
             ("statement_timeout", COMMIT_STATEMENT_TIMEOUT),
             (
@@ -205,6 +215,7 @@ impl PgStore {
             pool,
             writer: tokio::sync::Mutex::new(None),
             writer_options,
+            migrate_options,
         };
         // Connect the committer now rather than on the first send (a failure here is
         // retried then).
@@ -250,6 +261,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "commit speed",
         include_str!("../../../../migrations/postgres/0004_commit_speed.sql"),
     ),
+    (
+        5,
+        "nodejschat first release",
+        include_str!("../../../../migrations/postgres/0005_nodejschat_first_release.sql"),
+    ),
 ];
 
 fn to_seq(v: i64) -> u64 {
@@ -287,8 +303,19 @@ impl Store for PgStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        // sqlx holds an advisory lock while migrating: servers starting at once take turns.
-        super::migrator(MIGRATIONS).run(&self.pool).await?;
+        // sqlx holds an advisory lock while migrating: servers starting at once take turns
+        // (waiting for the lock is a statement too: unbounded here, like the migrations).
+        // A pool of one connection (the migrator takes a pool or a connection; a pool is
+        // what its public API takes from an `async_trait` method).
+        let conn = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(self.migrate_options.clone())
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let migrated = super::migrator(MIGRATIONS).run(&conn).await;
+        conn.close().await;
+        migrated?;
         Ok(())
     }
 

@@ -404,7 +404,8 @@ async fn history_pages_presence_and_typing(backend: Backend) {
 }
 
 /// Presence is per user: another connection of a user already in the room, and its
-/// leaving while one stays, change nothing; the last one's leaving does.
+/// leaving while one stays, change nothing; nor does a re-join (a re-sync) of the room; the
+/// last one's leaving does.
 async fn a_second_connection_of_a_user_is_no_presence_news(backend: Backend) {
     let app = spawn_app(backend).await;
     let a_key = app.session("alice", None).await;
@@ -432,6 +433,12 @@ async fn a_second_connection_of_a_user_is_no_presence_news(backend: Backend) {
     assert_eq!(presence["users"], json!(["alice", "bob"]));
     bob_again.send(json!({"type": "leave", "room": "p"})).await;
     assert_eq!(bob_again.recv_until("left").await["room"], "p");
+    // A join of a room Bob is in re-syncs it: he does not leave its presence meanwhile.
+    bob.join("p", Some(0)).await;
+    assert_eq!(
+        bob.recv_until("presence").await["users"],
+        json!(["alice", "bob"])
+    );
     // Bob, still in the room, types: everything Alice got before it is no presence news.
     bob.send(json!({"type": "typing", "room": "p"})).await;
     loop {
@@ -728,7 +735,7 @@ async fn retention_during_a_paced_resume_gets_a_reset_not_a_silent_gap(backend: 
                 last = seq;
             }
             Some("reset") => {
-                assert_eq!(v["since"], 0, "{v}");
+                assert_eq!(v["since"], last, "since is the last seq sent: {v}");
                 resets.push((last, v["first_seq"].as_u64().unwrap()));
             }
             _ => {}

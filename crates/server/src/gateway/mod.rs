@@ -592,8 +592,7 @@ pub(crate) async fn backfill(
     loop {
         // Everything after `through` up to `head`, page by page.
         if let Some(head) = read_to.take() {
-            let since = through;
-            let mut cursor = since;
+            let mut cursor = through;
             while cursor < head {
                 // A client that reads fast never waits: the stop is looked at each page.
                 if shared.shutdown.is_cancelled() || conn.outbox.cancel.is_cancelled() {
@@ -609,7 +608,8 @@ pub(crate) async fn backfill(
                         conn.outbox
                             .push(Item::Frame(frames::v1(&ServerFrame::Reset {
                                 room: room.to_string(),
-                                since,
+                                // The last seq sent: what the client holds up to.
+                                since: cursor,
                                 first_seq,
                             })));
                     }

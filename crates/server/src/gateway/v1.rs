@@ -518,8 +518,14 @@ impl Client {
                 refused += 1;
             }
         }
-        if refused == tried && counted > 0 {
-            return self.count_error();
+        if refused == tried {
+            // Nothing joined: the client's own mistakes count; the store's failure
+            // (`unavailable`) neither counts nor resets the count.
+            return if counted > 0 {
+                self.count_error()
+            } else {
+                None
+            };
         }
         self.errors_in_a_row = 0;
         None
@@ -532,16 +538,15 @@ impl Client {
         reference: Option<Ref>,
     ) -> Result<(), Refusal> {
         let room = self.room(name)?;
-        let was_joined = match self.rooms.remove(&room) {
-            Some(old) => {
-                // A join of a joined room re-syncs it from `since`.
-                self.shared.hub.unsubscribe(&room, &self.conn, old);
-                self.conn.outbox.push(Item::Untrack { sub: old });
-                true
-            }
-            None => false,
-        };
-        if self.rooms.len() >= self.shared.settings.max_rooms_per_connection {
+        // A join of a joined room re-syncs it from `since`: a new subscription replaces the
+        // old one once it is in the room, so the user never leaves the room's presence
+        // (the others would see them leave and come back) and the room is not dropped
+        // and made again when this was its only member here.
+        let old = self.rooms.get(&room).copied();
+        let was_joined = old.is_some();
+        if self.rooms.len() - usize::from(was_joined)
+            >= self.shared.settings.max_rooms_per_connection
+        {
             return Err((
                 ErrorCode::TooManyRooms,
                 format!(
@@ -573,8 +578,14 @@ impl Client {
                 })));
             }
         };
+        let subscribed = shared.hub.subscribe(&room, conn, sub).await;
+        if let Some(old) = old {
+            self.rooms.remove(&room);
+            shared.hub.unsubscribe(&room, conn, old);
+            conn.outbox.push(Item::Untrack { sub: old });
+        }
         let head = async {
-            shared.hub.subscribe(&room, conn, sub).await?;
+            subscribed?;
             shared.store.room_head(&room).await
         }
         .await;

@@ -197,7 +197,7 @@ pub const METRICS: &[Metric] = &[
         "wschat_broker_publish_errors_total",
         Kind::Counter,
         &[],
-        "Publishes to the broker that failed (other nodes then catch up from the store).",
+        "Publishes to the broker that failed or had no answer within 5 s (other nodes then catch up from the store).",
     ),
     m(
         "wschat_store_catchups_total",

@@ -208,13 +208,30 @@ impl ToOthers {
 /// How long a stopping node waits for the broker to take its last events.
 const LAST_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Longest one publish may take. A NOTIFY on a connection whose server is gone without
+/// closing it (a failover, a host lost) would never return, and the forwarder, which
+/// publishes one at a time, would publish nothing more: this node's presence would expire
+/// on the others for good. Past it the publish counts as failed (the other nodes find
+/// commits by seq and by their periodic read of the store).
+const PUBLISH_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Publish what the hub and the committer queue, in order, until `stop`; then what was
 /// queued by then, so that a node stopping gracefully still tells the others its last
 /// commits and that its users left (the caller bounds how long that may take).
 pub fn forward(
     broker: Arc<dyn Broker>,
+    from: FromHub,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    forward_within(broker, from, stop, PUBLISH_BOUND)
+}
+
+/// `forward`, each publish bounded by `bound`.
+fn forward_within(
+    broker: Arc<dyn Broker>,
     mut from: FromHub,
     stop: CancellationToken,
+    bound: std::time::Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
@@ -223,25 +240,25 @@ pub fn forward(
             tokio::select! {
                 biased;
                 Some(event) = from.commits.recv() => {
-                    publish_merged(broker.as_ref(), event, &mut from.commits).await;
+                    publish_merged(broker.as_ref(), event, &mut from.commits, bound).await;
                     // Commits that keep coming during each publish (a NOTIFY is a commit
                     // of its own) must not starve typing and presence for good: what of
                     // those waits goes after each commit.
                     if let Ok(event) = from.chatter.try_recv() {
-                        publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
+                        publish_chatter(broker.as_ref(), event, &mut from.chatter, bound).await;
                     }
                 }
                 Some(event) = from.chatter.recv() => {
-                    publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
+                    publish_chatter(broker.as_ref(), event, &mut from.chatter, bound).await;
                 }
                 _ = stop.cancelled() => break,
             }
         }
         while let Ok(event) = from.commits.try_recv() {
-            publish_merged(broker.as_ref(), event, &mut from.commits).await;
+            publish_merged(broker.as_ref(), event, &mut from.commits, bound).await;
         }
         while let Ok(event) = from.chatter.try_recv() {
-            publish_chatter(broker.as_ref(), event, &mut from.chatter).await;
+            publish_chatter(broker.as_ref(), event, &mut from.chatter, bound).await;
         }
         // A broker that is down does not hold the stop up for long.
         match tokio::time::timeout(LAST_FLUSH, broker.flush()).await {
@@ -260,6 +277,7 @@ async fn publish_merged(
     broker: &dyn Broker,
     mut event: BusEvent,
     commits: &mut mpsc::Receiver<BusEvent>,
+    bound: std::time::Duration,
 ) {
     if let BusEvent::Committed(messages) = &mut event {
         while let Ok(more) = commits.try_recv() {
@@ -268,11 +286,22 @@ async fn publish_merged(
             }
         }
     }
-    if let Err(e) = broker.publish(&event).await {
-        // Other nodes find the gap by seq or by their periodic check.
-        metrics::counter!("wschat_broker_publish_errors_total").increment(1);
-        tracing::warn!(error = %e, "broker publish failed");
-    }
+    // Other nodes find the gap by seq or by their periodic check.
+    published(broker.publish(&event), bound).await;
+}
+
+/// Await `publish` for `bound` at most; a failure is counted and logged.
+async fn published(
+    publish: impl std::future::Future<Output = Result<(), BrokerError>>,
+    bound: std::time::Duration,
+) {
+    let failure = match tokio::time::timeout(bound, publish).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {bound:?}"),
+    };
+    metrics::counter!("wschat_broker_publish_errors_total").increment(1);
+    tracing::warn!(error = %failure, "broker publish failed");
 }
 
 /// Publish `event` and the typing and presence events queued behind it, up to
@@ -281,6 +310,7 @@ async fn publish_chatter(
     broker: &dyn Broker,
     event: BusEvent,
     chatter: &mut mpsc::Receiver<BusEvent>,
+    bound: std::time::Duration,
 ) {
     let mut events = vec![event];
     while events.len() < CHATTER_BATCH {
@@ -290,10 +320,7 @@ async fn publish_chatter(
         }
     }
     let events = newest_presence_only(events);
-    if let Err(e) = broker.publish_all(&events).await {
-        metrics::counter!("wschat_broker_publish_errors_total").increment(1);
-        tracing::warn!(error = %e, "broker publish failed");
-    }
+    published(broker.publish_all(&events), bound).await;
 }
 
 /// Of a batch, each room's newest presence list only (a list is whole: the older ones say
@@ -336,6 +363,7 @@ pub(crate) fn receive(hub: &Arc<Hub>, own_node: &str, payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
     /// A broker whose every commit publish sees another commit queued meanwhile (a
@@ -386,6 +414,68 @@ mod tests {
             self.0.lock().unwrap().push(events.len());
             Ok(())
         }
+    }
+
+    /// A broker whose first `publish_all` never answers (a NOTIFY on a connection whose
+    /// server is gone); it records the rooms of the later ones.
+    #[derive(Default)]
+    struct StuckOnce {
+        calls: AtomicUsize,
+        rooms: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Broker for StuckOnce {
+        fn name(&self) -> &'static str {
+            "stuck once"
+        }
+        async fn publish(&self, event: &BusEvent) -> Result<(), BrokerError> {
+            self.publish_all(std::slice::from_ref(event)).await
+        }
+        async fn publish_all(&self, events: &[BusEvent]) -> Result<(), BrokerError> {
+            if self.calls.fetch_add(1, Ordering::AcqRel) == 0 {
+                std::future::pending::<()>().await;
+            }
+            for event in events {
+                if let BusEvent::Presence { room, .. } = event {
+                    self.rooms.lock().unwrap().push(room.to_string());
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// A publish that never answers ends at the bound: what is queued after it goes out.
+    #[tokio::test]
+    async fn a_publish_that_never_answers_does_not_stop_the_ones_after_it() {
+        let (to, from) = queues();
+        let broker = Arc::new(StuckOnce::default());
+        let stop = CancellationToken::new();
+        let forwarder = forward_within(
+            broker.clone(),
+            from,
+            stop.clone(),
+            std::time::Duration::from_millis(100),
+        );
+        let presence = |room: &str| BusEvent::Presence {
+            room: RoomName::new(room).unwrap(),
+            users: vec!["ada".into()],
+        };
+        to.try_send(presence("stuck")).expect("queued");
+        while broker.calls.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        to.try_send(presence("after")).expect("queued");
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while broker.rooms.lock().unwrap().is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the next publish went out");
+        assert_eq!(*broker.rooms.lock().unwrap(), ["after"]);
+        stop.cancel();
+        forwarder.await.unwrap();
     }
 
     /// A heartbeat's presence refresh (one event per room) is queued whole and goes out

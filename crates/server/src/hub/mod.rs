@@ -261,11 +261,29 @@ pub struct Hub {
     /// A `resync` is running; one asked meanwhile sets `resync_again` for it.
     resyncing: AtomicBool,
     resync_again: AtomicBool,
+    /// Longest the hub waits for a read of its own (`STORE_READ_BOUND`).
+    read_bound: Duration,
 }
+
+/// Longest the hub waits for a read of its own: a resync's heads, a catch-up's page.
+/// PostgreSQL's statement timeout (30 s) cannot end a wait for a server that is gone
+/// without closing the connection (a failover, a host lost): such a read would never
+/// return, and hold off every later resync of the node, or every later message of the
+/// room, for good. Past this bound the read counts as failed and is tried again.
+const STORE_READ_BOUND: Duration = Duration::from_secs(35);
 
 impl Hub {
     /// `others`: other nodes can hear this one (see the field).
     pub fn new(store: Arc<dyn Store>, outgoing: ToOthers, others: bool) -> Arc<Self> {
+        Self::with_read_bound(store, outgoing, others, STORE_READ_BOUND)
+    }
+
+    fn with_read_bound(
+        store: Arc<dyn Store>,
+        outgoing: ToOthers,
+        others: bool,
+        read_bound: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             rooms: Mutex::new(HashMap::new()),
             store,
@@ -276,7 +294,18 @@ impl Hub {
             catch_up_enabled: catch_up_enabled(),
             resyncing: AtomicBool::new(false),
             resync_again: AtomicBool::new(false),
+            read_bound,
         })
+    }
+
+    /// `read` within `read_bound`, or `NoAnswer`.
+    async fn bounded<T>(
+        &self,
+        read: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.read_bound, read)
+            .await
+            .unwrap_or(Err(StoreError::NoAnswer(self.read_bound)))
     }
 
     /// Whether other nodes can hear this one (a broker other than `local`).
@@ -649,7 +678,7 @@ impl Hub {
         if names.is_empty() {
             return;
         }
-        match self.store.room_heads(&names).await {
+        match self.bounded(self.store.room_heads(&names)).await {
             Ok(heads) => {
                 for (room, head) in heads {
                     self.poke(&room, head);
@@ -827,7 +856,10 @@ impl Hub {
         let mut empty_reads = 0;
         loop {
             let from = room.lock().last_delivered;
-            match self.store.messages_after(&room.name, from, PAGE).await {
+            match self
+                .bounded(self.store.messages_after(&room.name, from, PAGE))
+                .await
+            {
                 Ok(read) => {
                     let full_page = read.len() == PAGE as usize;
                     let mut state = room.lock();
@@ -1360,6 +1392,37 @@ pub(crate) mod tests {
             3,
             "a later call reads again"
         );
+    }
+
+    /// A resync whose read never answers (a database gone without closing the connection)
+    /// ends at the bound: the resyncs after it read the store again.
+    #[tokio::test]
+    async fn a_resync_whose_read_never_answers_does_not_hold_off_the_next() {
+        let OneMember {
+            _dir,
+            store: inner,
+            room,
+            member,
+            mut client,
+            ..
+        } = one_member().await;
+        let store = Arc::new(GatedStore {
+            inner: Arc::clone(&inner),
+            calls: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+            hang_heartbeats: false,
+        });
+        let (outgoing, _) = crate::broker::queues();
+        let hub = Hub::with_read_bound(store.clone(), outgoing, false, Duration::from_millis(200));
+        hub.subscribe(&room, &member, 0).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), hub.clone().resync())
+            .await
+            .expect("the read that never answers ends at the bound");
+        commit_unheard(inner.as_ref(), &room, 2).await;
+        store.gate.add_permits(100);
+        hub.clone().resync().await;
+        assert_eq!(store.calls.load(Ordering::Acquire), 2, "read again");
+        assert!(read_for(&mut client, "text-02").await.contains("text-02"));
     }
 
     /// A join waiting for a room's lock (held through a long fan-out) does not hold the

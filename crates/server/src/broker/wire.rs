@@ -159,7 +159,10 @@ fn envelopes(node: &str, msgs: Vec<WireMessage>, max_bytes: usize) -> Vec<String
     out
 }
 
-/// Encode `event` into envelopes of at most `max_bytes` each.
+/// Encode `event` into envelopes of at most `max_bytes` each. User names come from the
+/// embedding application's `sessions` table, of any length: a typing notice, or a name in
+/// a presence list, that cannot fit in one envelope is left out (on PostgreSQL one
+/// payload over the limit would fail every event published with it).
 pub fn encode(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
     let one = |body: Body| {
         serde_json::to_string(&Envelope {
@@ -174,10 +177,17 @@ pub fn encode(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
             messages.iter().map(|m| to_wire(m)).collect(),
             max_bytes,
         ),
-        BusEvent::Typing { room, user } => vec![one(Body::Typing {
-            room: room.to_string(),
-            user: user.clone(),
-        })],
+        BusEvent::Typing { room, user } => {
+            let envelope = one(Body::Typing {
+                room: room.to_string(),
+                user: user.clone(),
+            });
+            if envelope.len() > max_bytes {
+                tracing::debug!(room = %room, "a typing notice too long for the broker, not sent");
+                return Vec::new();
+            }
+            vec![envelope]
+        }
         BusEvent::Presence { room, users } => {
             // Cut where the next name could pass the limit (JSON escapes grow a name up
             // to 6×); always at least one name a part.
@@ -186,6 +196,16 @@ pub fn encode(node: &str, event: &BusEvent, max_bytes: usize) -> Vec<String> {
             let mut chunks: Vec<Vec<String>> = vec![Vec::new()];
             let mut size = overhead;
             for user in users {
+                // A name that does not fit in an envelope of its own is left out.
+                let exact = serde_json::to_string(user).map_or(usize::MAX, |s| s.len() + 1);
+                if overhead.saturating_add(exact) > max_bytes {
+                    tracing::warn!(
+                        room = %room,
+                        bytes = user.len(),
+                        "a user name too long for the broker; the other nodes do not list it"
+                    );
+                    continue;
+                }
                 let bound = user.len() * 6 + 4;
                 let last = chunks
                     .last_mut()
@@ -378,5 +398,33 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A user name is the application's, of any length: one too long for a payload is left
+    /// out (a typing notice of it is not sent), and everything else still fits.
+    #[test]
+    fn a_name_too_long_for_a_payload_is_left_out() {
+        let room = RoomName::new("lobby").unwrap();
+        let long = "\"".repeat(4000); // 8,000 bytes once escaped
+        let typing = BusEvent::Typing {
+            room: room.clone(),
+            user: long.clone(),
+        };
+        assert!(encode("n1", &typing, 7900).is_empty());
+        let presence = BusEvent::Presence {
+            room,
+            users: vec!["ada".into(), long, "bob".into()],
+        };
+        let envelopes = encode("n1", &presence, 7900);
+        let mut got = Vec::new();
+        for e in &envelopes {
+            assert!(e.len() <= 7900, "{}", e.len());
+            let Envelope { body, .. } = serde_json::from_str(e).unwrap();
+            let Body::Presence { users, .. } = body else {
+                panic!("presence")
+            };
+            got.extend(users);
+        }
+        assert_eq!(got, ["ada", "bob"]);
     }
 }

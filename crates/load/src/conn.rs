@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use wschat_protocol::close;
 use wschat_protocol::v1::{ClientFrame, JoinRoom, Ref, ServerFrame};
 use wschat_protocol::ErrorCode;
@@ -29,7 +29,7 @@ use crate::stats::{Clock, Heard, Live, Sharded};
 use crate::text::{self, Tag};
 use crate::Protocol;
 
-type Ws = WebSocketStream<BufReader<TcpStream>>;
+type Ws = WebSocketStream<MaybeTlsStream<BufReader<TcpStream>>>;
 
 /// Bytes asked of the kernel per read. tungstenite zeroes its whole read size before every
 /// read, once per frame when frames arrive one at a time (10,000 connections at 10 frames
@@ -160,6 +160,8 @@ pub(crate) struct Config {
     pub urls: Vec<String>,
     pub ws: WebSocketConfig,
     pub connect_timeout: Duration,
+    /// wss:// connections' TLS.
+    pub tls: Arc<rustls::ClientConfig>,
     /// A connection that hears nothing for this long is dropped (zero: never).
     pub silence_timeout: Duration,
     /// Deliberate closes per connection per second.
@@ -564,7 +566,8 @@ impl Conn {
     async fn attempt(&mut self, url: &str) -> End {
         let cfg = &self.shared.cfg;
         let attempt_at = self.shared.clock.now_us();
-        let connect = timeout(cfg.connect_timeout, connect(url, cfg.ws));
+        let tls = Arc::clone(&cfg.tls);
+        let connect = timeout(cfg.connect_timeout, connect(url, cfg.ws, tls));
         let mut connect = pin!(connect);
         let result = loop {
             tokio::select! {
@@ -1428,11 +1431,12 @@ impl Conn {
     }
 }
 
-/// Opens a WebSocket to `url` (ws://; the arguments refuse wss://) over a buffered,
-/// Nagle-free TCP connection.
+/// Opens a WebSocket to `url` (ws:// or wss://) over a buffered, Nagle-free TCP
+/// connection.
 async fn connect(
     url: &str,
     config: WebSocketConfig,
+    tls: Arc<rustls::ClientConfig>,
 ) -> Result<(Ws, tungstenite::handshake::client::Response), tungstenite::Error> {
     use tungstenite::client::IntoClientRequest;
     use tungstenite::error::UrlError;
@@ -1446,11 +1450,18 @@ async fn connect(
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let port = uri.port_u16().unwrap_or(80);
+    let secure = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
     let tcp = TcpStream::connect((host.as_str(), port)).await?;
     tcp.set_nodelay(true)?;
     let io = BufReader::with_capacity(SOCKET_READ_BYTES, tcp);
-    tokio_tungstenite::client_async_with_config(request, io, Some(config)).await
+    let connector = if secure {
+        Connector::Rustls(tls)
+    } else {
+        Connector::Plain
+    };
+    tokio_tungstenite::client_async_tls_with_config(request, io, Some(config), Some(connector))
+        .await
 }
 
 async fn send_frame(ws: &mut Ws, frame: &ClientFrame) -> Result<(), tungstenite::Error> {

@@ -109,6 +109,7 @@ mod progress;
 mod report;
 mod stats;
 pub mod text;
+mod tls;
 
 use std::io::{BufWriter, Write as _};
 use std::sync::atomic::{
@@ -255,6 +256,16 @@ pub struct LoadArgs {
     /// Seed for the send schedules (the run id stays random).
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// wss:// URLs: also trust the certificates in this PEM file (a private CA, or a
+    /// self-signed server certificate), beside the web PKI's roots.
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<std::path::PathBuf>,
+
+    /// wss:// URLs: accept any server certificate, unchecked (as nodejschat's test client
+    /// did, with `rejectUnauthorized: false`). For tests against your own server only.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 impl LoadArgs {
@@ -390,9 +401,6 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
             .as_str()
             .into_client_request()
             .with_context(|| format!("bad URL {u:?}"))?;
-        if u.starts_with("wss:") {
-            bail!("{u}: wss:// is not supported by the load client (use ws://)");
-        }
     }
     let rooms = room_names(&args.rooms)?;
     match args.key_rooms {
@@ -454,6 +462,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<Report> {
                 .read_buffer_size(512)
                 .write_buffer_size(8 * 1024),
             connect_timeout,
+            tls: tls::client_config(args.ca_file.as_deref(), args.insecure)?,
             silence_timeout,
             churn_per_s: args.churn,
             size: args.size,

@@ -726,6 +726,107 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
 
 /// A server process, killed (and reaped) when this is dropped, so a test that fails
 /// midway leaves no server behind.
+/// nodejschat's test client spoke wss:// (`node test_client.js 1 wss://host:56412/ 2 10`),
+/// and so does `wschat load`: trusting a private CA (`--ca-file`), or any certificate
+/// (`--insecure`, as nodejschat's `rejectUnauthorized: false`); with neither, a certificate
+/// the web PKI does not vouch for is refused.
+#[test]
+fn load_speaks_wss_trusting_a_ca_file_or_any_certificate_when_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let file = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (ca_file, cert, key) = (
+        file("ca.pem", ca_cert.pem()),
+        file("cert.pem", leaf.pem()),
+        file("key.pem", leaf_key.serialize_pem()),
+    );
+    let session = session_key(dir.path(), "ada");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = serve_with(
+        dir.path(),
+        &[
+            "--listen",
+            &listen,
+            "--database",
+            "sqlite://chat.db",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(server.try_wait().unwrap().is_none(), "the server exited");
+        assert!(Instant::now() < deadline, "not listening in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("wss://127.0.0.1:{port}/");
+    let load = |trust: &[&str]| {
+        let mut args = vec![
+            "load",
+            &url,
+            "--protocol",
+            "legacy",
+            "--session-key",
+            &session,
+            "-n",
+            "2",
+            "--interval",
+            "0.2",
+            "--duration",
+            "1",
+            "--seed",
+            "1",
+            "--connect-timeout",
+            "3",
+            "--json",
+            "--no-progress",
+        ];
+        args.extend_from_slice(trust);
+        let out = wschat(dir.path(), &args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let report: serde_json::Value = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or_default();
+        (
+            out.status.code(),
+            report,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for trust in [&["--ca-file", ca_file.as_str()][..], &["--insecure"][..]] {
+        let (code, report, stderr) = load(trust);
+        assert_eq!(code, Some(0), "{trust:?}: {report} {stderr}");
+        assert_eq!(report["connected"], 2, "{trust:?}: {report}");
+        assert!(
+            report["delivered"].as_u64() > Some(0),
+            "{trust:?}: {report}"
+        );
+        assert_eq!(report["lost"], 0, "{trust:?}: {report}");
+    }
+    let (code, report, stderr) = load(&[]);
+    assert_eq!(code, Some(3), "an unknown CA is refused: {report} {stderr}");
+    assert_eq!(report["connected"], 0, "{report}");
+}
+
 struct Server(Child);
 
 impl std::ops::Deref for Server {

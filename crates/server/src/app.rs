@@ -325,7 +325,7 @@ impl Application {
         }
         // The other nodes hear that this node's users left: queued here, published by the
         // forwarder before it stops (below).
-        shared.hub.tell_changed_presence();
+        shared.hub.tell_all_changed_presence();
         shared.committer.stop();
         if bounded(deadline, hurry, commit_task).await.is_none() {
             tracing::warn!("the committer's last batch was not waited for");

@@ -265,6 +265,10 @@ pub struct Hub {
     read_bound: Duration,
 }
 
+/// Most rooms whose presence lists one `tell_changed_presence` queues (every 50 ms: 81,920
+/// rooms a second).
+const PRESENCE_TELL_ROOMS: usize = 4096;
+
 /// Longest the hub waits for a read of its own: a resync's heads, a catch-up's page.
 /// PostgreSQL's statement timeout (30 s) cannot end a wait for a server that is gone
 /// without closing the connection (a failover, a host lost): such a read would never
@@ -316,31 +320,37 @@ impl Hub {
     /// Queue `event` for the other nodes; nothing when none can hear this one (the
     /// `local` broker would only drop it, after a wake-up of its forwarder per commit).
     fn tell_others(&self, event: BusEvent) {
+        // The broker does not keep up (NATS reconnecting, a NOTIFY stuck): drop rather
+        // than hold every commit in memory. The other nodes find the messages by seq or at
+        // their next read of the room heads, and presence is refreshed at every heartbeat.
+        // Typing and presence have a queue of their own: filling it drops only them.
+        if !self.queue_for_others(event) {
+            metrics::counter!("wschat_broker_events_dropped_total").increment(1);
+            if !self.dropping.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the broker does not keep up: events for the other nodes are dropped"
+                );
+            }
+        }
+    }
+
+    /// Queue `event` for the other nodes (when any can hear this one); false when its
+    /// queue is full.
+    fn queue_for_others(&self, event: BusEvent) -> bool {
         if !self.others {
-            return;
+            return true;
         }
         match self.outgoing.try_send(event) {
             Ok(()) => {
                 if self.dropping.swap(false, Ordering::Relaxed) {
                     tracing::info!("the broker takes events for the other nodes again");
                 }
+                true
             }
-            // The broker does not keep up (NATS reconnecting, a NOTIFY stuck): drop rather
-            // than hold every commit in memory. The other nodes find the messages by seq
-            // or at their next read of the room heads, and presence is refreshed at every
-            // heartbeat. Typing and presence have a queue of their own: filling it drops
-            // only them.
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                metrics::counter!("wschat_broker_events_dropped_total").increment(1);
-                if !self.dropping.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "the broker does not keep up: events for the other nodes are dropped"
-                    );
-                }
-            }
+            Err(mpsc::error::TrySendError::Full(_)) => false,
             // The forwarder publishes what is queued when it stops, and is gone only
             // after that: an event queued then has no one to go to.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => true,
         }
     }
 
@@ -355,23 +365,50 @@ impl Hub {
         }
     }
 
-    /// Tell the other nodes this node's users of every room whose users here changed
-    /// since the last call (`node_upkeep`, every 50 ms). The bus carries whole lists, so a
-    /// burst of joins to one room is one list a period, not one list per join.
+    /// Tell the other nodes this node's users of the rooms whose users here changed, or
+    /// that a heartbeat refreshed, since the last call (`node_upkeep`, every 50 ms): at
+    /// most `PRESENCE_TELL_ROOMS` of them a call, and not more than the queue takes; the
+    /// rest wait in the set for the next call. The bus carries whole lists, so a burst of
+    /// joins to one room is one list a period, not one list per join.
     pub fn tell_changed_presence(&self) {
-        let changed = std::mem::take(
-            &mut *self
-                .presence_changed
+        self.tell_changed_presence_up_to(PRESENCE_TELL_ROOMS);
+    }
+
+    /// At a stop: every room whose users changed (as many as the queue takes).
+    pub fn tell_all_changed_presence(&self) {
+        self.tell_changed_presence_up_to(usize::MAX);
+    }
+
+    fn tell_changed_presence_up_to(&self, most: usize) {
+        let lock = || {
+            self.presence_changed
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        for room in changed {
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        let rooms: Vec<RoomName> = {
+            let mut changed = lock();
+            let rooms: Vec<RoomName> = changed.iter().take(most).cloned().collect();
+            for room in &rooms {
+                changed.remove(room);
+            }
+            rooms
+        };
+        for (i, room) in rooms.iter().enumerate() {
             // A room no longer served here (its last user left) is an empty list.
             let users = self
-                .room(&room)
+                .room(room)
                 .map(|r| r.lock().local_users())
                 .unwrap_or_default();
-            self.tell_others(BusEvent::Presence { room, users });
+            let event = BusEvent::Presence {
+                room: room.clone(),
+                users,
+            };
+            if !self.queue_for_others(event) {
+                // The queue is full: this room and the rest go at a later call (the lists
+                // are read again then), none is dropped.
+                lock().extend(rooms[i..].iter().cloned());
+                return;
+            }
         }
     }
 
@@ -795,12 +832,11 @@ impl Hub {
     pub fn refresh_presence(&self) {
         let rooms: Vec<Arc<Room>> = self.rooms().values().cloned().collect();
         for room in rooms {
-            let users = room.lock().local_users();
-            if !users.is_empty() {
-                self.tell_others(BusEvent::Presence {
-                    room: room.name.clone(),
-                    users,
-                });
+            // Told by `tell_changed_presence`, at a rate the queue takes: all at once, a
+            // node in more rooms than the queue holds would drop the same rooms' lists at
+            // every heartbeat, and the other nodes would expire those users for good.
+            if !room.lock().local_users().is_empty() {
+                self.presence_changed_here(&room.name);
             }
         }
     }
@@ -1392,6 +1428,42 @@ pub(crate) mod tests {
             3,
             "a later call reads again"
         );
+    }
+
+    /// A heartbeat's refresh of more rooms than the queue to the other nodes holds tells
+    /// every room, at the rate the queue is drained: all at once, the same rooms' lists
+    /// were dropped at every heartbeat, and their users expired on the other nodes.
+    #[tokio::test]
+    async fn a_refresh_of_more_rooms_than_the_queue_holds_tells_every_room() {
+        let OneMember { _dir, store, .. } = one_member().await;
+        let (outgoing, mut from) = crate::broker::queues();
+        let hub = Hub::new(store, outgoing, true);
+        let rooms = crate::broker::QUEUE_CHATTER + 4_000;
+        let (member, _client) = connection(2);
+        for i in 0..rooms {
+            let name = RoomName::new(format!("r{i}")).unwrap();
+            hub.enter(&name, Room::new(&name, 0), &member, i as SubId);
+        }
+        // The joins' own news, told and published: what follows is the refresh alone.
+        hub.presence_changed.lock().unwrap().clear();
+        hub.refresh_presence();
+        let mut told = HashSet::new();
+        // The forwarder takes at most the queue's size between two calls here.
+        for _ in 0..rooms {
+            hub.tell_changed_presence();
+            let mut taken = 0;
+            while let Ok(event) = from.chatter.try_recv() {
+                if let BusEvent::Presence { room, users } = event {
+                    assert_eq!(users, ["u"]);
+                    told.insert(room);
+                }
+                taken += 1;
+            }
+            if taken == 0 {
+                break;
+            }
+        }
+        assert_eq!(told.len(), rooms, "every room's list was told");
     }
 
     /// A resync whose read never answers (a database gone without closing the connection)

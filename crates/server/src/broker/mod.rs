@@ -156,8 +156,8 @@ pub async fn open(
 /// past it the hub drops them.
 pub const QUEUE_EVENTS: usize = 4096;
 
-/// Most typing and presence events waiting: a heartbeat's presence refresh queues one per
-/// room with members here, all at once.
+/// Most typing and presence events waiting (a heartbeat's presence refresh is queued at the
+/// rate this takes: `Hub::tell_changed_presence`).
 pub const QUEUE_CHATTER: usize = 16_384;
 
 /// Most typing and presence events the forwarder publishes together (`publish_all`).

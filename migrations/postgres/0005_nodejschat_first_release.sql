@@ -7,7 +7,9 @@
 -- `chat_log` is copied into room "0" (the room of a session without a `room`, as those
 -- sessions are) in that order (then message_id where it exists, then the row's place),
 -- with its original times, read as UTC as 0002 reads `log`'s. `chat_log` is only read;
--- the import runs once (`wschat_legacy_chat_log_imported`).
+-- the import runs once (`wschat_legacy_chat_log_imported`, which also records the room and
+-- the seqs the rows got, for docs/deploy.md's recipe that moves their times when
+-- nodejschat's database server ran in another time zone).
 --
 -- The later releases made `sessions.room` NOT NULL. wschat gives a session without a room
 -- room "0" (its admin API, `wschat session create` and `insert into sessions
@@ -17,13 +19,17 @@ ALTER TABLE sessions ALTER COLUMN room DROP NOT NULL;
 
 CREATE TABLE IF NOT EXISTS wschat_legacy_chat_log_imported (
     imported_at timestamptz NOT NULL DEFAULT now(),
-    messages    bigint NOT NULL
+    messages    bigint NOT NULL,
+    room_id     bigint NOT NULL,
+    first_seq   bigint NOT NULL,
+    last_seq    bigint NOT NULL
 );
 
 DO $import$
 DECLARE
     imported bigint;
     room_id bigint;
+    before bigint;
     tie_break text := '';
 BEGIN
     IF to_regclass('chat_log') IS NULL
@@ -49,7 +55,7 @@ BEGIN
     INSERT INTO wschat_rooms (name) VALUES ('0') ON CONFLICT (name) DO NOTHING;
     -- The room's counter row, locked as a commit locks it: seqs follow whatever the room
     -- already holds.
-    SELECT r.id INTO room_id FROM wschat_rooms r WHERE r.name = '0' FOR UPDATE;
+    SELECT r.id, r.last_seq INTO room_id, before FROM wschat_rooms r WHERE r.name = '0' FOR UPDATE;
 
     -- Inserted in seq order, so ids follow the original order too.
     EXECUTE format($sql$
@@ -69,7 +75,8 @@ BEGIN
     GET DIAGNOSTICS imported = ROW_COUNT;
 
     UPDATE wschat_rooms r SET last_seq = r.last_seq + imported WHERE r.id = room_id;
-    INSERT INTO wschat_legacy_chat_log_imported (messages) VALUES (imported);
+    INSERT INTO wschat_legacy_chat_log_imported (messages, room_id, first_seq, last_seq)
+    VALUES (imported, room_id, before + 1, before + imported);
     RAISE NOTICE 'wschat: imported % messages from nodejschat''s chat_log into room "0"', imported;
 END
 $import$;

@@ -433,6 +433,40 @@ async fn a_first_release_nodejschat_database_keeps_its_chat_log() {
         ]
     );
 
+    // What was imported, and where: room "0"'s seqs 1 to 4.
+    let marker: (i64, i64, i64, String) = sqlx::query_as(
+        "select i.messages, i.first_seq, i.last_seq, r.name
+         from wschat_legacy_chat_log_imported i join wschat_rooms r on r.id = i.room_id",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(marker, (4, 1, 4, "0".to_owned()));
+    // docs/deploy.md's recipe for a nodejschat whose database ran in another zone moves
+    // the imported times (here 4 h: New York's summer time), and nothing else.
+    let times = || {
+        sqlx::query_as::<_, (String, String)>(
+            r#"select m.text, to_char(m.created_at at time zone 'UTC', 'HH24:MI:SS.MS')
+               from wschat_messages m order by m.id"#,
+        )
+    };
+    let before = times().fetch_all(&mut db).await.unwrap();
+    sqlx::raw_sql(
+        r#"UPDATE wschat_messages m
+   SET created_at = (m.created_at AT TIME ZONE 'UTC') AT TIME ZONE 'America/New_York'
+ WHERE m.id IN (SELECT id FROM wschat_legacy_imported)
+    OR (m.room_id, m.seq) IN (SELECT c.room_id, s FROM wschat_legacy_chat_log_imported c,
+                                     generate_series(c.first_seq, c.last_seq) s);"#,
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let after = times().fetch_all(&mut db).await.unwrap();
+    assert_eq!(before[0].1, "17:20:32.421");
+    assert_eq!(after[0], ("first".to_owned(), "21:20:32.421".to_owned()));
+    assert_eq!(after[3], ("fourth".to_owned(), "21:20:35.000".to_owned()));
+    assert_eq!(after[4], before[4], "a new message keeps its time");
+
     // Once: running the import again stores nothing twice.
     sqlx::query("delete from wschat_migrations where version = 5")
         .execute(&mut db)

@@ -84,6 +84,9 @@ pub struct Settings {
     pub allowed_origins: Vec<String>,
     /// Refuse (403) handshakes that carry no Origin header (needs `allowed_origins`).
     pub require_origin: bool,
+    /// Origins (`scheme://host[:port]`) whose pages may show the chat page in a frame (the
+    /// page's CSP `frame-ancestors`); empty: no page may.
+    pub frame_ancestors: Vec<String>,
     /// Peers (CIDR, or one address) whose `proxy_header` is believed for the client
     /// address (limits and logs).
     pub trusted_proxies: Vec<String>,
@@ -155,6 +158,7 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             allowed_origins: Vec::new(),
+            frame_ancestors: Vec::new(),
             require_origin: false,
             trusted_proxies: Vec::new(),
             proxy_header: "x-forwarded-for".into(),
@@ -399,6 +403,10 @@ mod tests {
                     "allowed_origins",
                 ),
                 ("allowed_origins = [\"https://x:abc\"]\n", "allowed_origins"),
+                (
+                    "frame_ancestors = [\"https://app/page\"]\n",
+                    "frame_ancestors",
+                ),
                 ("require_origin = true\n", "require_origin"),
                 ("trusted_proxies = [\"proxy.example\"]\n", "trusted_proxies"),
                 ("proxy_header = \"x-real-ip\"\n", "proxy_header"),

@@ -117,6 +117,10 @@ pub const DOCS: &[(&str, &str)] = &[
         "Refuse (403) handshakes without an Origin header (with allowed_origins).",
     ),
     (
+        "frame_ancestors",
+        "Origins (scheme://host[:port]) whose pages may show the chat page in a frame; empty: none may.",
+    ),
+    (
         "trusted_proxies",
         "Proxies (CIDR or address) whose proxy_header gives the client address.",
     ),
@@ -435,6 +439,17 @@ pub(crate) fn validate(settings: &Settings, figment: &Figment) -> Result<(), Con
             key,
             problem,
             origin: origin(key),
+        });
+    }
+    if let Some(problem) = settings
+        .frame_ancestors
+        .iter()
+        .find_map(|o| crate::http::origin::normalize(o).err())
+    {
+        return Err(ConfigError::Value {
+            key: "frame_ancestors",
+            problem,
+            origin: origin("frame_ancestors"),
         });
     }
     use crate::limits::proxy::{ProxyHeader, TrustedProxies};

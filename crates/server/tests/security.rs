@@ -95,6 +95,43 @@ async fn status_of(addr: SocketAddr, path: &str, extra: &str) -> u16 {
     handshake(addr, path, extra).await.0.status
 }
 
+/// The page's Content-Security-Policy: no page may frame it, unless `frame_ancestors`
+/// names the embedding application's origins (nodejschat's page could be framed).
+#[tokio::test]
+async fn the_page_may_be_framed_only_by_the_configured_origins() {
+    let csp = |app: &TestApp, path: &'static str| {
+        let addr = app.addr;
+        async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let head = read_head(&mut stream).await;
+            assert_eq!(head.status, 200, "{path}");
+            head.header("content-security-policy").unwrap().to_owned()
+        }
+    };
+    let app = app_with(|_| {}).await;
+    let policy = csp(&app, "/chat").await;
+    assert!(policy.ends_with("; frame-ancestors 'none'"), "{policy}");
+    assert!(policy.starts_with("default-src 'self';"), "{policy}");
+    app.stop().await;
+    let app = app_with(|s| {
+        s.frame_ancestors = vec![
+            "https://App.example:443".into(),
+            "http://intranet:8080/".into(),
+        ];
+    })
+    .await;
+    for path in ["/chat", "/assets/app.js"] {
+        let policy = csp(&app, path).await;
+        assert!(
+            policy.ends_with("; frame-ancestors https://app.example http://intranet:8080"),
+            "{path}: {policy}"
+        );
+    }
+    app.stop().await;
+}
+
 /// A handshake for a WebSocket version this server does not speak gets 426 naming the one
 /// it does (RFC 6455 4.2.2), on either endpoint; one that is not a GET gets 405.
 #[tokio::test]

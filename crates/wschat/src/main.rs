@@ -171,6 +171,11 @@ struct ServeArgs {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     #[serde(rename = "allowed_origins", skip_serializing_if = "Vec::is_empty")]
     allowed_origin: Vec<String>,
+    /// An origin (scheme://host[:port]) whose pages may show the chat page in a frame;
+    /// repeatable. Without it no page may.
+    #[arg(long = "frame-ancestor", value_name = "ORIGIN")]
+    #[serde(rename = "frame_ancestors", skip_serializing_if = "Vec::is_empty")]
+    frame_ancestor: Vec<String>,
     /// Refuse handshakes without an Origin header (403); `--require-origin=false`
     /// overrides a file's `true`.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]

@@ -113,6 +113,10 @@ fn other_value(key: &str, default: Option<&str>) -> (String, String) {
             r#"["https://chat.example"]"#.into(),
             r#"["https://chat.example"]"#.into(),
         ),
+        ("frame_ancestors", _) => (
+            r#"["https://app.example"]"#.into(),
+            r#"["https://app.example"]"#.into(),
+        ),
         ("trusted_proxies", _) => (r#"["10.0.0.0/8"]"#.into(), r#"["10.0.0.0/8"]"#.into()),
         ("proxy_header", _) => ("forwarded".into(), "\"forwarded\"".into()),
         // An all-digit token with a leading zero stays a string, as written.

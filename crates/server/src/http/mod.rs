@@ -36,14 +36,19 @@ pub fn install_metrics() {
 }
 
 pub fn router(shared: Arc<Shared>) -> Router {
+    let page = assets::Assets::new(&shared.settings.frame_ancestors);
+    let asset = page.clone();
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/healthz", get(healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics_text))
         .route("/ws", get(gateway::v1::handle))
-        .route("/chat", get(assets::chat_page))
-        .route("/assets/{file}", get(assets::asset))
+        .route("/chat", get(move || async move { page.chat_page() }))
+        .route(
+            "/assets/{file}",
+            get(move |file| async move { asset.asset(file) }),
+        )
         .nest("/admin/v1", admin::router(shared.clone()))
         .layer(middleware::from_fn_with_state(
             shared.clone(),

@@ -76,8 +76,9 @@ impl OriginPolicy {
 /// port dropped (`https://x:443` → `https://x`: browsers send the origin without it);
 /// refuses paths, queries, user info, a port that is not a number, other schemes and
 /// `null`.
-fn normalize(origin: &str) -> Result<String, String> {
-    let bad = |why: &str| Err(format!("allowed origin {origin:?}: {why}"));
+/// `origin` as `scheme://host[:port]`, lower case, without the scheme's default port.
+pub(crate) fn normalize(origin: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("origin {origin:?}: {why}"));
     let lower = origin.trim().to_ascii_lowercase();
     let Some((scheme, host)) = lower.split_once("://") else {
         return bad("expected scheme://host[:port]");

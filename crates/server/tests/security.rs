@@ -122,7 +122,7 @@ async fn the_page_may_be_framed_only_by_the_configured_origins() {
         ];
     })
     .await;
-    for path in ["/chat", "/assets/app.js"] {
+    for path in ["/chat", "/chat/", "/assets/app.js"] {
         let policy = csp(&app, path).await;
         assert!(
             policy.ends_with("; frame-ancestors https://app.example http://intranet:8080"),

@@ -6,17 +6,15 @@
 -- connection `order by time`. 0002 imports only the later releases' `log`. Here
 -- `chat_log` is copied into room "0" (the room of a session without a `room`, as those
 -- sessions are) in that order (then message_id where it exists, then the row's place),
--- with its original times, read as UTC as 0002 reads `log`'s. `chat_log` is only read;
--- the import runs once (`wschat_legacy_chat_log_imported`, which also records the room and
--- the seqs the rows got, for docs/deploy.md's recipe that moves their times when
--- nodejschat's database server ran in another time zone).
+-- with its original times, read as UTC as 0002 reads `log`'s.
 --
--- The later releases made `sessions.room` NOT NULL. wschat gives a session without a room
--- room "0" (its admin API, `wschat session create` and `insert into sessions
--- values('1','x')` make such sessions), so the column may be NULL again; the embedding
--- application's inserts, which always name a room, are unaffected.
-ALTER TABLE sessions ALTER COLUMN room DROP NOT NULL;
-
+-- History goes before what a room holds, and seqs cannot be put before a room's first:
+-- when room "0" already holds messages (wschat ran on this database before, or 0002
+-- imported `log` rows of room 0), `chat_log` goes to a room of its own, "nodejschat
+-- chat_log", with a warning. `chat_log` is only read; the import runs once
+-- (`wschat_legacy_chat_log_imported` records it, with the room and the seqs the rows got,
+-- for docs/deploy.md's recipe that moves their times when nodejschat's database server
+-- ran in another time zone).
 CREATE TABLE IF NOT EXISTS wschat_legacy_chat_log_imported (
     imported_at timestamptz NOT NULL DEFAULT now(),
     messages    bigint NOT NULL,
@@ -28,6 +26,7 @@ CREATE TABLE IF NOT EXISTS wschat_legacy_chat_log_imported (
 DO $import$
 DECLARE
     imported bigint;
+    target text := '0';
     room_id bigint;
     before bigint;
     tie_break text := '';
@@ -36,11 +35,15 @@ BEGIN
        OR EXISTS (SELECT 1 FROM wschat_legacy_chat_log_imported) THEN
         RETURN;
     END IF;
+    -- nodejschat's columns, of its types: a timestamp and two texts.
     IF (SELECT count(DISTINCT a.attname)
           FROM pg_attribute a
          WHERE a.attrelid = to_regclass('chat_log')
            AND a.attnum > 0 AND NOT a.attisdropped
-           AND a.attname IN ('time', 'user', 'message')) < 3 THEN
+           AND ((a.attname = 'time'
+                 AND a.atttypid IN ('timestamp'::regtype, 'timestamptz'::regtype))
+             OR (a.attname IN ('user', 'message')
+                 AND a.atttypid IN ('text'::regtype, 'varchar'::regtype, 'bpchar'::regtype)))) < 3 THEN
         RAISE NOTICE 'wschat: a "chat_log" table exists but is not nodejschat''s; nothing imported';
         RETURN;
     END IF;
@@ -52,10 +55,14 @@ BEGIN
         tie_break := 'c.message_id, ';
     END IF;
 
-    INSERT INTO wschat_rooms (name) VALUES ('0') ON CONFLICT (name) DO NOTHING;
+    IF EXISTS (SELECT 1 FROM wschat_rooms r WHERE r.name = '0' AND r.last_seq > 0) THEN
+        target := 'nodejschat chat_log';
+        RAISE WARNING 'wschat: room "0" already holds messages; nodejschat''s chat_log goes to the room "%"', target;
+    END IF;
+    INSERT INTO wschat_rooms (name) VALUES (target) ON CONFLICT (name) DO NOTHING;
     -- The room's counter row, locked as a commit locks it: seqs follow whatever the room
-    -- already holds.
-    SELECT r.id, r.last_seq INTO room_id, before FROM wschat_rooms r WHERE r.name = '0' FOR UPDATE;
+    -- holds.
+    SELECT r.id, r.last_seq INTO room_id, before FROM wschat_rooms r WHERE r.name = target FOR UPDATE;
 
     -- Inserted in seq order, so ids follow the original order too.
     EXECUTE format($sql$
@@ -63,8 +70,8 @@ BEGIN
         SELECT r.id,
                r.last_seq + row_number() OVER (ORDER BY c."time", %s c.ctid),
                c."user",
-               c.message::text,
-               c."time" AT TIME ZONE 'UTC'
+               c.message,
+               c."time"::timestamp AT TIME ZONE 'UTC'
           FROM chat_log c
           JOIN wschat_rooms r ON r.id = $1
          WHERE c."time" IS NOT NULL
@@ -77,6 +84,6 @@ BEGIN
     UPDATE wschat_rooms r SET last_seq = r.last_seq + imported WHERE r.id = room_id;
     INSERT INTO wschat_legacy_chat_log_imported (messages, room_id, first_seq, last_seq)
     VALUES (imported, room_id, before + 1, before + imported);
-    RAISE NOTICE 'wschat: imported % messages from nodejschat''s chat_log into room "0"', imported;
+    RAISE NOTICE 'wschat: imported % messages from nodejschat''s chat_log into room "%"', imported, target;
 END
 $import$;

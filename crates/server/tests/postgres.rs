@@ -483,6 +483,55 @@ async fn a_first_release_nodejschat_database_keeps_its_chat_log() {
         .await
         .unwrap();
     assert_eq!(old, 4, "chat_log is only read");
+
+    // A room "0" that already holds messages (wschat ran on this database before the
+    // import existed) keeps them last: the old history goes to a room of its own.
+    sqlx::raw_sql(
+        "delete from wschat_legacy_chat_log_imported; delete from wschat_migrations where version = 5",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    app.shared.store.migrate().await.unwrap();
+    let rooms: Vec<(String, i64, i64)> = sqlx::query_as(
+        "select r.name, r.last_seq, count(m.id) from wschat_rooms r
+         left join wschat_messages m on m.room_id = r.id group by r.name, r.last_seq order by r.name",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(
+        rooms,
+        [
+            ("0".to_owned(), 5, 5),
+            ("nodejschat chat_log".to_owned(), 4, 4)
+        ]
+    );
+    drop(db);
+    app.stop().await;
+}
+
+/// A `chat_log` of the application's own that is not nodejschat's (another type for
+/// `time`) is left alone, and the upgrade goes on.
+#[tokio::test]
+async fn a_chat_log_that_is_not_nodejschats_is_left_alone() {
+    let (settings, dir) = common::fresh(Backend::Postgres).await;
+    let mut db = sqlx::PgConnection::connect(&settings.database)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        r#"create table chat_log ("time" text, "user" text, message text);
+           insert into chat_log values ('yesterday', 'ada', 'hi');"#,
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let app = spawn_with(settings.clone(), dir).await;
+    let imported: i64 = sqlx::query_scalar("select count(*) from wschat_messages")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(imported, 0);
     drop(db);
     app.stop().await;
 }

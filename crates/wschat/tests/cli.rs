@@ -724,8 +724,6 @@ fn a_log_reader_that_stops_reading_does_not_stop_the_server() {
     );
 }
 
-/// A server process, killed (and reaped) when this is dropped, so a test that fails
-/// midway leaves no server behind.
 /// nodejschat's test client spoke wss:// (`node test_client.js 1 wss://host:56412/ 2 10`),
 /// and so does `wschat load`: trusting a private CA (`--ca-file`), or any certificate
 /// (`--insecure`, as nodejschat's `rejectUnauthorized: false`); with neither, a certificate
@@ -827,6 +825,8 @@ fn load_speaks_wss_trusting_a_ca_file_or_any_certificate_when_insecure() {
     assert_eq!(report["connected"], 0, "{report}");
 }
 
+/// A server process, killed (and reaped) when this is dropped, so a test that fails
+/// midway leaves no server behind.
 struct Server(Child);
 
 impl std::ops::Deref for Server {

@@ -266,6 +266,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "nodejschat first release",
         include_str!("../../../../migrations/postgres/0005_nodejschat_first_release.sql"),
     ),
+    (
+        6,
+        "sessions room nullable",
+        include_str!("../../../../migrations/postgres/0006_sessions_room_nullable.sql"),
+    ),
 ];
 
 fn to_seq(v: i64) -> u64 {

@@ -162,6 +162,68 @@ async fn readiness_follows_the_postgres_listen_connection() {
     app.stop().await;
 }
 
+/// The LISTEN connection's server stops answering without closing it (a paused backend,
+/// as a failover or a lost host look): nothing tells the listener, which would wait for
+/// good. Its probes go unheard, so it is taken for lost: not ready while no new one can
+/// listen (the database refuses new connections), ready again once one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_a_listen_connection_that_stops_answering() {
+    use sqlx::Connection;
+    let (mut settings, dir) = fresh(Backend::Postgres).await;
+    settings.broker = "postgres".into();
+    let db = settings.database.rsplit('/').next().unwrap().to_owned();
+    let app = spawn_with(settings, dir).await;
+    wait_for_readyz(app.addr, 200, "ok").await;
+    let mut admin = sqlx::PgConnection::connect(&common::pg_admin_url())
+        .await
+        .unwrap();
+    let run = |sql: String| sqlx::query(sqlx::AssertSqlSafe(sql));
+    run(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let listeners: Vec<(i32,)> = sqlx::query_as(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND query LIKE 'LISTEN%'",
+    )
+    .bind(&db)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(listeners.len(), 1, "one LISTEN connection");
+    let paused = Paused::pause(listeners[0].0);
+    let body = wait_for_readyz(app.addr, 503, "broker unreachable").await;
+    assert!(body.contains("LISTEN"), "{body}");
+    run(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    wait_for_readyz(app.addr, 200, "ok").await;
+    drop(paused);
+    app.stop().await;
+}
+
+/// A stopped (SIGSTOP) process, continued when dropped.
+struct Paused(i32);
+
+impl Paused {
+    fn pause(pid: i32) -> Self {
+        let status = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -STOP {pid}");
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
 /// A private NATS server is stopped under a running node: readiness turns 503 naming the
 /// broker, health stays 200 (the node can still serve its own clients), and readiness
 /// comes back when NATS does.

@@ -192,6 +192,21 @@ pub async fn connect_tcp<Ws: WithSocket>(
         // ACKs stalls a pipelined transaction ~40 ms per round trip.
         let stream = tokio::net::TcpStream::connect((host, port)).await?;
         stream.set_nodelay(true)?;
+        // wschat patch: a server gone without closing the connection (a failover, a host
+        // lost) fails its waits in about half a minute, not the kernel's ~15 minutes of
+        // retransmissions (or never, for an idle connection): data unacknowledged for 30 s
+        // ends it (TCP_USER_TIMEOUT), and so do keepalive probes unanswered after 30 s idle
+        // (3, 10 s apart). A query that is merely slow is unaffected: its bytes are
+        // acknowledged by the server's kernel.
+        let socket = socket2::SockRef::from(&stream);
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(std::time::Duration::from_secs(30))
+                .with_interval(std::time::Duration::from_secs(10))
+                .with_retries(3),
+        )?;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        socket.set_tcp_user_timeout(Some(std::time::Duration::from_secs(30)))?;
         return Ok(with_socket.with_socket(stream).await);
     }
 

@@ -254,7 +254,7 @@ pub struct Hub {
     others: bool,
     /// Rooms whose users on this node changed since they were last told to the other
     /// nodes (`tell_changed_presence`).
-    presence_changed: Mutex<HashSet<RoomName>>,
+    presence_changed: Mutex<Marked>,
     /// Test builds can switch off reading the store to fill gaps, to prove that the
     /// fault suite detects the loss that follows.
     catch_up_enabled: bool,
@@ -263,6 +263,42 @@ pub struct Hub {
     resync_again: AtomicBool,
     /// Longest the hub waits for a read of its own (`STORE_READ_BOUND`).
     read_bound: Duration,
+}
+
+/// Rooms marked for `tell_changed_presence`, in the order they were marked: a room marked
+/// again keeps its place, so rooms marked faster than they are told (a refresh of more
+/// rooms than go out between two heartbeats) are still told in turn, none passed over.
+#[derive(Default)]
+struct Marked {
+    order: std::collections::VecDeque<RoomName>,
+    marked: HashSet<RoomName>,
+}
+
+impl Marked {
+    fn mark(&mut self, room: &RoomName) {
+        if self.marked.insert(room.clone()) {
+            self.order.push_back(room.clone());
+        }
+    }
+
+    /// The `most` longest marked, unmarked.
+    fn take(&mut self, most: usize) -> Vec<RoomName> {
+        let n = most.min(self.order.len());
+        let rooms: Vec<RoomName> = self.order.drain(..n).collect();
+        for room in &rooms {
+            self.marked.remove(room);
+        }
+        rooms
+    }
+
+    /// `rooms` (taken, not told) marked again, first, in their order.
+    fn put_back(&mut self, rooms: &[RoomName]) {
+        for room in rooms.iter().rev() {
+            if self.marked.insert(room.clone()) {
+                self.order.push_front(room.clone());
+            }
+        }
+    }
 }
 
 /// Most rooms whose presence lists one `tell_changed_presence` queues (every 50 ms: 81,920
@@ -294,7 +330,7 @@ impl Hub {
             outgoing,
             dropping: AtomicBool::new(false),
             others,
-            presence_changed: Mutex::new(HashSet::new()),
+            presence_changed: Mutex::new(Marked::default()),
             catch_up_enabled: catch_up_enabled(),
             resyncing: AtomicBool::new(false),
             resync_again: AtomicBool::new(false),
@@ -361,7 +397,7 @@ impl Hub {
             self.presence_changed
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(room.clone());
+                .mark(room);
         }
     }
 
@@ -385,14 +421,7 @@ impl Hub {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
-        let rooms: Vec<RoomName> = {
-            let mut changed = lock();
-            let rooms: Vec<RoomName> = changed.iter().take(most).cloned().collect();
-            for room in &rooms {
-                changed.remove(room);
-            }
-            rooms
-        };
+        let rooms = lock().take(most);
         for (i, room) in rooms.iter().enumerate() {
             // A room no longer served here (its last user left) is an empty list.
             let users = self
@@ -404,9 +433,9 @@ impl Hub {
                 users,
             };
             if !self.queue_for_others(event) {
-                // The queue is full: this room and the rest go at a later call (the lists
-                // are read again then), none is dropped.
-                lock().extend(rooms[i..].iter().cloned());
+                // The queue is full: this room and the rest go first at a later call (the
+                // lists are read again then), none is dropped.
+                lock().put_back(&rooms[i..]);
                 return;
             }
         }
@@ -1445,7 +1474,7 @@ pub(crate) mod tests {
             hub.enter(&name, Room::new(&name, 0), &member, i as SubId);
         }
         // The joins' own news, told and published: what follows is the refresh alone.
-        hub.presence_changed.lock().unwrap().clear();
+        *hub.presence_changed.lock().unwrap() = Marked::default();
         hub.refresh_presence();
         let mut told = HashSet::new();
         // The forwarder takes at most the queue's size between two calls here.
@@ -1464,6 +1493,36 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(told.len(), rooms, "every room's list was told");
+    }
+
+    /// A forwarder slower than the refreshes (the queue full, every room marked again at
+    /// each heartbeat): rooms are still told in turn, none passed over for good.
+    #[tokio::test]
+    async fn refreshes_faster_than_the_queue_drains_still_tell_every_room_in_turn() {
+        let OneMember { _dir, store, .. } = one_member().await;
+        let (outgoing, mut from) = crate::broker::queues();
+        let hub = Hub::new(store, outgoing, true);
+        let rooms = 20_000;
+        let (member, _client) = connection(2);
+        for i in 0..rooms {
+            let name = RoomName::new(format!("r{i}")).unwrap();
+            hub.enter(&name, Room::new(&name, 0), &member, i as SubId);
+        }
+        let mut told = HashSet::new();
+        for _ in 0..40 {
+            hub.refresh_presence();
+            hub.tell_changed_presence();
+            // The forwarder takes 2,000 events a heartbeat: the queue stays full.
+            for _ in 0..2_000 {
+                let Ok(event) = from.chatter.try_recv() else {
+                    break;
+                };
+                if let BusEvent::Presence { room, .. } = event {
+                    told.insert(room);
+                }
+            }
+        }
+        assert_eq!(told.len(), rooms, "every room was told in 40 heartbeats");
     }
 
     /// A resync whose read never answers (a database gone without closing the connection)

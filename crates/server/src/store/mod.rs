@@ -124,6 +124,9 @@ pub enum StoreError {
     Unavailable(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database cannot hold wschat's schema (too old a PostgreSQL).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("database error: {0}")]
     Query(#[source] sqlx::Error),
     #[error("no answer from the database within {0:?}")]

@@ -55,6 +55,8 @@ const TRANSACTION_ATTEMPTS: u32 = 3;
 const COMMIT_IDLE_IN_TRANSACTION_TIMEOUT: &str = "2s";
 /// Reads: history pages are small; anything this slow is stuck.
 const READ_STATEMENT_TIMEOUT: &str = "30s";
+/// The oldest PostgreSQL the migrations run on (`server_version_num` of 11.0).
+const MIN_SERVER_VERSION_NUM: u32 = 110_000;
 /// Migrations: none. Importing a large nodejschat log, or hashing a large `sessions`
 /// table, is one statement that may take minutes; cut short, it fails every start (and
 /// the migrations before it are committed). `0` also overrides a role's own timeout.
@@ -273,6 +275,16 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
+/// `server_version_num` as PostgreSQL names its versions: 10 and later `major.minor`
+/// (100_004 is 10.4), before that `major.minor.patch` (90_624 is 9.6.24).
+fn server_version(num: u32) -> String {
+    if num >= 100_000 {
+        format!("{}.{}", num / 10_000, num % 10_000)
+    } else {
+        format!("{}.{}.{}", num / 10_000, num % 10_000 / 100, num % 100)
+    }
+}
+
 fn to_seq(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -318,10 +330,24 @@ impl Store for PgStore {
             .connect_with(self.migrate_options.clone())
             .await
             .map_err(StoreError::Unavailable)?;
-        let migrated = super::migrator(MIGRATIONS).run(&conn).await;
+        // The migrations use `sha256()` and `EXECUTE FUNCTION` (PostgreSQL 11): an older
+        // server is named, not left to a syntax error in the middle of the upgrade.
+        let version: Result<String, sqlx::Error> = sqlx::query_scalar("SHOW server_version_num")
+            .fetch_one(&conn)
+            .await;
+        let migrated = match version.map(|v| v.parse::<u32>().unwrap_or(0)) {
+            Ok(v) if v < MIN_SERVER_VERSION_NUM => Err(StoreError::Unsupported(format!(
+                "PostgreSQL 11 or later is needed; this server is version {}",
+                server_version(v)
+            ))),
+            Ok(_) => super::migrator(MIGRATIONS)
+                .run(&conn)
+                .await
+                .map_err(StoreError::from),
+            Err(e) => Err(StoreError::from(e)),
+        };
         conn.close().await;
-        migrated?;
-        Ok(())
+        migrated
     }
 
     async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
@@ -834,4 +860,14 @@ async fn commit_on(
     }
     tx.commit().await?;
     plan.finish(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_versions_are_named_as_postgresql_names_them() {
+        assert_eq!(super::server_version(150_010), "15.10");
+        assert_eq!(super::server_version(100_004), "10.4");
+        assert_eq!(super::server_version(90_624), "9.6.24");
+    }
 }

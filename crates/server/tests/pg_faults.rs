@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,8 @@ use sqlx::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::pg_cluster::{run, spawn_on, until, Cluster};
+use common::pg_cluster::{spawn_on, until, Cluster};
+use common::Paused;
 
 /// `GET /healthz`'s status code.
 async fn healthz(addr: std::net::SocketAddr) -> u16 {
@@ -543,24 +543,6 @@ async fn history_reads_never_block_writes_of_another_room() {
         "a commit waited {slowest_ack:?} behind history reads"
     );
     app.stop_keeping_data().await;
-}
-
-/// Sends SIGCONT to a paused process when dropped (a failed test leaves none paused).
-struct Paused(i32);
-
-impl Paused {
-    fn pause(pid: i32) -> Self {
-        run("kill", &["-STOP", &pid.to_string()]);
-        Self(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
 }
 
 /// The next `ack` or `error` frame on `ws`, within `limit`.

@@ -1310,6 +1310,19 @@ pub(crate) mod tests {
         pub(crate) hang_heartbeats: bool,
     }
 
+    impl GatedStore {
+        /// Over `inner`, its gate closed (`room_heads` waits for permits), heartbeats
+        /// answered.
+        pub(crate) fn closed(inner: Arc<dyn Store>) -> Arc<Self> {
+            Arc::new(Self {
+                inner,
+                calls: AtomicUsize::new(0),
+                gate: tokio::sync::Semaphore::new(0),
+                hang_heartbeats: false,
+            })
+        }
+    }
+
     #[async_trait::async_trait]
     impl Store for GatedStore {
         fn kind(&self) -> crate::store::StoreKind {
@@ -1423,12 +1436,7 @@ pub(crate) mod tests {
             mut client,
             ..
         } = one_member().await;
-        let store = Arc::new(GatedStore {
-            inner: Arc::clone(&inner),
-            calls: AtomicUsize::new(0),
-            gate: tokio::sync::Semaphore::new(0),
-            hang_heartbeats: false,
-        });
+        let store = GatedStore::closed(Arc::clone(&inner));
         let (outgoing, _) = crate::broker::queues();
         let hub = Hub::new(store.clone(), outgoing, false);
         hub.subscribe(&room, &member, 0).await.unwrap();
@@ -1537,12 +1545,7 @@ pub(crate) mod tests {
             mut client,
             ..
         } = one_member().await;
-        let store = Arc::new(GatedStore {
-            inner: Arc::clone(&inner),
-            calls: AtomicUsize::new(0),
-            gate: tokio::sync::Semaphore::new(0),
-            hang_heartbeats: false,
-        });
+        let store = GatedStore::closed(Arc::clone(&inner));
         let (outgoing, _) = crate::broker::queues();
         let hub = Hub::with_read_bound(store.clone(), outgoing, false, Duration::from_millis(200));
         hub.subscribe(&room, &member, 0).await.unwrap();

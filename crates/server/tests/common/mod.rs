@@ -324,3 +324,26 @@ impl Client {
         self.recv_until("ack").await
     }
 }
+
+/// A process stopped (SIGSTOP) until this is dropped (SIGCONT): a failed test leaves none
+/// paused.
+pub struct Paused(pub i32);
+
+impl Paused {
+    pub fn pause(pid: i32) -> Self {
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -STOP {pid}");
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}

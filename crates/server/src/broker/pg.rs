@@ -60,9 +60,8 @@ impl PgBroker {
         let heard = Arc::new(Heard::default());
         let probing = Arc::clone(&heard);
         let url = url.to_owned();
-        let listener_stop = stop.clone();
+        tokio::spawn(probe(pool.clone(), node.to_owned(), probing, stop.clone()));
         tokio::spawn(async move {
-            let stop = listener_stop;
             // `None` only between a failure and the next listener (see below).
             while let Some(current) = listener.as_mut() {
                 let received = tokio::select! {
@@ -111,7 +110,6 @@ impl PgBroker {
                 }
             }
         });
-        tokio::spawn(probe(pool.clone(), node.to_owned(), probing, stop));
         Ok(Self {
             pool,
             node: node.to_owned(),

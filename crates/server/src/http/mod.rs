@@ -37,16 +37,17 @@ pub fn install_metrics() {
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let page = assets::Assets::new(&shared.settings.frame_ancestors);
-    let (asset, page_slash) = (page.clone(), page.clone());
+    let asset = page.clone();
+    let chat = get(move || async move { page.chat_page() });
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/healthz", get(healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics_text))
         .route("/ws", get(gateway::v1::handle))
-        .route("/chat", get(move || async move { page.chat_page() }))
         // nodejschat's page server (express) answered `/chat/` too.
-        .route("/chat/", get(move || async move { page_slash.chat_page() }))
+        .route("/chat", chat.clone())
+        .route("/chat/", chat)
         .route(
             "/assets/{file}",
             get(move |file| async move { asset.asset(file) }),

@@ -864,7 +864,7 @@ impl Hub {
             // Told by `tell_changed_presence`, at a rate the queue takes: all at once, a
             // node in more rooms than the queue holds would drop the same rooms' lists at
             // every heartbeat, and the other nodes would expire those users for good.
-            if !room.lock().local_users().is_empty() {
+            if !room.lock().presence.is_empty() {
                 self.presence_changed_here(&room.name);
             }
         }
@@ -1467,20 +1467,34 @@ pub(crate) mod tests {
         );
     }
 
+    /// A hub that other nodes hear, with one connection (user "u") in rooms r0…r{n-1}, and
+    /// the forwarder's end of its queues.
+    async fn in_rooms(
+        n: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Hub>,
+        crate::broker::FromHub,
+        (Arc<Conn>, tokio::io::DuplexStream),
+    ) {
+        let OneMember { _dir, store, .. } = one_member().await;
+        let (outgoing, from) = crate::broker::queues();
+        let hub = Hub::new(store, outgoing, true);
+        let (member, client) = connection(2);
+        for i in 0..n {
+            let name = RoomName::new(format!("r{i}")).unwrap();
+            hub.enter(&name, Room::new(&name, 0), &member, i as SubId);
+        }
+        (_dir, hub, from, (member, client))
+    }
+
     /// A heartbeat's refresh of more rooms than the queue to the other nodes holds tells
     /// every room, at the rate the queue is drained: all at once, the same rooms' lists
     /// were dropped at every heartbeat, and their users expired on the other nodes.
     #[tokio::test]
     async fn a_refresh_of_more_rooms_than_the_queue_holds_tells_every_room() {
-        let OneMember { _dir, store, .. } = one_member().await;
-        let (outgoing, mut from) = crate::broker::queues();
-        let hub = Hub::new(store, outgoing, true);
         let rooms = crate::broker::QUEUE_CHATTER + 4_000;
-        let (member, _client) = connection(2);
-        for i in 0..rooms {
-            let name = RoomName::new(format!("r{i}")).unwrap();
-            hub.enter(&name, Room::new(&name, 0), &member, i as SubId);
-        }
+        let (_dir, hub, mut from, _member) = in_rooms(rooms).await;
         // The joins' own news, told and published: what follows is the refresh alone.
         *hub.presence_changed.lock().unwrap() = Marked::default();
         hub.refresh_presence();
@@ -1507,15 +1521,8 @@ pub(crate) mod tests {
     /// each heartbeat): rooms are still told in turn, none passed over for good.
     #[tokio::test]
     async fn refreshes_faster_than_the_queue_drains_still_tell_every_room_in_turn() {
-        let OneMember { _dir, store, .. } = one_member().await;
-        let (outgoing, mut from) = crate::broker::queues();
-        let hub = Hub::new(store, outgoing, true);
         let rooms = 20_000;
-        let (member, _client) = connection(2);
-        for i in 0..rooms {
-            let name = RoomName::new(format!("r{i}")).unwrap();
-            hub.enter(&name, Room::new(&name, 0), &member, i as SubId);
-        }
+        let (_dir, hub, mut from, _member) = in_rooms(rooms).await;
         let mut told = HashSet::new();
         for _ in 0..40 {
             hub.refresh_presence();
